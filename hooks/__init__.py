@@ -1,0 +1,1 @@
+"""Guest-side hooks: services, mysqldump, watchdog."""

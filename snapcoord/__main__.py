@@ -1,0 +1,3 @@
+from snapcoord.cli import main
+
+raise SystemExit(main())

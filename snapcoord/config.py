@@ -1,0 +1,279 @@
+"""Find, load and validate the TOML configuration against :mod:`snapcoord.schema`.
+
+Validation collects **every** problem, each with its key path, and raises one ConfigError.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapcoord import schema
+from snapcoord.errors import ConfigError, UsageError
+from snapcoord.schema import REQUIRED, Key
+from snapcoord.secrets import resolve_secret
+
+SEARCH_PATH = (
+    "./snapcoord.toml",
+    "~/.config/snapcoord/config.toml",
+    "/etc/snapcoord/config.toml",
+)
+
+
+@dataclass
+class VMConfig:
+    key: str  # the [vms.KEY] table name, used in messages, the store and locks
+    hypervisor: str
+    ref: str  # what the adapter's find_vm receives: name, path, uuid:/moref: or vmid
+    settings: dict[str, Any]
+    guest: dict[str, Any] | None
+    hooks: dict[str, Any]
+    mysqldump: dict[str, Any]
+    archive: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return str(self.settings["label"])
+
+    @property
+    def snapshot_timeout(self) -> float:
+        return float(self.settings["snapshot_timeout"])
+
+
+@dataclass
+class Config:
+    source: str
+    defaults: dict[str, Any]
+    hypervisors: dict[str, dict[str, Any]]
+    vms: dict[str, VMConfig]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> Path:
+        return Path(self.defaults["store"])
+
+    def vm(self, key: str) -> VMConfig:
+        if key not in self.vms:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise UsageError(f"no VM {key!r} in {self.source} (configured: {known})")
+        return self.vms[key]
+
+
+def find_config_file(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("SNAPCOORD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in SEARCH_PATH:
+        path = Path(candidate).expanduser()
+        if path.is_file():
+            return path
+    raise UsageError(
+        "no configuration found",
+        hint="pass --config, set SNAPCOORD_CONFIG, or create ./snapcoord.toml "
+        "(snapcoord config example > snapcoord.toml)",
+    )
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = find_config_file(explicit)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"configuration file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source=str(path)) from None
+    return parse_config(raw, source=str(path))
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def table(self, raw: Any, keys: dict[str, Key], path: str) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            self.problems.append(f"{path}: must be a table")
+            return {}
+        out: dict[str, Any] = {}
+        for name in raw:
+            if name not in keys:
+                known = ", ".join(sorted(keys))
+                self.problems.append(f"{path}.{name}: unknown key (known: {known})")
+        for name, key in keys.items():
+            if name in raw:
+                value = self.value(raw[name], key, f"{path}.{name}")
+                if value is not None:
+                    out[name] = value
+            elif key.default is REQUIRED:
+                self.problems.append(f"{path}.{name}: required key is missing")
+            else:
+                out[name] = list(key.default) if isinstance(key.default, list) else key.default
+        return out
+
+    def value(self, value: Any, key: Key, path: str) -> Any:
+        error = _type_error(value, key)
+        if error is None and key.kind == "secret":
+            secret, error, warning = resolve_secret(value)
+            if warning:
+                self.warnings.append(f"{path}: {warning}")
+            value = secret
+        elif error is None and key.check is not None:
+            error = key.check(value)
+        if error:
+            self.problems.append(f"{path}: {error}")
+            return None
+        return float(value) if key.kind == "float" else value
+
+
+def _type_error(value: Any, key: Key) -> str | None:
+    kind = key.kind
+    if kind in ("str", "choice"):
+        if not isinstance(value, str) or not value:
+            return "must be a non-empty string"
+        if kind == "choice" and value not in key.choices:
+            return "must be one of " + ", ".join(repr(c) for c in key.choices)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return "must be true or false"
+    elif kind in ("int", "float"):
+        ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
+        if not ok or isinstance(value, bool):
+            return "must be " + ("an integer" if kind == "int" else "a number")
+        low, high = key.minimum, key.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"{low:g}-{high:g}" if high is not None else f">= {low:g}"
+            return f"must be {'an integer' if kind == 'int' else 'a number'} {bounds}"
+    elif kind in ("strlist", "argv"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of non-empty strings"
+    elif kind == "secret":
+        if isinstance(value, str):
+            return 'must not be a literal: use { env = "NAME" } or { file = "/path" }'
+        if not isinstance(value, dict):
+            return 'must be { env = "NAME" } or { file = "/path" }'
+    return None
+
+
+def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
+    check = _Validator()
+    for name in raw:
+        if name not in ("defaults", "hypervisors", "vms"):
+            check.problems.append(f"{name}: unknown table (known: defaults, hypervisors, vms)")
+    defaults = check.table(raw.get("defaults", {}), schema.DEFAULTS, "defaults")
+
+    hypervisors: dict[str, dict[str, Any]] = {}
+    for name, table in _named_tables(raw, "hypervisors", check).items():
+        path = f"hypervisors.{name}"
+        kind = table.get("type") if isinstance(table, dict) else None
+        keys = dict(schema.HYPERVISOR_COMMON)
+        if kind in schema.HYPERVISOR_TYPES:
+            keys.update(schema.HYPERVISOR_TYPES[kind])
+        settings = check.table(table, keys, path)
+        if kind == "proxmox":
+            _check_proxmox_auth(settings, path, check)
+        if settings.get("verify_tls") is False:
+            check.warnings.append(f"{path}: verify_tls = false: the certificate is not checked")
+        hypervisors[name] = settings
+
+    vms: dict[str, VMConfig] = {}
+    for name, table in _named_tables(raw, "vms", check).items():
+        vm = _parse_vm(name, table, defaults, hypervisors, check)
+        if vm is not None:
+            vms[name] = vm
+
+    if check.problems:
+        raise ConfigError(check.problems, source=source)
+    return Config(source, defaults, hypervisors, vms, check.warnings)
+
+
+def _named_tables(raw: dict[str, Any], section: str, check: _Validator) -> dict[str, Any]:
+    tables = raw.get(section, {})
+    if not isinstance(tables, dict):
+        check.problems.append(f"{section}: must be a table of tables")
+        return {}
+    good = {}
+    for name, table in tables.items():
+        if not schema.TABLE_KEY_RE.match(name):
+            check.problems.append(f"{section}.{name}: name must match [A-Za-z0-9][A-Za-z0-9._-]*")
+        else:
+            good[name] = table
+    return good
+
+
+def _check_proxmox_auth(settings: dict[str, Any], path: str, check: _Validator) -> None:
+    token = "token_id" in settings or "token_secret" in settings
+    ticket = "user" in settings or "password" in settings
+    if token and ticket:
+        check.problems.append(f"{path}: use either token_id/token_secret or user/password")
+    elif token and not ("token_id" in settings and "token_secret" in settings):
+        check.problems.append(f"{path}: token_id and token_secret go together")
+    elif ticket and not ("user" in settings and "password" in settings):
+        check.problems.append(f"{path}: user and password go together")
+    elif not token and not ticket:
+        check.problems.append(f"{path}: set token_id + token_secret (or user + password)")
+
+
+def _parse_vm(
+    name: str,
+    table: Any,
+    defaults: dict[str, Any],
+    hypervisors: dict[str, dict[str, Any]],
+    check: _Validator,
+) -> VMConfig | None:
+    path = f"vms.{name}"
+    if not isinstance(table, dict):
+        check.problems.append(f"{path}: must be a table")
+        return None
+    own = {k: v for k, v in table.items() if k not in schema.VM_SUBTABLES}
+    settings = check.table(own, schema.VM, path)
+    subs = {
+        sub: check.table(table.get(sub, {}), keys, f"{path}.{sub}")
+        for sub, keys in schema.VM_SUBTABLES.items()
+    }
+    hypervisor = settings.get("hypervisor")
+    if hypervisor is not None and hypervisor not in hypervisors:
+        known = ", ".join(sorted(hypervisors)) or "none"
+        check.problems.append(
+            f"{path}.hypervisor: no hypervisor {hypervisor!r} (defined: {known})"
+        )
+    if settings.get("label") is None:
+        settings["label"] = defaults.get("label", "manual")
+    if settings.get("snapshot_timeout") is None:
+        settings["snapshot_timeout"] = defaults.get("snapshot_timeout", 600.0)
+    if "vmid" in settings and "name" in table:
+        check.problems.append(f"{path}: set either name or vmid, not both")
+    ref = str(settings["vmid"]) if "vmid" in settings else settings.get("name") or name
+
+    guest = subs["guest"] if "guest" in table else None
+    if guest is not None:
+        gpath = f"{path}.guest"
+        if guest.get("transport") == "ssh" and not guest.get("host"):
+            check.problems.append(f"{gpath}.host: required when transport = 'ssh'")
+        if guest.get("transport") == "exec" and "exec_prefix" not in table["guest"]:
+            check.problems.append(
+                f"{gpath}.exec_prefix: required when transport = 'exec' ([] runs locally)"
+            )
+    else:
+        check.warnings.append(
+            f"{path}: no [{path}.guest] table: snapshots will not stop any service"
+        )
+    if "mysqldump" in table and (guest is None or not guest.get("mysqldump")):
+        check.warnings.append(f"{path}.mysqldump: ignored unless {path}.guest.mysqldump = true")
+    return VMConfig(
+        key=name,
+        hypervisor=hypervisor or "",
+        ref=ref,
+        settings=settings,
+        guest=guest,
+        hooks=subs["hooks"],
+        mysqldump=subs["mysqldump"],
+        archive=subs["archive"],
+    )
