@@ -14,7 +14,12 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "libvirt": ("snapcoord.adapters.libvirt_adapter", "LibvirtAdapter", "libvirt", ("libvirt",)),
     "vsphere": ("snapcoord.adapters.vsphere", "VSphereAdapter", "vsphere", ("pyVmomi", "pyVim")),
-    "proxmox": ("snapcoord.adapters.proxmox", "ProxmoxAdapter", "proxmox", ("proxmoxer", "requests")),
+    "proxmox": (
+        "snapcoord.adapters.proxmox",
+        "ProxmoxAdapter",
+        "proxmox",
+        ("proxmoxer", "requests"),
+    ),
 }
 
 

@@ -61,7 +61,9 @@ class Snapshot:
 class Capabilities:
     memory: bool  # can save RAM state
     quiesce: bool  # can ask a guest agent to freeze file systems
-    disk_only: bool = False  # memory=false gives a disk-only snapshot (else: documented per adapter)
+    disk_only: bool = (
+        False  # memory=false gives a disk-only snapshot (else: documented per adapter)
+    )
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

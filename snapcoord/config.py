@@ -241,9 +241,7 @@ def _parse_vm(
     hypervisor = settings.get("hypervisor")
     if hypervisor is not None and hypervisor not in hypervisors:
         known = ", ".join(sorted(hypervisors)) or "none"
-        check.problems.append(
-            f"{path}.hypervisor: no hypervisor {hypervisor!r} (defined: {known})"
-        )
+        check.problems.append(f"{path}.hypervisor: no hypervisor {hypervisor!r} (defined: {known})")
     if settings.get("label") is None:
         settings["label"] = defaults.get("label", "manual")
     if settings.get("snapshot_timeout") is None:

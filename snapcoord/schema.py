@@ -66,33 +66,51 @@ def _thumbprint(value: str) -> str | None:
 
 
 DEFAULTS: dict[str, Key] = {
-    "store": Key("str", "off-guest store for dumps, the run journal and locks",
-                 default="/var/lib/snapcoord", check=_abs_path),
-    "label": Key("str", "default label in snapshot names snapcoord-<label>-<UTC time>",
-                 default="manual", check=_label),
-    "snapshot_timeout": Key("float", "seconds to wait for a hypervisor snapshot task",
-                            default=600.0, minimum=1),
+    "store": Key(
+        "str",
+        "off-guest store for dumps, the run journal and locks",
+        default="/var/lib/snapcoord",
+        check=_abs_path,
+    ),
+    "label": Key(
+        "str",
+        "default label in snapshot names snapcoord-<label>-<UTC time>",
+        default="manual",
+        check=_label,
+    ),
+    "snapshot_timeout": Key(
+        "float", "seconds to wait for a hypervisor snapshot task", default=600.0, minimum=1
+    ),
 }
 
 # Keys every hypervisor table has, then the keys of each type.
 HYPERVISOR_COMMON: dict[str, Key] = {
-    "type": Key("choice", "hypervisor kind", default=REQUIRED, example="libvirt",
-                choices=("libvirt", "vsphere", "proxmox")),
+    "type": Key(
+        "choice",
+        "hypervisor kind",
+        default=REQUIRED,
+        example="libvirt",
+        choices=("libvirt", "vsphere", "proxmox"),
+    ),
 }
 
 _TLS: dict[str, Key] = {
-    "verify_tls": Key("bool", "verify the server certificate (set false only for labs: warned)",
-                      default=True),
-    "ca_file": Key("str", "PEM file of the CA (or the self-signed certificate) to trust",
-                   check=_abs_path),
-    "thumbprint": Key("str", "pin the server certificate by its SHA-256 fingerprint",
-                      check=_thumbprint),
+    "verify_tls": Key(
+        "bool", "verify the server certificate (set false only for labs: warned)", default=True
+    ),
+    "ca_file": Key(
+        "str", "PEM file of the CA (or the self-signed certificate) to trust", check=_abs_path
+    ),
+    "thumbprint": Key(
+        "str", "pin the server certificate by its SHA-256 fingerprint", check=_thumbprint
+    ),
 }
 
 HYPERVISOR_TYPES: dict[str, dict[str, Key]] = {
     "libvirt": {
-        "uri": Key("str", "libvirt connection URI", default="qemu:///system",
-                   example="qemu:///system"),
+        "uri": Key(
+            "str", "libvirt connection URI", default="qemu:///system", example="qemu:///system"
+        ),
     },
     "vsphere": {
         "host": Key("str", "vCenter or ESXi host name", default=REQUIRED),
@@ -101,10 +119,12 @@ HYPERVISOR_TYPES: dict[str, dict[str, Key]] = {
         "password": Key("secret", "password", default=REQUIRED),
         "datacenter": Key("str", "restrict VM lookups to this datacenter"),
         "folder": Key("str", "restrict VM lookups to this VM folder (inventory path)"),
-        "max_snapshots": Key("int", "warn when a VM has more snapshots than this", default=3,
-                             minimum=1, maximum=32),
-        "max_age_hours": Key("float", "warn about snapcoord snapshots older than this",
-                             default=72.0, minimum=1),
+        "max_snapshots": Key(
+            "int", "warn when a VM has more snapshots than this", default=3, minimum=1, maximum=32
+        ),
+        "max_age_hours": Key(
+            "float", "warn about snapcoord snapshots older than this", default=72.0, minimum=1
+        ),
         **_TLS,
     },
     "proxmox": {
@@ -114,53 +134,67 @@ HYPERVISOR_TYPES: dict[str, dict[str, Key]] = {
         "token_secret": Key("secret", "API token secret"),
         "user": Key("str", "USER@REALM for ticket login (instead of a token)"),
         "password": Key("secret", "password for ticket login"),
-        "lock_wait_seconds": Key("float", "wait this long for a guest locked by another task",
-                                 default=120.0, minimum=0),
+        "lock_wait_seconds": Key(
+            "float", "wait this long for a guest locked by another task", default=120.0, minimum=0
+        ),
         **_TLS,
     },
 }
 
 VM: dict[str, Key] = {
-    "hypervisor": Key("str", "key of the [hypervisors.X] table", default=REQUIRED,
-                      example="lab"),
+    "hypervisor": Key("str", "key of the [hypervisors.X] table", default=REQUIRED, example="lab"),
     "name": Key("str", "name (or vSphere path/uuid:/moref:) on the hypervisor; default: table key"),
     "vmid": Key("int", "Proxmox VMID (instead of name)", minimum=100, maximum=999999999),
     "memory": Key("bool", "include RAM state in the snapshot", default=False),
-    "quiesce": Key("bool", "ask the hypervisor's guest agent to freeze file systems",
-                   default=False),
+    "quiesce": Key(
+        "bool", "ask the hypervisor's guest agent to freeze file systems", default=False
+    ),
     "label": Key("str", "label for this VM's snapshots (default: defaults.label)", check=_label),
-    "snapshot_timeout": Key("float", "seconds to wait for snapshot tasks (default: defaults)",
-                            minimum=1),
-    "safety_snapshot": Key("bool", "take a snapshot of the current state before a revert",
-                           default=True),
+    "snapshot_timeout": Key(
+        "float", "seconds to wait for snapshot tasks (default: defaults)", minimum=1
+    ),
+    "safety_snapshot": Key(
+        "bool", "take a snapshot of the current state before a revert", default=True
+    ),
 }
 
 GUEST: dict[str, Key] = {
-    "transport": Key("choice", "how to run commands in the guest", default="ssh",
-                     choices=("ssh", "exec")),
+    "transport": Key(
+        "choice", "how to run commands in the guest", default="ssh", choices=("ssh", "exec")
+    ),
     "host": Key("str", "SSH host (an alias from ~/.ssh/config works)", example="db1.example.org"),
     "port": Key("int", "SSH port (default: ssh_config, then 22)", minimum=1, maximum=65535),
     "user": Key("str", "SSH user (default: ssh_config)", example="backup"),
     "identity_file": Key("str", "SSH private key", check=_abs_path),
-    "known_hosts": Key("str", "known_hosts file to verify the host key against",
-                       check=_abs_path),
+    "known_hosts": Key("str", "known_hosts file to verify the host key against", check=_abs_path),
     "host_key_fingerprint": Key("str", "pin the host key: SHA256:... as ssh-keygen -l shows it"),
-    "accept_new_host_key": Key("bool", "first contact: accept and record an unknown host key",
-                               default=False),
-    "ssh_options": Key("strlist", "extra ssh -o options, e.g. ['ProxyJump=bastion']",
-                       default=[]),
-    "exec_prefix": Key("argv", "transport exec: argv prefix, e.g. ['pct','exec','101','--']",
-                       default=[]),
+    "accept_new_host_key": Key(
+        "bool", "first contact: accept and record an unknown host key", default=False
+    ),
+    "ssh_options": Key("strlist", "extra ssh -o options, e.g. ['ProxyJump=bastion']", default=[]),
+    "exec_prefix": Key(
+        "argv", "transport exec: argv prefix, e.g. ['pct','exec','101','--']", default=[]
+    ),
     "sudo": Key("bool", "run privileged commands with sudo -n", default=False),
-    "services": Key("strlist", "stopped first, restarted last (only those that were running)",
-                    default=["apache2", "cron"], check=_services),
-    "database": Key("str", "database service: a name, 'auto' (mariadb or mysql) or 'none'",
-                    default="auto", check=_service_name),
+    "services": Key(
+        "strlist",
+        "stopped first, restarted last (only those that were running)",
+        default=["apache2", "cron"],
+        check=_services,
+    ),
+    "database": Key(
+        "str",
+        "database service: a name, 'auto' (mariadb or mysql) or 'none'",
+        default="auto",
+        check=_service_name,
+    ),
     "check_url": Key("str", "HTTP URL that must answer after the web server restarted"),
-    "mysqldump": Key("bool", "stream a logical dump off the guest before stopping the database",
-                     default=False),
-    "watchdog_seconds": Key("int", "guest-side watchdog restarts stopped services after this",
-                            default=600, minimum=10),
+    "mysqldump": Key(
+        "bool", "stream a logical dump off the guest before stopping the database", default=False
+    ),
+    "watchdog_seconds": Key(
+        "int", "guest-side watchdog restarts stopped services after this", default=600, minimum=10
+    ),
     "connect_timeout": Key("float", "seconds to open the connection", default=15.0, minimum=1),
     "command_timeout": Key("float", "seconds for a plain guest command", default=60.0, minimum=1),
     "stop_timeout": Key("float", "seconds for a service to stop", default=120.0, minimum=1),
@@ -169,32 +203,45 @@ GUEST: dict[str, Key] = {
 }
 
 HOOKS: dict[str, Key] = {
-    "before": Key("strlist", "guest shell commands before anything stops (failure: abort)",
-                  default=[]),
-    "frozen": Key("strlist", "guest commands after the database stopped, before the snapshot",
-                  default=[]),
-    "after": Key("strlist", "guest commands after everything is back (failure: reported)",
-                 default=[]),
+    "before": Key(
+        "strlist", "guest shell commands before anything stops (failure: abort)", default=[]
+    ),
+    "frozen": Key(
+        "strlist", "guest commands after the database stopped, before the snapshot", default=[]
+    ),
+    "after": Key(
+        "strlist", "guest commands after everything is back (failure: reported)", default=[]
+    ),
     "timeout": Key("float", "seconds for each hook command", default=300.0, minimum=1),
 }
 
 MYSQLDUMP: dict[str, Key] = {
-    "options": Key("strlist", "mysqldump options",
-                   default=["--single-transaction", "--routines", "--events", "--triggers",
-                            "--hex-blob"]),
-    "databases": Key("strlist", "dump only these databases (default: --all-databases)",
-                     default=[]),
-    "compression": Key("choice", "compression of the stored dump", default="gzip",
-                       choices=("gzip", "zstd", "none")),
+    "options": Key(
+        "strlist",
+        "mysqldump options",
+        default=["--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"],
+    ),
+    "databases": Key("strlist", "dump only these databases (default: --all-databases)", default=[]),
+    "compression": Key(
+        "choice", "compression of the stored dump", default="gzip", choices=("gzip", "zstd", "none")
+    ),
     "user": Key("str", "MySQL user (default: the guest's client config / socket auth)"),
     "password": Key("secret", "MySQL password (passed via a 0600 defaults file, never argv)"),
-    "on_dump_failure": Key("choice", "abort: no snapshot, exit 4; continue: snapshot anyway",
-                           default="abort", choices=("abort", "continue")),
+    "on_dump_failure": Key(
+        "choice",
+        "abort: no snapshot, exit 4; continue: snapshot anyway",
+        default="abort",
+        choices=("abort", "continue"),
+    ),
 }
 
 ARCHIVE: dict[str, Key] = {
-    "paths": Key("strlist", "guest paths archived as tar.gz into the run folder", default=[],
-                 check=_abs_paths),
+    "paths": Key(
+        "strlist",
+        "guest paths archived as tar.gz into the run folder",
+        default=[],
+        check=_abs_paths,
+    ),
 }
 
 VM_SUBTABLES: dict[str, dict[str, Key]] = {
