@@ -1,0 +1,345 @@
+"""HTTP(S) front of the double: /api2/json envelope, authentication, CSRF, validation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import api
+from .cluster import ApiError, Cluster, param_error
+from .schema import Schema, validate
+
+BASE = "/api2/json"
+CONFLICT = "duplicate parameter (already defined in URI) with conflicting values!"
+TICKET_LIFETIME = 7200
+TOKEN_HEADER_RE = re.compile(r"(?:^|\s)PVEAPIToken(?:=| )([^;]*)")
+TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9\.\-_]+)!([A-Za-z][A-Za-z0-9\.\-_]+)$")
+# Unauthenticated calls (manager PVE/HTTPServer.pm auth_handler).
+NO_AUTH = {("GET", "/access/ticket"), ("POST", "/access/ticket"), ("GET", "/access/domains")}
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str  # relative to /api2/json, UPIDs and names included
+    status: int
+    params: dict[str, Any]
+
+
+class PveApiDouble:
+    """A strict Proxmox VE API double. ``start()`` serves it in a thread on 127.0.0.1.
+
+    Test controls are Python methods on ``cluster`` (lock_guest, set_status, move_guest...) and
+    :meth:`expire_tickets`; none of them is reachable over HTTP.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_seconds: float = 0.2,
+        tokens: dict[str, str] | None = None,
+        users: dict[str, str] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        auth_fail_delay: float = 0.0,
+        seed: bool = True,
+    ) -> None:
+        self.schema = Schema()
+        self.cluster = Cluster(task_seconds=task_seconds)
+        if seed:
+            self.cluster.seed()
+        self.tokens = dict(tokens or {})
+        self.users = dict(users or {})
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self.auth_fail_delay = auth_fail_delay
+        self.log: list[Logged] = []
+        self._log_lock = threading.Lock()
+        self._key = secrets.token_bytes(32)
+        self._ticket_offset = 0.0
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def bind(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        double = self
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        class Handler(_Handler):
+            pass
+
+        Handler.double = double
+        httpd = Server((host, port), Handler)
+        if self.tls_cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        self._httpd = httpd
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> PveApiDouble:
+        self.bind(host, port)
+        assert self._httpd is not None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        assert self._httpd is not None
+        self._httpd.serve_forever()
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> PveApiDouble:
+        return self.start() if self._httpd is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{BASE}"
+
+    # -- test controls ----------------------------------------------------------------
+
+    def expire_tickets(self) -> None:
+        """Every ticket and CSRF token issued so far is now older than two hours."""
+        self._ticket_offset += TICKET_LIFETIME + 1
+
+    def calls(self) -> list[tuple[str, str]]:
+        with self._log_lock:
+            return [(e.method, e.path) for e in self.log]
+
+    def clear_log(self) -> None:
+        with self._log_lock:
+            self.log.clear()
+
+    def record(self, entry: Logged) -> None:
+        with self._log_lock:
+            self.log.append(entry)
+
+    # -- tickets ------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(time.time() + self._ticket_offset)
+
+    def _sign(self, text: str) -> str:
+        digest = hmac.new(self._key, text.encode(), hashlib.sha256).digest()
+        return base64.b64encode(digest).decode().rstrip("=")
+
+    def issue_ticket(self, user: str) -> dict[str, Any]:
+        stamp = f"{self._now():08X}"
+        plain = f"PVE:{user}:{stamp}"
+        return {
+            "username": user,
+            "ticket": f"{plain}::{self._sign(plain)}",
+            "CSRFPreventionToken": f"{stamp}:{self._sign(stamp + ':' + user)}",
+            "cap": {},
+        }
+
+    def _fresh(self, stamp: str) -> bool:
+        try:
+            age = self._now() - int(stamp, 16)
+        except ValueError:
+            return False
+        return -300 < age < TICKET_LIFETIME
+
+    def verify_ticket(self, ticket: str) -> str | None:
+        match = re.fullmatch(r"(PVE:([^:]+):([0-9A-F]{8}))::(.+)", ticket)
+        if not match:
+            return None
+        plain, user, stamp, sig = match.groups()
+        if not hmac.compare_digest(sig, self._sign(plain)) or not self._fresh(stamp):
+            return None
+        return user
+
+    def verify_csrf(self, token: str, user: str) -> bool:
+        stamp, _, sig = token.partition(":")
+        return hmac.compare_digest(sig, self._sign(stamp + ":" + user)) and self._fresh(stamp)
+
+    def check_login(self, user: str, password: str) -> bool:
+        known = self.users.get(user)
+        if known is not None and hmac.compare_digest(known, password):
+            return True
+        return self.verify_ticket(password) == user  # ticket renewal
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    double: PveApiDouble
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _send(self, status: int, body: dict[str, Any] | None, reason: str | None = None) -> None:
+        raw = b"" if body is None else json.dumps(body).encode()
+        phrase = (reason or "").split("\n")[0].strip() or None
+        self.send_response(status, phrase)
+        if body is not None:
+            self.send_header("Content-Type", "application/json;charset=UTF-8")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _fail(self, error: ApiError) -> None:
+        if error.status == 401:
+            time.sleep(self.double.auth_fail_delay)
+            self._send(401, None, error.message)  # no JSON body on auth failures
+            return
+        body: dict[str, Any] = {"data": None}
+        if error.errors:
+            body["errors"] = error.errors
+        body["message"] = error.message
+        self._send(error.status, body, error.message)
+
+    def _params(self, method: str, query: str) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for key, values in parse_qs(query, keep_blank_values=True).items():
+            params[key] = values[0] if len(values) == 1 else values
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if body:
+            ctype = self.headers.get("Content-Type", "")
+            if "application/json" in ctype:
+                data = json.loads(body)
+                if not isinstance(data, dict):
+                    raise param_error({"_root": "type check ('object') failed"})
+                params.update(data)
+            else:
+                for key, values in parse_qs(body.decode(), keep_blank_values=True).items():
+                    params[key] = values[0] if len(values) == 1 else values
+        return params
+
+    def _authenticate(self, method: str, rel: str) -> tuple[str, bool]:
+        """Return (user, is_api_token) or raise a 401."""
+        double = self.double
+        header = self.headers.get("Authorization", "")
+        match = TOKEN_HEADER_RE.search(header)
+        if match:
+            value = unquote(match.group(1))
+            token_id, sep, secret = value.rpartition("=")
+            if (
+                not sep
+                or not TOKEN_ID_RE.match(token_id)
+                or token_id not in double.tokens
+                or not hmac.compare_digest(double.tokens[token_id], secret)
+            ):
+                raise ApiError(401, "Authentication failed!")
+            return token_id, True
+        ticket = None
+        cookie = self.headers.get("Cookie", "")
+        found = re.search(r"(?:^|;\s*)PVEAuthCookie=([^;]*)", cookie)
+        if found:
+            ticket = unquote(found.group(1))
+        else:
+            found = re.search(r"(?:^|\s)PVEAuthCookie=([^;\s]*)", header)
+            if found:
+                ticket = unquote(found.group(1))
+        if not ticket:
+            raise ApiError(401, "No ticket")
+        user = double.verify_ticket(ticket)
+        if user is None:
+            raise ApiError(401, "Authentication failed!")
+        if method != "GET":
+            csrf = self.headers.get("CSRFPreventionToken", "")
+            if not csrf or not double.verify_csrf(csrf, user):
+                raise ApiError(401, "Permission denied - invalid csrf token")
+        return user, False
+
+    def _handle(self, method: str) -> None:
+        double = self.double
+        split = urlsplit(self.path)
+        rel = split.path[len(BASE) :] if split.path.startswith(BASE + "/") else None
+        params: dict[str, Any] = {}
+        status = 200
+        try:
+            double.cluster.tick()
+            params = self._params(method, split.query)
+            if rel is None:
+                raise ApiError(501, f"Method '{method} {split.path}' not implemented")
+            segments = [unquote(s) for s in rel.split("/") if s]
+            rel_uri = "/" + "/".join(segments)
+            user, is_token = "", False
+            if (method, rel_uri) not in NO_AUTH:
+                user, is_token = self._authenticate(method, rel_uri)
+            routed = double.schema.route(method, segments)
+            if routed is None:
+                raise ApiError(501, f"Method '{method} {rel_uri}' not implemented")
+            endpoint, path_params = routed
+            if is_token and not endpoint.allowtoken:
+                raise ApiError(
+                    403,
+                    f"Permission check failed (URI '{rel_uri}' not available with API token, "
+                    "need proper ticket.\n)",
+                )
+            for key, value in path_params.items():
+                if key in params and params[key] != value:
+                    raise param_error({key: CONFLICT})
+            errors, clean = validate(endpoint, {**params, **path_params})
+            if errors:
+                raise param_error(errors)
+            request = api.Request(
+                cluster=double.cluster,
+                params=clean,
+                user=user,
+                issue_ticket=double.issue_ticket,
+                check_login=double.check_login,
+            )
+            with double.cluster.lock:
+                result = api.HANDLERS[endpoint.name](request)
+            body: dict[str, Any]
+            if isinstance(result, api.Reply):
+                body = {"data": result.data}
+                if result.total is not None:
+                    body["total"] = result.total
+            else:
+                body = {"data": result}
+            self._send(200, body)
+        except ApiError as error:
+            status = error.status
+            self._fail(error)
+        except Exception as exc:  # a bug in the double: say so loudly
+            status = 599
+            self._fail(ApiError(500, f"API double bug: {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            shown = {k: ("***" if k == "password" else v) for k, v in params.items()}
+            double.record(Logged(method, rel if rel is not None else split.path, status, shown))
