@@ -1,0 +1,573 @@
+"""The libvirt adapter against libvirt's real test driver, one private node file per test."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import libvirt
+import pytest
+from snapcoord.adapters import adapter_class, open_adapter
+from snapcoord.adapters import libvirt_adapter as mod
+from snapcoord.adapters.base import VM, PowerState, Snapshot
+from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
+
+from snapcoord.errors import (
+    ExitCode,
+    HypervisorError,
+    PreflightError,
+    SnapshotExists,
+    SnapshotNotFound,
+    TaskTimeout,
+    UnsupportedOperation,
+    VMNotFound,
+)
+from tests import libvirt_nodes
+from tests.libvirt_nodes import DB1_UUID, DomainSpec, NodeFactory, SnapSpec
+
+# fixtures (assigned, not imported, so that using them as arguments is not a redefinition)
+libvirt_node = libvirt_nodes.libvirt_node
+libvirt_node_factory = libvirt_nodes.libvirt_node_factory
+
+SNAP_OLD = "snapcoord-manual-20260101T020000Z"
+SNAP_CURRENT = "before-upgrade"
+
+
+@pytest.fixture
+def adapter(libvirt_node: str) -> Iterator[LibvirtAdapter]:
+    with LibvirtAdapter("lab", {"type": "libvirt", "uri": libvirt_node}) as opened:
+        assert isinstance(opened, LibvirtAdapter)
+        yield opened
+
+
+def raw_domain(adapter: LibvirtAdapter, vm: VM) -> libvirt.virDomain:
+    """Side channel to the same connection, to check what the adapter really did."""
+    return adapter.conn.lookupByUUIDString(vm.id)
+
+
+def names(snaps: list[Snapshot]) -> list[str]:
+    return [s.name for s in snaps]
+
+
+# -- registry and connection -------------------------------------------------------------------
+
+
+def test_registry_opens_the_libvirt_adapter(libvirt_node: str) -> None:
+    assert adapter_class("libvirt") is LibvirtAdapter
+    opened = open_adapter("lab", {"type": "libvirt", "uri": libvirt_node})
+    assert isinstance(opened, LibvirtAdapter)
+    assert opened.type_name == "libvirt"
+    with opened:
+        assert opened.find_vm("db1").name == "db1"
+
+
+def test_connection_failure_names_the_uri(tmp_path: pytest.TempPathFactory) -> None:
+    uri = f"test://{tmp_path}/missing/node.xml"
+    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": uri})
+    with pytest.raises(HypervisorError) as info:
+        adapter.connect()
+    assert uri in str(info.value)
+    assert "'lab'" in str(info.value)
+    assert info.value.exit_code == ExitCode.HYPERVISOR
+
+
+def test_refused_remote_connection_is_a_hypervisor_error() -> None:
+    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": "test+tcp://127.0.0.1:1/default"})
+    with pytest.raises(HypervisorError, match=r"127\.0\.0\.1:1"):
+        adapter.find_vm("db1")  # connects lazily
+
+
+def test_close_is_idempotent_and_reconnects_lazily(libvirt_node: str) -> None:
+    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": libvirt_node})
+    adapter.connect()
+    adapter.close()
+    adapter.close()
+    assert adapter.find_vm("web1").name == "web1"
+    adapter.close()
+
+
+def test_default_uri_is_qemu_system() -> None:
+    assert LibvirtAdapter("lab", {"type": "libvirt"}).uri == "qemu:///system"
+
+
+def test_libvirt_errors_are_not_printed_on_stderr(
+    adapter: LibvirtAdapter, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(VMNotFound):
+        adapter.find_vm("nope")
+    assert "not found" not in capfd.readouterr().err.lower()
+
+
+# -- find_vm -----------------------------------------------------------------------------------
+
+
+def test_find_vm_by_name(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    assert vm.name == "db1"
+    assert vm.id == DB1_UUID
+    assert vm.hypervisor == "lab"
+    assert vm.extra["persistent"] is True
+
+
+@pytest.mark.parametrize("ref", [DB1_UUID, DB1_UUID.upper(), DB1_UUID.replace("-", "")])
+def test_find_vm_by_uuid(adapter: LibvirtAdapter, ref: str) -> None:
+    assert adapter.find_vm(ref).name == "db1"
+
+
+@pytest.mark.parametrize("ref", ["nope", "5e6ab1d2-0000-4000-8000-0000000000ff"])
+def test_find_vm_unknown(adapter: LibvirtAdapter, ref: str) -> None:
+    with pytest.raises(VMNotFound) as info:
+        adapter.find_vm(ref)
+    assert info.value.vm == ref
+    assert str(info.value).startswith(f"{ref}: ")
+    assert info.value.exit_code == ExitCode.HYPERVISOR
+
+
+def test_vm_that_vanished_after_lookup(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("web1")
+    dom = raw_domain(adapter, vm)
+    dom.destroy()
+    dom.undefine()
+    for call in (
+        lambda: adapter.power_state(vm),
+        lambda: adapter.list_snapshots(vm),
+        lambda: adapter.create_snapshot(vm, "s", "", memory=True, quiesce=False, timeout=10),
+        lambda: adapter.check_snapshot_ready(vm, memory=True, quiesce=False),
+    ):
+        with pytest.raises(VMNotFound) as info:
+            call()
+        assert info.value.vm == "web1"
+
+
+# -- list_snapshots ----------------------------------------------------------------------------
+
+
+def test_list_preloaded_snapshots(adapter: LibvirtAdapter) -> None:
+    old, current = adapter.list_snapshots(adapter.find_vm("db1"))
+    assert old.name == SNAP_OLD
+    assert old.created == datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
+    assert old.created.tzinfo is not None
+    assert old.description == "snapcoord: label=manual"
+    assert old.is_snapcoord
+    assert old.parent is None
+    assert old.memory is True  # taken of a running domain
+    assert old.current is False
+    assert current.name == SNAP_CURRENT
+    assert current.parent == SNAP_OLD
+    assert current.description == "taken by hand & kept"
+    assert not current.is_snapcoord
+    assert current.memory is False  # taken of a shut-off domain
+    assert current.current is True
+    assert current.extra["state"] == "shutoff"
+
+
+def test_list_without_snapshots(adapter: LibvirtAdapter) -> None:
+    assert adapter.list_snapshots(adapter.find_vm("web1")) == []
+
+
+def test_list_is_oldest_first_even_within_one_second(
+    libvirt_node_factory: NodeFactory,
+) -> None:
+    same = datetime(2026, 3, 1, tzinfo=UTC)
+    uri = libvirt_node_factory(
+        [
+            DomainSpec(
+                "db",
+                "5e6ab1d2-0000-4000-8000-0000000000a1",
+                snapshots=(  # listed child first; all in the same second
+                    SnapSpec("zz-child", same, parent="mm-middle", current=True),
+                    SnapSpec("mm-middle", same, parent="aa-root"),
+                    SnapSpec("aa-root", same),
+                    SnapSpec("b-older", datetime(2025, 1, 1, tzinfo=UTC)),
+                ),
+            )
+        ]
+    )
+    with LibvirtAdapter("lab", {"uri": uri}) as adapter:
+        listed = adapter.list_snapshots(adapter.find_vm("db"))
+    assert names(listed) == ["b-older", "aa-root", "mm-middle", "zz-child"]
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+def test_create_on_running_domain(
+    adapter: LibvirtAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    vm = adapter.find_vm("db1")
+    description = "snapcoord: run=1 <&> 'quoted'"
+    with caplog.at_level(logging.WARNING):
+        snap = adapter.create_snapshot(
+            vm,
+            "snapcoord-manual-20261126T010203Z",
+            description,
+            memory=False,
+            quiesce=False,
+            timeout=30,
+        )
+    assert snap.name == "snapcoord-manual-20261126T010203Z"
+    assert snap.description == description
+    assert snap.is_snapcoord
+    assert snap.memory is True  # memory=false cannot be honoured for a running domain
+    assert "includes its RAM" in caplog.text
+    assert snap.quiesced is False
+    assert snap.current is True
+    assert snap.parent == SNAP_CURRENT
+    assert snap.created is not None and snap.created.tzinfo is not None
+    listed = adapter.list_snapshots(vm)
+    assert names(listed) == [SNAP_OLD, SNAP_CURRENT, snap.name]
+    assert [s.current for s in listed] == [False, False, True]
+    assert listed[-1].description == description
+    assert adapter.power_state(vm) is PowerState.RUNNING
+
+
+def test_create_with_memory_on_running_domain_logs_no_warning(
+    adapter: LibvirtAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        snap = adapter.create_snapshot(
+            adapter.find_vm("web1"), "s1", "", memory=True, quiesce=False, timeout=30
+        )
+    assert snap.memory is True
+    assert caplog.records == []
+
+
+def test_create_on_shut_off_domain_is_disk_only(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("stopped1")
+    snap = adapter.create_snapshot(vm, "s1", "d", memory=True, quiesce=True, timeout=30)
+    assert snap.memory is False
+    assert snap.quiesced is False  # nothing runs, nothing to freeze
+    assert snap.extra["state"] == "shutoff"
+    assert adapter.power_state(vm) is PowerState.STOPPED
+
+
+def test_create_on_paused_domain_keeps_it_paused(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("paused1")
+    snap = adapter.create_snapshot(vm, "s1", "", memory=True, quiesce=False, timeout=30)
+    assert snap.memory is True
+    assert adapter.power_state(vm) is PowerState.PAUSED
+
+
+def test_create_duplicate_name(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    with pytest.raises(SnapshotExists) as info:
+        adapter.create_snapshot(vm, SNAP_OLD, "", memory=True, quiesce=False, timeout=30)
+    assert info.value.vm == "db1"
+    assert SNAP_OLD in str(info.value)
+    assert len(adapter.list_snapshots(vm)) == 2
+
+
+def test_create_quiesced_with_guest_agent(adapter: LibvirtAdapter) -> None:
+    snap = adapter.create_snapshot(
+        adapter.find_vm("agent1"), "q1", "", memory=True, quiesce=True, timeout=30
+    )
+    assert snap.quiesced is True
+
+
+def test_create_quiesced_without_guest_agent(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    with pytest.raises(UnsupportedOperation, match="guest agent") as info:
+        adapter.create_snapshot(vm, "q1", "", memory=True, quiesce=True, timeout=30)
+    assert info.value.vm == "db1"
+    assert "quiesce = false" in str(info.value)
+    assert names(adapter.list_snapshots(vm)) == [SNAP_OLD, SNAP_CURRENT]
+
+
+def test_create_timeout_raises(adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    real = mod.run_with_timeout
+
+    def slow_first(func, **kwargs):  # type: ignore[no-untyped-def]
+        def blocked():  # type: ignore[no-untyped-def]
+            release.wait(30)
+            return func()
+
+        return real(blocked, **kwargs)
+
+    monkeypatch.setattr(mod, "run_with_timeout", slow_first)
+    vm = adapter.find_vm("web1")
+    try:
+        with pytest.raises(TaskTimeout, match="creating snapshot 's1'") as info:
+            adapter.create_snapshot(vm, "s1", "", memory=True, quiesce=False, timeout=0.01)
+        assert info.value.vm == "web1"
+    finally:
+        release.set()
+
+
+# -- run_with_timeout (pure) -------------------------------------------------------------------
+
+
+def test_run_with_timeout_returns_and_raises() -> None:
+    assert mod.run_with_timeout(lambda: 42, timeout=10, what="x", vm="v") == 42
+
+    def boom() -> None:
+        raise ValueError("inner")
+
+    with pytest.raises(ValueError, match="inner"):
+        mod.run_with_timeout(boom, timeout=10, what="x", vm="v")
+    gate = threading.Event()
+    try:
+        with pytest.raises(TaskTimeout, match="waiting did not finish"):
+            mod.run_with_timeout(lambda: gate.wait(30), timeout=0.01, what="waiting", vm="v")
+    finally:
+        gate.set()
+
+
+# -- revert ------------------------------------------------------------------------------------
+
+
+def _memory_kib(adapter: LibvirtAdapter, vm: VM) -> int:
+    return int(raw_domain(adapter, vm).info()[2])
+
+
+def test_revert_restores_the_snapshot(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("web1")
+    snap = adapter.create_snapshot(vm, "s1", "", memory=True, quiesce=False, timeout=30)
+    raw_domain(adapter, vm).setMemory(524288)
+    assert _memory_kib(adapter, vm) == 524288
+    adapter.revert_snapshot(vm, snap, start=None, timeout=30)
+    assert _memory_kib(adapter, vm) == 1048576
+    assert adapter.power_state(vm) is PowerState.RUNNING
+
+
+def test_revert_moves_current(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    adapter.revert_snapshot(vm, adapter.find_snapshot(vm, SNAP_OLD), start=None, timeout=30)
+    assert [s.current for s in adapter.list_snapshots(vm)] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("vm_name", "target", "start", "expected"),
+    [
+        # start=None keeps the pre-revert state, whatever the snapshot holds
+        ("db1", SNAP_OLD, None, PowerState.RUNNING),
+        ("db1", SNAP_CURRENT, None, PowerState.RUNNING),  # disk-only: booted again
+        ("stopped1", "mem", None, PowerState.STOPPED),  # RAM snapshot, stays off
+        ("paused1", "mem", None, PowerState.PAUSED),
+        # start=True: running
+        ("stopped1", "mem", True, PowerState.RUNNING),
+        ("db1", SNAP_CURRENT, True, PowerState.RUNNING),
+        # start=False: paused when the snapshot holds RAM, stopped when it does not
+        ("db1", SNAP_OLD, False, PowerState.PAUSED),
+        ("db1", SNAP_CURRENT, False, PowerState.STOPPED),
+    ],
+)
+def test_revert_power_state(
+    adapter: LibvirtAdapter,
+    vm_name: str,
+    target: str,
+    start: bool | None,
+    expected: PowerState,
+) -> None:
+    vm = adapter.find_vm(vm_name)
+    if target == "mem":
+        # take a RAM snapshot while running, then put the VM back into its node state
+        dom = raw_domain(adapter, vm)
+        before = adapter.power_state(vm)
+        if before is PowerState.STOPPED:
+            dom.create()
+        elif before is PowerState.PAUSED:
+            dom.resume()
+        adapter.create_snapshot(vm, "mem", "", memory=True, quiesce=False, timeout=30)
+        if before is PowerState.STOPPED:
+            dom.destroy()
+        elif before is PowerState.PAUSED:
+            dom.suspend()
+        assert adapter.power_state(vm) is before
+    snap = adapter.find_snapshot(vm, target)
+    adapter.revert_snapshot(vm, snap, start=start, timeout=30)
+    assert adapter.power_state(vm) is expected
+    assert next(s for s in adapter.list_snapshots(vm) if s.name == target).current
+
+
+def test_revert_to_missing_snapshot(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    ghost = Snapshot(name="ghost", id="ghost", created=None)
+    with pytest.raises(SnapshotNotFound, match="ghost") as info:
+        adapter.revert_snapshot(vm, ghost, start=None, timeout=30)
+    assert info.value.vm == "db1"
+    assert info.value.exit_code == ExitCode.HYPERVISOR
+
+
+# -- delete ------------------------------------------------------------------------------------
+
+
+def test_delete_reparents_children(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    new = adapter.create_snapshot(vm, "s3", "", memory=True, quiesce=False, timeout=30)
+    adapter.delete_snapshot(vm, adapter.find_snapshot(vm, SNAP_CURRENT), timeout=30)
+    listed = adapter.list_snapshots(vm)
+    assert names(listed) == [SNAP_OLD, "s3"]
+    assert listed[1].parent == SNAP_OLD
+    adapter.delete_snapshot(vm, new, timeout=30)
+    assert names(adapter.list_snapshots(vm)) == [SNAP_OLD]
+
+
+def test_delete_missing_snapshot(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("db1")
+    snap = adapter.find_snapshot(vm, SNAP_CURRENT)
+    adapter.delete_snapshot(vm, snap, timeout=30)
+    with pytest.raises(SnapshotNotFound, match=SNAP_CURRENT) as info:
+        adapter.delete_snapshot(vm, snap, timeout=30)
+    assert info.value.vm == "db1"
+
+
+def test_find_snapshot_missing(adapter: LibvirtAdapter) -> None:
+    with pytest.raises(SnapshotNotFound):
+        adapter.find_snapshot(adapter.find_vm("db1"), "nope")
+
+
+# -- power state, capabilities -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vm_name", "expected"),
+    [
+        ("db1", PowerState.RUNNING),
+        ("stopped1", PowerState.STOPPED),
+        ("paused1", PowerState.PAUSED),
+        ("sleepy1", PowerState.SUSPENDED),
+    ],
+)
+def test_power_state(adapter: LibvirtAdapter, vm_name: str, expected: PowerState) -> None:
+    assert adapter.power_state(adapter.find_vm(vm_name)) is expected
+
+
+def test_power_state_with_managed_save_is_suspended(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("web1")
+    raw_domain(adapter, vm).managedSave(0)
+    assert adapter.power_state(vm) is PowerState.SUSPENDED
+
+
+def test_capabilities(adapter: LibvirtAdapter) -> None:
+    caps = adapter.capabilities()
+    assert caps.memory is True
+    assert caps.disk_only is False  # memory=false is not honoured on running domains
+    assert caps.quiesce is True  # the test driver accepts QUIESCE with internal snapshots
+    assert caps.extra["driver"] == "TEST"
+    assert caps.extra["libvirt_version"] >= 9_000_000
+
+
+# -- check_snapshot_ready ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vm_name", ["db1", "stopped1", "paused1", "agent1"])
+def test_ready(adapter: LibvirtAdapter, vm_name: str) -> None:
+    adapter.check_snapshot_ready(adapter.find_vm(vm_name), memory=True, quiesce=False)
+
+
+def test_ready_quiesce_with_agent_and_on_shut_off_domain(adapter: LibvirtAdapter) -> None:
+    adapter.check_snapshot_ready(adapter.find_vm("agent1"), memory=False, quiesce=True)
+    adapter.check_snapshot_ready(adapter.find_vm("stopped1"), memory=False, quiesce=True)
+
+
+def test_not_ready_when_pm_suspended(adapter: LibvirtAdapter) -> None:
+    with pytest.raises(PreflightError, match="suspended") as info:
+        adapter.check_snapshot_ready(adapter.find_vm("sleepy1"), memory=True, quiesce=False)
+    assert info.value.vm == "sleepy1"
+    assert info.value.exit_code == ExitCode.PREFLIGHT
+
+
+def test_not_ready_with_raw_disk(adapter: LibvirtAdapter) -> None:
+    with pytest.raises(UnsupportedOperation, match=r"vda \(raw\)") as info:
+        adapter.check_snapshot_ready(adapter.find_vm("rawdisk1"), memory=True, quiesce=False)
+    assert "sda" not in str(info.value)  # read-only cdrom is ignored
+    assert info.value.vm == "rawdisk1"
+
+
+def test_not_ready_quiesce_without_agent(adapter: LibvirtAdapter) -> None:
+    with pytest.raises(UnsupportedOperation, match=r"org\.qemu\.guest_agent\.0") as info:
+        adapter.check_snapshot_ready(adapter.find_vm("db1"), memory=True, quiesce=True)
+    assert info.value.vm == "db1"
+
+
+def test_not_ready_quiesce_with_disconnected_agent(
+    adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test driver does not report the channel state; QEMU does.
+    monkeypatch.setattr(mod, "agent_state", lambda _xml: "disconnected")
+    with pytest.raises(UnsupportedOperation, match="not connected"):
+        adapter.check_snapshot_ready(adapter.find_vm("agent1"), memory=True, quiesce=True)
+
+
+def test_not_ready_quiesce_on_qemu_like_driver(
+    adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QEMU's QUIESCE needs external disk-only snapshots; pretend the test driver were QEMU.
+    monkeypatch.setattr(mod, "NO_INTERNAL_QUIESCE", frozenset({"TEST"}))
+    assert adapter.capabilities().quiesce is False
+    with pytest.raises(UnsupportedOperation, match="external disk-only") as info:
+        adapter.check_snapshot_ready(adapter.find_vm("agent1"), memory=True, quiesce=True)
+    assert "quiesce = false" in str(info.value)
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def test_agent_state_parsing() -> None:
+    def dom(channel: str) -> str:
+        return f"<domain><devices>{channel}</devices></domain>"
+
+    target = "<target type='virtio' name='org.qemu.guest_agent.0'{}/>"
+    assert mod.agent_state(dom("")) is None
+    other = "<channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>"
+    assert mod.agent_state(dom(other)) is None
+    assert mod.agent_state(dom(f"<channel>{target.format('')}</channel>")) == ""
+    connected = target.format(" state='connected'")
+    assert mod.agent_state(dom(f"<channel>{connected}</channel>")) == "connected"
+
+
+def _error(code: int, message: str) -> libvirt.libvirtError:
+    err = libvirt.libvirtError(message)
+    err.err = (code, 10, message, 2, None, None, None, 0, 0)
+    return err
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "expected", "text"),
+    [
+        (libvirt.VIR_ERR_NO_DOMAIN, "Domain not found", VMNotFound, "no such domain"),
+        (libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT, "no snapshot 'x'", SnapshotNotFound, "no snapshot"),
+        (
+            libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+            "Guest agent is not responding",
+            UnsupportedOperation,
+            "guest agent does not answer",
+        ),
+        (libvirt.VIR_ERR_AGENT_UNSYNCED, "agent unsynced", UnsupportedOperation, "guest agent"),
+        (
+            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+            "QEMU guest agent is not configured",
+            UnsupportedOperation,
+            "not supported",
+        ),
+        (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, "nope", UnsupportedOperation, "not supported"),
+        (
+            libvirt.VIR_ERR_INVALID_ARG,
+            "unsupported flags (0x10) in function x",
+            UnsupportedOperation,
+            "unsupported flags",
+        ),
+        (libvirt.VIR_ERR_SYSTEM_ERROR, "Cannot recv data", HypervisorError, "connection"),
+        (libvirt.VIR_ERR_INTERNAL_ERROR, "boom", HypervisorError, "boom"),
+    ],
+)
+def test_translate(code: int, message: str, expected: type[Exception], text: str) -> None:
+    result = mod.translate(_error(code, message), action="do it", vm="db9", uri="qemu:///system")
+    assert type(result) is expected
+    assert result.vm == "db9"
+    assert text in str(result)
+    assert str(result).startswith("db9: do it")
+
+
+def test_unsupported_flags_from_the_real_driver(adapter: LibvirtAdapter) -> None:
+    dom = raw_domain(adapter, adapter.find_vm("web1"))
+    with pytest.raises(libvirt.libvirtError) as info:
+        dom.snapshotCreateXML(
+            "<domainsnapshot><name>d</name></domainsnapshot>",
+            libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY,
+        )
+    result = mod.translate(info.value, action="create", vm="web1", uri=adapter.uri)
+    assert isinstance(result, UnsupportedOperation)
