@@ -114,7 +114,7 @@ class _Validator:
                     out[name] = value
             elif key.default is REQUIRED:
                 self.problems.append(f"{path}.{name}: required key is missing")
-            else:
+            elif key.default is not None:  # optional keys without default stay absent
                 out[name] = list(key.default) if isinstance(key.default, list) else key.default
         return out
 

@@ -182,6 +182,11 @@ GUEST: dict[str, Key] = {
         default=["apache2", "cron"],
         check=_services,
     ),
+    "parallel_services": Key(
+        "bool",
+        "stop/start the services concurrently (they must not depend on each other)",
+        default=True,
+    ),
     "database": Key(
         "str",
         "database service: a name, 'auto' (mariadb or mysql) or 'none'",

@@ -1,0 +1,24 @@
+"""The admin's own guest commands: ``[vms.X.hooks] before / frozen / after``.
+
+They come from the configuration file (trusted, written by the admin), so each runs as one
+``sh -c`` command line in the guest, with a timeout; the first failure stops the phase.
+"""
+
+from __future__ import annotations
+
+from snapcoord.errors import GuestError
+from snapcoord.guest import Transport
+
+
+def run_hooks(
+    transport: Transport, hooks: list[str], *, phase: str, vm: str, sudo: bool, timeout: float
+) -> None:
+    for index, command in enumerate(hooks, 1):
+        result = transport.run(["sh", "-c", command], sudo=sudo, timeout=timeout)
+        if result.timed_out:
+            raise GuestError(f"{phase} hook #{index} timed out after {timeout:g} s", vm=vm)
+        if not result.ok:
+            raise GuestError(
+                f"{phase} hook #{index} failed (exit {result.returncode}): {result.error_text()}",
+                vm=vm,
+            )

@@ -1,0 +1,273 @@
+"""Stop, start and verify guest services (web server, cron, MySQL/MariaDB).
+
+Every function takes the open transport and does one round trip per service: the stop or start
+command *and* its verification run in one small POSIX shell script, so the service window holds
+no extra connection setup. "Stopped" and "started" are verified, never assumed: a database is
+down when its server process is gone, up when ``mysqladmin ping`` answers; other services by
+their init system's status.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
+from snapcoord.guest import Transport
+from snapcoord.run import ServiceWindow, run_parallel
+
+DATABASE_CANDIDATES = ("mariadb", "mysql")
+
+# $1 = init system, $2.. = service names. Prints "init <kind>" then "svc <name> <exists> <running>".
+_PROBE = r"""
+init=sysv
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then init=systemd; fi
+echo "init $init"
+for s in "$@"; do
+  exists=0; running=0
+  if [ "$init" = systemd ]; then
+    systemctl cat -- "$s.service" >/dev/null 2>&1 && exists=1
+    systemctl is-active --quiet -- "$s" && running=1
+  else
+    [ -x "/etc/init.d/$s" ] && exists=1
+    [ $exists = 1 ] && service "$s" status >/dev/null 2>&1 && running=1
+  fi
+  echo "svc $s $exists $running"
+done
+command -v mysqladmin >/dev/null 2>&1 && echo "tool mysqladmin"
+"""
+
+# Shared shell functions. $INIT selects systemctl or service.
+_LIB = r"""
+svc() { if [ "$INIT" = systemd ]; then systemctl "$2" -- "$1"; else service "$1" "$2"; fi; }
+is_up() { if [ "$INIT" = systemd ]; then systemctl is-active --quiet -- "$1"; else service "$1" status >/dev/null 2>&1; fi; }
+db_pid() {
+  f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
+  for p in "$f" /run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid; do
+    [ -n "$p" ] && [ -r "$p" ] && { cat "$p"; return; }
+  done
+}
+wait_until() {  # wait_until SECONDS command...: poll every 0.1 s
+  n=$(( $1 * 10 )); shift
+  while ! "$@"; do n=$((n - 1)); [ $n -le 0 ] && return 1; sleep 0.1; done
+}
+not() { ! "$@"; }
+pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
+db_alive() { mysqladmin ping >/dev/null 2>&1; }
+"""
+
+_STOP = r"""
+svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
+wait_until "$2" not is_up "$1" || { echo "still running after $2 s" >&2; exit 11; }
+"""
+
+_STOP_DB = r"""
+pid=$(db_pid)
+svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
+wait_until "$2" pid_gone "$pid" || { echo "server process $pid still there after $2 s" >&2; exit 11; }
+wait_until "$2" not db_alive || { echo "still answers mysqladmin ping after $2 s" >&2; exit 11; }
+"""
+
+_START = r"""
+svc "$1" start || { echo "start command failed" >&2; exit 10; }
+wait_until "$2" is_up "$1" || { echo "not running $2 s after start" >&2; exit 11; }
+"""
+
+_START_DB = r"""
+svc "$1" start || { echo "start command failed" >&2; exit 10; }
+wait_until "$2" db_alive || { echo "mysqladmin ping gets no answer $2 s after start" >&2; exit 11; }
+"""
+
+_CHECK_URL = r"""
+if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 "$3" || exit 12
+elif command -v wget >/dev/null 2>&1; then wget -q -O /dev/null -T 10 "$3" || exit 12
+else echo "neither curl nor wget in the guest for check_url" >&2; exit 12; fi
+"""
+
+
+@dataclass
+class GuestServices:
+    """What preflight learned about the guest's services."""
+
+    init: str  # "systemd" or "sysv"
+    database: str | None  # the database service actually used, None when 'none'
+    services: list[str]  # configured non-database services that exist
+    running: dict[str, bool] = field(default_factory=dict)  # state before the run
+    stopped: list[str] = field(default_factory=list)  # what this run stopped (undo uses it)
+
+    def to_stop(self) -> list[str]:
+        """Only services that were running: never touch what the admin had stopped."""
+        return [s for s in self.services if self.running.get(s)]
+
+    @property
+    def database_running(self) -> bool:
+        return self.database is not None and self.running.get(self.database, False)
+
+
+class Services:
+    """Service control for one guest: probe in preflight, then stop/start with verification."""
+
+    def __init__(self, transport: Transport, guest: dict[str, Any], *, vm: str) -> None:
+        self.transport = transport
+        self.guest = guest
+        self.vm = vm
+        self.sudo = bool(guest.get("sudo"))
+        self.state: GuestServices | None = None
+
+    # -- preflight -------------------------------------------------------------------------
+    def probe(self) -> GuestServices:
+        configured = list(self.guest.get("services", []))
+        database = str(self.guest.get("database", "auto"))
+        names = configured + (list(DATABASE_CANDIDATES) if database == "auto" else [])
+        if database not in ("auto", "none"):
+            names.append(database)
+        result = self.transport.run(
+            ["sh", "-c", _PROBE, "sh", *names],
+            sudo=self.sudo,
+            timeout=float(self.guest["command_timeout"]),
+        )
+        if not result.ok:
+            raise self._preflight_failure("probing services", result.error_text())
+        init, exists, running, tools = _parse_probe(result.stdout.decode(errors="replace"))
+        missing = [s for s in configured if not exists.get(s)]
+        if missing:
+            raise PreflightError(
+                f"service(s) {', '.join(missing)} not found in the guest ({init})",
+                vm=self.vm,
+                hint="fix [vms.*.guest] services",
+            )
+        chosen: str | None
+        if database == "none":
+            chosen = None
+        elif database == "auto":
+            chosen = next((d for d in DATABASE_CANDIDATES if exists.get(d)), None)
+            if chosen is None:
+                raise PreflightError(
+                    "no mariadb or mysql service found in the guest",
+                    vm=self.vm,
+                    hint="set database = 'none' for a guest without a database",
+                )
+        else:
+            if not exists.get(database):
+                raise PreflightError(f"database service {database!r} not found", vm=self.vm)
+            chosen = database
+        if chosen is not None and "mysqladmin" not in tools:
+            raise PreflightError("mysqladmin not found in the guest (needed to verify the "
+                                 "database)", vm=self.vm)  # fmt: skip
+        self.state = GuestServices(
+            init=init,
+            database=chosen,
+            services=configured,
+            running={s: running.get(s, False) for s in [*configured, *([chosen] if chosen else [])]},
+        )
+        return self.state
+
+    def _preflight_failure(self, what: str, text: str) -> GuestError:
+        if self.sudo and ("password is required" in text or "sudo:" in text):
+            return GuestError(
+                f"sudo -n refused {what}: {text}",
+                vm=self.vm,
+                hint="grant the SSH user passwordless sudo for sh, service/systemctl and mysqladmin",
+            )
+        return GuestError(f"{what} failed: {text}", vm=self.vm)
+
+    # -- the window ------------------------------------------------------------------------
+    def stop(self, names: list[str], window: ServiceWindow, *, parallel: bool = True) -> None:
+        """Stop ``names`` (non-database services), in parallel when allowed."""
+        actions = [lambda n=n: self._stop_one(n, window) for n in names]  # type: ignore[misc]
+        if parallel:
+            run_parallel(actions)
+        else:
+            for action in actions:
+                action()
+
+    def start(self, names: list[str], window: ServiceWindow, *, parallel: bool = True) -> None:
+        """Start ``names`` if they are not running (idempotent); report every failure."""
+        failures: list[str] = []
+
+        def one(name: str) -> None:
+            try:
+                self._start_one(name, window)
+            except ServiceNotRestored as exc:
+                failures.append(exc.message)
+
+        actions = [lambda n=n: one(n) for n in reversed(names)]  # type: ignore[misc]
+        if parallel:
+            run_parallel(actions)
+        else:
+            for action in actions:
+                action()
+        if failures:
+            raise ServiceNotRestored("; ".join(sorted(failures)), vm=self.vm)
+
+    def stop_database(self, window: ServiceWindow) -> None:
+        assert self.state is not None and self.state.database is not None
+        self._stop_one(self.state.database, window, database=True)
+
+    def start_database(self, window: ServiceWindow) -> None:
+        assert self.state is not None and self.state.database is not None
+        self._start_one(self.state.database, window, database=True)
+
+    def _stop_one(self, name: str, window: ServiceWindow, *, database: bool = False) -> None:
+        assert self.state is not None
+        self.state.stopped.append(name)  # before issuing: a half-done stop is undone too
+        window.stop_issued(name)
+        script = _LIB + (_STOP_DB if database else _STOP)
+        timeout = float(self.guest["stop_timeout"])
+        result = self._script(script, name, timeout)
+        if not result.ok:
+            raise GuestError(f"stopping {name} failed: {result.error_text()}", vm=self.vm)
+
+    def _start_one(self, name: str, window: ServiceWindow, *, database: bool = False) -> None:
+        assert self.state is not None
+        script = _LIB + (_START_DB if database else _START)
+        check_url = self.guest.get("check_url") if name in ("apache2", "httpd", "nginx") else None
+        if check_url:
+            script += _CHECK_URL
+        timeout = float(self.guest["start_timeout"])
+        try:
+            result = self._script(script, name, timeout, extra=[check_url] if check_url else [])
+        except GuestError as exc:
+            raise ServiceNotRestored(f"{name} could not be started: {exc.message}",
+                                     vm=self.vm) from exc  # fmt: skip
+        if not result.ok:
+            raise ServiceNotRestored(
+                f"{name} could not be started: {result.error_text()}", vm=self.vm
+            )
+        if name in self.state.stopped:
+            self.state.stopped.remove(name)
+        window.confirmed_running(name)
+
+    def _script(self, body: str, name: str, timeout: float, extra: list[str] | None = None) -> Any:
+        wait = str(max(1, int(timeout) - 2))
+        argv = ["sh", "-c", f"INIT={shlex.quote(self._init)}\n{body}", "sh", name, wait]
+        return self.transport.run(argv + (extra or []), sudo=self.sudo, timeout=timeout)
+
+    @property
+    def _init(self) -> str:
+        return self.state.init if self.state else "sysv"
+
+    def describe(self, action: str, name: str) -> str:
+        """One line for --dry-run."""
+        verb = "systemctl" if self._init == "systemd" else "service"
+        return f"{self.transport.description}: {verb} {name} {action} (verified)"
+
+
+def _parse_probe(
+    text: str,
+) -> tuple[str, dict[str, bool], dict[str, bool], set[str]]:
+    init = "sysv"
+    exists: dict[str, bool] = {}
+    running: dict[str, bool] = {}
+    tools: set[str] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "init":
+            init = parts[1]
+        elif len(parts) == 4 and parts[0] == "svc":
+            exists[parts[1]] = parts[2] == "1"
+            running[parts[1]] = parts[3] == "1"
+        elif len(parts) == 2 and parts[0] == "tool":
+            tools.add(parts[1])
+    return init, exists, running, tools

@@ -1,0 +1,62 @@
+"""How runs are shown: step lines as they happen for people, one JSON object per VM for tools."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from snapcoord.run import RunResult, StepRecord
+
+
+class HumanReporter:
+    """Prints ``vm  step ... ok 1.23 s`` lines as steps start and end."""
+
+    def __init__(self, vm: str, stream: TextIO | None = None) -> None:
+        self.vm = vm
+        self.stream = stream or sys.stdout
+        self._open: StepRecord | None = None
+
+    def step_started(self, record: StepRecord) -> None:
+        self._finish_line()
+        arrow = "<-" if record.undo else "->"
+        self.stream.write(f"{self.vm}: {arrow} {record.name} ...")
+        self.stream.flush()
+        self._open = record
+
+    def step_ended(self, record: StepRecord) -> None:
+        status = "ok" if record.ok else f"FAILED: {record.error}"
+        if self._open is record:
+            self.stream.write(f" {status} ({record.seconds:.2f} s)\n")
+        else:
+            self.stream.write(f"{self.vm}:    {record.name}: {status} ({record.seconds:.2f} s)\n")
+        self.stream.flush()
+        self._open = None
+
+    def note(self, text: str) -> None:
+        self._finish_line()
+        self.stream.write(f"{self.vm}: {text}\n")
+        self.stream.flush()
+
+    def _finish_line(self) -> None:
+        if self._open is not None:
+            self.stream.write("\n")
+            self._open = None
+
+
+def run_summary(vm: str, result: RunResult, **fields: Any) -> dict[str, Any]:
+    window = result.window.seconds
+    return {
+        "vm": vm,
+        "ok": result.ok,
+        "exit_code": int(result.exit_code),
+        **fields,
+        "window_seconds": None if window is None else round(window, 3),
+        "services_down": result.window.still_down,
+        "errors": [str(f) for f in result.failures],
+        "steps": [r.as_dict() for r in result.records],
+    }
+
+
+def print_json(data: dict[str, Any], stream: TextIO | None = None) -> None:
+    (stream or sys.stdout).write(json.dumps(data, default=str) + "\n")

@@ -1,0 +1,361 @@
+"""Which steps make a snapshot run, a revert, a delete: the order from DESIGN.md.
+
+Everything that can fail before a service is stopped is checked first (hypervisor, VM, snapshot
+name, guest connection, sudo, services); nothing that can wait runs inside the service window.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapcoord.adapters import open_adapter
+from snapcoord.adapters.base import VM, Adapter, PowerState, Snapshot
+from snapcoord.config import Config, VMConfig
+from snapcoord.errors import (
+    GuestError,
+    PreflightError,
+    SnapcoordError,
+    SnapshotExists,
+    SnapshotFailed,
+    SnapshotNotFound,
+    UsageError,
+)
+from snapcoord.guest import Transport, open_transport
+from snapcoord.hooks import commands, watchdog
+from snapcoord.hooks.services import Services
+from snapcoord.naming import description, snapshot_name
+from snapcoord.run import ServiceWindow, Step
+
+log = logging.getLogger("snapcoord.plans")
+
+
+@dataclass
+class RunContext:
+    """The state one run builds up; steps read and fill it."""
+
+    config: Config
+    vm_cfg: VMConfig
+    run_id: str
+    adapter: Adapter
+    transport: Transport | None = None
+    services: Services | None = None
+    vm: VM | None = None
+    watchdog: watchdog.Watchdog | None = None
+    snapshot: Snapshot | None = None
+    snapshot_name: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings shown at the end
+    window: ServiceWindow = field(default_factory=ServiceWindow)
+
+    @classmethod
+    def create(cls, config: Config, vm_key: str, run_id: str) -> RunContext:
+        vm_cfg = config.vm(vm_key)
+        adapter = open_adapter(vm_cfg.hypervisor, config.hypervisors[vm_cfg.hypervisor])
+        ctx = cls(config, vm_cfg, run_id, adapter)
+        if vm_cfg.guest is not None:
+            ctx.transport = open_transport(vm_cfg.guest, vm=vm_key)
+            ctx.services = Services(ctx.transport, vm_cfg.guest, vm=vm_key)
+        return ctx
+
+    @property
+    def key(self) -> str:
+        return self.vm_cfg.key
+
+    @property
+    def guest(self) -> dict[str, Any]:
+        assert self.vm_cfg.guest is not None
+        return self.vm_cfg.guest
+
+    def require_vm(self) -> VM:
+        assert self.vm is not None, "find VM must run first"
+        return self.vm
+
+    def journal_data(self) -> dict[str, Any]:
+        state = self.services.state if self.services else None
+        return {
+            "run": self.run_id,
+            "vm": self.key,
+            "snapshot": self.snapshot_name,
+            "stopped": list(state.stopped) if state else [],
+            "database": state.database if state else None,
+            "init": state.init if state else None,
+            "watchdog": self.watchdog.as_dict() if self.watchdog else None,
+        }
+
+
+# -- shared steps ----------------------------------------------------------------------------
+
+
+def _connect_steps(ctx: RunContext) -> list[Step]:
+    hv = ctx.vm_cfg.hypervisor
+    return [
+        Step(f"connect to hypervisor {hv}", ctx.adapter.connect, ctx.adapter.close,
+             undo_name=f"disconnect from hypervisor {hv}",
+             describe=f"{ctx.config.hypervisors[hv]['type']} session to {hv}"),  # fmt: skip
+        Step("find VM", lambda: _find_vm(ctx), describe=f"find_vm({ctx.vm_cfg.ref!r})"),
+    ]
+
+
+def _find_vm(ctx: RunContext) -> None:
+    ctx.vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
+
+
+def _guest_connect_steps(ctx: RunContext) -> list[Step]:
+    if ctx.transport is None or ctx.services is None:
+        return []
+    transport, services = ctx.transport, ctx.services
+    return [
+        Step("connect to guest", transport.open, transport.close,
+             undo_name="disconnect from guest", undo_first=True,
+             describe=transport.description),  # fmt: skip
+        Step("check guest services and sudo", services.probe,
+             describe="detect init system; which services exist and run"),  # fmt: skip
+    ]
+
+
+def _hook_step(ctx: RunContext, phase: str) -> Step | None:
+    hooks: list[str] = ctx.vm_cfg.hooks.get(phase, [])
+    if not hooks or ctx.transport is None:
+        return None
+    transport, timeout = ctx.transport, float(ctx.vm_cfg.hooks["timeout"])
+
+    def run() -> None:
+        commands.run_hooks(transport, hooks, phase=phase, vm=ctx.key,
+                           sudo=bool(ctx.guest.get("sudo")), timeout=timeout)  # fmt: skip
+
+    if phase == "after":  # scheduled early, runs while unwinding: after services are back
+        return Step(f"schedule {phase} hooks", None, run, undo_name=f"{phase} hooks")
+    return Step(f"{phase} hooks", run, describe="; ".join(hooks))
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
+    cfg = ctx.vm_cfg
+    ctx.snapshot_name = snapshot_name(label)
+    steps = [*_connect_steps(ctx)]
+    steps.append(Step("check VM and snapshot name", lambda: _check_snapshot_possible(ctx),
+                      describe=f"list_snapshots; {ctx.snapshot_name} must be free"))  # fmt: skip
+    steps += _guest_connect_steps(ctx)
+    if ctx.services is not None:
+        after = _hook_step(ctx, "after")
+        before = _hook_step(ctx, "before")
+        steps += [s for s in (after, before) if s is not None]
+        steps += _bracket_steps(ctx)
+    else:
+        ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
+    steps.append(Step("hypervisor snapshot", lambda: _create_snapshot(ctx, label),
+                      describe=f"create_snapshot({ctx.snapshot_name!r}, memory={cfg.settings['memory']}, "
+                      f"quiesce={cfg.settings['quiesce']})"))  # fmt: skip
+    return steps
+
+
+def _check_snapshot_possible(ctx: RunContext) -> None:
+    vm = ctx.require_vm()
+    settings = ctx.vm_cfg.settings
+    ctx.adapter.check_snapshot_ready(vm, memory=settings["memory"], quiesce=settings["quiesce"])
+    if any(s.name == ctx.snapshot_name for s in ctx.adapter.list_snapshots(vm)):
+        raise SnapshotExists(f"a snapshot named {ctx.snapshot_name!r} exists already", vm=ctx.key)
+
+
+def _bracket_steps(ctx: RunContext) -> list[Step]:
+    """Watchdog, stop services, stop database, frozen hooks: each with its undo."""
+    assert ctx.services is not None and ctx.transport is not None
+    services, guest = ctx.services, ctx.guest
+    parallel = bool(guest.get("parallel_services", True))
+    sudo = bool(guest.get("sudo"))
+    timeout = float(guest["command_timeout"])
+
+    def state() -> Any:
+        assert services.state is not None
+        return services.state
+
+    def arm() -> None:
+        st = state()
+        order = ([st.database] if st.database_running else []) + list(reversed(st.to_stop()))
+        if not order:
+            return
+        ctx.watchdog = watchdog.arm(
+            ctx.transport,  # type: ignore[arg-type]
+            vm=ctx.key, run_id=ctx.run_id, init=st.init, seconds=int(guest["watchdog_seconds"]),
+            services=order, database=st.database, sudo=sudo, timeout=timeout,
+        )  # fmt: skip
+
+    def disarm() -> None:
+        if ctx.watchdog is None:
+            return
+        was_armed = watchdog.disarm(ctx.transport, ctx.watchdog, vm=ctx.key, sudo=sudo,  # type: ignore[arg-type]
+                                    timeout=timeout)  # fmt: skip
+        if not was_armed:
+            raise GuestError(
+                f"the guest watchdog had already fired after {ctx.watchdog.seconds} s: "
+                "services were restarted during the run, the snapshot may not be consistent",
+                vm=ctx.key, hint="raise watchdog_seconds above the service window",
+            )  # fmt: skip
+        ctx.watchdog = None
+
+    bracket = _Bracket(ctx, parallel)
+    return [
+        Step("arm guest watchdog", arm, disarm, undo_name="disarm guest watchdog",
+             describe=f"restarts stopped services after {guest['watchdog_seconds']} s"),  # fmt: skip
+        Step("stop services", bracket.stop_services, bracket.start_services, undo_first=True,
+             undo_name="start services",
+             describe=", ".join(guest["services"]) + " (those running), in parallel"
+             if parallel else ", ".join(guest["services"])),  # fmt: skip
+        Step("stop database", bracket.stop_database, bracket.start_database, undo_first=True,
+             undo_name="start database", describe=f"database={guest['database']}"),  # fmt: skip
+        *[s for s in (_hook_step(ctx, "frozen"),) if s is not None],
+    ]
+
+
+class _Bracket:
+    """The four service actions of the bracket, reading what preflight learned."""
+
+    def __init__(self, ctx: RunContext, parallel: bool) -> None:
+        self.ctx = ctx
+        self.parallel = parallel
+
+    @property
+    def services(self) -> Services:
+        assert self.ctx.services is not None
+        return self.ctx.services
+
+    def stop_services(self) -> None:
+        st = self.services.state
+        assert st is not None
+        self.services.stop(st.to_stop(), self.ctx.window, parallel=self.parallel)
+
+    def start_services(self) -> None:
+        st = self.services.state
+        assert st is not None
+        names = [s for s in st.services if s in st.stopped]
+        self.services.start(names, self.ctx.window, parallel=self.parallel)
+
+    def stop_database(self) -> None:
+        st = self.services.state
+        assert st is not None
+        if st.database_running:
+            self.services.stop_database(self.ctx.window)
+
+    def start_database(self) -> None:
+        st = self.services.state
+        assert st is not None
+        if st.database is not None and st.database in st.stopped:
+            self.services.start_database(self.ctx.window)
+
+
+def _create_snapshot(ctx: RunContext, label: str) -> None:
+    settings = ctx.vm_cfg.settings
+    try:
+        ctx.snapshot = ctx.adapter.create_snapshot(
+            ctx.require_vm(),
+            ctx.snapshot_name,
+            description(label, ctx.run_id),
+            memory=bool(settings["memory"]),
+            quiesce=bool(settings["quiesce"]),
+            timeout=ctx.vm_cfg.snapshot_timeout,
+        )
+    except SnapshotFailed:
+        raise
+    except SnapcoordError as exc:
+        raise SnapshotFailed(f"snapshot {ctx.snapshot_name} failed: {exc.message}",
+                             vm=ctx.key, hint=exc.hint) from exc  # fmt: skip
+
+
+# -- revert, delete ---------------------------------------------------------------------------
+
+
+def pick_snapshot(adapter: Adapter, vm: VM, name: str | None, *, vm_key: str) -> Snapshot:
+    """``name`` or, without one, the newest snapshot snapcoord made."""
+    if name:
+        return adapter.find_snapshot(vm, name)
+    own = [s for s in adapter.list_snapshots(vm) if s.is_snapcoord]
+    if not own:
+        raise SnapshotNotFound("no snapcoord snapshot to revert to", vm=vm_key,
+                               hint="name one with --to")  # fmt: skip
+    return max(own, key=lambda s: (s.created is not None, s.created or 0, s.name))  # type: ignore[operator]
+
+
+def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[Step]:
+    found: dict[str, Any] = {}
+
+    def choose() -> None:
+        found["snapshot"] = pick_snapshot(ctx.adapter, ctx.require_vm(), target, vm_key=ctx.key)
+        found["power"] = ctx.adapter.power_state(ctx.require_vm())
+        ctx.snapshot_name = found["snapshot"].name
+
+    def safety_snapshot() -> None:
+        name = snapshot_name("safety")
+        if name == found["snapshot"].name:
+            raise UsageError("safety snapshot name collides with the target; retry in a second")
+        ctx.adapter.create_snapshot(
+            ctx.require_vm(), name, description("safety", ctx.run_id, extra="before revert"),
+            memory=False, quiesce=False, timeout=ctx.vm_cfg.snapshot_timeout,
+        )  # fmt: skip
+        ctx.notes.append(f"safety snapshot {name} keeps the state before the revert")
+
+    def revert() -> None:
+        try:
+            ctx.adapter.revert_snapshot(ctx.require_vm(), found["snapshot"], start=None,
+                                        timeout=ctx.vm_cfg.snapshot_timeout)  # fmt: skip
+        except SnapcoordError as exc:
+            raise SnapshotFailed(f"revert to {found['snapshot'].name} failed: {exc.message}",
+                                 vm=ctx.key) from exc  # fmt: skip
+
+    steps = [*_connect_steps(ctx),
+             Step("choose snapshot", choose, describe=f"--to {target}" if target else "newest")]  # fmt: skip
+    if safety:
+        steps.append(Step("safety snapshot", safety_snapshot,
+                          describe="snapshot of the current state first"))  # fmt: skip
+    steps.append(Step("revert", revert, describe="revert_snapshot(start=keep power state)"))
+    if ctx.services is not None:
+        steps.append(Step("bring guest services up", lambda: _services_up_after_revert(ctx, found),
+                          describe="wait for the guest, start configured services"))  # fmt: skip
+    return steps
+
+
+def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
+    if found.get("power") != PowerState.RUNNING:
+        ctx.notes.append("the VM was not running before the revert: services not checked")
+        return
+    assert ctx.transport is not None and ctx.services is not None
+    _wait_for_guest(ctx)
+    try:
+        state = ctx.services.probe()
+        window = ctx.window
+        if state.database is not None and not state.running.get(state.database):
+            state.stopped.append(state.database)
+            ctx.services.start_database(window)
+        down = [s for s in state.services if not state.running.get(s)]
+        state.stopped.extend(down)
+        ctx.services.start(down, window)
+    finally:
+        ctx.transport.close()
+
+
+def _wait_for_guest(ctx: RunContext) -> None:
+    assert ctx.transport is not None
+    deadline = time.monotonic() + float(ctx.guest["start_timeout"])
+    while True:
+        try:
+            ctx.transport.open()
+            return
+        except GuestError as exc:
+            ctx.transport.close()
+            if time.monotonic() > deadline:
+                raise PreflightError(f"the guest did not answer after the revert: {exc.message}",
+                                     vm=ctx.key) from exc  # fmt: skip
+            time.sleep(2)
+
+
+def delete_steps(ctx: RunContext, *, name: str) -> list[Step]:
+    def delete() -> None:
+        vm = ctx.require_vm()
+        snapshot = ctx.adapter.find_snapshot(vm, name)
+        ctx.adapter.delete_snapshot(vm, snapshot, timeout=ctx.vm_cfg.snapshot_timeout)
+        ctx.snapshot_name = name
+
+    return [*_connect_steps(ctx), Step(f"delete snapshot {name}", delete)]
