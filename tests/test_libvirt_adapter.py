@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -571,3 +572,20 @@ def test_unsupported_flags_from_the_real_driver(adapter: LibvirtAdapter) -> None
         )
     result = mod.translate(info.value, action="create", vm="web1", uri=adapter.uri)
     assert isinstance(result, UnsupportedOperation)
+
+
+# -- the demo node (make demo) -----------------------------------------------------------------
+
+
+def test_demo_node_loads() -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "demo-node.xml"
+    with LibvirtAdapter("demo", {"uri": f"test://{path}"}) as adapter:
+        db = adapter.find_vm("demo-db")
+        web = adapter.find_vm("demo-web-stopped")
+        assert adapter.power_state(db) is PowerState.RUNNING
+        assert adapter.power_state(web) is PowerState.STOPPED
+        (old,) = adapter.list_snapshots(db)
+        assert old.name == "snapcoord-manual-20261101T020000Z"
+        assert old.is_snapcoord
+        assert old.created == datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
+        adapter.check_snapshot_ready(db, memory=False, quiesce=False)
