@@ -30,8 +30,9 @@ for s in "$@"; do
     systemctl cat -- "$s.service" >/dev/null 2>&1 && exists=1
     systemctl is-active --quiet -- "$s" && running=1
   else
-    [ -x "/etc/init.d/$s" ] && exists=1
-    [ $exists = 1 ] && service "$s" status >/dev/null 2>&1 && running=1
+    service "$s" status >/dev/null 2>&1; rc=$?  # LSB: 0 running, 3 stopped, else unknown
+    { [ -x "/etc/init.d/$s" ] || [ $rc = 0 ] || [ $rc = 3 ]; } && exists=1
+    [ $exists = 1 ] && [ $rc = 0 ] && running=1
   fi
   echo "svc $s $exists $running"
 done
