@@ -1,0 +1,138 @@
+"""Shared pytest fixtures: the real guest lab (tests/lab.py) and the i-doit-like dataset.
+
+The "guest" is this machine, reached over a private OpenSSH server on 127.0.0.1. All lab
+fixtures need root; a missing component skips the test, or fails it when ``CI=true``.
+
+Fixtures
+--------
+``ssh_guest`` (session)
+    :class:`tests.lab.SshGuest` logging in as root: ``host``, ``port``, ``user``,
+    ``identity_file``, ``known_hosts``, ``wrong_known_hosts`` (same host, a different key: the
+    "host key changed" case), ``host_key_fingerprint`` (``SHA256:...``), ``ssh_config`` (alias
+    ``snapcoord-lab``), ``pid`` of the sshd, ``guest_table(**overrides)`` -> ``[vms.X.guest]``
+    dict, ``ssh(*argv)`` to run a command strictly, ``as_user(name)``.
+``guest_users`` (session)
+    ``{"sudo": "snapcoord-test", "nosudo": "snapcoord-nosudo"}``; both users exist and log in
+    with the lab key; ``snapcoord-test`` has ``NOPASSWD: ALL`` in /etc/sudoers.d/snapcoord-test.
+``sudo_guest`` / ``nosudo_guest`` (session)
+    ``ssh_guest`` logging in as those users (``guest_table()`` then has ``sudo = true``).
+``guest_services`` (function)
+    mariadb, apache2 and cron are running when the test starts, and are running again after it
+    (started with ``service NAME start`` only if needed). Yields :class:`tests.lab.GuestServices`:
+    ``running(name)``, ``states()``, ``stop(name)``, ``start(name)``, ``mariadb_uptime()``,
+    ``mysqld_running()`` (a process check from outside).
+``idoit_db`` (function)
+    the i-doit-like dataset (tests/idoit_fixture.py) in the guest's MariaDB, in its pristine
+    state: built once per session, rebuilt (about 1 s) only if an earlier test changed it.
+    Yields :class:`tests.idoit_fixture.IdoitDB` with the baseline ``checksums``, ``row_counts``,
+    ``schema`` (fingerprint), ``objects`` (views, triggers, routines, events, foreign keys).
+``scratch_mariadb`` (function)
+    a private MariaDB server (own datadir/socket/port, started and stopped by PID, one per
+    session) with every non-system database dropped before the test:
+    :class:`tests.lab.ScratchMariaDB` with ``socket``, ``load(path)``, ``checksums(dbs)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests import idoit_fixture, lab
+
+
+def _require_guest_tools() -> None:
+    lab.require_root()
+    for cmd in ("sshd", "ssh", "ssh-keygen"):
+        lab.require(cmd)
+
+
+def _require_services() -> None:
+    lab.require_root()
+    lab.require("service")
+    lab.require("mysql")
+    lab.require("mysqladmin")
+    packages = {"mariadb": "mariadb-server", "apache2": "apache2", "cron": "cron"}
+    for name, package in packages.items():
+        if not lab.init_script_exists(name):
+            lab.require(f"/etc/init.d/{name}", package)
+
+
+@pytest.fixture(scope="session")
+def ssh_guest() -> Iterator[lab.SshGuest]:
+    _require_guest_tools()
+    guest = lab.start_sshd()
+    try:
+        yield guest
+    finally:
+        guest.stop()
+        shutil.rmtree(guest.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def guest_users() -> dict[str, str]:
+    lab.require_root()
+    lab.require("sudo")
+    lab.require("visudo")
+    return lab.ensure_test_users()
+
+
+@pytest.fixture(scope="session")
+def sudo_guest(ssh_guest: lab.SshGuest, guest_users: dict[str, str]) -> lab.SshGuest:
+    return ssh_guest.as_user(guest_users["sudo"])
+
+
+@pytest.fixture(scope="session")
+def nosudo_guest(ssh_guest: lab.SshGuest, guest_users: dict[str, str]) -> lab.SshGuest:
+    return ssh_guest.as_user(guest_users["nosudo"])
+
+
+@pytest.fixture
+def guest_services() -> Iterator[lab.GuestServices]:
+    _require_services()
+    services = lab.GuestServices()
+    services.ensure_running()
+    try:
+        yield services
+    finally:
+        services.ensure_running()
+
+
+@pytest.fixture(scope="session")
+def _idoit_baseline() -> idoit_fixture.IdoitDB:
+    _require_services()
+    lab.ensure_running(["mariadb"])
+    return idoit_fixture.build_idoit()
+
+
+@pytest.fixture
+def idoit_db(
+    guest_services: lab.GuestServices, _idoit_baseline: idoit_fixture.IdoitDB
+) -> idoit_fixture.IdoitDB:
+    if not _idoit_baseline.is_pristine():
+        _idoit_baseline.rebuild()
+        if not _idoit_baseline.is_pristine():
+            pytest.fail("rebuilding the i-doit dataset did not reproduce its checksums")
+    return _idoit_baseline
+
+
+@pytest.fixture(scope="session")
+def _scratch_server() -> Iterator[lab.ScratchMariaDB]:
+    lab.require_root()
+    lab.require("mariadbd", "mariadb-server")
+    lab.require("mariadb-install-db", "mariadb-server")
+    lab.require("mysql")
+    server = lab.start_scratch_mariadb()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def scratch_mariadb(_scratch_server: lab.ScratchMariaDB) -> lab.ScratchMariaDB:
+    if not _scratch_server.running():
+        pytest.fail(f"the scratch MariaDB died; see {_scratch_server.log_file}")
+    _scratch_server.reset()
+    return _scratch_server
