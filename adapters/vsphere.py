@@ -240,6 +240,10 @@ class VSphereAdapter(Adapter):
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def __enter__(self) -> VSphereAdapter:
+        self.connect()
+        return self
+
     def connect(self) -> None:
         if self._si is not None:
             return
@@ -260,8 +264,9 @@ class VSphereAdapter(Adapter):
             )
             self._content = self._si.RetrieveContent()
         except ssl.SSLCertVerificationError as exc:
+            reason = getattr(exc, "verify_message", None) or exc
             raise HypervisorError(
-                f"TLS certificate of {self.where} not trusted: {exc.verify_message or exc}",
+                f"TLS certificate of {self.where} not trusted: {reason}",
                 hint="set ca_file to its CA (or certificate) or pin it with thumbprint",
             ) from None
         except vim.fault.InvalidLogin as exc:
