@@ -79,7 +79,8 @@ _CONNECTION = frozenset(
         libvirt.VIR_ERR_AUTH_UNAVAILABLE,
     }
 )
-_UNSUPPORTED_FLAGS_RE = re.compile(r"unsupported flags", re.IGNORECASE)
+# VIR_ERR_INVALID_ARG texts that mean "this flag (combination) is not supported".
+_UNSUPPORTED_FLAGS_RE = re.compile(r"unsupported flags|is required by flag", re.IGNORECASE)
 
 
 def _message(err: libvirt.libvirtError) -> str:

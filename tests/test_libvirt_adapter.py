@@ -551,6 +551,14 @@ def _error(code: int, message: str) -> libvirt.libvirtError:
             UnsupportedOperation,
             "unsupported flags",
         ),
+        (  # what QEMU says to QUIESCE without DISK_ONLY
+            libvirt.VIR_ERR_INVALID_ARG,
+            "Flag 'VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY' is required by flag "
+            "'VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE'",
+            UnsupportedOperation,
+            "is required by flag",
+        ),
+        (libvirt.VIR_ERR_INVALID_ARG, "Invalid UUID", HypervisorError, "Invalid UUID"),
         (libvirt.VIR_ERR_SYSTEM_ERROR, "Cannot recv data", HypervisorError, "connection"),
         (libvirt.VIR_ERR_INTERNAL_ERROR, "boom", HypervisorError, "boom"),
     ],
