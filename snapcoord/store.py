@@ -174,6 +174,16 @@ class FileSink:
         self.run.files[self.name] = entry
         return entry
 
+    def keep_as(self, name: str) -> Path:
+        """Close an unfinished file and keep it under ``name`` (not in the manifest)."""
+        if not self.closed:
+            os.close(self._fd)
+            self.closed = True
+        target = self.run.path / name
+        if self.part.exists():
+            os.replace(self.part, target)
+        return target
+
     def discard(self) -> None:
         if not self.closed:
             os.close(self._fd)
@@ -336,7 +346,9 @@ def find_dump(store: Path, vm: str, snapshot: str) -> Path:
             vm=vm,
         )
     known = ", ".join(info.snapshot for info in list_dumps(store, vm)) or "none"
-    raise PreflightError(f"no dump of snapshot {snapshot} in {folder.parent} (dumps: {known})", vm=vm)
+    raise PreflightError(
+        f"no dump of snapshot {snapshot} in {folder.parent} (dumps: {known})", vm=vm
+    )
 
 
 def verify(run_dir: Path, *, vm: str | None = None) -> dict[str, Any]:
@@ -345,7 +357,9 @@ def verify(run_dir: Path, *, vm: str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest.get("status") != "complete" or run_dir.name.endswith(FAILED_SUFFIX):
-        raise CorruptDump(f"{run_dir} is not a complete dump (status {manifest.get('status')})", vm=vm)
+        raise CorruptDump(
+            f"{run_dir} is not a complete dump (status {manifest.get('status')})", vm=vm
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CorruptDump(f"{run_dir}: the manifest lists no files", vm=vm)
@@ -365,7 +379,9 @@ def verify_file(path: Path, entry: dict[str, Any], *, vm: str | None = None) -> 
             vm=vm,
         )
     if sha256_file(path) != entry.get("sha256"):
-        raise CorruptDump(f"{path} does not match its sha256 in the manifest: refusing to use it", vm=vm)
+        raise CorruptDump(
+            f"{path} does not match its sha256 in the manifest: refusing to use it", vm=vm
+        )
 
 
 def remove_run(store: Path, vm: str, snapshot: str) -> bool:
