@@ -1,0 +1,579 @@
+"""Proxmox VE adapter: qemu VMs and lxc containers through proxmoxer's HTTPS backend.
+
+Every write returns a task UPID; :meth:`ProxmoxAdapter._run_task` waits on the task's status
+(adaptive polling through :func:`poll_until`) and retries while the guest is locked by another
+task, which is safe: a locked guest fails before anything was changed. See docs/proxmox.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from proxmoxer.backends.https import (
+    JsonSerializer,
+    ProxmoxHTTPApiTokenAuth,
+    ProxmoxHTTPAuth,
+    ProxmoxHTTPAuthBase,
+    ProxmoxHttpSession,
+)
+from proxmoxer.core import ProxmoxResource, ResourceException
+from requests.adapters import HTTPAdapter
+from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from snapcoord.errors import (
+    HypervisorError,
+    SnapshotExists,
+    SnapshotNotFound,
+    UnsupportedOperation,
+    UsageError,
+    VMNotFound,
+)
+from snapcoord.secrets import Secret
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = 30.0  # seconds for one API request
+FIRST_POLL = 0.05  # first task status poll after this many seconds ...
+POLL_INTERVAL = 0.1  # ... then this, doubling up to ...
+MAX_POLL_INTERVAL = 1.0
+
+SNAPNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{1,39}$")  # pve-configid, maxLength 40
+TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+)!([A-Za-z][A-Za-z0-9.\-_]+)$")
+TASK_OK_RE = re.compile(r"^(OK|WARNINGS: \d+)$")
+# Errors meaning "another task holds the guest": nothing was changed, a retry is safe.
+LOCKED_RE = re.compile(
+    r"^(?:(?:VM|CT) is locked \((?P<lock>[^)]*)\)"
+    r"|can't lock file '[^']*' - got timeout"
+    r"|Failed to obtain guest migration lock.*)$"
+)
+EXISTS_RE = re.compile(r"^snapshot name '.*' already used$")
+MISSING_RE = re.compile(r"^snapshot '.*' does not exist$")
+VM_NOT_RUNNING_RE = re.compile(r"^VM \d+ is not running")
+
+
+class _GuestLocked(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Accept exactly the server certificate with this SHA-256 fingerprint (hex, no colons)."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self._fingerprint = fingerprint
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self._fingerprint
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _TicketAuth(ProxmoxHTTPAuth):  # type: ignore[misc]
+    """proxmoxer's ticket auth (CSRF header on writes, renewal after an hour), but logging in
+    through our own session so ``ca_file`` and the fingerprint pin apply to the login too, and
+    falling back to the password when the ticket can no longer be renewed (expired)."""
+
+    def __init__(
+        self,
+        username: str,
+        password: Secret,
+        base_url: str,
+        login_session: requests.Session,
+        verify: bool | str,
+    ) -> None:
+        ProxmoxHTTPAuthBase.__init__(self, timeout=HTTP_TIMEOUT, verify_ssl=verify)
+        self.base_url = base_url
+        self.username = username
+        self.pve_auth_ticket = ""
+        self._password = password
+        self._login_session = login_session
+        self.login()
+
+    def login(self) -> None:
+        self._post_ticket(self._password.reveal())
+
+    def _get_new_tokens(self, password: Any = None, otp: Any = None, otptype: Any = None) -> None:
+        # proxmoxer calls this without a password to renew the ticket with the ticket itself.
+        try:
+            self._post_ticket(self.pve_auth_ticket if password is None else password)
+        except _LoginRefused:
+            if password is not None:
+                raise
+            self.login()
+
+    def _post_ticket(self, password: str) -> None:
+        response = self._login_session.post(
+            self.base_url + "/access/ticket",
+            data={"username": self.username, "password": password},
+            verify=self.verify_ssl,
+            timeout=self.timeout,
+        )
+        if response.status_code == 401:
+            raise _LoginRefused()
+        if response.status_code != 200:
+            raise ResourceException(response.status_code, response.reason, response.reason)
+        data = response.json()["data"]
+        if data.get("NeedTFA"):
+            raise HypervisorError(
+                f"user {self.username} needs two-factor authentication",
+                hint="use an API token (token_id + token_secret) instead",
+            )
+        self.birth_time = time.monotonic()
+        self.pve_auth_ticket = data["ticket"]
+        self.csrf_prevention_token = data["CSRFPreventionToken"]
+
+
+class _LoginRefused(Exception):
+    pass
+
+
+def _agent_enabled(value: Any) -> bool:
+    """Parse the qemu ``agent`` property string: '1', 'enabled=1,fstrim_cloned_disks=1', ..."""
+    if value is None:
+        return False
+    for part in str(value).split(","):
+        key, sep, val = part.partition("=")
+        if not sep:
+            key, val = "enabled", key
+        if key.strip() == "enabled":
+            return val.strip().lower() in ("1", "on", "yes", "true")
+    return False
+
+
+class ProxmoxAdapter(Adapter):
+    type_name = "proxmox"
+
+    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+        super().__init__(name, settings)
+        self.host = str(settings["host"])
+        self.port = int(settings.get("port") or 8006)
+        self.lock_wait = float(settings.get("lock_wait_seconds", 120.0))
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        self.base_url = f"https://{host}:{self.port}/api2/json"
+        self.where = f"{self.host}:{self.port}"
+        #: every API request made, as "METHOD /path" (the benchmark counts them)
+        self.requests: list[str] = []
+        self._api: Any = None
+        self._session: requests.Session | None = None
+        self._ticket: _TicketAuth | None = None
+
+    # -- session ------------------------------------------------------------------------
+
+    def _verify(self) -> bool | str:
+        if self.settings.get("thumbprint"):
+            return False  # the pin replaces chain verification (self-signed PVE certificates)
+        if not self.settings.get("verify_tls", True):
+            return False
+        ca_file = self.settings.get("ca_file")
+        return str(ca_file) if ca_file else True
+
+    def _new_session(self, session: requests.Session) -> requests.Session:
+        thumbprint = self.settings.get("thumbprint")
+        if thumbprint:
+            hex_digits = re.sub(r"[^0-9A-Fa-f]", "", str(thumbprint).removeprefix("sha256:"))
+            session.mount("https://", _PinnedAdapter(hex_digits.lower()))
+        return session
+
+    def connect(self) -> None:
+        if self._api is not None:
+            return
+        verify = self._verify()
+        session = self._new_session(ProxmoxHttpSession())
+        session.headers["Connection"] = "keep-alive"
+        session.headers["accept"] = JsonSerializer().get_accept_types()
+        session.hooks["response"].append(self._count)
+        token_id, token_secret = self.settings.get("token_id"), self.settings.get("token_secret")
+        if token_id and isinstance(token_secret, Secret):
+            match = TOKEN_ID_RE.match(str(token_id))
+            if not match:
+                raise UsageError(
+                    f"hypervisors.{self.name}.token_id {token_id!r} is not USER@REALM!TOKENID"
+                )
+            session.auth = ProxmoxHTTPApiTokenAuth(
+                match.group(1),
+                match.group(2),
+                token_secret.reveal(),
+                verify_ssl=verify,
+                timeout=HTTP_TIMEOUT,
+            )
+        else:
+            user, password = self.settings.get("user"), self.settings.get("password")
+            if not user or not isinstance(password, Secret):
+                raise UsageError(
+                    f"hypervisors.{self.name}: set token_id + token_secret or user + password"
+                )
+            login = self._new_session(requests.Session())
+            login.hooks["response"].append(self._count)
+            try:
+                self._ticket = _TicketAuth(str(user), password, self.base_url, login, verify)
+            except _LoginRefused:
+                raise HypervisorError(
+                    f"login to {self.where} as {user} failed",
+                    hint="check user (USER@REALM) and password",
+                ) from None
+            except requests.RequestException as exc:
+                raise self._network_error(exc) from None
+            except ResourceException as exc:
+                raise HypervisorError(f"login to {self.where} failed: {exc}") from None
+            session.auth = self._ticket
+        self._session = session
+        self._api = ProxmoxResource(
+            base_url=self.base_url, session=session, serializer=JsonSerializer()
+        )
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        if self._ticket is not None:
+            self._ticket._login_session.close()
+        self._api = self._session = self._ticket = None
+
+    def _count(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        path = urlsplit(response.request.url or "").path
+        self.requests.append(f"{response.request.method} {path.removeprefix('/api2/json')}")
+
+    # -- requests and errors --------------------------------------------------------------
+
+    def _request(self, method: str, path: str, vm: str | None = None, **params: Any) -> Any:
+        """One API call (``path`` relative to /api2/json); errors become snapcoord errors."""
+        self.connect()
+        for attempt in (1, 2):
+            try:
+                return getattr(self._api(path), method)(**params)
+            except ResourceException as exc:
+                if exc.status_code == 401 and self._ticket is not None and attempt == 1:
+                    log.info("ticket for %s refused (expired?): logging in again", self.where)
+                    self._relogin()
+                    continue
+                raise self._api_error(exc, method, path, vm) from None
+            except requests.RequestException as exc:
+                raise self._network_error(exc, vm) from None
+        raise AssertionError("unreachable")
+
+    def _relogin(self) -> None:
+        assert self._ticket is not None
+        try:
+            self._ticket.login()
+        except _LoginRefused:
+            raise HypervisorError(
+                f"login to {self.where} as {self._ticket.username} failed",
+                hint="check user and password",
+            ) from None
+        except requests.RequestException as exc:
+            raise self._network_error(exc) from None
+
+    def _api_error(
+        self, exc: ResourceException, method: str, path: str, vm: str | None
+    ) -> HypervisorError:
+        status, reason = exc.status_code, str(exc.content or "").strip()
+        if status == 401:
+            what = "token_id/token_secret" if self._ticket is None else "user/password"
+            return HypervisorError(
+                f"authentication to {self.where} failed ({reason or 'HTTP 401'})",
+                vm=vm,
+                hint=f"check {what}",
+            )
+        if status == 403:
+            return HypervisorError(
+                f"permission denied on {self.where}: {reason}",
+                vm=vm,
+                hint="the user or token needs VM.Audit, VM.Snapshot (and VM.PowerMgmt to start)",
+            )
+        if status == 500 and "Configuration file" in reason and "does not exist" in reason:
+            return VMNotFound(
+                f"guest is not where the cluster said: {reason}",
+                vm=vm,
+                hint="it may have been migrated meanwhile; run again",
+            )
+        detail = reason
+        if exc.errors:
+            detail = f"{reason}: " + "; ".join(f"{k}: {v}".strip() for k, v in exc.errors.items())
+        return HypervisorError(
+            f"{method.upper()} /{path} on {self.where} failed (HTTP {status}): {detail}", vm=vm
+        )
+
+    def _network_error(
+        self, exc: requests.RequestException, vm: str | None = None
+    ) -> HypervisorError:
+        if isinstance(exc, requests.exceptions.SSLError):
+            return HypervisorError(
+                f"TLS certificate of {self.where} not accepted: {_short(exc)}",
+                vm=vm,
+                hint="set ca_file (the cluster CA: /etc/pve/pve-root-ca.pem) or thumbprint",
+            )
+        if isinstance(exc, requests.exceptions.Timeout):
+            return HypervisorError(f"{self.where} did not answer within {HTTP_TIMEOUT:g} s", vm=vm)
+        return HypervisorError(f"cannot reach {self.where}: {_short(exc)}", vm=vm)
+
+    # -- guests ---------------------------------------------------------------------------
+
+    def find_vm(self, ref: str) -> VM:
+        resources = self._request("get", "cluster/resources", vm=ref, type="vm")
+        guests = [r for r in resources if r.get("type") in ("qemu", "lxc")]
+        by_id = ref.isdigit()
+        if by_id:
+            matches = [r for r in guests if str(r.get("vmid")) == ref]
+        else:
+            matches = [r for r in guests if r.get("name") == ref]
+        if not matches:
+            what = f"vmid {ref}" if by_id else f"name {ref!r}"
+            raise VMNotFound(
+                f"no qemu VM or lxc container with {what} on {self.where}",
+                vm=ref,
+                hint="check the name (or set vmid) and that the user may see it (VM.Audit)",
+            )
+        if len(matches) > 1:
+            ids = ", ".join(f"{r['vmid']} on {r.get('node')}" for r in matches)
+            raise HypervisorError(
+                f"{len(matches)} guests are named {ref!r} (vmids {ids})",
+                vm=ref,
+                hint="set vmid = <id> instead of name for this VM",
+            )
+        found = matches[0]
+        vmid = int(found["vmid"])
+        return VM(
+            name=str(found.get("name") or ref),
+            id=str(vmid),
+            hypervisor=self.name,
+            extra={"node": str(found["node"]), "type": str(found["type"]), "vmid": vmid},
+        )
+
+    @staticmethod
+    def _base(vm: VM) -> str:
+        return f"nodes/{vm.extra['node']}/{vm.extra['type']}/{vm.extra['vmid']}"
+
+    def power_state(self, vm: VM) -> PowerState:
+        status = self._request("get", f"{self._base(vm)}/status/current", vm=vm.name)
+        if status.get("status") == "running":
+            if status.get("qmpstatus") in ("paused", "prelaunch"):
+                return PowerState.PAUSED
+            if status.get("qmpstatus") == "suspended":
+                return PowerState.SUSPENDED
+            return PowerState.RUNNING
+        if status.get("status") == "stopped":
+            return PowerState.STOPPED
+        return PowerState.UNKNOWN
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            memory=True,
+            quiesce=True,
+            disk_only=True,
+            extra={
+                "memory": "qemu VMs only (vmstate); containers have no RAM state",
+                "quiesce": "qemu: guest agent enabled and running, no vmstate; "
+                "lxc: PVE always freezes a running container",
+            },
+        )
+
+    def check_snapshot_ready(self, vm: VM, *, memory: bool, quiesce: bool) -> None:
+        vmid = vm.extra["vmid"]
+        if vm.extra["type"] == "lxc":
+            if memory:
+                raise UnsupportedOperation(
+                    "containers have no RAM state to save", vm=vm.name, hint="set memory = false"
+                )
+            return  # PVE freezes and syncs a running container for every snapshot itself
+        if not quiesce:
+            return
+        if memory:
+            raise UnsupportedOperation(
+                "Proxmox VE freezes file systems only for snapshots without RAM state",
+                vm=vm.name,
+                hint="set either memory = true or quiesce = true, not both",
+            )
+        config = self._request("get", f"{self._base(vm)}/config", vm=vm.name)
+        if not _agent_enabled(config.get("agent")):
+            raise UnsupportedOperation(
+                f"quiesce needs the QEMU guest agent, which is not enabled for VM {vmid}",
+                vm=vm.name,
+                hint=f"qm set {vmid} --agent enabled=1, install qemu-guest-agent in the guest "
+                "and restart the VM; or set quiesce = false",
+            )
+        try:
+            self._request("post", f"{self._base(vm)}/agent/ping", vm=vm.name)
+        except HypervisorError as exc:
+            if VM_NOT_RUNNING_RE.match(exc.message.rpartition(": ")[2]):
+                return  # a stopped VM's disks are consistent: nothing to freeze
+            raise UnsupportedOperation(
+                f"quiesce needs the QEMU guest agent, which does not answer ({exc.message})",
+                vm=vm.name,
+                hint="start qemu-guest-agent in the guest, or set quiesce = false",
+            ) from None
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def _check_name(self, vm: VM, name: str) -> None:
+        if not SNAPNAME_RE.match(name):
+            raise UsageError(
+                f"snapshot name {name!r} is not valid on Proxmox VE "
+                "(2-40 characters: a letter, then letters, digits, '-' or '_')",
+                vm=vm.name,
+            )
+        reserved = ("current", "vzdump") if vm.extra["type"] == "lxc" else ("current",)
+        if name in reserved or (vm.extra["type"] == "qemu" and name.lower() == "pending"):
+            kind = "containers" if vm.extra["type"] == "lxc" else "VMs"
+            raise UsageError(f"snapshot name {name!r} is reserved on Proxmox VE {kind}", vm=vm.name)
+
+    def list_snapshots(self, vm: VM) -> list[Snapshot]:
+        items = self._request("get", f"{self._base(vm)}/snapshot", vm=vm.name)
+        current: dict[str, Any] = next((i for i in items if i.get("name") == "current"), {})
+        parents = {i["name"]: i.get("parent") for i in items if i.get("name") != "current"}
+
+        def depth(name: str) -> int:
+            seen: set[str] = set()
+            while name in parents and name not in seen:
+                seen.add(name)
+                name = parents[name] or ""
+            return len(seen)
+
+        snapshots = []
+        for item in items:
+            name = item.get("name")
+            if name == "current" or not name:
+                continue
+            snaptime = int(item.get("snaptime") or 0)
+            extra: dict[str, Any] = {"vmid": vm.extra["vmid"]}
+            if item.get("snapstate"):
+                extra["snapstate"] = item["snapstate"]
+            snapshots.append(
+                Snapshot(
+                    name=name,
+                    id=name,
+                    created=datetime.fromtimestamp(snaptime, UTC) if snaptime else None,
+                    description=str(item.get("description") or ""),
+                    parent=item.get("parent") or None,
+                    memory=bool(item.get("vmstate")),
+                    current=name == current.get("parent"),
+                    extra=extra,
+                )
+            )
+        snapshots.sort(key=lambda s: (s.created or datetime.min.replace(tzinfo=UTC), depth(s.id)))
+        return snapshots
+
+    def create_snapshot(
+        self,
+        vm: VM,
+        name: str,
+        description: str,
+        *,
+        memory: bool,
+        quiesce: bool,
+        timeout: float,
+    ) -> Snapshot:
+        self._check_name(vm, name)
+        if memory and vm.extra["type"] == "lxc":
+            raise UnsupportedOperation(
+                "containers have no RAM state to save", vm=vm.name, hint="set memory = false"
+            )
+        params: dict[str, Any] = {"snapname": name, "description": description}
+        if memory:
+            params["vmstate"] = 1
+        status = self._run_task(
+            vm, "post", f"{self._base(vm)}/snapshot", f"snapshot {name!r}", timeout, params
+        )
+        # No extra list call inside the service window: the task's start is the snapshot time.
+        return Snapshot(
+            name=name,
+            id=name,
+            created=datetime.fromtimestamp(int(status["starttime"]), UTC),
+            description=description,
+            memory=memory,
+            quiesced=quiesce,
+            current=True,
+            extra={"vmid": vm.extra["vmid"], "upid": status.get("upid")},
+        )
+
+    def revert_snapshot(
+        self, vm: VM, snapshot: Snapshot, *, start: bool | None, timeout: float
+    ) -> None:
+        self._check_name(vm, snapshot.name)
+        if start is None:  # keep the power state the guest had before the revert
+            start = self.power_state(vm) is PowerState.RUNNING
+        params: dict[str, Any] = {"start": 1} if start else {}
+        path = f"{self._base(vm)}/snapshot/{snapshot.name}/rollback"
+        self._run_task(vm, "post", path, f"rollback to {snapshot.name!r}", timeout, params)
+
+    def delete_snapshot(self, vm: VM, snapshot: Snapshot, *, timeout: float) -> None:
+        self._check_name(vm, snapshot.name)
+        path = f"{self._base(vm)}/snapshot/{snapshot.name}"
+        self._run_task(vm, "delete", path, f"deleting snapshot {snapshot.name!r}", timeout, {})
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def _run_task(
+        self, vm: VM, method: str, path: str, what: str, timeout: float, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Start a task and wait for it; retry while the guest is locked, then say by what."""
+
+        def attempt() -> dict[str, Any]:
+            upid = self._request(method, path, vm=vm.name, **params)
+            status = self._wait(vm, str(upid), what, timeout)
+            exitstatus = str(status.get("exitstatus", ""))
+            if TASK_OK_RE.match(exitstatus):
+                if exitstatus != "OK":
+                    log.warning("%s: %s finished with %s", vm.name, what, exitstatus)
+                return status
+            if LOCKED_RE.match(exitstatus):
+                log.info("%s: %s: %s; waiting", vm.name, what, exitstatus)
+                raise _GuestLocked(exitstatus)
+            if EXISTS_RE.match(exitstatus):
+                raise SnapshotExists(f"{what} failed: {exitstatus}", vm=vm.name)
+            if MISSING_RE.match(exitstatus):
+                raise SnapshotNotFound(f"{what} failed: {exitstatus}", vm=vm.name)
+            raise HypervisorError(f"{what} failed: {exitstatus}", vm=vm.name)
+
+        retrying = Retrying(
+            stop=stop_after_delay(self.lock_wait),
+            wait=wait_exponential(multiplier=0.25, max=5),
+            retry=retry_if_exception_type(_GuestLocked),
+            reraise=True,
+        )
+        try:
+            result: dict[str, Any] = retrying(attempt)
+        except _GuestLocked as exc:
+            tool = "qm" if vm.extra["type"] == "qemu" else "pct"
+            raise HypervisorError(
+                f"{what} failed: {exc.text}, still after waiting {self.lock_wait:g} s",
+                vm=vm.name,
+                hint="another task (backup, snapshot, migration) holds the guest; if the lock "
+                f"is stale: {tool} unlock {vm.extra['vmid']}",
+            ) from None
+        return result
+
+    def _wait(self, vm: VM, upid: str, what: str, timeout: float) -> dict[str, Any]:
+        node = upid.split(":")[1] if upid.startswith("UPID:") else vm.extra["node"]
+        path = f"nodes/{node}/tasks/{upid}/status"
+
+        def check() -> dict[str, Any] | None:
+            status: dict[str, Any] = self._request("get", path, vm=vm.name)
+            return status if status.get("status") == "stopped" else None
+
+        time.sleep(FIRST_POLL)
+        return poll_until(
+            check,
+            timeout=max(timeout - FIRST_POLL, 0.0),
+            what=f"{what} (task {upid})",
+            vm=vm.name,
+            first_interval=POLL_INTERVAL,
+            max_interval=MAX_POLL_INTERVAL,
+        )
+
+
+def _short(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 error, one line, without the URL noise."""
+    text = str(exc)
+    for marker in ("SSLError(", "NewConnectionError(", "ConnectTimeoutError("):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = re.sub(r"<[^>]*>:?\s*", "", text).strip(" ()'\"")
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,92 @@
+"""Helpers for tests using the double: a self-signed certificate, settings, a started double."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapcoord.secrets import Secret
+
+from .server import PveApiDouble
+
+TOKEN_ID = "snapcoord@pve!snap"
+TOKEN_SECRET = "5e6f7a8b-1c2d-4e3f-8a9b-0c1d2e3f4a5b"
+USER = "backup@pve"
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass(frozen=True)
+class Cert:
+    cert: Path
+    key: Path
+
+    @property
+    def sha256(self) -> str:
+        """'sha256:AA:BB:...' of the certificate, the form of the ``thumbprint`` setting."""
+        der = ssl.PEM_cert_to_DER_cert(self.cert.read_text())
+        digest = hashlib.sha256(der).hexdigest().upper()
+        return "sha256:" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def make_cert(folder: Path, name: str = "pve") -> Cert:
+    """A self-signed certificate for 127.0.0.1 (what a fresh PVE node has, minus the CA)."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return Cert(cert, key)
+
+
+def start_double(cert: Cert, **kwargs: Any) -> PveApiDouble:
+    kwargs.setdefault("tokens", {TOKEN_ID: TOKEN_SECRET})
+    kwargs.setdefault("users", {USER: PASSWORD})
+    kwargs.setdefault("task_seconds", 0.1)
+    return PveApiDouble(tls_cert=str(cert.cert), tls_key=str(cert.key), **kwargs).start()
+
+
+def token_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> dict[str, Any]:
+    """Adapter settings as snapcoord.config hands them over (defaults filled in)."""
+    settings: dict[str, Any] = {
+        "type": "proxmox",
+        "host": "127.0.0.1",
+        "port": double.port,
+        "token_id": TOKEN_ID,
+        "token_secret": Secret("env:TEST", TOKEN_SECRET),
+        "verify_tls": True,
+        "ca_file": str(cert.cert),
+        "lock_wait_seconds": 120.0,
+    }
+    settings.update(extra)
+    return settings
+
+
+def ticket_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> dict[str, Any]:
+    settings = token_settings(double, cert)
+    del settings["token_id"], settings["token_secret"]
+    settings.update(user=USER, password=Secret("env:TEST", PASSWORD))
+    settings.update(extra)
+    return settings
