@@ -495,6 +495,7 @@ class _Inspector:
         self.stream_error: str | None = None
         self._inflate = zlib.decompressobj(31) if codec == "gzip" and not compress_here else None
         self._deflate = zlib.compressobj(9, zlib.DEFLATED, 31) if compress_here else None
+        self._member_fed = False
 
     def _sql(self, data: bytes) -> None:
         if data:
@@ -517,11 +518,12 @@ class _Inspector:
         data = chunk
         try:
             while data:
+                self._member_fed = True
                 self._sql(self._inflate.decompress(data))
                 if not self._inflate.eof:
                     return
-                data = self._inflate.unused_data  # a further gzip member
-                self._inflate = zlib.decompressobj(31)
+                data = self._inflate.unused_data  # a further gzip member may follow
+                self._inflate, self._member_fed = zlib.decompressobj(31), False
         except zlib.error as exc:
             self.stream_error = f"the gzip stream is corrupt: {exc}"
 
@@ -529,10 +531,10 @@ class _Inspector:
         if self._deflate is not None:
             self.sink.write(self._deflate.flush())
         elif self._inflate is not None and self.stream_error is None:
-            if not self._inflate.eof and self.sql_bytes:
-                self.stream_error = "the gzip stream is truncated"
-            elif not self.sql_bytes:
+            if not self.sql_bytes:
                 self.stream_error = "the dump is empty"
+            elif self._member_fed:
+                self.stream_error = "the gzip stream is truncated"
 
 
 def _zstd_inspect(path: Path) -> tuple[int, bytes, str | None]:
@@ -634,7 +636,8 @@ def dump(
         )
         inspector.finish()
     except OSError as exc:
-        problem = f"writing {sink.part} failed: {exc.strerror or exc}"
+        problem = f"writing {sink.final} failed: {exc.strerror or exc}"
+        sink.discard()  # a full store: free the space the partial file took
     except GuestError as exc:
         problem = exc.message
     counter.join()

@@ -253,13 +253,15 @@ class RunDir:
         """Mark the run failed: its folder is renamed to ``<snapshot>.failed`` at once."""
         self.errors.append(reason)
         if self.state == "failed":
-            write_json_atomic(self.path / MANIFEST, self.manifest())
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.path / MANIFEST, self.manifest())
             return self.path
         self.state = "failed"
         target = self.parent / f"{self.snapshot}{FAILED_SUFFIX}"
         if target.exists():
             shutil.rmtree(target)
-        write_json_atomic(self.path / MANIFEST, self.manifest())
+        with contextlib.suppress(OSError):  # a full disk must not hide the real failure
+            write_json_atomic(self.path / MANIFEST, self.manifest())
         os.replace(self.path, target)
         fsync_dir(self.parent)
         self.path = target
