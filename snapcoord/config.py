@@ -259,10 +259,6 @@ def _parse_vm(
             check.problems.append(
                 f"{gpath}.exec_prefix: required when transport = 'exec' ([] runs locally)"
             )
-    else:
-        check.warnings.append(
-            f"{path}: no [{path}.guest] table: snapshots will not stop any service"
-        )
     if "mysqldump" in table and (guest is None or not guest.get("mysqldump")):
         check.warnings.append(f"{path}.mysqldump: ignored unless {path}.guest.mysqldump = true")
     return VMConfig(

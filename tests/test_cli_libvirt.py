@@ -1,0 +1,151 @@
+"""The CLI end to end on libvirt's test driver: snapshot, list, revert, delete, errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from snapcoord import cli
+from snapcoord.lock import VMLock
+from tests.cli_helpers import json_lines, snapcoord, write_config
+from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def config(tmp_path: Path, libvirt_node: str) -> Path:  # noqa: F811
+    return write_config(
+        tmp_path / "snapcoord.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store"), "label": "test"},
+            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.ghost": {"hypervisor": "lab", "name": "no-such-domain"},
+            "vms.byuuid": {"hypervisor": "lab", "name": "5e6ab1d2-0000-4000-8000-000000000002"},
+        },
+    )
+
+
+def test_hypervisor_only_snapshot_json(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json_lines(proc.stdout)
+    assert run["vm"] == "db1" and run["ok"] is True and run["exit_code"] == 0
+    assert run["snapshot"].startswith("snapcoord-test-") and len(run["snapshot"]) <= 40
+    assert run["window_seconds"] is None  # nothing was stopped: no guest table
+    names = [s["name"] for s in run["steps"]]
+    assert "hypervisor snapshot" in names
+    for step in run["steps"]:
+        assert step["ok"] is True and step["ended"] >= step["started"]
+    assert run["notes"] == ["no [guest] table: the snapshot is crash-consistent only"]
+
+
+def test_several_vms_one_json_line_each_and_first_failure_decides(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "ghost", "byuuid", "--json")
+    runs = json_lines(proc.stdout)
+    assert [r["vm"] for r in runs] == ["db1", "ghost", "byuuid"]
+    assert [r["ok"] for r in runs] == [True, False, True]
+    assert runs[1]["exit_code"] == 3
+    assert proc.returncode == 3
+    assert "no-such-domain" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(config: Path, tmp_path: Path) -> None:
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "plan (dry run" in proc.stdout and "create_snapshot(" in proc.stdout
+    assert not (tmp_path / "store").exists()
+
+
+def test_list_json_shows_preloaded_snapshots(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "list", "db1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (out,) = json_lines(proc.stdout)
+    by_name = {s["name"]: s for s in out["snapshots"]}
+    assert by_name["snapcoord-manual-20260101T020000Z"]["snapcoord"] is True
+    assert by_name["before-upgrade"]["snapcoord"] is False
+    assert by_name["before-upgrade"]["current"] is True
+    assert by_name["before-upgrade"]["parent"] == "snapcoord-manual-20260101T020000Z"
+    human = snapcoord("-c", str(config), "list", "db1")
+    assert "before-upgrade" in human.stdout
+
+
+def test_revert_needs_yes_without_a_terminal(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "revert", "db1", stdin="")
+    assert proc.returncode == 2
+    assert "refusing without --yes" in proc.stderr
+
+
+@pytest.mark.parametrize("safety", [True, False])
+def test_revert_to_named_snapshot(config: Path, safety: bool) -> None:
+    extra = [] if safety else ["--no-safety-snapshot"]
+    proc = snapcoord("-c", str(config), "revert", "db1", "--to", "snapcoord-manual-20260101T020000Z",
+                     "--yes", "--json", *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json_lines(proc.stdout)
+    names = [s["name"] for s in run["steps"]]
+    assert ("safety snapshot" in names) is safety
+    assert "revert" in names and run["snapshot"] == "snapcoord-manual-20260101T020000Z"
+
+
+def test_revert_defaults_to_newest_snapcoord_snapshot(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "revert", "db1", "--yes", "--json",
+                     "--no-safety-snapshot")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json_lines(proc.stdout)[0]["snapshot"] == "snapcoord-manual-20260101T020000Z"
+
+
+def test_delete_and_delete_missing(config: Path) -> None:
+    ok = snapcoord("-c", str(config), "delete", "db1", "before-upgrade", "--yes")
+    assert ok.returncode == 0, ok.stderr
+    missing = snapcoord("-c", str(config), "delete", "db1", "nope", "--yes")
+    assert missing.returncode == 3
+    assert "nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_second_run_on_a_locked_vm_exits_75(config: Path, tmp_path: Path) -> None:
+    with VMLock(tmp_path / "store", "db1", "test-holder"):
+        proc = snapcoord("-c", str(config), "snapshot", "db1")
+    assert proc.returncode == 75
+    assert "locked by run test-holder" in proc.stderr
+
+
+def test_unknown_vm_is_a_usage_error(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "snapshot", "db9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"snapcoord: error: no VM 'db9' in {config} (configured: byuuid, db1, ghost)"
+    ]
+
+
+def test_bad_label_is_a_usage_error(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--label", "no spaces")
+    assert proc.returncode == 2 and "label 'no spaces' is invalid" in proc.stderr
+
+
+def test_missing_sdk_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VS_PW", "secret-value")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors.vc": {
+                "type": "vsphere",
+                "host": "127.0.0.1",
+                "user": "u",
+                "password": {"env": "VS_PW"},
+            },  # fmt: skip
+            "vms.db1": {"hypervisor": "vc"},
+        },
+    )
+    monkeypatch.setitem(sys.modules, "pyVmomi", None)  # import pyVmomi now raises ImportError
+    monkeypatch.delitem(sys.modules, "snapcoord.adapters.vsphere", raising=False)
+    code = cli.main(["-c", str(cfg), "list", "db1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pip install 'snapcoord[vsphere]'" in err
+    assert "secret-value" not in err

@@ -1,0 +1,178 @@
+"""Configuration: every problem reported with its key path, secrets, search path, example."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from snapcoord.config import find_config_file, load_config, parse_config
+from snapcoord.errors import ConfigError, UsageError
+from snapcoord.example import example_config
+from snapcoord.secrets import Secret
+from tests.cli_helpers import snapcoord, write_config
+
+BAD = """
+[defaults]
+store = "relative/path"
+lable = "typo"
+
+[hypervisors.lab]
+type = "libvirt"
+uri = 42
+
+[hypervisors.vc]
+type = "vsphere"
+host = "vc"
+user = "u"
+password = "literal-password"
+
+[vms.db1]
+hypervisor = "nope"
+memory = "yes"
+
+[vms.db1.guest]
+port = 70000
+services = ["apache2; rm -rf /"]
+transport = "telnet"
+"""
+
+
+def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    problems = info.value.problems
+    expected = [
+        "defaults.store: must be an absolute path",
+        "defaults.lable: unknown key",
+        "hypervisors.lab.uri: must be a non-empty string",
+        "hypervisors.vc.password: must not be a literal",
+        "vms.db1.hypervisor: no hypervisor 'nope' (defined: lab, vc)",
+        "vms.db1.memory: must be true or false",
+        "vms.db1.guest.port: must be an integer 1-65535",
+        "vms.db1.guest.services: service name 'apache2; rm -rf /' must match",
+        "vms.db1.guest.transport: must be one of 'ssh', 'exec'",
+    ]
+    for text in expected:
+        assert any(p.startswith(text) for p in problems), (text, problems)
+    assert "literal-password" not in str(info.value)
+
+
+def test_config_check_exits_2_and_prints_every_problem_one_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    proc = snapcoord("-c", str(path), "config", "check")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) >= 9
+    assert all(line.startswith(f"snapcoord: error: {path}: ") for line in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_invalid_toml_is_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[vms.db1\n")
+    proc = snapcoord("-c", str(path), "config", "check")
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PW", "from-env")
+    secret_file = tmp_path / "pw"
+    secret_file.write_text("from-file\n")
+    secret_file.chmod(0o644)
+    raw = {
+        "hypervisors": {
+            "a": {"type": "vsphere", "host": "h", "user": "u", "password": {"env": "PW"}},
+            "b": {
+                "type": "vsphere",
+                "host": "h",
+                "user": "u",
+                "password": {"file": str(secret_file)},
+            },  # fmt: skip
+        }
+    }
+    config = parse_config(raw)
+    first, second = config.hypervisors["a"]["password"], config.hypervisors["b"]["password"]
+    assert isinstance(first, Secret) and first.reveal() == "from-env"
+    assert second.reveal() == "from-file"
+    assert "from-env" not in repr(config.hypervisors) and "from-file" not in str(second)
+    assert any("readable by others" in w for w in config.warnings)
+
+
+def test_missing_secret_env_is_a_problem() -> None:
+    raw = {"hypervisors": {"a": {"type": "vsphere", "host": "h", "user": "u",
+                                 "password": {"env": "SNAPCOORD_UNSET_VAR"}}}}  # fmt: skip
+    os.environ.pop("SNAPCOORD_UNSET_VAR", None)
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.problems == [
+        "hypervisors.a.password: environment variable 'SNAPCOORD_UNSET_VAR' is not set"
+    ]
+
+
+def test_proxmox_auth_cross_checks() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"hypervisors": {"p": {"type": "proxmox", "host": "h"}}})
+    assert info.value.problems == [
+        "hypervisors.p: set token_id + token_secret (or user + password)"
+    ]
+
+
+def test_exec_transport_needs_a_prefix_and_ssh_a_host() -> None:
+    raw = {
+        "hypervisors": {"lab": {"type": "libvirt"}},
+        "vms": {
+            "a": {"hypervisor": "lab", "guest": {"transport": "exec"}},
+            "b": {"hypervisor": "lab", "guest": {}},
+        },
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.problems == [
+        "vms.a.guest.exec_prefix: required when transport = 'exec' ([] runs locally)",
+        "vms.b.guest.host: required when transport = 'ssh'",
+    ]
+
+
+def test_defaults_fill_in_and_vm_inherits_label() -> None:
+    config = parse_config(
+        {
+            "defaults": {"label": "nightly"},
+            "hypervisors": {"lab": {"type": "libvirt"}},
+            "vms": {"db1": {"hypervisor": "lab", "guest": {"host": "db1"}}},
+        }
+    )
+    vm = config.vm("db1")
+    assert vm.label == "nightly" and vm.ref == "db1"
+    assert vm.guest is not None and vm.guest["services"] == ["apache2", "cron"]
+    assert vm.guest["database"] == "auto" and vm.guest["sudo"] is False
+    assert config.hypervisors["lab"]["uri"] == "qemu:///system"
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VSPHERE_PASSWORD", "x")
+    monkeypatch.setenv("PVE_TOKEN_SECRET", "y")
+    config = parse_config(tomllib.loads(example_config()))
+    assert set(config.hypervisors) == {"lab", "vcenter", "pve"}
+    assert config.vm("db1").guest is not None
+    proc = snapcoord("config", "example")
+    assert proc.returncode == 0 and proc.stdout.startswith("# snapcoord configuration")
+
+
+def test_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SNAPCOORD_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if not Path("/etc/snapcoord/config.toml").exists():
+        with pytest.raises(UsageError):
+            find_config_file(None)
+    write_config(tmp_path / "snapcoord.toml", {"defaults": {}})
+    assert find_config_file(None) == Path("./snapcoord.toml")
+    monkeypatch.setenv("SNAPCOORD_CONFIG", "/elsewhere.toml")
+    assert find_config_file(None) == Path("/elsewhere.toml")
+    assert find_config_file("/explicit.toml") == Path("/explicit.toml")
