@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from snapcoord.errors import (
     ExitCode,
     HypervisorError,
     PreflightError,
+    SnapcoordError,
     SnapshotExists,
     SnapshotNotFound,
     TaskTimeout,
@@ -131,12 +132,13 @@ def test_vm_that_vanished_after_lookup(adapter: LibvirtAdapter) -> None:
     dom = raw_domain(adapter, vm)
     dom.destroy()
     dom.undefine()
-    for call in (
+    calls: list[Callable[[], object]] = [
         lambda: adapter.power_state(vm),
         lambda: adapter.list_snapshots(vm),
         lambda: adapter.create_snapshot(vm, "s", "", memory=True, quiesce=False, timeout=10),
         lambda: adapter.check_snapshot_ready(vm, memory=True, quiesce=False),
-    ):
+    ]
+    for call in calls:
         with pytest.raises(VMNotFound) as info:
             call()
         assert info.value.vm == "web1"
@@ -563,7 +565,7 @@ def _error(code: int, message: str) -> libvirt.libvirtError:
         (libvirt.VIR_ERR_INTERNAL_ERROR, "boom", HypervisorError, "boom"),
     ],
 )
-def test_translate(code: int, message: str, expected: type[Exception], text: str) -> None:
+def test_translate(code: int, message: str, expected: type[SnapcoordError], text: str) -> None:
     result = mod.translate(_error(code, message), action="do it", vm="db9", uri="qemu:///system")
     assert type(result) is expected
     assert result.vm == "db9"
