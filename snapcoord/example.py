@@ -70,3 +70,26 @@ def example_config() -> str:
     for sub, keys in schema.VM_SUBTABLES.items():
         _table(lines, f"vms.db1.{sub}", keys, f"vms.db1.{sub}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The key reference embedded in docs/configuration.md (a test keeps the two equal)."""
+    sections: list[tuple[str, dict[str, Key]]] = [("[defaults]", schema.DEFAULTS)]
+    for kind, keys in schema.HYPERVISOR_TYPES.items():
+        sections.append((f"[hypervisors.NAME] type = \"{kind}\"", keys))
+    sections.append(("[vms.NAME]", schema.VM))
+    sections += [(f"[vms.NAME.{sub}]", keys) for sub, keys in schema.VM_SUBTABLES.items()]
+    lines: list[str] = []
+    for title, keys in sections:
+        lines += [f"### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, key in keys.items():
+            if key.default is REQUIRED:
+                default = "**required**"
+            elif key.default is None:
+                default = ""
+            else:
+                default = f"`{_toml_value(key.default)}`"
+            kind = key.kind + (f" ({', '.join(key.choices)})" if key.choices else "")
+            lines.append(f"| `{name}` | {kind} | {default} | {key.doc} |")
+        lines.append("")
+    return "\n".join(lines)
