@@ -13,18 +13,22 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from snapcoord.errors import GuestError
-from snapcoord.guest import Transport
 from snapcoord.hooks.services import _LIB
 
+from snapcoord.errors import GuestError
+from snapcoord.guest import Transport
+
 # $0 = marker (visible in ps), $1 = init, $2 = seconds, $3.. = services in start order
-_BODY = _LIB + r"""
+_BODY = (
+    _LIB
+    + r"""
 sleep "$2"
 for s in $(echo "$SERVICES"); do
   if [ "$s" = "$DATABASE" ]; then db_alive || svc "$s" start
   else is_up "$s" || svc "$s" start; fi
 done
 """
+)
 
 # Arms the watchdog and prints its PID.
 _ARM = r"""
@@ -50,8 +54,12 @@ class Watchdog:
     services: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "marker": self.marker, "seconds": self.seconds,
-                "services": list(self.services)}  # fmt: skip
+        return {
+            "pid": self.pid,
+            "marker": self.marker,
+            "seconds": self.seconds,
+            "services": list(self.services),
+        }
 
 
 def arm(
@@ -69,8 +77,17 @@ def arm(
     """Start the watchdog for ``services`` (in start order, database first)."""
     marker = f"snapcoord-watchdog-{run_id}"
     script = f"BODY={shlex.quote(_BODY)}\n{_ARM}"
-    argv = ["sh", "-c", script, "sh", marker, init, str(seconds), " ".join(services),
-            database or ""]  # fmt: skip
+    argv = [
+        "sh",
+        "-c",
+        script,
+        "sh",
+        marker,
+        init,
+        str(seconds),
+        " ".join(services),
+        database or "",
+    ]
     result = transport.run(argv, sudo=sudo, timeout=timeout)
     text = result.stdout.decode(errors="replace").strip()
     if not result.ok or not text.isdigit():
@@ -78,12 +95,12 @@ def arm(
     return Watchdog(int(text), marker, seconds, tuple(services))
 
 
-def disarm(transport: Transport, watchdog: Watchdog, *, vm: str, sudo: bool, timeout: float) -> bool:
+def disarm(
+    transport: Transport, watchdog: Watchdog, *, vm: str, sudo: bool, timeout: float
+) -> bool:
     """Stop the watchdog. Returns False when it was already gone (it fired: say so)."""
     argv = ["sh", "-c", _DISARM, "sh", str(watchdog.pid), watchdog.marker]
     result = transport.run(argv, sudo=sudo, timeout=timeout)
     if not result.ok:
         raise GuestError(f"cannot disarm the guest watchdog: {result.error_text()}", vm=vm)
     return result.stdout.decode().strip() == "disarmed"
-
-

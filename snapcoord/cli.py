@@ -4,7 +4,6 @@ codes (docs/exit-codes.md)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 from snapcoord import __version__
 from snapcoord.config import Config, load_config
-from snapcoord.errors import ExitCode, PreflightError, SnapcoordError, UsageError
+from snapcoord.errors import ConfigError, ExitCode, PreflightError, SnapcoordError, UsageError
 from snapcoord.example import example_config
 from snapcoord.journal import Journal
 from snapcoord.lock import VMLock
@@ -34,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "4 preflight/guest, 5 snapshot failed, 6 service not restored, 75 locked, 130 interrupted)",
     )
     parser.add_argument("--version", action="version", version=f"snapcoord {__version__}")
-    parser.add_argument("-c", "--config", help="configuration file (default: $SNAPCOORD_CONFIG, "
-                        "./snapcoord.toml, ~/.config/snapcoord/config.toml, /etc/snapcoord/config.toml)")  # fmt: skip
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="configuration file (default: $SNAPCOORD_CONFIG, "
+        "./snapcoord.toml, ~/.config/snapcoord/config.toml, /etc/snapcoord/config.toml)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm", metavar="VM")
     p.add_argument("--to", metavar="NAME", help="snapshot name (default: newest snapcoord one)")
     p.add_argument("--yes", action="store_true", help="do not ask")
-    p.add_argument("--no-safety-snapshot", action="store_true",
-                   help="do not snapshot the current state first")  # fmt: skip
+    p.add_argument(
+        "--no-safety-snapshot", action="store_true", help="do not snapshot the current state first"
+    )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
 
@@ -85,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapcoordError as exc:
         if args.debug:
             traceback.print_exc()
-        for line in getattr(exc, "problems", None) or [str(exc)]:
-            prefix = f"{exc.source}: " if getattr(exc, "source", None) else ""
-            print(f"snapcoord: error: {prefix}{line}", file=sys.stderr)
+        if isinstance(exc, ConfigError):
+            lines = [f"{exc.source}: {p}" if exc.source else p for p in exc.problems]
+        else:
+            lines = [str(exc)]
+        for line in lines:
+            print(f"snapcoord: error: {line}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("snapcoord: interrupted", file=sys.stderr)
@@ -134,11 +141,19 @@ def cmd_revert(args: argparse.Namespace) -> int:
     config = _load(args)
     vm_cfg = config.vm(args.vm)
     if not args.dry_run:
-        _confirm(args, f"revert {args.vm} to {args.to or 'its newest snapcoord snapshot'}? "
-                 "Everything written since is lost.")  # fmt: skip
+        _confirm(
+            args,
+            f"revert {args.vm} to {args.to or 'its newest snapcoord snapshot'}? "
+            "Everything written since is lost.",
+        )
     safety = vm_cfg.settings["safety_snapshot"] and not args.no_safety_snapshot
-    return _run(args, config, args.vm,
-                lambda ctx: revert_steps(ctx, target=args.to, safety=safety), title="revert")  # fmt: skip
+    return _run(
+        args,
+        config,
+        args.vm,
+        lambda ctx: revert_steps(ctx, target=args.to, safety=safety),
+        title="revert",
+    )
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -146,8 +161,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     config.vm(args.vm)
     _confirm(args, f"delete snapshot {args.name} of {args.vm}?")
     args.dry_run = False
-    return _run(args, config, args.vm, lambda ctx: delete_steps(ctx, name=args.name),
-                title="delete")  # fmt: skip
+    return _run(
+        args, config, args.vm, lambda ctx: delete_steps(ctx, name=args.name), title="delete"
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -259,8 +275,9 @@ def _run(
             result.failures.append(exc)
         finally:
             lock.release()
-    summary = run_summary(key, result, run=run_id, command=title,
-                          snapshot=ctx.snapshot_name or None, notes=ctx.notes)  # fmt: skip
+    summary = run_summary(
+        key, result, run=run_id, command=title, snapshot=ctx.snapshot_name or None, notes=ctx.notes
+    )
     if not any(isinstance(f, SnapcoordError) and f.exit_code == 75 for f in result.failures):
         journal.finish(summary)
     _report(args, key, result, summary)
@@ -286,8 +303,10 @@ def _report(args: argparse.Namespace, key: str, result: RunResult, summary: dict
     for bug in result.bugs:
         traceback.print_exception(bug, file=sys.stderr)
     if result.window.still_down:
-        print(f"snapcoord: error: {key}: still stopped: {', '.join(result.window.still_down)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"snapcoord: error: {key}: still stopped: {', '.join(result.window.still_down)}",
+            file=sys.stderr,
+        )
 
 
 def _print_plan(key: str, steps: list[Step], ctx: RunContext) -> None:

@@ -58,7 +58,7 @@ def _table(lines: list[str], title: str, keys: dict[str, Key], path: str) -> Non
 def example_config() -> str:
     lines = [
         "# snapcoord configuration (generated from the schema: snapcoord config example).",
-        "# Commented keys show their defaults. Secrets: { env = \"NAME\" } or { file = \"/path\" }.",
+        '# Commented keys show their defaults. Secrets: { env = "NAME" } or { file = "/path" }.',
         "",
     ]
     _table(lines, "defaults", schema.DEFAULTS, "defaults")
@@ -76,7 +76,7 @@ def reference_markdown() -> str:
     """The key reference embedded in docs/configuration.md (a test keeps the two equal)."""
     sections: list[tuple[str, dict[str, Key]]] = [("[defaults]", schema.DEFAULTS)]
     for kind, keys in schema.HYPERVISOR_TYPES.items():
-        sections.append((f"[hypervisors.NAME] type = \"{kind}\"", keys))
+        sections.append((f'[hypervisors.NAME] type = "{kind}"', keys))
     sections.append(("[vms.NAME]", schema.VM))
     sections += [(f"[vms.NAME.{sub}]", keys) for sub, keys in schema.VM_SUBTABLES.items()]
     lines: list[str] = []

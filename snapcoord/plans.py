@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from snapcoord.adapters import open_adapter
@@ -91,9 +92,13 @@ class RunContext:
 def _connect_steps(ctx: RunContext) -> list[Step]:
     hv = ctx.vm_cfg.hypervisor
     return [
-        Step(f"connect to hypervisor {hv}", ctx.adapter.connect, ctx.adapter.close,
-             undo_name=f"disconnect from hypervisor {hv}",
-             describe=f"{ctx.config.hypervisors[hv]['type']} session to {hv}"),  # fmt: skip
+        Step(
+            f"connect to hypervisor {hv}",
+            ctx.adapter.connect,
+            ctx.adapter.close,
+            undo_name=f"disconnect from hypervisor {hv}",
+            describe=f"{ctx.config.hypervisors[hv]['type']} session to {hv}",
+        ),
         Step("find VM", lambda: _find_vm(ctx), describe=f"find_vm({ctx.vm_cfg.ref!r})"),
     ]
 
@@ -107,11 +112,19 @@ def _guest_connect_steps(ctx: RunContext) -> list[Step]:
         return []
     transport, services = ctx.transport, ctx.services
     return [
-        Step("connect to guest", transport.open, transport.close,
-             undo_name="disconnect from guest", undo_first=True,
-             describe=transport.description),  # fmt: skip
-        Step("check guest services and sudo", services.probe,
-             describe="detect init system; which services exist and run"),  # fmt: skip
+        Step(
+            "connect to guest",
+            transport.open,
+            transport.close,
+            undo_name="disconnect from guest",
+            undo_first=True,
+            describe=transport.description,
+        ),
+        Step(
+            "check guest services and sudo",
+            services.probe,
+            describe="detect init system; which services exist and run",
+        ),
     ]
 
 
@@ -122,8 +135,14 @@ def _hook_step(ctx: RunContext, phase: str) -> Step | None:
     transport, timeout = ctx.transport, float(ctx.vm_cfg.hooks["timeout"])
 
     def run() -> None:
-        commands.run_hooks(transport, hooks, phase=phase, vm=ctx.key,
-                           sudo=bool(ctx.guest.get("sudo")), timeout=timeout)  # fmt: skip
+        commands.run_hooks(
+            transport,
+            hooks,
+            phase=phase,
+            vm=ctx.key,
+            sudo=bool(ctx.guest.get("sudo")),
+            timeout=timeout,
+        )
 
     if phase == "after":  # scheduled early, runs while unwinding: after services are back
         return Step(f"schedule {phase} hooks", None, run, undo_name=f"{phase} hooks")
@@ -137,8 +156,13 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
     cfg = ctx.vm_cfg
     ctx.snapshot_name = snapshot_name(label)
     steps = [*_connect_steps(ctx)]
-    steps.append(Step("check VM and snapshot name", lambda: _check_snapshot_possible(ctx),
-                      describe=f"list_snapshots; {ctx.snapshot_name} must be free"))  # fmt: skip
+    steps.append(
+        Step(
+            "check VM and snapshot name",
+            lambda: _check_snapshot_possible(ctx),
+            describe=f"list_snapshots; {ctx.snapshot_name} must be free",
+        )
+    )
     steps += _guest_connect_steps(ctx)
     if ctx.services is not None:
         after = _hook_step(ctx, "after")
@@ -147,9 +171,14 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
         steps += _bracket_steps(ctx)
     else:
         ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
-    steps.append(Step("hypervisor snapshot", lambda: _create_snapshot(ctx, label),
-                      describe=f"create_snapshot({ctx.snapshot_name!r}, memory={cfg.settings['memory']}, "
-                      f"quiesce={cfg.settings['quiesce']})"))  # fmt: skip
+    steps.append(
+        Step(
+            "hypervisor snapshot",
+            lambda: _create_snapshot(ctx, label),
+            describe=f"create_snapshot({ctx.snapshot_name!r}, memory={cfg.settings['memory']}, "
+            f"quiesce={cfg.settings['quiesce']})",
+        )
+    )
     return steps
 
 
@@ -164,7 +193,7 @@ def _check_snapshot_possible(ctx: RunContext) -> None:
 def _bracket_steps(ctx: RunContext) -> list[Step]:
     """Watchdog, stop services, stop database, frozen hooks: each with its undo."""
     assert ctx.services is not None and ctx.transport is not None
-    services, guest = ctx.services, ctx.guest
+    services, guest, transport = ctx.services, ctx.guest, ctx.transport
     parallel = bool(guest.get("parallel_services", True))
     sudo = bool(guest.get("sudo"))
     timeout = float(guest["command_timeout"])
@@ -179,34 +208,63 @@ def _bracket_steps(ctx: RunContext) -> list[Step]:
         if not order:
             return
         ctx.watchdog = watchdog.arm(
-            ctx.transport,  # type: ignore[arg-type]
-            vm=ctx.key, run_id=ctx.run_id, init=st.init, seconds=int(guest["watchdog_seconds"]),
-            services=order, database=st.database, sudo=sudo, timeout=timeout,
-        )  # fmt: skip
+            transport,
+            vm=ctx.key,
+            run_id=ctx.run_id,
+            init=st.init,
+            seconds=int(guest["watchdog_seconds"]),
+            services=order,
+            database=st.database,
+            sudo=sudo,
+            timeout=timeout,
+        )
 
     def disarm() -> None:
         if ctx.watchdog is None:
             return
-        was_armed = watchdog.disarm(ctx.transport, ctx.watchdog, vm=ctx.key, sudo=sudo,  # type: ignore[arg-type]
-                                    timeout=timeout)  # fmt: skip
+        was_armed = watchdog.disarm(
+            transport,
+            ctx.watchdog,
+            vm=ctx.key,
+            sudo=sudo,
+            timeout=timeout,
+        )
         if not was_armed:
             raise GuestError(
                 f"the guest watchdog had already fired after {ctx.watchdog.seconds} s: "
                 "services were restarted during the run, the snapshot may not be consistent",
-                vm=ctx.key, hint="raise watchdog_seconds above the service window",
-            )  # fmt: skip
+                vm=ctx.key,
+                hint="raise watchdog_seconds above the service window",
+            )
         ctx.watchdog = None
 
     bracket = _Bracket(ctx, parallel)
     return [
-        Step("arm guest watchdog", arm, disarm, undo_name="disarm guest watchdog",
-             describe=f"restarts stopped services after {guest['watchdog_seconds']} s"),  # fmt: skip
-        Step("stop services", bracket.stop_services, bracket.start_services, undo_first=True,
-             undo_name="start services",
-             describe=", ".join(guest["services"]) + " (those running), in parallel"
-             if parallel else ", ".join(guest["services"])),  # fmt: skip
-        Step("stop database", bracket.stop_database, bracket.start_database, undo_first=True,
-             undo_name="start database", describe=f"database={guest['database']}"),  # fmt: skip
+        Step(
+            "arm guest watchdog",
+            arm,
+            disarm,
+            undo_name="disarm guest watchdog",
+            describe=f"restarts stopped services after {guest['watchdog_seconds']} s",
+        ),
+        Step(
+            "stop services",
+            bracket.stop_services,
+            bracket.start_services,
+            undo_first=True,
+            undo_name="start services",
+            describe=", ".join(guest["services"]) + " (those running), in parallel"
+            if parallel
+            else ", ".join(guest["services"]),
+        ),
+        Step(
+            "stop database",
+            bracket.stop_database,
+            bracket.start_database,
+            undo_first=True,
+            undo_name="start database",
+            describe=f"database={guest['database']}",
+        ),
         *[s for s in (_hook_step(ctx, "frozen"),) if s is not None],
     ]
 
@@ -261,8 +319,9 @@ def _create_snapshot(ctx: RunContext, label: str) -> None:
     except SnapshotFailed:
         raise
     except SnapcoordError as exc:
-        raise SnapshotFailed(f"snapshot {ctx.snapshot_name} failed: {exc.message}",
-                             vm=ctx.key, hint=exc.hint) from exc  # fmt: skip
+        raise SnapshotFailed(
+            f"snapshot {ctx.snapshot_name} failed: {exc.message}", vm=ctx.key, hint=exc.hint
+        ) from exc
 
 
 # -- revert, delete ---------------------------------------------------------------------------
@@ -274,9 +333,11 @@ def pick_snapshot(adapter: Adapter, vm: VM, name: str | None, *, vm_key: str) ->
         return adapter.find_snapshot(vm, name)
     own = [s for s in adapter.list_snapshots(vm) if s.is_snapcoord]
     if not own:
-        raise SnapshotNotFound("no snapcoord snapshot to revert to", vm=vm_key,
-                               hint="name one with --to")  # fmt: skip
-    return max(own, key=lambda s: (s.created is not None, s.created or 0, s.name))  # type: ignore[operator]
+        raise SnapshotNotFound(
+            "no snapcoord snapshot to revert to", vm=vm_key, hint="name one with --to"
+        )
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return max(own, key=lambda s: (s.created or epoch, s.name))
 
 
 def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[Step]:
@@ -292,28 +353,42 @@ def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[S
         if name == found["snapshot"].name:
             raise UsageError("safety snapshot name collides with the target; retry in a second")
         ctx.adapter.create_snapshot(
-            ctx.require_vm(), name, description("safety", ctx.run_id, extra="before revert"),
-            memory=False, quiesce=False, timeout=ctx.vm_cfg.snapshot_timeout,
-        )  # fmt: skip
+            ctx.require_vm(),
+            name,
+            description("safety", ctx.run_id, extra="before revert"),
+            memory=False,
+            quiesce=False,
+            timeout=ctx.vm_cfg.snapshot_timeout,
+        )
         ctx.notes.append(f"safety snapshot {name} keeps the state before the revert")
 
     def revert() -> None:
         try:
-            ctx.adapter.revert_snapshot(ctx.require_vm(), found["snapshot"], start=None,
-                                        timeout=ctx.vm_cfg.snapshot_timeout)  # fmt: skip
+            ctx.adapter.revert_snapshot(
+                ctx.require_vm(), found["snapshot"], start=None, timeout=ctx.vm_cfg.snapshot_timeout
+            )
         except SnapcoordError as exc:
-            raise SnapshotFailed(f"revert to {found['snapshot'].name} failed: {exc.message}",
-                                 vm=ctx.key) from exc  # fmt: skip
+            raise SnapshotFailed(
+                f"revert to {found['snapshot'].name} failed: {exc.message}", vm=ctx.key
+            ) from exc
 
-    steps = [*_connect_steps(ctx),
-             Step("choose snapshot", choose, describe=f"--to {target}" if target else "newest")]  # fmt: skip
+    steps = [
+        *_connect_steps(ctx),
+        Step("choose snapshot", choose, describe=f"--to {target}" if target else "newest"),
+    ]
     if safety:
-        steps.append(Step("safety snapshot", safety_snapshot,
-                          describe="snapshot of the current state first"))  # fmt: skip
+        steps.append(
+            Step("safety snapshot", safety_snapshot, describe="snapshot of the current state first")
+        )
     steps.append(Step("revert", revert, describe="revert_snapshot(start=keep power state)"))
     if ctx.services is not None:
-        steps.append(Step("bring guest services up", lambda: _services_up_after_revert(ctx, found),
-                          describe="wait for the guest, start configured services"))  # fmt: skip
+        steps.append(
+            Step(
+                "bring guest services up",
+                lambda: _services_up_after_revert(ctx, found),
+                describe="wait for the guest, start configured services",
+            )
+        )
     return steps
 
 
@@ -346,8 +421,9 @@ def _wait_for_guest(ctx: RunContext) -> None:
         except GuestError as exc:
             ctx.transport.close()
             if time.monotonic() > deadline:
-                raise PreflightError(f"the guest did not answer after the revert: {exc.message}",
-                                     vm=ctx.key) from exc  # fmt: skip
+                raise PreflightError(
+                    f"the guest did not answer after the revert: {exc.message}", vm=ctx.key
+                ) from exc
             time.sleep(2)
 
 

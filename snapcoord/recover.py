@@ -26,8 +26,9 @@ def recover(config: Config, vm_key: str) -> list[str]:
             journal.clear()
             return [f"run {data.get('run')} left nothing stopped"]
         if vm_cfg.guest is None:
-            raise PreflightError("the journal names guest services but the VM has no [guest]",
-                                 vm=vm_key)  # fmt: skip
+            raise PreflightError(
+                "the journal names guest services but the VM has no [guest]", vm=vm_key
+            )
         transport = open_transport(vm_cfg.guest, vm=vm_key)
         transport.open()
         lines = []
@@ -46,8 +47,12 @@ def recover(config: Config, vm_key: str) -> list[str]:
                 lines.append(f"started {', '.join(others)}")
             wd = data.get("watchdog")
             if wd:
-                dog = watchdog.Watchdog(int(wd["pid"]), str(wd["marker"]), int(wd["seconds"]),
-                                        tuple(wd.get("services", ())))  # fmt: skip
+                dog = watchdog.Watchdog(
+                    int(wd["pid"]),
+                    str(wd["marker"]),
+                    int(wd["seconds"]),
+                    tuple(wd.get("services", ())),
+                )
                 sudo = bool(vm_cfg.guest.get("sudo"))
                 timeout = float(vm_cfg.guest["command_timeout"])
                 armed = watchdog.disarm(transport, dog, vm=vm_key, sudo=sudo, timeout=timeout)

@@ -171,7 +171,7 @@ class Engine:
             try:
                 for step in steps:
                     self._run_step(step)
-            except BaseException as exc:  # noqa: BLE001 - every failure is reported
+            except BaseException as exc:
                 self.result.failures.append(_as_failure(exc))
             finally:
                 self._unwinding = True
@@ -212,7 +212,7 @@ class Engine:
             try:
                 step.undo()
                 record.ok = True
-            except BaseException as exc:  # noqa: BLE001 - keep unwinding whatever happens
+            except BaseException as exc:
                 failure = _as_failure(exc)
                 record.ok, record.error = False, str(failure)
                 self.result.failures.append(failure)
@@ -266,7 +266,7 @@ def run_parallel(actions: Sequence[Action]) -> None:
     def worker(index: int) -> None:
         try:
             actions[index]()
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        except BaseException as exc:
             errors[index] = exc
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(actions))]

@@ -17,7 +17,10 @@ TABLE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 @dataclass(frozen=True)
 class Key:
-    """One configuration key. ``kind`` is one of: str, int, float, bool, secret, strlist, argv, choice."""
+    """One configuration key.
+
+    ``kind``: str, int, float, bool, secret, strlist, argv or choice.
+    """
 
     kind: str
     doc: str

@@ -1,4 +1,7 @@
-"""Secrets from `{ env = "NAME" }` or `{ file = "/path" }`: revealed only where used, masked elsewhere."""
+"""Secrets from `{ env = "NAME" }` or `{ file = "/path" }`.
+
+Revealed only where used, masked everywhere else.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ MASK = "********"
 
 @dataclass(frozen=True)
 class Secret:
-    """A secret value. ``str()`` and ``repr()`` never show it; call :meth:`reveal` at the point of use."""
+    """A secret value: ``str()``/``repr()`` never show it; :meth:`reveal` at the point of use."""
 
     source: str  # "env:NAME" or "file:/path": safe to show
     _value: str = field(repr=False)

@@ -3,6 +3,7 @@ timeout that kills the whole process group, and logging with secrets masked."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -92,7 +93,5 @@ def execute(
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

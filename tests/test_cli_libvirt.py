@@ -81,8 +81,17 @@ def test_revert_needs_yes_without_a_terminal(config: Path) -> None:
 @pytest.mark.parametrize("safety", [True, False])
 def test_revert_to_named_snapshot(config: Path, safety: bool) -> None:
     extra = [] if safety else ["--no-safety-snapshot"]
-    proc = snapcoord("-c", str(config), "revert", "db1", "--to", "snapcoord-manual-20260101T020000Z",
-                     "--yes", "--json", *extra)  # fmt: skip
+    proc = snapcoord(
+        "-c",
+        str(config),
+        "revert",
+        "db1",
+        "--to",
+        "snapcoord-manual-20260101T020000Z",
+        "--yes",
+        "--json",
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr
     (run,) = json_lines(proc.stdout)
     names = [s["name"] for s in run["steps"]]
@@ -91,8 +100,7 @@ def test_revert_to_named_snapshot(config: Path, safety: bool) -> None:
 
 
 def test_revert_defaults_to_newest_snapcoord_snapshot(config: Path) -> None:
-    proc = snapcoord("-c", str(config), "revert", "db1", "--yes", "--json",
-                     "--no-safety-snapshot")  # fmt: skip
+    proc = snapcoord("-c", str(config), "revert", "db1", "--yes", "--json", "--no-safety-snapshot")
     assert proc.returncode == 0, proc.stderr
     assert json_lines(proc.stdout)[0]["snapshot"] == "snapcoord-manual-20260101T020000Z"
 
@@ -138,7 +146,7 @@ def test_missing_sdk_names_the_extra(
                 "host": "127.0.0.1",
                 "user": "u",
                 "password": {"env": "VS_PW"},
-            },  # fmt: skip
+            },
             "vms.db1": {"hypervisor": "vc"},
         },
     )

@@ -93,7 +93,7 @@ def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                 "host": "h",
                 "user": "u",
                 "password": {"file": str(secret_file)},
-            },  # fmt: skip
+            },
         }
     }
     config = parse_config(raw)
@@ -105,8 +105,16 @@ def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_missing_secret_env_is_a_problem() -> None:
-    raw = {"hypervisors": {"a": {"type": "vsphere", "host": "h", "user": "u",
-                                 "password": {"env": "SNAPCOORD_UNSET_VAR"}}}}  # fmt: skip
+    raw = {
+        "hypervisors": {
+            "a": {
+                "type": "vsphere",
+                "host": "h",
+                "user": "u",
+                "password": {"env": "SNAPCOORD_UNSET_VAR"},
+            }
+        }
+    }
     os.environ.pop("SNAPCOORD_UNSET_VAR", None)
     with pytest.raises(ConfigError) as info:
         parse_config(raw)

@@ -14,10 +14,21 @@ from tests.cli_helpers import REPO
 def test_wheel_installs_only_the_snapcoord_namespace(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheels), str(REPO)],
-        check=True, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = wheels.glob("snapcoord-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
@@ -42,9 +53,15 @@ def test_wheel_installs_only_the_snapcoord_namespace(tmp_path: Path) -> None:
     assert out.stdout.strip() == "ok", out.stderr
     # The console script exists, and an SDK missing in this venv is a one-line error.
     config = tmp_path / "c.toml"
-    config.write_text('[hypervisors.lab]\ntype = "libvirt"\nuri = "test:///default"\n'
-                      '[vms.test]\nhypervisor = "lab"\n')  # fmt: skip
-    proc = subprocess.run([str(venv / "bin" / "snapcoord"), "-c", str(config), "list", "test"],
-                          capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    config.write_text(
+        '[hypervisors.lab]\ntype = "libvirt"\nuri = "test:///default"\n'
+        '[vms.test]\nhypervisor = "lab"\n'
+    )
+    proc = subprocess.run(
+        [str(venv / "bin" / "snapcoord"), "-c", str(config), "list", "test"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "pip install 'snapcoord[libvirt]'" in proc.stderr and "Traceback" not in proc.stderr
