@@ -341,3 +341,18 @@ def build_idoit(socket: str | None = None) -> IdoitDB:
         objects=schema_objects(socket),
         socket=socket,
     )
+
+
+def add_broken_view(socket: str | None = None) -> None:
+    """Make mysqldump fail mid-stream: a view whose table is gone.
+
+    mysqldump writes every table's data, then exits 2 at this view (``SHOW FIELDS ... (1356)``)
+    without its "-- Dump completed" marker. The idoit_db fixture rebuilds the dataset afterwards.
+    """
+    mysql_exec(
+        "USE idoit_data;"
+        "CREATE TABLE isys_tmp_gone (a INT);"
+        "CREATE VIEW isys_v_broken AS SELECT a FROM isys_tmp_gone;"
+        "DROP TABLE isys_tmp_gone;",
+        socket,
+    )

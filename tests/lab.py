@@ -62,7 +62,7 @@ APT_PACKAGES: dict[str, str] = {
     "mysqldump": "mariadb-client",
     "mysqladmin": "mariadb-client",
     "mariadbd": "mariadb-server",
-    "mariadb-install-db": "mariadb-server",
+    "mariadb-install-db": "mariadb-server-core",
     "apache2ctl": "apache2",
     "cron": "cron",
 }
@@ -497,13 +497,89 @@ class GuestServices:
         stop_service(name)
 
     def ensure_running(self) -> list[str]:
+        """Undo any :func:`break_service`, then start what is not running."""
+        repair_all_services()
         return ensure_running(self.names)
+
+    def break_start(self, name: str) -> None:
+        """Make the next start of ``name`` fail (repaired at the fixture's teardown)."""
+        break_service(name)
+
+    def break_start_command(self, name: str) -> str:
+        return break_service_command(name)
 
     def mariadb_uptime(self) -> int:
         return mariadb_uptime()
 
     def mysqld_running(self) -> bool:
         return mysqld_running()
+
+
+_BROKEN_BEGIN = "# >>> snapcoord-lab-broken (tests/lab.py: repair_service removes this)"
+_BROKEN_END = "# <<< snapcoord-lab-broken"
+
+#: service -> (file, lines) appended to make ``service NAME start`` fail fast; ``stop`` still works.
+BREAKAGE: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "cron": (("/etc/default/cron", ('EXTRA_OPTS="-Z"',)),),  # unknown option: cron exits 1
+    "apache2": (
+        ("/etc/apache2/conf-enabled/zz-snapcoord-lab-broken.conf", ("SnapcoordLabInvalid on",)),
+    ),
+    "mariadb": (
+        (
+            "/etc/mysql/mariadb.conf.d/99-snapcoord-lab-broken.cnf",
+            ("[mysqld]", "snapcoord-lab-invalid-option = 1"),
+        ),
+        ("/etc/default/mariadb", ("MYSQLD_STARTUP_TIMEOUT=3",)),  # fail in 3 s, not 30 s
+    ),
+}
+
+
+def break_service_command(name: str) -> str:
+    """A shell command (e.g. for a ``frozen`` hook) making the next ``service NAME start`` fail.
+
+    Stopping keeps working; :func:`repair_service` (run by the guest_services fixture at
+    teardown) undoes it.
+    """
+    parts = []
+    for path, lines in BREAKAGE[name]:
+        block = [_BROKEN_BEGIN, *lines, _BROKEN_END]
+        parts.append(shlex.join(["printf", "%s\\n", *block]) + " >> " + shlex.quote(path))
+    return " && ".join(parts)
+
+
+def break_service(name: str) -> None:
+    """Make the next ``service NAME start`` fail (see :func:`break_service_command`)."""
+    run(["sh", "-c", break_service_command(name)])
+
+
+def repair_service(name: str) -> bool:
+    """Remove what :func:`break_service` added; True if anything was removed. Idempotent."""
+    repaired = False
+    for path_text, _ in BREAKAGE.get(name, ()):
+        path = Path(path_text)
+        if not path.exists():
+            continue
+        kept, skipping, found = [], False, False
+        for line in path.read_text().splitlines(keepends=True):
+            if line.rstrip("\n") == _BROKEN_BEGIN:
+                skipping, found = True, True
+            elif line.rstrip("\n") == _BROKEN_END:
+                skipping = False
+            elif not skipping:
+                kept.append(line)
+        if not found:
+            continue
+        repaired = True
+        if "".join(kept).strip():
+            path.write_text("".join(kept))
+        else:
+            path.unlink()  # the file only held our breakage: we created it
+    return repaired
+
+
+def repair_all_services() -> list[str]:
+    """Repair every service the lab knows how to break; return the names repaired."""
+    return [name for name in BREAKAGE if repair_service(name)]
 
 
 def _process_table() -> Iterator[tuple[int, str, str]]:
@@ -830,7 +906,14 @@ def guest_toml(guest: SshGuest, vm: str = "lab", **overrides: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def _wait_forever() -> NoReturn:
+    """Sleep until SIGINT, SIGTERM or SIGHUP (all raise KeyboardInterrupt, so cleanup runs)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     while True:
         signal.pause()
 

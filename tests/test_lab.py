@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,48 @@ def test_errno150_restore_over_changed_schema(idoit_db: IdoitDB, tmp_path: Path)
     assert idoit_db.is_pristine()
 
 
+def test_mysqldump_can_be_broken_mid_stream(idoit_db: IdoitDB, tmp_path: Path) -> None:
+    idoit_fixture.add_broken_view()
+    out = tmp_path / "broken.sql"
+    with out.open("wb") as fh:
+        proc = subprocess.run(
+            ["mysqldump", *lab.DUMP_OPTIONS, "--databases", *idoit_db.databases],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    assert proc.returncode != 0
+    assert b"isys_v_broken" in proc.stderr
+    data = out.read_bytes()
+    assert b"INSERT INTO `isys_obj`" in data  # it failed after streaming data
+    assert b"-- Dump completed" not in data
+
+
+def test_broken_service_fails_to_start_and_is_repaired(
+    guest_services: lab.GuestServices,
+) -> None:
+    before = Path("/etc/default/cron").read_text()
+    guest_services.break_start("cron")
+    guest_services.stop("cron")
+    # Debian's cron init script exits 0 even when cron did not start: check the status
+    lab.run(lab._service_argv("cron", "start"), check=False)
+    assert not guest_services.running("cron")
+    assert lab.repair_service("cron")
+    assert Path("/etc/default/cron").read_text() == before
+    assert not lab.repair_service("cron")
+
+
+def test_break_command_is_a_hook_command(ssh_guest: lab.SshGuest) -> None:
+    command = lab.break_service_command("apache2")
+    try:
+        ssh_guest.ssh("sh", "-c", command)
+        proc = lab.run(["apache2ctl", "configtest"], check=False)
+        assert proc.returncode != 0
+    finally:
+        assert lab.repair_service("apache2")
+    assert lab.run(["apache2ctl", "configtest"], check=False).returncode == 0
+
+
 def test_require_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y some-package"):
@@ -204,7 +247,7 @@ def test_require_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_lab_cli_help() -> None:
     proc = subprocess.run(
-        ["python3", "-m", "tests.lab", "--help"],
+        [sys.executable, "-m", "tests.lab", "--help"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
