@@ -172,7 +172,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with ctx.adapter:
         vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
         snapshots = ctx.adapter.list_snapshots(vm)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": s.name,
             "id": s.id,
