@@ -9,6 +9,7 @@ their init system's status.
 
 from __future__ import annotations
 
+import logging
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import Transport
 from snapcoord.run import ServiceWindow, run_parallel
+from snapcoord.shell import Completed
+
+log = logging.getLogger("snapcoord.services")
 
 DATABASE_CANDIDATES = ("mariadb", "mysql")
 
@@ -42,7 +46,10 @@ command -v mysqladmin >/dev/null 2>&1 && echo "tool mysqladmin"
 # Shared shell functions. $INIT selects systemctl or service.
 _LIB = r"""
 svc() { if [ "$INIT" = systemd ]; then systemctl "$2" -- "$1"; else service "$1" "$2"; fi; }
-is_up() { if [ "$INIT" = systemd ]; then systemctl is-active --quiet -- "$1"; else service "$1" status >/dev/null 2>&1; fi; }
+is_up() {
+  if [ "$INIT" = systemd ]; then systemctl is-active --quiet -- "$1"
+  else service "$1" status >/dev/null 2>&1; fi
+}
 db_pid() {
   f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
   for p in "$f" /run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid; do
@@ -56,27 +63,34 @@ wait_until() {  # wait_until SECONDS command...: poll every 0.1 s
 not() { ! "$@"; }
 pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
 db_alive() { mysqladmin ping >/dev/null 2>&1; }
+stamp() { date +%s%N 2>/dev/null; }  # GNU date: ns; elsewhere whatever it prints (ignored)
 """
 
 _STOP = r"""
-svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
+t0=$(stamp); svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
+echo "svc $t0 $(stamp)"
 wait_until "$2" not is_up "$1" || { echo "still running after $2 s" >&2; exit 11; }
 """
 
 _STOP_DB = r"""
 pid=$(db_pid)
-svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
-wait_until "$2" pid_gone "$pid" || { echo "server process $pid still there after $2 s" >&2; exit 11; }
+t0=$(stamp); svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
+echo "svc $t0 $(stamp)"
+wait_until "$2" pid_gone "$pid" || { echo "server process $pid still up after $2 s" >&2; exit 11; }
 wait_until "$2" not db_alive || { echo "still answers mysqladmin ping after $2 s" >&2; exit 11; }
 """
 
 _START = r"""
-svc "$1" start || { echo "start command failed" >&2; exit 10; }
+is_up "$1" && { echo "already running"; exit 0; }
+t0=$(stamp); svc "$1" start || { echo "start command failed" >&2; exit 10; }
+echo "svc $t0 $(stamp)"
 wait_until "$2" is_up "$1" || { echo "not running $2 s after start" >&2; exit 11; }
 """
 
 _START_DB = r"""
-svc "$1" start || { echo "start command failed" >&2; exit 10; }
+db_alive && { echo "already running"; exit 0; }
+t0=$(stamp); svc "$1" start || { echo "start command failed" >&2; exit 10; }
+echo "svc $t0 $(stamp)"
 wait_until "$2" db_alive || { echo "mysqladmin ping gets no answer $2 s after start" >&2; exit 11; }
 """
 
@@ -115,6 +129,8 @@ class Services:
         self.vm = vm
         self.sudo = bool(guest.get("sudo"))
         self.state: GuestServices | None = None
+        #: "NAME stop|start" -> seconds the init system's own command took (from the guest clock)
+        self.timings: dict[str, float] = {}
 
     # -- preflight -------------------------------------------------------------------------
     def probe(self) -> GuestServices:
@@ -154,22 +170,27 @@ class Services:
                 raise PreflightError(f"database service {database!r} not found", vm=self.vm)
             chosen = database
         if chosen is not None and "mysqladmin" not in tools:
-            raise PreflightError("mysqladmin not found in the guest (needed to verify the "
-                                 "database)", vm=self.vm)  # fmt: skip
+            raise PreflightError(
+                "mysqladmin not found in the guest (needed to verify the database)", vm=self.vm
+            )
         self.state = GuestServices(
             init=init,
             database=chosen,
             services=configured,
-            running={s: running.get(s, False) for s in [*configured, *([chosen] if chosen else [])]},
+            running={
+                s: running.get(s, False) for s in [*configured, *([chosen] if chosen else [])]
+            },
         )
+        # Parallel stops each need a shell of their own; warm them now, outside the window.
+        self.transport.warm(max(1, len(self.state.to_stop())), sudo=self.sudo)
         return self.state
 
     def _preflight_failure(self, what: str, text: str) -> GuestError:
         if self.sudo and ("password is required" in text or "sudo:" in text):
             return GuestError(
-                f"sudo -n refused {what}: {text}",
+                f"sudo -n refused to run 'sh' ({what} and every service command need it): {text}",
                 vm=self.vm,
-                hint="grant the SSH user passwordless sudo for sh, service/systemctl and mysqladmin",
+                hint="give the SSH user passwordless sudo (NOPASSWD) for /bin/sh, or use root",
             )
         return GuestError(f"{what} failed: {text}", vm=self.vm)
 
@@ -217,6 +238,7 @@ class Services:
         script = _LIB + (_STOP_DB if database else _STOP)
         timeout = float(self.guest["stop_timeout"])
         result = self._script(script, name, timeout)
+        self._note_timing(name, "stop", result)
         if not result.ok:
             raise GuestError(f"stopping {name} failed: {result.error_text()}", vm=self.vm)
 
@@ -230,8 +252,10 @@ class Services:
         try:
             result = self._script(script, name, timeout, extra=[check_url] if check_url else [])
         except GuestError as exc:
-            raise ServiceNotRestored(f"{name} could not be started: {exc.message}",
-                                     vm=self.vm) from exc  # fmt: skip
+            raise ServiceNotRestored(
+                f"{name} could not be started: {exc.message}", vm=self.vm
+            ) from exc
+        self._note_timing(name, "start", result)
         if not result.ok:
             raise ServiceNotRestored(
                 f"{name} could not be started: {result.error_text()}", vm=self.vm
@@ -240,10 +264,27 @@ class Services:
             self.state.stopped.remove(name)
         window.confirmed_running(name)
 
-    def _script(self, body: str, name: str, timeout: float, extra: list[str] | None = None) -> Any:
+    def _script(
+        self, body: str, name: str, timeout: float, extra: list[str] | None = None
+    ) -> Completed:
         wait = str(max(1, int(timeout) - 2))
         argv = ["sh", "-c", f"INIT={shlex.quote(self._init)}\n{body}", "sh", name, wait]
-        return self.transport.run(argv + (extra or []), sudo=self.sudo, timeout=timeout)
+        # shield: an interrupt waits for the stop/start in flight; its undo must not race it
+        return self.transport.run(
+            argv + (extra or []), sudo=self.sudo, timeout=timeout, shield=True
+        )
+
+    def _note_timing(self, name: str, action: str, result: Completed) -> None:
+        """Keep how long the init system's own command took (``svc T0 T1`` in ns, guest clock)."""
+        for line in result.stdout.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "svc" and parts[1].isdigit() and parts[2].isdigit():
+                seconds = (int(parts[2]) - int(parts[1])) / 1e9
+                self.timings[f"{name} {action}"] = seconds
+                log.debug(
+                    "%s %s: init command %.3f s; verified, round trip %.3f s",
+                    name, action, seconds, result.seconds,
+                )  # fmt: skip
 
     @property
     def _init(self) -> str:

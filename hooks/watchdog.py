@@ -13,10 +13,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from snapcoord.hooks.services import _LIB
-
 from snapcoord.errors import GuestError
 from snapcoord.guest import Transport
+from snapcoord.hooks.services import _LIB
 
 # $0 = marker (visible in ps), $1 = init, $2 = seconds, $3.. = services in start order
 _BODY = (
