@@ -1,0 +1,401 @@
+"""mysqldump streamed off the real loopback SSH guest into the store (real MariaDB, real sshd)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapcoord import store
+from snapcoord.config import VMConfig, parse_config
+from snapcoord.errors import ExitCode, PreflightError
+from snapcoord.guest import Transport, open_transport
+from snapcoord.hooks import mysqldump
+from snapcoord.secrets import Secret
+from snapcoord.shell import Completed
+from tests import lab
+from tests.idoit_fixture import DATABASES, IdoitDB
+
+pytestmark = pytest.mark.real
+IDOIT = list(DATABASES)
+
+
+def vm_config(
+    guest: lab.SshGuest, store_root: Path, *, guest_keys: dict[str, Any] | None = None, **dump: Any
+) -> VMConfig:
+    """A validated ``[vms.lab]`` (schema defaults filled in) for the loopback guest."""
+    raw = {
+        "defaults": {"store": str(store_root)},
+        "hypervisors": {"lab": {"type": "libvirt", "uri": "test:///default"}},
+        "vms": {
+            "lab": {
+                "hypervisor": "lab",
+                "guest": guest.guest_table(mysqldump=True, **(guest_keys or {})),
+                "mysqldump": dump,
+            }
+        },
+    }
+    return parse_config(raw).vm("lab")
+
+
+class RecordingTransport:
+    """Wraps a transport and keeps every local command line it builds (to look for secrets)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.description = inner.description
+        self.lines: list[list[str]] = []
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
+        line = self.inner.command_line(argv, sudo=sudo)
+        self.lines.append(line)
+        return line
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> Completed:
+        self.lines.append(self.inner.command_line(argv, sudo=kwargs.get("sudo", False)))
+        return self.inner.run(argv, **kwargs)
+
+
+@pytest.fixture
+def transport_for(ssh_guest: lab.SshGuest) -> Iterator[Any]:
+    opened: list[Transport] = []
+
+    def make(vm: VMConfig) -> RecordingTransport:
+        assert vm.guest is not None
+        transport = RecordingTransport(open_transport(vm.guest, vm=vm.key))
+        transport.open()
+        opened.append(transport)
+        return transport
+
+    yield make
+    for transport in opened:
+        transport.close()
+
+
+def take_dump(
+    transport: Transport, vm: VMConfig, store_root: Path, snapshot: str = "snap-1", **kw: Any
+) -> tuple[mysqldump.DumpResult, Path]:
+    assert vm.guest is not None
+    plan = mysqldump.preflight(
+        transport, vm=vm.key, guest=vm.guest, options=vm.mysqldump, store_root=store_root
+    )
+    run = store.RunDir.begin(store_root, vm.key, snapshot)
+    result = mysqldump.dump(
+        transport,
+        vm=vm.key,
+        guest=vm.guest,
+        options=vm.mysqldump,
+        run_dir=run,
+        snapshot=snapshot,
+        plan=plan,
+        **kw,
+    )
+    return result, run.commit()
+
+
+def test_dump_is_verified_and_loads_with_identical_checksums(
+    ssh_guest: lab.SshGuest,
+    idoit_db: IdoitDB,
+    scratch_mariadb: lab.ScratchMariaDB,
+    transport_for: Any,
+    tmp_path: Path,
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path, databases=IDOIT)
+    result, folder = take_dump(transport_for(vm), vm, tmp_path)
+
+    assert folder == tmp_path / "lab" / "snap-1"
+    dump_file = folder / "mysql.sql.gz"
+    manifest = store.verify(folder)
+    assert manifest["files"]["mysql.sql.gz"]["sha256"] == store.sha256_file(dump_file)
+    assert result.sha256 == manifest["files"]["mysql.sql.gz"]["sha256"]
+    section = manifest["mysqldump"]
+    assert section["valid"] is True
+    assert section["databases"] == IDOIT
+    assert section["tables"] == idoit_db.row_counts
+    assert section["server_version"].startswith("10.")
+    assert section["mysqldump_exit"] == 0
+    assert section["started"] <= section["finished"]
+    assert result.rows == idoit_db.total_rows >= 100_000
+    assert subprocess.run(["gunzip", "-t", str(dump_file)], check=False).returncode == 0
+
+    loaded = scratch_mariadb.load(dump_file)
+    assert loaded.returncode == 0, loaded.stderr
+    assert scratch_mariadb.checksums(IDOIT) == idoit_db.checksums
+    assert lab.row_counts(IDOIT, scratch_mariadb.socket) == idoit_db.row_counts
+    # the view, the trigger and the routine came along
+    objects = lab.mysql_rows(
+        "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA LIKE 'idoit%' UNION ALL "
+        "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA LIKE 'idoit%' "
+        "UNION ALL SELECT COUNT(*) FROM information_schema.ROUTINES "
+        "WHERE ROUTINE_SCHEMA LIKE 'idoit%'",
+        scratch_mariadb.socket,
+    )
+    assert all(int(row[0]) >= 1 for row in objects)
+
+
+def test_default_dump_holds_all_databases(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path)
+    transport = transport_for(vm)
+    plan = mysqldump.preflight(transport, vm="lab", guest=vm.guest, options=vm.mysqldump)
+    assert plan.all_databases and "--all-databases" in plan.argv
+    assert {"mysql", *IDOIT} <= set(plan.databases)
+    assert not {"information_schema", "performance_schema", "sys"} & set(plan.databases)
+    result, folder = take_dump(transport, vm, tmp_path)
+    source = mysqldump.prepare_restore(folder, vm="lab")
+    assert {"mysql", *IDOIT} <= set(source.databases)
+    assert "mysql" not in source.to_drop  # system schemas are never dropped
+    assert set(IDOIT) <= set(source.to_drop)
+    assert result.tables >= len(idoit_db.row_counts)
+
+
+@pytest.mark.parametrize(
+    ("compression", "where", "tester"),
+    [
+        ("gzip", "coordinator", ["gunzip", "-t"]),
+        ("zstd", "guest", ["zstd", "-q", "-t"]),
+        ("none", "guest", ["true"]),
+    ],
+)
+def test_other_codecs_and_compression_places(
+    ssh_guest: lab.SshGuest,
+    idoit_db: IdoitDB,
+    scratch_mariadb: lab.ScratchMariaDB,
+    transport_for: Any,
+    tmp_path: Path,
+    compression: str,
+    where: str,
+    tester: list[str],
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path, databases=IDOIT, compression=compression)
+    result, folder = take_dump(transport_for(vm), vm, tmp_path, compress_on=where)
+    manifest = store.verify(folder)
+    assert manifest["mysqldump"]["compressed_on"] == where
+    assert result.path.name == mysqldump.DUMP_NAMES[compression]
+    stored = folder / result.path.name
+    assert subprocess.run([*tester, str(stored)], check=False).returncode == 0
+    source = mysqldump.prepare_restore(folder, vm="lab")
+    assert source.to_drop == IDOIT
+    if compression == "none":
+        assert scratch_mariadb.load(stored).returncode == 0
+        assert scratch_mariadb.checksums(IDOIT) == idoit_db.checksums
+
+
+def test_sudo_login_and_password_never_on_a_command_line(
+    sudo_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    password = 'S3cr"et\\pa ss#;$(x)' + os.urandom(4).hex()
+    quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+    lab.mysql_exec(
+        "DROP USER IF EXISTS 'snapdump'@'localhost';"
+        f"CREATE USER 'snapdump'@'localhost' IDENTIFIED BY '{quoted}';"
+        "GRANT SELECT, SHOW VIEW, TRIGGER, LOCK TABLES, EVENT, RELOAD, PROCESS, "
+        "SHOW DATABASES ON *.* TO 'snapdump'@'localhost';"
+        "GRANT SELECT ON mysql.proc TO 'snapdump'@'localhost';"
+    )
+    vm = vm_config(sudo_guest, tmp_path, databases=IDOIT, user="snapdump")
+    vm.mysqldump["password"] = Secret("env:TEST", password)
+    transport = transport_for(vm)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch_process_table() -> None:  # `ps` while the dump runs
+        while not stop.is_set():
+            ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False)
+            seen.append(ps.stdout)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_process_table, daemon=True)
+    watcher.start()
+    try:
+        result, folder = take_dump(transport, vm, tmp_path)
+    finally:
+        stop.set()
+        watcher.join()
+        lab.mysql_exec("DROP USER IF EXISTS 'snapdump'@'localhost'")
+    assert result.rows == idoit_db.total_rows
+    assert any("mysqldump" in snapshot for snapshot in seen)  # the watcher saw the dump run
+    assert not any(password in snapshot for snapshot in seen)
+    assert transport.lines and not any(password in " ".join(line) for line in transport.lines)
+    assert "--defaults-extra-file=" in " ".join(transport.lines[-1])
+    assert password not in (folder / "manifest.json").read_text()
+    assert not list(Path("/tmp").glob("snapcoord-my.*"))  # the option file was removed
+
+
+def test_wrong_password_fails_in_preflight(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path, user="nosuchuser")
+    vm.mysqldump["password"] = Secret("env:TEST", "wrong-password-123")
+    with pytest.raises(PreflightError, match="Access denied") as info:
+        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump)
+    assert "wrong-password-123" not in str(info.value)
+    assert info.value.exit_code == ExitCode.PREFLIGHT
+
+
+@pytest.mark.parametrize(
+    ("dump", "message"),
+    [
+        ({"options": ["--result-file=/tmp/x"]}, "--result-file"),
+        ({"options": ["--compact"]}, "--compact"),
+        ({"options": ["-psecret"]}, "-psecret"),
+        ({"databases": ["nosuchdb_snapcoord"]}, "nosuchdb_snapcoord"),
+        ({"databases": ["-x"]}, "not supported"),
+    ],
+)
+def test_preflight_rejects_bad_settings(
+    ssh_guest: lab.SshGuest,
+    transport_for: Any,
+    tmp_path: Path,
+    dump: dict[str, Any],
+    message: str,
+) -> None:
+    lab.ensure_running(["mariadb"])
+    vm = vm_config(ssh_guest, tmp_path, **dump)
+    with pytest.raises(PreflightError, match=message):
+        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump)
+
+
+def test_preflight_catches_a_full_store(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tiny_store: Path
+) -> None:
+    vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
+    with pytest.raises(store.StoreError, match="free, the dump needs"):
+        mysqldump.preflight(
+            transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, store_root=tiny_store
+        )
+
+
+@pytest.fixture
+def tiny_store(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def guest_mysqldumps(guest: lab.SshGuest) -> list[int]:
+    """PIDs of mysqldump processes started through *this* lab sshd (other tests may dump too)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm_end = stat_text.rindex(")")
+        names[int(entry.name)] = stat_text[stat_text.index("(") + 1 : comm_end]
+        parents[int(entry.name)] = int(stat_text[comm_end + 2 :].split()[1])
+    found = []
+    for pid, name in names.items():
+        if name != "mysqldump":
+            continue
+        current = pid
+        while current > 1:
+            current = parents.get(current, 1)
+            if current == guest.pid:
+                found.append(pid)
+                break
+    return found
+
+
+def _wait(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_store_filling_up_mid_stream_is_a_failed_dump(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tiny_store: Path
+) -> None:
+    vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
+    run = store.RunDir.begin(tiny_store, "lab", "snap-full")
+    with pytest.raises(mysqldump.DumpFailed, match="No space left") as info:
+        mysqldump.dump(
+            transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run
+        )
+    assert info.value.exit_code == ExitCode.PREFLIGHT
+    assert info.value.failed_dir == tiny_store / "lab" / "snap-full.failed"
+    assert store.list_dumps(tiny_store, "lab") == []
+    assert not (tiny_store / "lab" / "snap-full").exists()
+    assert _wait(lambda: not guest_mysqldumps(ssh_guest)), "mysqldump kept running in the guest"
+
+
+def test_mysqldump_killed_mid_stream_records_no_valid_dump(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    # one INSERT per row makes the dump slow enough to kill it while it streams
+    vm = vm_config(
+        ssh_guest,
+        tmp_path,
+        databases=IDOIT,
+        options=["--single-transaction", "--skip-extended-insert"],
+    )
+    transport = transport_for(vm)
+    run = store.RunDir.begin(tmp_path, "lab", "snap-killed")
+    part = run.path / ".mysql.sql.gz.part"
+    killed: list[int] = []
+
+    def killer() -> None:
+        if _wait(lambda: part.exists() and part.stat().st_size > 0):
+            for pid in guest_mysqldumps(ssh_guest):
+                os.kill(pid, 9)
+                killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 137"):
+        mysqldump.dump(transport, vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run)
+    thread.join()
+    assert killed
+    failed = tmp_path / "lab" / "snap-killed.failed"
+    assert failed.is_dir() and not (tmp_path / "lab" / "snap-killed").exists()
+    assert (failed / "mysql.sql.gz.incomplete").is_file()  # kept for inspection only
+    assert store.list_dumps(tmp_path, "lab") == []
+    with pytest.raises(store.CorruptDump):
+        store.find_dump(tmp_path, "lab", "snap-killed")
+
+
+def test_a_table_that_errors_fails_the_dump(
+    ssh_guest: lab.SshGuest, transport_for: Any, tmp_path: Path
+) -> None:
+    lab.ensure_running(["mariadb"])
+    lab.mysql_exec(
+        "DROP DATABASE IF EXISTS snapcoord_broken; CREATE DATABASE snapcoord_broken;"
+        "CREATE TABLE snapcoord_broken.t (id INT PRIMARY KEY);"
+        "INSERT INTO snapcoord_broken.t VALUES (1);"
+        "CREATE VIEW snapcoord_broken.v AS SELECT id FROM snapcoord_broken.t;"
+        "DROP TABLE snapcoord_broken.t;"
+    )
+    try:
+        vm = vm_config(ssh_guest, tmp_path, databases=["snapcoord_broken"])
+        run = store.RunDir.begin(tmp_path, "lab", "snap-broken")
+        with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 2") as info:
+            mysqldump.dump(
+                transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run
+            )
+    finally:
+        lab.mysql_exec("DROP DATABASE IF EXISTS snapcoord_broken")
+    assert "references invalid table" in str(info.value) or "1356" in str(info.value)
+    assert store.list_dumps(tmp_path, "lab") == []
