@@ -399,3 +399,48 @@ def test_a_table_that_errors_fails_the_dump(
         lab.mysql_exec("DROP DATABASE IF EXISTS snapcoord_broken")
     assert "references invalid table" in str(info.value) or "1356" in str(info.value)
     assert store.list_dumps(tmp_path, "lab") == []
+
+
+def test_archive_of_guest_paths_restores_by_hand(
+    ssh_guest: lab.SshGuest, transport_for: Any, tmp_path: Path
+) -> None:
+    from snapcoord.hooks import archive
+
+    source = tmp_path / "guest-files"
+    (source / "conf.d").mkdir(parents=True)
+    (source / "conf.d" / "site.conf").write_text("ServerName example\n")
+    (source / "index.php").write_bytes(os.urandom(4096))
+    vm = vm_config(ssh_guest, tmp_path)
+    transport = transport_for(vm)
+    paths = [str(source / "conf.d"), str(source / "index.php")]
+    assert archive.preflight(transport, vm="lab", paths=paths, store_root=tmp_path) > 0
+    run = store.RunDir.begin(tmp_path, "lab", "snap-files")
+    result = archive.dump(transport, vm="lab", paths=paths, run_dir=run)
+    folder = run.commit()
+    manifest = store.verify(folder)
+    assert manifest["files"]["files.tar.gz"]["sha256"] == result.sha256
+    assert manifest["archive"]["paths"] == paths
+    assert subprocess.run(["gunzip", "-t", str(folder / "files.tar.gz")]).returncode == 0
+    # the documented manual restore: tar -xzf files.tar.gz -C /  (here into another root)
+    target = tmp_path / "restored"
+    target.mkdir()
+    subprocess.run(["tar", "-xzf", str(folder / "files.tar.gz"), "-C", str(target)], check=True)
+    restored = target / str(source).lstrip("/")
+    assert (restored / "conf.d" / "site.conf").read_text() == "ServerName example\n"
+    assert (restored / "index.php").read_bytes() == (source / "index.php").read_bytes()
+
+
+def test_archive_of_a_missing_path_fails_cleanly(
+    ssh_guest: lab.SshGuest, transport_for: Any, tmp_path: Path
+) -> None:
+    from snapcoord.hooks import archive
+
+    vm = vm_config(ssh_guest, tmp_path)
+    transport = transport_for(vm)
+    missing = str(tmp_path / "does-not-exist")
+    with pytest.raises(PreflightError, match="does not exist"):
+        archive.preflight(transport, vm="lab", paths=[missing])
+    run = store.RunDir.begin(tmp_path, "lab", "snap-nofiles")
+    with pytest.raises(mysqldump.DumpFailed, match="does not exist"):
+        archive.dump(transport, vm="lab", paths=[missing], run_dir=run)
+    assert store.list_dumps(tmp_path, "lab") == []
