@@ -18,18 +18,29 @@ Fixtures
     ``ssh_guest`` logging in as those users (``guest_table()`` then has ``sudo = true``).
 ``guest_services`` (function)
     mariadb, apache2 and cron are running when the test starts, and are running again after it
-    (started with ``service NAME start`` only if needed). Yields :class:`tests.lab.GuestServices`:
-    ``running(name)``, ``states()``, ``stop(name)``, ``start(name)``, ``mariadb_uptime()``,
-    ``mysqld_running()`` (a process check from outside).
+    (started with ``service NAME start`` only if needed; anything ``break_start`` did is
+    repaired first). Holds the machine-wide lab lock (/tmp/snapcoord-lab.lock) for the test, so
+    parallel pytest sessions on one machine do not stop each other's database. Yields
+    :class:`tests.lab.GuestServices`: ``running(name)``, ``states()``, ``stop(name)``,
+    ``start(name)``, ``mariadb_uptime()``, ``mysqld_running()`` (a process check from outside),
+    ``break_start(name)`` / ``break_start_command(name)`` (the next ``service NAME start``
+    fails; the command form is a shell line for a ``frozen`` hook).
 ``idoit_db`` (function)
     the i-doit-like dataset (tests/idoit_fixture.py) in the guest's MariaDB, in its pristine
     state: built once per session, rebuilt (about 1 s) only if an earlier test changed it.
     Yields :class:`tests.idoit_fixture.IdoitDB` with the baseline ``checksums``, ``row_counts``,
-    ``schema`` (fingerprint), ``objects`` (views, triggers, routines, events, foreign keys).
+    ``schema`` (fingerprint), ``objects`` (views, triggers, routines, events, foreign keys),
+    ``is_pristine()``, ``mutate_schema_for_errno150()``, ``mutate_data()``.
+    ``idoit_fixture.add_broken_view()`` makes the next mysqldump fail mid-stream (exit 2,
+    no completion marker).
 ``scratch_mariadb`` (function)
     a private MariaDB server (own datadir/socket/port, started and stopped by PID, one per
     session) with every non-system database dropped before the test:
     :class:`tests.lab.ScratchMariaDB` with ``socket``, ``load(path)``, ``checksums(dbs)``.
+
+Helpers for tests: ``lab.require(cmd, apt_package)`` (skip, or fail under CI=true),
+``lab.table_checksums(dbs, socket)``, ``lab.row_counts``, ``lab.mysql_exec``,
+``lab.mysqldump_to``, ``lab.load_sql``, ``lab.mysqld_running()``, ``lab.lab_lock()``.
 """
 
 from __future__ import annotations
@@ -92,18 +103,20 @@ def nosudo_guest(ssh_guest: lab.SshGuest, guest_users: dict[str, str]) -> lab.Ss
 def guest_services() -> Iterator[lab.GuestServices]:
     _require_services()
     services = lab.GuestServices()
-    services.ensure_running()
-    try:
-        yield services
-    finally:
+    with lab.lab_lock():
         services.ensure_running()
+        try:
+            yield services
+        finally:
+            services.ensure_running()
 
 
 @pytest.fixture(scope="session")
 def _idoit_baseline() -> idoit_fixture.IdoitDB:
     _require_services()
-    lab.ensure_running(["mariadb"])
-    return idoit_fixture.build_idoit()
+    with lab.lab_lock():
+        lab.ensure_running(["mariadb"])
+        return idoit_fixture.build_idoit()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gzip
 import os
 import pwd
@@ -468,6 +469,46 @@ def ensure_running(names: Iterable[str] = LAB_SERVICES) -> list[str]:
             start_service(name)
             started.append(name)
     return started
+
+
+#: Serialises lab users across processes (parallel pytest sessions share one MariaDB).
+LOCK_PATH = Path("/tmp/snapcoord-lab.lock")
+_lock_state: dict[str, int] = {"depth": 0, "fd": -1}
+
+
+@contextlib.contextmanager
+def lab_lock(timeout: float = 900.0) -> Iterator[None]:
+    """Hold the machine-wide lab lock (flock, re-entrant within this process).
+
+    The guest's services and database are shared by everything on this machine; tests that
+    stop services or rewrite databases hold this lock so two pytest sessions do not collide.
+    A process that dies releases it.
+    """
+    if _lock_state["depth"]:
+        _lock_state["depth"] += 1
+        try:
+            yield
+        finally:
+            _lock_state["depth"] -= 1
+        return
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"{LOCK_PATH} still locked after {timeout:.0f}s") from None
+                time.sleep(0.1)
+        _lock_state.update(depth=1, fd=fd)
+        try:
+            yield
+        finally:
+            _lock_state.update(depth=0, fd=-1)
+    finally:
+        os.close(fd)
 
 
 def init_script_exists(name: str) -> bool:
