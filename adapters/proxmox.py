@@ -25,9 +25,9 @@ from proxmoxer.backends.https import (
 )
 from proxmoxer.core import ProxmoxResource, ResourceException
 from requests.adapters import HTTPAdapter
-from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
 from snapcoord.errors import (
     HypervisorError,
     SnapshotExists,
@@ -534,7 +534,7 @@ class ProxmoxAdapter(Adapter):
 
         retrying = Retrying(
             stop=stop_after_delay(self.lock_wait),
-            wait=wait_exponential(multiplier=0.25, max=5),
+            wait=wait_exponential(multiplier=0.25, max=2),
             retry=retry_if_exception_type(_GuestLocked),
             reraise=True,
         )

@@ -94,7 +94,9 @@ class PveApiDouble:
     def start(self, host: str = "127.0.0.1", port: int = 0) -> PveApiDouble:
         self.bind(host, port)
         assert self._httpd is not None
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
