@@ -1,0 +1,189 @@
+"""Fixtures and helpers for the guest tests: configs for the loopback guest, an observing
+libvirt adapter, and a CLI runner that installs it.
+
+The guest's real services (mariadb, apache2, cron) are machine-wide. Several pytest processes may
+drive them at once (developers running suites in parallel), so :func:`lab_services` takes an
+exclusive ``flock`` on :data:`SERVICES_LOCK` for the whole test before touching them.
+
+``python -m tests.guest_fixtures ARGS...`` runs ``snapcoord ARGS...`` with the libvirt adapter
+replaced by :class:`ObservingLibvirtAdapter`, which records, at the moment ``create_snapshot`` is
+called, what the guest's services look like *from outside* (process table, init scripts), into
+the JSON-lines file named by ``$SNAPCOORD_TEST_OBSERVE``. ``$SNAPCOORD_TEST_FAIL_SNAPSHOT=1``
+makes ``create_snapshot`` fail like a hypervisor would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapcoord.adapters.base import VM, Snapshot
+from snapcoord.errors import HypervisorError
+from tests import lab
+from tests.cli_helpers import REPO, write_config
+
+SERVICES_LOCK = Path("/tmp/snapcoord-guest-services.lock")
+OBSERVE_ENV = "SNAPCOORD_TEST_OBSERVE"
+FAIL_ENV = "SNAPCOORD_TEST_FAIL_SNAPSHOT"
+VM_NAME = "web1"  # a running domain of tests.libvirt_nodes.DEFAULT_DOMAINS
+
+
+@pytest.fixture
+def lab_services(guest_services: lab.GuestServices) -> Iterator[lab.GuestServices]:
+    """``guest_services`` (all three running before and after), held exclusively."""
+    with SERVICES_LOCK.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            guest_services.ensure_running()
+            yield guest_services
+        finally:
+            guest_services.ensure_running()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def guest_config(
+    tmp_path: Path,
+    uri: str,
+    guest: dict[str, Any],
+    *,
+    hooks: dict[str, Any] | None = None,
+    vm: str = VM_NAME,
+    name: str | None = None,
+) -> Path:
+    """A config with one libvirt hypervisor (``uri``) and one VM whose guest table is ``guest``."""
+    tables: dict[str, dict[str, Any]] = {
+        "defaults": {"store": str(tmp_path / "store"), "label": "test"},
+        "hypervisors.lab": {"type": "libvirt", "uri": uri},
+        f"vms.{vm}": {"hypervisor": "lab", **({"name": name} if name else {})},
+        f"vms.{vm}.guest": {"watchdog_seconds": 120, **guest},
+    }
+    if hooks:
+        tables[f"vms.{vm}.hooks"] = hooks
+    return write_config(tmp_path / "snapcoord.toml", tables)
+
+
+def observed(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def run_observed(
+    *args: str, observe: Path, fail_snapshot: bool = False, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a child process with :class:`ObservingLibvirtAdapter` installed."""
+    env = {**os.environ, OBSERVE_ENV: str(observe)}
+    if fail_snapshot:
+        env[FAIL_ENV] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "tests.guest_fixtures", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def popen_observed(*args: str, observe: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, OBSERVE_ENV: str(observe)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.guest_fixtures", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> float:
+    """Poll until ``predicate()`` is true; return the seconds it took; fail the test otherwise."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def watchdog_pids() -> list[int]:
+    """PIDs of guest watchdogs (their process title carries snapcoord-watchdog-<run>)."""
+    pids = []
+    for pid, _comm, args in lab._process_table():
+        if "snapcoord-watchdog-" in args and "sleep" not in args.split()[0]:
+            pids.append(pid)
+    return pids
+
+
+def guest_state() -> dict[str, Any]:
+    """The guest's services, seen from outside."""
+    return {
+        "mysqld": lab.mysqld_running(),
+        "apache2": lab.service_running("apache2"),
+        "cron": lab.service_running("cron"),
+        "time": time.time(),
+    }
+
+
+def _observing_class() -> type:
+    from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
+
+    class ObservingLibvirtAdapter(LibvirtAdapter):
+        """The real libvirt adapter, plus a look at the guest when the snapshot is taken."""
+
+        def _record(self, event: str, **data: Any) -> None:
+            path = os.environ.get(OBSERVE_ENV)
+            if path:
+                with open(path, "a") as handle:
+                    handle.write(json.dumps({"event": event, **data}) + "\n")
+
+        def create_snapshot(
+            self,
+            vm: VM,
+            name: str,
+            description: str,
+            *,
+            memory: bool,
+            quiesce: bool,
+            timeout: float,
+        ) -> Snapshot:
+            self._record("create_snapshot", name=name, **guest_state())
+            if os.environ.get(FAIL_ENV):
+                raise HypervisorError("simulated failure: datastore full", vm=vm.name)
+            return super().create_snapshot(
+                vm, name, description, memory=memory, quiesce=quiesce, timeout=timeout
+            )
+
+        def revert_snapshot(
+            self, vm: VM, snapshot: Snapshot, *, start: bool | None, timeout: float
+        ) -> None:
+            self._record("revert_snapshot", name=snapshot.name, **guest_state())
+            super().revert_snapshot(vm, snapshot, start=start, timeout=timeout)
+
+    return ObservingLibvirtAdapter
+
+
+ObservingLibvirtAdapter = None  # set lazily by main(); the class needs libvirt
+
+
+def main(argv: list[str]) -> int:
+    global ObservingLibvirtAdapter
+    from snapcoord import adapters, cli
+
+    ObservingLibvirtAdapter = _observing_class()  # type: ignore[assignment]
+    adapters.REGISTRY["libvirt"] = (__name__, "ObservingLibvirtAdapter", "libvirt", ("libvirt",))
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
