@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from snapcoord import store
-from snapcoord.config import VMConfig, parse_config
+from snapcoord.config import Config, VMConfig, parse_config
 from snapcoord.errors import ExitCode, PreflightError
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks import mysqldump
@@ -26,10 +26,10 @@ pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
 
 
-def vm_config(
+def make_config(
     guest: lab.SshGuest, store_root: Path, *, guest_keys: dict[str, Any] | None = None, **dump: Any
-) -> VMConfig:
-    """A validated ``[vms.lab]`` (schema defaults filled in) for the loopback guest."""
+) -> Config:
+    """A validated config with one VM ``lab`` (schema defaults filled in) for the loopback guest."""
     raw = {
         "defaults": {"store": str(store_root)},
         "hypervisors": {"lab": {"type": "libvirt", "uri": "test:///default"}},
@@ -41,7 +41,13 @@ def vm_config(
             }
         },
     }
-    return parse_config(raw).vm("lab")
+    return parse_config(raw)
+
+
+def vm_config(
+    guest: lab.SshGuest, store_root: Path, *, guest_keys: dict[str, Any] | None = None, **dump: Any
+) -> VMConfig:
+    return make_config(guest, store_root, guest_keys=guest_keys, **dump).vm("lab")
 
 
 class RecordingTransport:

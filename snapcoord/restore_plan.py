@@ -1,0 +1,204 @@
+"""The ``restore-dump`` run: replay a stored logical dump into the guest's running database.
+
+verify (sha256 against the manifest, intact stream, completion marker: before anything else)
+→ connect, probe services, check the database answers → arm the guest watchdog → stop
+``services`` (the database stays up) → drop every non-system database the dump contains, load
+it, compare per-table row counts with the manifest → (unwind) start services, disarm watchdog.
+
+Dropping first is what makes the restore exact: loading table by table over a schema that
+changed after the dump fails with errno 150 and leaves tables missing (docs/dump.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapcoord import store
+from snapcoord.config import Config
+from snapcoord.errors import GuestError, PreflightError, UsageError
+from snapcoord.hooks import mysqldump, watchdog
+from snapcoord.plans import RunContext
+from snapcoord.run import Engine, Reporter, RunResult, Step
+
+
+@dataclass(frozen=True)
+class DumpSource:
+    """What to restore: ``--from SNAPSHOT-NAME``, ``--file PATH``, or (neither) the newest dump."""
+
+    snapshot: str | None = None
+    file: Path | None = None
+
+
+def resolve_source(config: Config, vm_key: str, source: DumpSource) -> Path:
+    """The run folder (or file) to restore from; a failed or missing dump is an error."""
+    if source.snapshot and source.file:
+        raise UsageError("use either --from or --file, not both")
+    if source.file is not None:
+        return Path(source.file)
+    if source.snapshot:
+        return store.find_dump(config.store, vm_key, source.snapshot)
+    dumps = store.list_dumps(config.store, vm_key)
+    if not dumps:
+        raise PreflightError(
+            f"no dump of {vm_key} in {config.store}",
+            vm=vm_key,
+            hint="enable [vms.X.guest] mysqldump = true and take a snapshot, or pass --file",
+        )
+    return dumps[-1].path
+
+
+def restore_dump_steps(
+    ctx: RunContext, *, source: DumpSource, prepared: mysqldump.RestoreSource | None = None
+) -> list[Step]:
+    """The steps of a restore-dump run (for the CLI's ``_run``). The dump is verified here,
+    while the plan is built, so ``--dry-run`` can name the databases that would be dropped."""
+    if ctx.transport is None or ctx.services is None:
+        raise UsageError(f"{ctx.key} has no [vms.{ctx.key}.guest] table: nothing to restore into")
+    path = resolve_source(ctx.config, ctx.key, source)
+    dump = prepared or mysqldump.prepare_restore(path, vm=ctx.key)
+    transport, services, guest = ctx.transport, ctx.services, ctx.guest
+    options = ctx.vm_cfg.mysqldump
+    sudo = bool(guest.get("sudo"))
+    timeout = float(guest["command_timeout"])
+    parallel = bool(guest.get("parallel_services", True))
+    ctx.notes.append(
+        f"dump {dump.file} verified"
+        + (" against its manifest" if dump.manifest else " (no manifest: stream check only)")
+    )
+
+    def check_database() -> None:
+        state = services.state
+        if state is not None and state.database is not None and not state.database_running:
+            raise PreflightError(
+                f"the database service {state.database} is not running: restore-dump loads "
+                "into a running server",
+                vm=ctx.key,
+                hint=f"start it: service {state.database} start",
+            )
+        client = mysqldump.Client.from_config(options, guest, vm=ctx.key)
+        client.query(transport, "SELECT 1;", timeout=timeout)
+
+    def to_stop() -> list[str]:
+        assert services.state is not None
+        return list(services.state.to_stop())
+
+    def arm() -> None:
+        names = list(reversed(to_stop()))
+        if not names:
+            return
+        assert services.state is not None
+        ctx.watchdog = watchdog.arm(
+            transport,
+            vm=ctx.key,
+            run_id=ctx.run_id,
+            init=services.state.init,
+            seconds=int(guest["watchdog_seconds"]),
+            services=names,
+            database=None,
+            sudo=sudo,
+            timeout=timeout,
+        )
+
+    def disarm() -> None:
+        if ctx.watchdog is None:
+            return
+        fired_already = not watchdog.disarm(
+            transport, ctx.watchdog, vm=ctx.key, sudo=sudo, timeout=timeout
+        )
+        seconds = ctx.watchdog.seconds
+        ctx.watchdog = None
+        if fired_already:
+            raise GuestError(
+                f"the guest watchdog fired after {seconds} s and restarted services while "
+                "the dump was loading",
+                vm=ctx.key,
+                hint="raise watchdog_seconds above the restore time and run restore-dump again",
+            )
+
+    def stop_services() -> None:
+        services.stop(to_stop(), ctx.window, parallel=parallel)
+
+    def start_services() -> None:
+        state = services.state
+        assert state is not None
+        names = [s for s in state.services if s in state.stopped]
+        services.start(names, ctx.window, parallel=parallel)
+
+    def load() -> None:
+        result = mysqldump.restore(transport, vm=ctx.key, guest=guest, options=options, source=dump)
+        ctx.notes.append(
+            f"restored {', '.join(result.dropped) or 'the dump'} from {dump.file.name} in "
+            f"{result.seconds:.1f} s; {result.rows_checked} rows match the manifest"
+        )
+        ctx.notes.extend(result.warnings)
+
+    drop = ", ".join(dump.to_drop) or "none"
+    return [
+        Step(
+            "connect to guest",
+            transport.open,
+            transport.close,
+            undo_name="disconnect from guest",
+            undo_first=True,
+            describe=transport.description,
+        ),
+        Step("check guest services and sudo", services.probe, describe="which services run"),
+        Step("check database", check_database, describe="the database answers (it stays up)"),
+        Step(
+            "arm guest watchdog",
+            arm,
+            disarm,
+            undo_name="disarm guest watchdog",
+            describe=f"restarts stopped services after {guest['watchdog_seconds']} s",
+        ),
+        Step(
+            "stop services",
+            stop_services,
+            start_services,
+            undo_first=True,
+            undo_name="start services",
+            describe=", ".join(guest["services"]) + " (those running); the database stays up",
+        ),
+        Step(
+            "drop databases and load dump",
+            load,
+            describe=f"DROP DATABASE {drop}; load {dump.file}; compare row counts",
+        ),
+    ]
+
+
+def restore_dump(
+    config: Config,
+    vm_key: str,
+    *,
+    source: DumpSource,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    run_id: str = "restore",
+) -> RunResult:
+    """Run restore-dump for one VM (without the CLI's lock and journal; the CLI may instead
+    pass :func:`restore_dump_steps` to its runner). ``dry_run`` verifies the dump and returns
+    ``values["would_drop"]`` without touching the guest."""
+    ctx = RunContext.create(config, vm_key, run_id)
+    path = resolve_source(config, vm_key, source)
+    prepared = mysqldump.prepare_restore(path, vm=vm_key)
+    if dry_run:
+        result = RunResult(window=ctx.window)
+        result.values.update(dry_run_values(prepared))
+        return result
+    steps = restore_dump_steps(ctx, source=source, prepared=prepared)
+    result = Engine(reporter, window=ctx.window).execute(steps)
+    result.values.update({"dump": str(prepared.file), "dropped": prepared.to_drop,
+                          "notes": list(ctx.notes)})  # fmt: skip
+    return result
+
+
+def dry_run_values(prepared: mysqldump.RestoreSource) -> dict[str, Any]:
+    return {
+        "dump": str(prepared.file),
+        "would_drop": prepared.to_drop,
+        "kept": [d for d in prepared.databases if d not in prepared.to_drop],
+        "verified_against_manifest": prepared.manifest is not None,
+    }

@@ -1,0 +1,175 @@
+"""restore-dump on the real loopback guest: verify, stop services, drop, load, compare, restart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapcoord import store
+from snapcoord.errors import ExitCode
+from snapcoord.guest import open_transport
+from snapcoord.hooks import mysqldump
+from snapcoord.restore_plan import DumpSource, restore_dump
+from tests import lab
+from tests.idoit_fixture import DATABASES, IdoitDB
+from tests.test_mysqldump import make_config, take_dump
+
+pytestmark = pytest.mark.real
+IDOIT = list(DATABASES)
+
+
+@pytest.fixture
+def dumped(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, tmp_path: Path
+) -> Iterator[tuple[Any, Path]]:
+    """A config for the loopback guest and a verified dump of the pristine i-doit databases."""
+    config = make_config(ssh_guest, tmp_path / "store", databases=IDOIT)
+    vm = config.vm("lab")
+    assert vm.guest is not None
+    transport = open_transport(vm.guest, vm="lab")
+    transport.open()
+    try:
+        _, folder = take_dump(transport, vm, config.store, "snap-1")
+    finally:
+        transport.close()
+    yield config, folder
+
+
+def test_restore_dump_brings_back_the_exact_data_after_schema_and_data_changes(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB, guest_services: lab.GuestServices
+) -> None:
+    config, _ = dumped
+    idoit_db.mutate_schema_for_errno150()
+    idoit_db.mutate_data()
+    assert not idoit_db.is_pristine()
+
+    result = restore_dump(config, "lab", source=DumpSource(snapshot="snap-1"))
+
+    assert result.ok, [str(f) for f in result.failures]
+    assert idoit_db.is_pristine()  # checksums of every table and the schema fingerprint
+    assert lab.row_counts(IDOIT) == idoit_db.row_counts
+    assert "idoit_data.isys_catg_cloud_list" not in lab.base_tables(IDOIT)
+    names = [(r.name, r.ok) for r in result.records]
+    assert ("stop services", True) in names and ("start services", True) in names
+    assert ("drop databases and load dump", True) in names
+    assert guest_services.running("apache2") and guest_services.running("cron")
+    assert not any("database" in r.name and "stop" in r.name for r in result.records)
+    assert guest_services.running("mariadb")  # the database stayed up: nothing stopped it
+    assert result.values["dropped"] == IDOIT
+
+
+def test_loading_without_dropping_first_fails_with_errno_150_and_loses_a_table(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB
+) -> None:
+    config, folder = dumped
+    idoit_db.mutate_schema_for_errno150()
+    before = set(lab.base_tables(IDOIT))
+
+    # what an admin would do by hand: gunzip < mysql.sql.gz | mysql
+    naive = lab.load_sql(folder / "mysql.sql.gz")
+
+    assert naive.returncode != 0
+    assert "errno: 150" in naive.stderr
+    assert "Foreign key constraint is incorrectly formed" in naive.stderr
+    lost = {t for t in before if t.startswith("idoit_data.isys_catg_")} - set(
+        lab.base_tables(IDOIT)
+    )
+    assert lost, "the failed load should have dropped a child table without recreating it"
+
+    # the same dump with the drop first restores exactly
+    vm = config.vm("lab")
+    transport = open_transport(vm.guest, vm="lab")
+    transport.open()
+    try:
+        restored = mysqldump.restore(
+            transport, vm="lab", guest=vm.guest, options=vm.mysqldump, source=folder
+        )
+    finally:
+        transport.close()
+    assert restored.dropped == IDOIT and not restored.mismatches
+    assert idoit_db.is_pristine()
+
+
+def test_corrupted_dump_is_refused_before_the_database_is_touched(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB, guest_services: lab.GuestServices
+) -> None:
+    config, folder = dumped
+    idoit_db.mutate_data()
+    changed = idoit_db.current_checksums()
+    dump_file = folder / "mysql.sql.gz"
+    data = bytearray(dump_file.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    dump_file.write_bytes(bytes(data))
+
+    with pytest.raises(store.CorruptDump, match="sha256") as info:
+        restore_dump(config, "lab", source=DumpSource(snapshot="snap-1"))
+    assert info.value.exit_code == ExitCode.PREFLIGHT
+    assert idoit_db.current_checksums() == changed  # untouched
+    assert guest_services.running("apache2") and guest_services.running("cron")
+
+    # a truncated file given with --file (no manifest next to it) is refused too
+    loose = folder.parent / "loose.sql.gz"
+    original = data[:]
+    original[len(data) // 2] ^= 0x55
+    loose.write_bytes(bytes(original[: len(original) - 40]))
+    with pytest.raises(store.CorruptDump, match=r"truncated|gzip"):
+        restore_dump(config, "lab", source=DumpSource(file=loose))
+    assert idoit_db.current_checksums() == changed
+
+
+def test_dry_run_names_the_databases_and_changes_nothing(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB
+) -> None:
+    config, _ = dumped
+    idoit_db.mutate_data()
+    changed = idoit_db.current_checksums()
+    result = restore_dump(config, "lab", source=DumpSource(), dry_run=True)  # newest dump
+    assert result.values["would_drop"] == IDOIT
+    assert result.values["verified_against_manifest"] is True
+    assert not result.records
+    assert idoit_db.current_checksums() == changed
+
+
+def test_bare_file_restores_without_row_comparison(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB, tmp_path: Path
+) -> None:
+    config, folder = dumped
+    idoit_db.mutate_data()
+    loose = tmp_path / "copy" / "idoit.sql.gz"
+    loose.parent.mkdir()
+    shutil.copy(folder / "mysql.sql.gz", loose)
+    result = restore_dump(config, "lab", source=DumpSource(file=loose))
+    assert result.ok, [str(f) for f in result.failures]
+    assert any("not compared" in note for note in result.values["notes"])
+    assert idoit_db.is_pristine()
+
+
+def test_row_count_mismatch_fails_the_restore_and_restarts_services(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB, guest_services: lab.GuestServices
+) -> None:
+    config, folder = dumped
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["mysqldump"]["tables"]["idoit_data.isys_obj"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+
+    result = restore_dump(config, "lab", source=DumpSource(snapshot="snap-1"))
+
+    assert result.exit_code == ExitCode.SNAPSHOT_FAILED
+    assert "idoit_data.isys_obj: expected" in str(result.failures[0])
+    assert guest_services.running("apache2") and guest_services.running("cron")
+    assert [r.name for r in result.records if r.undo][:1] == ["start services"]
+
+
+def test_missing_and_failed_dumps_are_named(dumped: tuple[Any, Path]) -> None:
+    config, folder = dumped
+    with pytest.raises(Exception, match="no dump of snapshot nope"):
+        restore_dump(config, "lab", source=DumpSource(snapshot="nope"))
+    folder.rename(folder.with_name("snap-1.failed"))
+    with pytest.raises(store.CorruptDump, match="failed when it was taken"):
+        restore_dump(config, "lab", source=DumpSource(snapshot="snap-1"))
