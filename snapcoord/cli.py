@@ -248,6 +248,7 @@ def _run(
     journal = Journal(config.store, key)
     lock = VMLock(config.store, key, run_id)
     result = RunResult(window=ctx.window)
+    owns_journal = False  # only a run that started may write or remove the journal
     try:
         lock.acquire()
     except SnapcoordError as exc:
@@ -263,6 +264,7 @@ def _run(
                     hint=f"run: snapcoord recover {key}",
                 )
             journal.clear()
+            owns_journal = True
 
             def save(engine: Engine) -> None:
                 data = ctx.journal_data()
@@ -278,8 +280,9 @@ def _run(
     summary = run_summary(
         key, result, run=run_id, command=title, snapshot=ctx.snapshot_name or None, notes=ctx.notes
     )
-    if not any(isinstance(f, SnapcoordError) and f.exit_code == 75 for f in result.failures):
-        journal.finish(summary)
+    if owns_journal:
+        # A service left down keeps the journal: the next run refuses, `recover` retries.
+        journal.finish(summary, keep_journal=bool(result.window.still_down))
     _report(args, key, result, summary)
     return result.exit_code
 

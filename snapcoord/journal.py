@@ -27,10 +27,11 @@ class Journal:
             return None
         return data if isinstance(data, dict) else None
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], *, keep_journal: bool = False) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _atomic_write(self.last, summary)
-        self.path.unlink(missing_ok=True)
+        if not keep_journal:
+            self.path.unlink(missing_ok=True)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -75,11 +75,15 @@ class RunContext:
 
     def journal_data(self) -> dict[str, Any]:
         state = self.services.state if self.services else None
+        # Once the watchdog is armed, everything it guards counts as stopped: a crash in the
+        # middle of a stop must still be recovered. All of them were running before the run.
+        stopped = list(self.watchdog.services) if self.watchdog else []
+        stopped += [s for s in (state.stopped if state else []) if s not in stopped]
         return {
             "run": self.run_id,
             "vm": self.key,
             "snapshot": self.snapshot_name,
-            "stopped": list(state.stopped) if state else [],
+            "stopped": stopped,
             "database": state.database if state else None,
             "init": state.init if state else None,
             "watchdog": self.watchdog.as_dict() if self.watchdog else None,

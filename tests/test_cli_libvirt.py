@@ -14,7 +14,7 @@ from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 
 
 @pytest.fixture
-def config(tmp_path: Path, libvirt_node: str) -> Path:  # noqa: F811
+def config(tmp_path: Path, libvirt_node: str) -> Path:
     return write_config(
         tmp_path / "snapcoord.toml",
         {

@@ -1,0 +1,120 @@
+"""Crash safety with the exec transport and the demo's stand-in services: a run killed with
+SIGKILL inside the window leaves a journal; the next run refuses to start over it; `recover`
+starts what it names and disarms the watchdog."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import REPO, snapcoord, write_config
+from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+
+DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
+
+
+@pytest.fixture
+def exec_guest(tmp_path: Path, libvirt_node: str) -> tuple[Path, Path]:
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("apache2", "cron", "mariadb"):
+        (state / f"{name}.running").touch()
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.db1.guest": {
+                "transport": "exec",
+                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+                "database": "mariadb",
+                "watchdog_seconds": 300,
+            },
+            "vms.db1.hooks": {"frozen": ["sleep 60"]},
+        },
+    )
+    return config, state
+
+
+def _running(state: Path) -> set[str]:
+    return {p.name.removesuffix(".running") for p in state.glob("*.running")}
+
+
+def _wait_for(predicate: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_killed_run_is_recovered(exec_guest: tuple[Path, Path], tmp_path: Path) -> None:
+    config, state = exec_guest
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "db1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: not _running(state))  # all three stopped: inside the window
+        journal = tmp_path / "store" / "journal" / "db1.json"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    data = json.loads(journal.read_text())
+    assert sorted(data["stopped"]) == ["apache2", "cron", "mariadb"]
+    assert data["watchdog"]["pid"] > 0
+    watchdog_pid = data["watchdog"]["pid"]
+    assert Path(f"/proc/{watchdog_pid}").exists()
+
+    refused = snapcoord("-c", str(config), "snapshot", "db1")
+    assert refused.returncode == 4
+    assert "snapcoord recover db1" in refused.stderr
+    assert not _running(state)  # the refused run touched nothing
+
+    fixed = snapcoord("-c", str(config), "recover", "db1")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "started mariadb" in fixed.stdout and "disarmed the watchdog" in fixed.stdout
+    assert _running(state) == {"apache2", "cron", "mariadb"}
+    _wait_for(lambda: not Path(f"/proc/{watchdog_pid}").exists() or _zombie(watchdog_pid))
+    assert not journal.exists()
+
+    again = snapcoord("-c", str(config), "recover", "db1")
+    assert again.returncode == 0 and "nothing to recover" in again.stdout
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_frozen_hook_failure_restores_services_and_takes_no_snapshot(
+    exec_guest: tuple[Path, Path],
+) -> None:
+    config, state = exec_guest
+    text = config.read_text().replace('frozen = ["sleep 60"]', 'frozen = ["exit 7"]')
+    config.write_text(text)
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
+    run = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 4
+    assert "frozen hook #1 failed (exit 7)" in run["errors"][0]
+    assert "hypervisor snapshot" not in [s["name"] for s in run["steps"]]
+    assert _running(state) == {"apache2", "cron", "mariadb"}
+    assert run["window_seconds"] > 0 and run["services_down"] == []
+
+
+def test_service_stopped_before_the_run_stays_stopped(exec_guest: tuple[Path, Path]) -> None:
+    config, state = exec_guest
+    config.write_text(config.read_text().replace('frozen = ["sleep 60"]', "frozen = []"))
+    (state / "cron.running").unlink()
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert _running(state) == {"apache2", "mariadb"}
