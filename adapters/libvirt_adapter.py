@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import libvirt
-from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot
 
+from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot
 from snapcoord.errors import (
     HypervisorError,
     PreflightError,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
+
 from snapcoord.adapters import adapter_class, open_adapter
 from snapcoord.adapters import libvirt_adapter as mod
 from snapcoord.adapters.base import VM, PowerState, Snapshot
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
-
 from snapcoord.errors import (
     ExitCode,
     HypervisorError,

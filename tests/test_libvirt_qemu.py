@@ -20,9 +20,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
+
 from snapcoord.adapters.base import VM, PowerState
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
-
 from snapcoord.errors import UnsupportedOperation
 
 URI = "qemu:///system"
