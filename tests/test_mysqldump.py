@@ -172,6 +172,7 @@ def test_default_dump_holds_all_databases(
     ("compression", "where", "tester"),
     [
         ("gzip", "coordinator", ["gunzip", "-t"]),
+        ("gzip", "guest", ["gunzip", "-t"]),
         ("zstd", "guest", ["zstd", "-q", "-t"]),
         ("none", "guest", ["true"]),
     ],
