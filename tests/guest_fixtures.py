@@ -116,13 +116,12 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
     return time.monotonic() - started
 
 
-def watchdog_pids() -> list[int]:
-    """PIDs of guest watchdogs (their process title carries snapcoord-watchdog-<run>)."""
-    pids = []
-    for pid, _comm, args in lab._process_table():
-        if "snapcoord-watchdog-" in args and "sleep" not in args.split()[0]:
-            pids.append(pid)
-    return pids
+def watchdog_pids(run: str) -> list[int]:
+    """PIDs of the guest watchdog of run ``run`` (its arguments carry snapcoord-watchdog-<run>).
+
+    Only this run's: other test processes on the machine may have their own watchdogs."""
+    marker = f"snapcoord-watchdog-{run}"
+    return [pid for pid, _comm, args in lab._process_table() if marker in args.split()]
 
 
 def guest_state() -> dict[str, Any]:
