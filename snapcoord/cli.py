@@ -273,12 +273,19 @@ def _run(
                 journal.write(data)
 
             result = Engine(reporter, window=ctx.window, on_change=save).execute(steps)
+            result.failures.extend(ctx.soft_failures)
         except SnapcoordError as exc:
             result.failures.append(exc)
         finally:
             lock.release()
     summary = run_summary(
-        key, result, run=run_id, command=title, snapshot=ctx.snapshot_name or None, notes=ctx.notes
+        key,
+        result,
+        run=run_id,
+        command=title,
+        snapshot=ctx.snapshot_name or None,
+        notes=ctx.notes,
+        **ctx.outputs,
     )
     if owns_journal:
         # A service left down keeps the journal: the next run refuses, `recover` retries.

@@ -24,6 +24,7 @@ from snapcoord.errors import (
     SnapshotNotFound,
     UsageError,
 )
+from snapcoord.fallback import Fallback
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks import commands, watchdog
 from snapcoord.hooks.services import Services
@@ -49,6 +50,8 @@ class RunContext:
     snapshot_name: str = ""
     notes: list[str] = field(default_factory=list)  # warnings shown at the end
     window: ServiceWindow = field(default_factory=ServiceWindow)
+    outputs: dict[str, Any] = field(default_factory=dict)  # dump/archive results for --json
+    soft_failures: list[SnapcoordError] = field(default_factory=list)  # reported, not fatal
 
     @classmethod
     def create(cls, config: Config, vm_key: str, run_id: str) -> RunContext:
@@ -169,10 +172,14 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
     )
     steps += _guest_connect_steps(ctx)
     if ctx.services is not None:
+        fallback = Fallback(ctx)
+        steps += fallback.preflight_steps()
         after = _hook_step(ctx, "after")
         before = _hook_step(ctx, "before")
         steps += [s for s in (after, before) if s is not None]
-        steps += _bracket_steps(ctx)
+        bracket = _bracket_steps(ctx)
+        at = next(i for i, s in enumerate(bracket) if s.name == "stop services") + 1
+        steps += bracket[:at] + fallback.window_steps() + bracket[at:]
     else:
         ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
     steps.append(

@@ -1,0 +1,143 @@
+"""The logical fallback inside a snapshot run: mysqldump (and file archives) streamed off the
+guest into ``<store>/<vm>/<snapshot>/``.
+
+Preflight checks the client tools, credentials, databases and free space, and opens the run
+folder; inside the window (services stopped, database still up) the dump and the archive are
+streamed; after the services are back the folder is committed (or kept as ``.failed``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from snapcoord import store
+from snapcoord.hooks import archive, mysqldump
+from snapcoord.run import Step
+
+if TYPE_CHECKING:
+    from snapcoord.plans import RunContext
+
+
+class Fallback:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        guest = ctx.guest
+        self.want_dump = bool(guest.get("mysqldump"))
+        self.paths: list[str] = list(ctx.vm_cfg.archive.get("paths", []))
+        self.plan: mysqldump.DumpPlan | None = None
+        self.run_dir: store.RunDir | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.want_dump or bool(self.paths)
+
+    def preflight_steps(self) -> list[Step]:
+        if not self.enabled:
+            return []
+        what = " and ".join(
+            w for w, on in (("mysqldump", self.want_dump), ("archive", self.paths)) if on
+        )
+        return [
+            Step(
+                f"check {what} and store",
+                self._preflight,
+                self._finish,
+                undo_name="commit dump to store",
+                describe=f"client tools, credentials, free space in {self.ctx.config.store}",
+            )
+        ]
+
+    def window_steps(self) -> list[Step]:
+        steps = []
+        if self.want_dump:
+            options = self.ctx.vm_cfg.mysqldump
+            steps.append(
+                Step(
+                    "mysqldump to store",
+                    self._dump,
+                    describe=f"mysqldump {' '.join(mysqldump.check_options(options, vm='-'))} "
+                    f"| {options['compression']} > store",
+                )
+            )
+        if self.paths:
+            steps.append(
+                Step("archive files to store", self._archive, describe=" ".join(self.paths))
+            )
+        return steps
+
+    # -- actions ---------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        ctx = self.ctx
+        assert ctx.transport is not None
+        root = ctx.config.store
+        if self.want_dump:
+            self.plan = mysqldump.preflight(
+                ctx.transport,
+                vm=ctx.key,
+                guest=ctx.guest,
+                options=ctx.vm_cfg.mysqldump,
+                store_root=root,
+            )
+        if self.paths:
+            archive.preflight(
+                ctx.transport,
+                vm=ctx.key,
+                paths=self.paths,
+                sudo=bool(ctx.guest.get("sudo")),
+                timeout=float(ctx.guest["command_timeout"]),
+                store_root=root,
+            )
+        self.run_dir = store.RunDir.begin(root, ctx.key, ctx.snapshot_name)
+
+    def _dump(self) -> None:
+        ctx = self.ctx
+        assert ctx.transport is not None and self.run_dir is not None
+        try:
+            result = mysqldump.dump(
+                ctx.transport,
+                vm=ctx.key,
+                guest=ctx.guest,
+                options=ctx.vm_cfg.mysqldump,
+                run_dir=self.run_dir,
+                snapshot=ctx.snapshot_name,
+                plan=self.plan,
+            )
+        except mysqldump.DumpFailed as exc:
+            if ctx.vm_cfg.mysqldump.get("on_dump_failure") == "continue":
+                ctx.soft_failures.append(exc)
+                ctx.notes.append("the dump failed; snapshot taken anyway (on_dump_failure)")
+                return
+            raise
+        ctx.outputs["dump"] = {
+            "file": result.path.name,
+            "sha256": result.sha256,
+            "bytes": result.size,
+            "sql_bytes": result.sql_bytes,
+            "rows": result.rows,
+            "seconds": round(result.seconds, 3),
+        }
+
+    def _archive(self) -> None:
+        ctx = self.ctx
+        assert ctx.transport is not None and self.run_dir is not None
+        result = archive.dump(
+            ctx.transport,
+            vm=ctx.key,
+            paths=self.paths,
+            run_dir=self.run_dir,
+            sudo=bool(ctx.guest.get("sudo")),
+            timeout=float(ctx.guest["dump_timeout"]),
+        )
+        ctx.outputs["archive"] = {"sha256": result.sha256, "bytes": result.size}
+        ctx.notes += result.warnings
+
+    def _finish(self) -> None:
+        """After the services are back: keep what was stored, say whether a snapshot exists."""
+        run = self.run_dir
+        if run is None:
+            return
+        if not run.files and not run.failed:
+            run.discard()
+            return
+        run.sections["snapshot_taken"] = self.ctx.snapshot is not None
+        self.ctx.outputs["store_folder"] = str(run.commit())
