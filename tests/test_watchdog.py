@@ -1,0 +1,169 @@
+"""The guest-side dead-man's switch: it brings the services back when snapcoord dies inside the
+service window (SIGKILL), it is disarmed by a normal run, and SIGTERM unwinds cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapcoord.guest import SshTransport
+from snapcoord.hooks import watchdog
+from tests import lab
+from tests.cli_helpers import json_lines, snapcoord
+from tests.guest_fixtures import (
+    guest_config,
+    lab_services,  # noqa: F401 - fixture
+    popen_observed,
+    wait_for,
+    watchdog_pids,
+)
+from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+from tests.test_guest_transport import table
+
+WATCHDOG_SECONDS = 10
+
+
+def journal(tmp_path: Path) -> dict[str, Any] | None:
+    path = tmp_path / "store" / "journal" / "web1.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data
+
+
+def start_long_window(tmp_path: Path, config: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Start a snapshot whose frozen hook sleeps; return once everything is stopped."""
+    proc = popen_observed("-c", str(config), "snapshot", "web1", observe=tmp_path / "obs.jsonl")
+
+    def in_window() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"snapcoord ended early: {proc.communicate()}")
+        data = journal(tmp_path)
+        return bool(data and "mariadb" in data.get("stopped", []) and not lab.mysqld_running())
+
+    wait_for(in_window, 60, "the service window to open")
+    time.sleep(0.5)  # inside the frozen hook's sleep
+    data = journal(tmp_path)
+    assert data is not None
+    return proc, data
+
+
+def test_sigkill_inside_the_window_the_watchdog_restarts_everything(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    guest = ssh_guest.guest_table(watchdog_seconds=WATCHDOG_SECONDS)
+    config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 30"]})
+    proc, data = start_long_window(tmp_path, config)
+    assert data["watchdog"]["seconds"] == WATCHDOG_SECONDS  # its identity is in the journal
+    assert data["watchdog"]["services"] == ["mariadb", "cron", "apache2"]  # database first
+    assert watchdog_pids(data["run"]) == [data["watchdog"]["pid"]]
+    assert lab_services.states() == {"mariadb": False, "apache2": False, "cron": False}
+
+    proc.kill()  # SIGKILL: no unwinding, no finally
+    proc.wait()
+
+    # The spec: running again within watchdog_seconds + a few seconds (here: generous slack).
+    wait_for(lab_services.all_running, WATCHDOG_SECONDS + 20, "the watchdog to restart services")
+    wait_for(lambda: watchdog_pids(data["run"]) == [], 10, "the watchdog to exit")
+
+    # The journal still says what the dead run stopped; recover tidies up.
+    assert journal(tmp_path) is not None
+    blocked = snapcoord("-c", str(config), "snapshot", "web1")
+    assert blocked.returncode == 4 and "snapcoord recover web1" in blocked.stderr
+    recovered = snapcoord("-c", str(config), "recover", "web1")
+    assert recovered.returncode == 0, recovered.stderr
+    assert "the watchdog had already run" in recovered.stdout
+    assert journal(tmp_path) is None
+    assert lab_services.all_running()
+
+
+def test_sigterm_inside_the_window_unwinds_and_exits_130(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    guest = ssh_guest.guest_table(watchdog_seconds=300)
+    config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 30"]})
+    proc, data = start_long_window(tmp_path, config)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGTERM" in err
+    assert lab_services.all_running()  # restored by the unwind, not by the watchdog
+    assert watchdog_pids(data["run"]) == []
+    assert journal(tmp_path) is None
+
+
+def test_normal_run_leaves_no_watchdog(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    config = guest_config(tmp_path, libvirt_node, ssh_guest.guest_table())
+    proc = snapcoord("-c", str(config), "snapshot", "web1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = json_lines(proc.stdout)
+    assert "arm guest watchdog" in [s["name"] for s in summary["steps"]]
+    assert watchdog_pids(summary["run"]) == []
+    assert lab_services.all_running()
+
+
+# -- the watchdog on its own, through the transport ------------------------------------------
+
+
+def test_watchdog_fires_for_exactly_the_stopped_services(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        lab_services.stop("cron")
+        lab_services.stop("apache2")
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-fire", init="sysv", seconds=2, services=["cron"],
+            database="mariadb", sudo=False, timeout=30,
+        )  # fmt: skip
+        assert watchdog_pids("t-fire") == [dog.pid]
+        wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
+        wait_for(lambda: watchdog_pids("t-fire") == [], 10, "the watchdog to exit")
+        assert not lab_services.running("apache2")  # not in its list: left alone
+        assert watchdog.disarm(transport, dog, vm="lab", sudo=False, timeout=30) is False
+    finally:
+        transport.close()
+
+
+def test_disarmed_watchdog_never_fires(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        lab_services.stop("cron")
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=2, services=["cron"],
+            database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        assert watchdog.disarm(transport, dog, vm="lab", sudo=False, timeout=30) is True
+        assert watchdog_pids("t-disarm") == []
+        time.sleep(3)
+        assert not lab_services.running("cron")
+    finally:
+        transport.close()
+
+
+def test_watchdog_survives_the_connection(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    lab_services.stop("cron")
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-conn", init="sysv", seconds=3, services=["cron"],
+        database=None, sudo=False, timeout=30,
+    )  # fmt: skip
+    transport.close()  # the SSH connection (and its sessions) go away
+    assert watchdog_pids("t-conn") == [dog.pid]
+    wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
