@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from snapcoord import __version__
@@ -67,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm", metavar="VM")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--yes", action="store_true", help="do not ask")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "restore-dump", help="replay a stored dump into the guest (drops its databases first)"
+    )
+    p.add_argument("vm", metavar="VM")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--from",
+        dest="from_snapshot",
+        metavar="SNAPSHOT-NAME",
+        help="the dump taken with this snapshot (default: the newest good one)",
+    )
+    source.add_argument("--file", type=Path, metavar="PATH", help="a dump file (.sql.gz/.sql)")
+    p.add_argument("--yes", action="store_true", help="do not ask")
+    p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("recover", help="restart services a crashed run left stopped")
@@ -197,6 +214,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_restore_dump(args: argparse.Namespace) -> int:
+    from snapcoord.restore_plan import DumpSource, restore_dump_steps
+
+    config = _load(args)
+    config.vm(args.vm)
+    source = DumpSource(snapshot=args.from_snapshot, file=args.file)
+    if not args.dry_run:
+        what = args.from_snapshot or args.file or "the newest dump"
+        _confirm(args, f"drop the databases of {args.vm} and restore {what}?")
+    return _run(
+        args,
+        config,
+        args.vm,
+        lambda ctx: restore_dump_steps(ctx, source=source),
+        title="restore-dump",
+    )
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     from snapcoord.recover import recover
 
@@ -211,6 +246,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list,
     "revert": cmd_revert,
     "delete": cmd_delete,
+    "restore-dump": cmd_restore_dump,
     "recover": cmd_recover,
     "config": cmd_config,
 }

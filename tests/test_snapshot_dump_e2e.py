@@ -106,3 +106,42 @@ def test_unwritable_store_is_caught_in_preflight(
     assert proc.returncode == 4
     assert run["window_seconds"] is None  # nothing was stopped
     assert all(guest_services.states().values())
+
+
+def test_restore_dump_cli_drops_first_and_brings_back_exact_data(
+    tmp_path: Path,
+    libvirt_node: str,
+    ssh_guest: lab.SshGuest,
+    guest_services: lab.GuestServices,
+    idoit_db: idoit_fixture.IdoitDB,
+) -> None:
+    config = _config(tmp_path, libvirt_node, ssh_guest.guest_table())
+    taken = snapcoord("-c", str(config), "snapshot", "db1", "--json", timeout=600)
+    assert taken.returncode == 0, taken.stderr
+    snapshot = json_lines(taken.stdout)[0]["snapshot"]
+
+    idoit_db.mutate_schema_for_errno150()
+    idoit_db.mutate_data()
+    assert lab.table_checksums(["idoit_system", "idoit_data"]) != idoit_db.checksums
+
+    plan = snapcoord("-c", str(config), "restore-dump", "db1", "--from", snapshot, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "idoit_data" in plan.stdout and "idoit_system" in plan.stdout
+
+    refused = snapcoord("-c", str(config), "restore-dump", "db1", stdin="")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+
+    done = snapcoord(
+        "-c", str(config), "restore-dump", "db1", "--from", snapshot, "--yes", "--json", timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert lab.table_checksums(["idoit_system", "idoit_data"]) == idoit_db.checksums
+    assert all(guest_services.states().values())
+
+    dump_file = next((tmp_path / "store" / "db1" / snapshot).glob("mysql.sql*"))
+    data = bytearray(dump_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dump_file.write_bytes(bytes(data))
+    corrupt = snapcoord("-c", str(config), "restore-dump", "db1", "--yes", timeout=300)
+    assert corrupt.returncode == 4, corrupt.stderr
+    assert lab.table_checksums(["idoit_system", "idoit_data"]) == idoit_db.checksums
