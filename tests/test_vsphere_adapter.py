@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from pyVim.connect import SmartConnect
 from pyVmomi import vim
+
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import MARKER, VM, PowerState, Snapshot
 from snapcoord.adapters.vsphere import VSphereAdapter, snapshot_warnings
-
 from snapcoord.errors import (
     HypervisorError,
     SnapshotFailed,
@@ -49,7 +49,7 @@ def direct_client(sim: VCSim) -> Any:
 
 
 @pytest.fixture
-def adapter(vcsim: VCSim) -> Iterator[VSphereAdapter]:  # noqa: F811
+def adapter(vcsim: VCSim) -> Iterator[VSphereAdapter]:
     with VSphereAdapter("lab", vcsim.settings()) as opened:
         yield opened
 
@@ -62,7 +62,7 @@ def vm(adapter: VSphereAdapter) -> VM:
 # -- finding VMs ----------------------------------------------------------------------------
 
 
-def test_registry_opens_the_vsphere_adapter(vcsim: VCSim) -> None:  # noqa: F811
+def test_registry_opens_the_vsphere_adapter(vcsim: VCSim) -> None:
     with open_adapter("lab", vcsim.settings()) as opened:
         assert isinstance(opened, VSphereAdapter)
         assert opened.find_vm(HOST_VM).name == HOST_VM
@@ -79,7 +79,7 @@ def test_find_by_name_path_uuid_and_moref_agree(adapter: VSphereAdapter) -> None
         assert adapter.find_vm(ref) == by_name, ref
 
 
-def test_find_by_bios_uuid(vcsim: VCSim, adapter: VSphereAdapter) -> None:  # noqa: F811
+def test_find_by_bios_uuid(vcsim: VCSim, adapter: VSphereAdapter) -> None:
     si = direct_client(vcsim)
     found = si.content.searchIndex.FindByInventoryPath(f"DC0/vm/{HOST_VM}")
     bios_uuid = found.config.uuid
@@ -104,7 +104,7 @@ def rename(sim: VCSim, path: str, new_name: str) -> None:
 
 
 def test_ambiguous_name_lists_every_match_and_scoping_resolves_it(
-    vcsim_factory: Callable[..., VCSim],  # noqa: F811
+    vcsim_factory: Callable[..., VCSim],
 ) -> None:
     sim = vcsim_factory(datacenters=2)
     rename(sim, "DC1/vm/DC1_H0_VM0", HOST_VM)
@@ -225,12 +225,19 @@ def test_failing_task_without_quiesce_is_invalid_power_state(adapter: VSphereAda
     assert adapter.list_snapshots(failing) == []
 
 
-def test_task_that_never_ends_raises_task_timeout(adapter: VSphereAdapter) -> None:
+def test_task_that_never_ends_raises_task_timeout_and_shows_progress(
+    adapter: VSphereAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
     hanging = adapter.find_vm(HANG_VM)
-    with pytest.raises(TaskTimeout) as err:
-        adapter.create_snapshot(hanging, "x", "d", memory=False, quiesce=False, timeout=1)
+    with (
+        caplog.at_level(logging.INFO, logger="snapcoord.adapters.vsphere"),
+        pytest.raises(TaskTimeout) as err,
+    ):
+        adapter.create_snapshot(hanging, "x", "d", memory=False, quiesce=False, timeout=3)
     assert err.value.vm == HANG_VM
-    assert "did not finish within 1 s" in err.value.message
+    assert err.value.exit_code == 3
+    assert "did not finish within 3 s" in err.value.message
+    assert f"{HANG_VM}: create snapshot 'x': 1%" in caplog.text
     assert err.value.hint and "task-" in err.value.hint
 
 
@@ -238,7 +245,7 @@ def test_task_that_never_ends_raises_task_timeout(adapter: VSphereAdapter) -> No
 
 
 def test_warns_about_too_many_snapshots(
-    vcsim: VCSim,  # noqa: F811
+    vcsim: VCSim,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with VSphereAdapter("lab", vcsim.settings(max_snapshots=2)) as opened:
@@ -253,7 +260,7 @@ def test_warns_about_too_many_snapshots(
     assert "has 3 snapshots" in caplog.text
 
 
-def test_warns_about_old_snapcoord_snapshots_only(vcsim: VCSim) -> None:  # noqa: F811
+def test_warns_about_old_snapcoord_snapshots_only(vcsim: VCSim) -> None:
     with VSphereAdapter("lab", vcsim.settings(max_age_hours=1e-9)) as opened:
         target = opened.find_vm(CLUSTER_VM)
         opened.create_snapshot(
@@ -291,26 +298,26 @@ def test_quiesce_preflight_needs_vmware_tools(adapter: VSphereAdapter, vm: VM) -
 # -- TLS and login --------------------------------------------------------------------------
 
 
-def test_thumbprint_pinning_connects(vcsim: VCSim) -> None:  # noqa: F811
+def test_thumbprint_pinning_connects(vcsim: VCSim) -> None:
     settings = vcsim.settings(ca_file=None, thumbprint=vcsim.thumbprint)
     with VSphereAdapter("lab", settings) as opened:
         assert opened.find_vm(HOST_VM).name == HOST_VM
 
 
-def test_thumbprint_without_colons_and_lowercase_connects(vcsim: VCSim) -> None:  # noqa: F811
+def test_thumbprint_without_colons_and_lowercase_connects(vcsim: VCSim) -> None:
     pin = "sha256:" + vcsim.thumbprint.split(":", 1)[1].replace(":", "").lower()
     with VSphereAdapter("lab", vcsim.settings(ca_file=None, thumbprint=pin)) as opened:
         assert opened.find_vm(HOST_VM).name == HOST_VM
 
 
-def test_wrong_thumbprint_is_refused(vcsim: VCSim) -> None:  # noqa: F811
+def test_wrong_thumbprint_is_refused(vcsim: VCSim) -> None:
     wrong = "sha256:" + ":".join(["AB"] * 32)
     with pytest.raises(HypervisorError, match="not trusted") as err:
         VSphereAdapter("lab", vcsim.settings(ca_file=None, thumbprint=wrong)).connect()
     assert "does not match the pinned one" in str(err.value)
 
 
-def test_unknown_certificate_is_refused(vcsim: VCSim) -> None:  # noqa: F811
+def test_unknown_certificate_is_refused(vcsim: VCSim) -> None:
     """Verification is on by default, also for 127.0.0.1 (pyVmomi would skip it there)."""
     with pytest.raises(HypervisorError, match="not trusted") as err:
         VSphereAdapter("lab", vcsim.settings(ca_file=None)).connect()
@@ -318,7 +325,7 @@ def test_unknown_certificate_is_refused(vcsim: VCSim) -> None:  # noqa: F811
     assert err.value.hint and "thumbprint" in err.value.hint
 
 
-def test_other_ca_file_is_refused(vcsim: VCSim, tmp_path: Path) -> None:  # noqa: F811
+def test_other_ca_file_is_refused(vcsim: VCSim, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [
@@ -347,7 +354,7 @@ def test_other_ca_file_is_refused(vcsim: VCSim, tmp_path: Path) -> None:  # noqa
 
 
 def test_verify_tls_false_connects_with_a_warning(
-    vcsim: VCSim,  # noqa: F811
+    vcsim: VCSim,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with (
@@ -359,7 +366,7 @@ def test_verify_tls_false_connects_with_a_warning(
     assert any("verify_tls = false" in w for w in opened.warnings)
 
 
-def test_wrong_password_is_hypervisor_error_without_the_secret(vcsim: VCSim) -> None:  # noqa: F811
+def test_wrong_password_is_hypervisor_error_without_the_secret(vcsim: VCSim) -> None:
     settings = vcsim.settings(password=Secret("test", "not-the-password"))
     with pytest.raises(HypervisorError) as err:
         VSphereAdapter("lab", settings).connect()
@@ -370,7 +377,7 @@ def test_wrong_password_is_hypervisor_error_without_the_secret(vcsim: VCSim) -> 
     assert err.value.exit_code == 3
 
 
-def test_unreachable_host_is_hypervisor_error(vcsim: VCSim) -> None:  # noqa: F811
+def test_unreachable_host_is_hypervisor_error(vcsim: VCSim) -> None:
     settings = vcsim.settings(port=1)
     with pytest.raises(HypervisorError, match=r"cannot reach vSphere at 127\.0\.0\.1:1\b"):
         VSphereAdapter("lab", settings).connect()
@@ -389,7 +396,7 @@ def test_session_logged_out_is_re_established(
 
 
 def test_session_terminated_by_the_server_is_re_established(
-    vcsim: VCSim,  # noqa: F811
+    vcsim: VCSim,
     adapter: VSphereAdapter,
     vm: VM,
 ) -> None:
@@ -401,7 +408,7 @@ def test_session_terminated_by_the_server_is_re_established(
     assert adapter._content.sessionManager.currentSession.key != key
 
 
-def test_close_logs_out_and_is_idempotent(vcsim: VCSim) -> None:  # noqa: F811
+def test_close_logs_out_and_is_idempotent(vcsim: VCSim) -> None:
     opened = VSphereAdapter("lab", vcsim.settings())
     opened.connect()
     key = opened._content.sessionManager.currentSession.key
@@ -412,7 +419,7 @@ def test_close_logs_out_and_is_idempotent(vcsim: VCSim) -> None:  # noqa: F811
     assert not other.content.sessionManager.SessionIsActive(key, vcsim.user)
 
 
-def test_one_session_for_many_calls(vcsim: VCSim, adapter: VSphereAdapter, vm: VM) -> None:  # noqa: F811
+def test_one_session_for_many_calls(vcsim: VCSim, adapter: VSphereAdapter, vm: VM) -> None:
     key = adapter._content.sessionManager.currentSession.key
     for _ in range(3):
         adapter.list_snapshots(vm)
