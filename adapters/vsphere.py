@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from pyVim import connect as _connect
 from pyVmomi import vim as _vim
 from pyVmomi import vmodl as _vmodl
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none
+
 from snapcoord.adapters.base import (
     VM,
     Adapter,
@@ -28,8 +30,6 @@ from snapcoord.adapters.base import (
     Snapshot,
     poll_until,
 )
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_none
-
 from snapcoord.errors import (
     HypervisorError,
     SnapcoordError,
