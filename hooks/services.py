@@ -66,33 +66,47 @@ db_alive() { mysqladmin ping >/dev/null 2>&1; }
 stamp() { date +%s%N 2>/dev/null; }  # GNU date: ns; elsewhere whatever it prints (ignored)
 """
 
-_STOP = r"""
-t0=$(stamp); svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
-echo "svc $t0 $(stamp)"
-wait_until "$2" not is_up "$1" || { echo "still running after $2 s" >&2; exit 11; }
+# A failed init command is not the verdict: the state is re-read (after a short grace) and decides.
+_ACT = r"""
+rc=0; w=$2
+t0=$(stamp); svc "$1" "$ACTION" || rc=$?; echo "svc $t0 $(stamp)"
+if [ $rc != 0 ]; then
+  echo "'$ACTION' of $1 exited $rc; checking its state" >&2; [ "$w" -gt 5 ] && w=5
+fi
 """
 
-_STOP_DB = r"""
-pid=$(db_pid)
-t0=$(stamp); svc "$1" stop || { echo "stop command failed" >&2; exit 10; }
-echo "svc $t0 $(stamp)"
-wait_until "$2" pid_gone "$pid" || { echo "server process $pid still up after $2 s" >&2; exit 11; }
-wait_until "$2" not db_alive || { echo "still answers mysqladmin ping after $2 s" >&2; exit 11; }
+_STOP = (
+    "ACTION=stop\n"
+    + _ACT
+    + r"""
+wait_until "$w" not is_up "$1" || { echo "$1 still up $w s after stop (exit $rc)" >&2; exit 11; }
 """
+)
 
-_START = r"""
-is_up "$1" && { echo "already running"; exit 0; }
-t0=$(stamp); svc "$1" start || { echo "start command failed" >&2; exit 10; }
-echo "svc $t0 $(stamp)"
-wait_until "$2" is_up "$1" || { echo "not running $2 s after start" >&2; exit 11; }
+_STOP_DB = (
+    "ACTION=stop\npid=$(db_pid)\n"
+    + _ACT
+    + r"""
+wait_until "$w" pid_gone "$pid" || { echo "server process $pid still up after $w s" >&2; exit 11; }
+wait_until "$w" not db_alive || { echo "still answers mysqladmin ping after $w s" >&2; exit 11; }
 """
+)
 
-_START_DB = r"""
-db_alive && { echo "already running"; exit 0; }
-t0=$(stamp); svc "$1" start || { echo "start command failed" >&2; exit 10; }
-echo "svc $t0 $(stamp)"
-wait_until "$2" db_alive || { echo "mysqladmin ping gets no answer $2 s after start" >&2; exit 11; }
+_START = (
+    'ACTION=start\nis_up "$1" && { echo "already running"; exit 0; }\n'
+    + _ACT
+    + r"""
+wait_until "$w" is_up "$1" || { echo "$1 not running $w s after start (exit $rc)" >&2; exit 11; }
 """
+)
+
+_START_DB = (
+    'ACTION=start\ndb_alive && { echo "already running"; exit 0; }\n'
+    + _ACT
+    + r"""
+wait_until "$w" db_alive || { echo "mysqladmin ping: no answer $w s after start" >&2; exit 11; }
+"""
+)
 
 _CHECK_URL = r"""
 if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 "$3" || exit 12
