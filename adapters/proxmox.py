@@ -32,6 +32,7 @@ from snapcoord.errors import (
     HypervisorError,
     SnapshotExists,
     SnapshotNotFound,
+    TaskTimeout,
     UnsupportedOperation,
     UsageError,
     VMNotFound,
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 HTTP_TIMEOUT = 30.0  # seconds for one API request
 FIRST_POLL = 0.05  # first task status poll after this many seconds ...
 POLL_INTERVAL = 0.1  # ... then this, doubling up to ...
-MAX_POLL_INTERVAL = 1.0
+MAX_POLL_INTERVAL = 0.5  # a finished task is seen at most this late (inside the window)
 
 SNAPNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{1,39}$")  # pve-configid, maxLength 40
 TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+)!([A-Za-z][A-Za-z0-9.\-_]+)$")
@@ -376,22 +377,22 @@ class ProxmoxAdapter(Adapter):
         )
 
     def check_snapshot_ready(self, vm: VM, *, memory: bool, quiesce: bool) -> None:
-        vmid = vm.extra["vmid"]
-        if vm.extra["type"] == "lxc":
-            if memory:
-                raise UnsupportedOperation(
-                    "containers have no RAM state to save", vm=vm.name, hint="set memory = false"
-                )
-            return  # PVE freezes and syncs a running container for every snapshot itself
-        if not quiesce:
-            return
-        if memory:
+        """Preflight, before anything is stopped: RAM state and quiesce possible, and no other
+        task holding the guest (a lock met later would stretch the service window)."""
+        vmid, kind = vm.extra["vmid"], vm.extra["type"]
+        if kind == "lxc" and memory:
+            raise UnsupportedOperation(
+                "containers have no RAM state to save", vm=vm.name, hint="set memory = false"
+            )
+        if kind == "qemu" and quiesce and memory:
             raise UnsupportedOperation(
                 "Proxmox VE freezes file systems only for snapshots without RAM state",
                 vm=vm.name,
                 hint="set either memory = true or quiesce = true, not both",
             )
-        config = self._request("get", f"{self._base(vm)}/config", vm=vm.name)
+        config = self._wait_unlocked(vm)
+        if kind == "lxc" or not quiesce:
+            return  # PVE freezes and syncs a running container for every snapshot itself
         if not _agent_enabled(config.get("agent")):
             raise UnsupportedOperation(
                 f"quiesce needs the QEMU guest agent, which is not enabled for VM {vmid}",
@@ -408,6 +409,39 @@ class ProxmoxAdapter(Adapter):
                 f"quiesce needs the QEMU guest agent, which does not answer ({exc.message})",
                 vm=vm.name,
                 hint="start qemu-guest-agent in the guest, or set quiesce = false",
+            ) from None
+
+    def _wait_unlocked(self, vm: VM) -> dict[str, Any]:
+        """The guest config, once no ``lock`` is set (waiting up to lock_wait_seconds)."""
+        seen: dict[str, str] = {}
+
+        def check() -> dict[str, Any] | None:
+            config: dict[str, Any] = self._request("get", f"{self._base(vm)}/config", vm=vm.name)
+            lock = config.get("lock")
+            if not lock:
+                return config
+            if not seen:
+                log.info("%s: guest is locked (%s); waiting", vm.name, lock)
+            seen["lock"] = str(lock)
+            return None
+
+        try:
+            return poll_until(
+                check,
+                timeout=self.lock_wait,
+                what="waiting for the guest lock",
+                vm=vm.name,
+                first_interval=0.25,
+                max_interval=2.0,
+            )
+        except TaskTimeout:
+            tool = "qm" if vm.extra["type"] == "qemu" else "pct"
+            word = "VM" if vm.extra["type"] == "qemu" else "CT"
+            raise HypervisorError(
+                f"{word} is locked ({seen.get('lock')}) for more than {self.lock_wait:g} s",
+                vm=vm.name,
+                hint="another task (backup, snapshot, migration) holds the guest; if the lock "
+                f"is stale: {tool} unlock {vm.extra['vmid']}",
             ) from None
 
     # -- snapshots ------------------------------------------------------------------------
@@ -534,7 +568,7 @@ class ProxmoxAdapter(Adapter):
 
         retrying = Retrying(
             stop=stop_after_delay(self.lock_wait),
-            wait=wait_exponential(multiplier=0.25, max=2),
+            wait=wait_exponential(multiplier=0.25, max=1),
             retry=retry_if_exception_type(_GuestLocked),
             reraise=True,
         )

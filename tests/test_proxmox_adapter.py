@@ -168,6 +168,18 @@ def test_lock_held_fails_clearly(double: PveApiDouble, cert: Cert) -> None:
     assert "waiting 1 s" in text
 
 
+def test_preflight_waits_for_a_lock(double: PveApiDouble, cert: Cert) -> None:
+    settings = token_settings(double, cert, lock_wait_seconds=1.0)
+    with ProxmoxAdapter("pve", settings) as adapter:
+        vm = adapter.find_vm("db1")
+        double.cluster.lock_guest(100, "backup", seconds=0.6)
+        adapter.check_snapshot_ready(vm, memory=False, quiesce=True)
+        assert adapter.requests.count("GET /nodes/pve1/qemu/100/config") >= 2
+        double.cluster.lock_guest(100, "migrate")
+        with pytest.raises(HypervisorError, match=r"VM is locked \(migrate\) for more than 1 s"):
+            adapter.check_snapshot_ready(vm, memory=False, quiesce=False)
+
+
 def test_lock_taken_by_a_concurrent_snapshot(double: PveApiDouble, cert: Cert) -> None:
     """Two runs on one VM: the second waits for the first task's 'snapshot' lock."""
     double.cluster.task_seconds = 1.0

@@ -158,8 +158,11 @@ def test_revert_takes_a_safety_snapshot_first(run: Callable[..., Any]) -> None:
 def test_lock_released_after_two_seconds(run: Callable[..., Any], double: PveApiDouble) -> None:
     double.cluster.lock_guest(100, "backup", seconds=2.0)
     snapshot_ok(run, "db", "locked")
+    # waited in preflight (before any service would stop), then one create
+    polls = [e for e in double.log if e.path == "/nodes/pve1/qemu/100/config"]
+    assert len(polls) >= 2
     attempts = [e for e in double.log if e.method == "POST" and e.path.endswith("/snapshot")]
-    assert len(attempts) >= 2
+    assert len(attempts) == 1
 
 
 def test_lock_held_fails_clearly(
@@ -168,8 +171,9 @@ def test_lock_held_fails_clearly(
     config = pve_config(tmp_path / "lock.toml", double, cert, lock_wait_seconds=1.0)
     double.cluster.lock_guest(101, "snapshot-delete")
     proc = run("snapshot", "ct", "--json", config=config)
-    assert proc.returncode == 5, proc.stderr
-    assert "CT is locked (snapshot-delete)" in proc.stderr and "pct unlock 101" in proc.stderr
+    assert proc.returncode == 3, proc.stderr  # refused in preflight
+    assert "CT is locked (snapshot-delete) for more than 1 s" in proc.stderr
+    assert "pct unlock 101" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert double.cluster.guests[101].snapshots == {}
 
@@ -263,7 +267,7 @@ def test_guest_bracketed_snapshot_over_ssh(
 
 
 @pytest.mark.real
-def test_locked_vm_restores_guest_services(
+def test_locked_vm_stops_nothing(
     run: Callable[..., Any],
     double: PveApiDouble,
     cert: Cert,
@@ -276,9 +280,11 @@ def test_locked_vm_restores_guest_services(
     )
     double.cluster.lock_guest(100, "backup")
     proc = run("snapshot", "db", "--json", config=config)
-    assert proc.returncode == 5, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     (result,) = json_lines(proc.stdout)
     assert result["services_down"] == [] and "VM is locked (backup)" in proc.stderr
+    names = [s["name"] for s in result["steps"]]
+    assert "stop services" not in names  # refused before anything was stopped
     assert guest_services.all_running()
 
 

@@ -110,6 +110,8 @@ class Cluster:
     def __init__(self, *, task_seconds: float = 0.2, fail_seconds: float = 0.02) -> None:
         self.lock = threading.RLock()
         self.task_seconds = task_seconds
+        #: per task type (e.g. {"qmsnapshot": 1.5}); other types take task_seconds
+        self.task_durations: dict[str, float] = {}
         self.fail_seconds = fail_seconds
         self.nodes: list[str] = []
         self.guests: dict[int, Guest] = {}
@@ -218,7 +220,9 @@ class Cluster:
                 f"UPID:{node}:{self._pid:08X}:{self._pstart:08X}:{starttime:08X}:"
                 f"{type_}:{id_}:{user}:"
             )
-            duration = self.task_seconds if seconds is None else seconds
+            duration = seconds
+            if duration is None:
+                duration = self.task_durations.get(type_, self.task_seconds)
             self.tasks[upid] = Task(
                 upid=upid,
                 node=node,

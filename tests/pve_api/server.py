@@ -192,6 +192,7 @@ class PveApiDouble:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
     double: PveApiDouble
 
     def log_message(self, format: str, *args: Any) -> None:
