@@ -151,7 +151,7 @@ def report(results: dict[str, list[tuple[float, float, list[str]]]], markdown: b
         overs = [s[1] for s in samples]
         calls = samples[-1][2]
         kinds = Counter(_shape(c) for c in calls)
-        shown = "; ".join(f"{n}× {k}" if n > 1 else k for k, n in kinds.items())
+        shown = "; ".join(f"{n}x {k}" if n > 1 else k for k, n in kinds.items())
         if markdown:
             print(
                 f"| {key} | {len(calls)} | {shown} | {statistics.median(walls):.3f} s "
