@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	rm -rf $(DEMO) && mkdir -p $(DEMO)/state
 	touch $(DEMO)/state/apache2.running $(DEMO)/state/cron.running $(DEMO)/state/mariadb.running
-	sed -e "s|@STATE@|$(CURDIR)/$(DEMO)|g" -e "s|@EXAMPLES@|$(CURDIR)/examples|g" \
+	sed -e "s|@STATE@|$(CURDIR)/$(DEMO)/state|g" -e "s|@EXAMPLES@|$(CURDIR)/examples|g" \
 	    examples/demo.toml.in > $(DEMO)/snapcoord.toml
 	$(BIN)/snapcoord -c $(DEMO)/snapcoord.toml config check
 	$(BIN)/snapcoord -c $(DEMO)/snapcoord.toml snapshot demo-db --dry-run
