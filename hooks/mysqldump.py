@@ -556,7 +556,8 @@ def _zstd_inspect(path: Path) -> tuple[int, bytes, str | None]:
 
 @dataclass
 class DumpResult:
-    path: Path  # the stored dump file (inside the run folder)
+    run_dir: RunDir
+    file: str  # name of the dump inside the run folder
     sha256: str
     size: int
     sql_bytes: int
@@ -564,6 +565,11 @@ class DumpResult:
     tables: int
     seconds: float
     databases: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The stored dump (follows the run folder when it is committed or failed)."""
+        return self.run_dir.path / self.file
 
     @property
     def sql_mb_per_s(self) -> float:
@@ -690,7 +696,8 @@ def dump(
         )
     rows = sum(section["tables"].values())
     return DumpResult(
-        path=run_dir.path / name,
+        run_dir=run_dir,
+        file=name,
         sha256=str(entry["sha256"]),
         size=int(entry["size"]),
         sql_bytes=inspector.sql_bytes,
