@@ -34,7 +34,7 @@ demo: $(VENV)/.installed-demo
 ## make test: the whole suite against real components (installs and starts what it needs)
 test: $(VENV)/.installed-dev
 	tests/vcsim/build.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
