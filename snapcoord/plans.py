@@ -27,7 +27,7 @@ from snapcoord.errors import (
 from snapcoord.fallback import Fallback
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks import commands, watchdog
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.services import GuestServices, Services
 from snapcoord.naming import description, snapshot_name
 from snapcoord.run import ServiceWindow, Step
 
@@ -203,115 +203,113 @@ def _check_snapshot_possible(ctx: RunContext) -> None:
 
 def _bracket_steps(ctx: RunContext) -> list[Step]:
     """Watchdog, stop services, stop database, frozen hooks: each with its undo."""
-    assert ctx.services is not None and ctx.transport is not None
-    services, guest, transport = ctx.services, ctx.guest, ctx.transport
-    parallel = bool(guest.get("parallel_services", True))
-    sudo = bool(guest.get("sudo"))
-    timeout = float(guest["command_timeout"])
-
-    def state() -> Any:
-        assert services.state is not None
-        return services.state
-
-    def arm() -> None:
-        st = state()
-        order = ([st.database] if st.database_running else []) + list(reversed(st.to_stop()))
-        if not order:
-            return
-        ctx.watchdog = watchdog.arm(
-            transport,
-            vm=ctx.key,
-            run_id=ctx.run_id,
-            init=st.init,
-            seconds=int(guest["watchdog_seconds"]),
-            services=order,
-            database=st.database,
-            sudo=sudo,
-            timeout=timeout,
-        )
-
-    def disarm() -> None:
-        if ctx.watchdog is None:
-            return
-        was_armed = watchdog.disarm(
-            transport,
-            ctx.watchdog,
-            vm=ctx.key,
-            sudo=sudo,
-            timeout=timeout,
-        )
-        if not was_armed:
-            raise GuestError(
-                f"the guest watchdog had already fired after {ctx.watchdog.seconds} s: "
-                "services were restarted during the run, the snapshot may not be consistent",
-                vm=ctx.key,
-                hint="raise watchdog_seconds above the service window",
-            )
-        ctx.watchdog = None
-
-    bracket = _Bracket(ctx, parallel)
-    return [
-        Step(
-            "arm guest watchdog",
-            arm,
-            disarm,
-            undo_name="disarm guest watchdog",
-            describe=f"restarts stopped services after {guest['watchdog_seconds']} s",
-        ),
-        Step(
-            "stop services",
-            bracket.stop_services,
-            bracket.start_services,
-            undo_first=True,
-            undo_name="start services",
-            describe=", ".join(guest["services"]) + " (those running), in parallel"
-            if parallel
-            else ", ".join(guest["services"]),
-        ),
-        Step(
-            "stop database",
-            bracket.stop_database,
-            bracket.start_database,
-            undo_first=True,
-            undo_name="start database",
-            describe=f"database={guest['database']}",
-        ),
-        *[s for s in (_hook_step(ctx, "frozen"),) if s is not None],
-    ]
+    frozen = _hook_step(ctx, "frozen")
+    return Bracket(ctx).steps(database=True) + ([frozen] if frozen else [])
 
 
-class _Bracket:
-    """The four service actions of the bracket, reading what preflight learned."""
+class Bracket:
+    """The guarded part of a run: arm the watchdog, stop the services that run (and, for a
+    snapshot, the database); the undos start exactly those again and disarm the watchdog.
+    Shared by the snapshot and the restore-dump plans."""
 
-    def __init__(self, ctx: RunContext, parallel: bool) -> None:
+    def __init__(self, ctx: RunContext) -> None:
+        assert ctx.services is not None and ctx.transport is not None
         self.ctx = ctx
-        self.parallel = parallel
+        self.services = ctx.services
+        self.transport = ctx.transport
+        guest = ctx.guest
+        self.guest = guest
+        self.parallel = bool(guest.get("parallel_services", True))
+        self.sudo = bool(guest.get("sudo"))
+        self.timeout = float(guest["command_timeout"])
+        self.database = False
+
+    def steps(self, *, database: bool) -> list[Step]:
+        self.database = database
+        names = ", ".join(self.guest["services"])
+        steps = [
+            Step(
+                "arm guest watchdog",
+                self.arm,
+                self.disarm,
+                undo_name="disarm guest watchdog",
+                describe=f"restarts stopped services after {self.guest['watchdog_seconds']} s",
+            ),
+            Step(
+                "stop services",
+                self.stop_services,
+                self.start_services,
+                undo_first=True,
+                undo_name="start services",
+                describe=f"{names} (those running)" + (", in parallel" if self.parallel else ""),
+            ),
+        ]
+        if database:
+            steps.append(
+                Step(
+                    "stop database",
+                    self.stop_database,
+                    self.start_database,
+                    undo_first=True,
+                    undo_name="start database",
+                    describe=f"database={self.guest['database']}",
+                )
+            )
+        return steps
 
     @property
-    def services(self) -> Services:
-        assert self.ctx.services is not None
-        return self.ctx.services
+    def state(self) -> GuestServices:
+        assert self.services.state is not None, "probe the services first"
+        return self.services.state
+
+    def arm(self) -> None:
+        st = self.state
+        database = st.database if self.database and st.database_running else None
+        order = ([database] if database else []) + list(reversed(st.to_stop()))
+        if not order:
+            return
+        self.ctx.watchdog = watchdog.arm(
+            self.transport,
+            vm=self.ctx.key,
+            run_id=self.ctx.run_id,
+            init=st.init,
+            seconds=int(self.guest["watchdog_seconds"]),
+            services=order,
+            database=database,
+            sudo=self.sudo,
+            timeout=self.timeout,
+        )
+
+    def disarm(self) -> None:
+        dog = self.ctx.watchdog
+        if dog is None:
+            return
+        was_armed = watchdog.disarm(
+            self.transport, dog, vm=self.ctx.key, sudo=self.sudo, timeout=self.timeout
+        )
+        self.ctx.watchdog = None
+        if not was_armed:
+            raise GuestError(
+                f"the guest watchdog had already fired after {dog.seconds} s: services were "
+                "restarted while the run was still working",
+                vm=self.ctx.key,
+                hint="raise watchdog_seconds above the service window and run again",
+            )
 
     def stop_services(self) -> None:
-        st = self.services.state
-        assert st is not None
-        self.services.stop(st.to_stop(), self.ctx.window, parallel=self.parallel)
+        self.services.stop(self.state.to_stop(), self.ctx.window, parallel=self.parallel)
 
     def start_services(self) -> None:
-        st = self.services.state
-        assert st is not None
+        st = self.state
         names = [s for s in st.services if s in st.stopped]
         self.services.start(names, self.ctx.window, parallel=self.parallel)
 
     def stop_database(self) -> None:
-        st = self.services.state
-        assert st is not None
-        if st.database_running:
+        if self.state.database_running:
             self.services.stop_database(self.ctx.window)
 
     def start_database(self) -> None:
-        st = self.services.state
-        assert st is not None
+        st = self.state
         if st.database is not None and st.database in st.stopped:
             self.services.start_database(self.ctx.window)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from snapcoord import store
 from snapcoord.config import Config
-from snapcoord.errors import GuestError, PreflightError, UsageError
-from snapcoord.hooks import mysqldump, watchdog
-from snapcoord.plans import RunContext
+from snapcoord.errors import PreflightError, UsageError
+from snapcoord.hooks import mysqldump
+from snapcoord.plans import Bracket, RunContext
 from snapcoord.run import Engine, Reporter, RunResult, Step
 
 
@@ -60,9 +60,7 @@ def restore_dump_steps(
     dump = prepared or mysqldump.prepare_restore(path, vm=ctx.key)
     transport, services, guest = ctx.transport, ctx.services, ctx.guest
     options = ctx.vm_cfg.mysqldump
-    sudo = bool(guest.get("sudo"))
     timeout = float(guest["command_timeout"])
-    parallel = bool(guest.get("parallel_services", True))
     ctx.notes.append(
         f"dump {dump.file} verified"
         + (" against its manifest" if dump.manifest else " (no manifest: stream check only)")
@@ -79,52 +77,6 @@ def restore_dump_steps(
             )
         client = mysqldump.Client.from_config(options, guest, vm=ctx.key)
         client.query(transport, "SELECT 1;", timeout=timeout)
-
-    def to_stop() -> list[str]:
-        assert services.state is not None
-        return list(services.state.to_stop())
-
-    def arm() -> None:
-        names = list(reversed(to_stop()))
-        if not names:
-            return
-        assert services.state is not None
-        ctx.watchdog = watchdog.arm(
-            transport,
-            vm=ctx.key,
-            run_id=ctx.run_id,
-            init=services.state.init,
-            seconds=int(guest["watchdog_seconds"]),
-            services=names,
-            database=None,
-            sudo=sudo,
-            timeout=timeout,
-        )
-
-    def disarm() -> None:
-        if ctx.watchdog is None:
-            return
-        fired_already = not watchdog.disarm(
-            transport, ctx.watchdog, vm=ctx.key, sudo=sudo, timeout=timeout
-        )
-        seconds = ctx.watchdog.seconds
-        ctx.watchdog = None
-        if fired_already:
-            raise GuestError(
-                f"the guest watchdog fired after {seconds} s and restarted services while "
-                "the dump was loading",
-                vm=ctx.key,
-                hint="raise watchdog_seconds above the restore time and run restore-dump again",
-            )
-
-    def stop_services() -> None:
-        services.stop(to_stop(), ctx.window, parallel=parallel)
-
-    def start_services() -> None:
-        state = services.state
-        assert state is not None
-        names = [s for s in state.services if s in state.stopped]
-        services.start(names, ctx.window, parallel=parallel)
 
     def load() -> None:
         result = mysqldump.restore(transport, vm=ctx.key, guest=guest, options=options, source=dump)
@@ -146,21 +98,7 @@ def restore_dump_steps(
         ),
         Step("check guest services and sudo", services.probe, describe="which services run"),
         Step("check database", check_database, describe="the database answers (it stays up)"),
-        Step(
-            "arm guest watchdog",
-            arm,
-            disarm,
-            undo_name="disarm guest watchdog",
-            describe=f"restarts stopped services after {guest['watchdog_seconds']} s",
-        ),
-        Step(
-            "stop services",
-            stop_services,
-            start_services,
-            undo_first=True,
-            undo_name="start services",
-            describe=", ".join(guest["services"]) + " (those running); the database stays up",
-        ),
+        *Bracket(ctx).steps(database=False),
         Step(
             "drop databases and load dump",
             load,
