@@ -101,6 +101,7 @@ class Fallback:
                 run_dir=self.run_dir,
                 snapshot=ctx.snapshot_name,
                 plan=self.plan,
+                compress_on=str(ctx.vm_cfg.mysqldump["compress_on"]),
             )
         except mysqldump.DumpFailed as exc:
             if ctx.vm_cfg.mysqldump.get("on_dump_failure") == "continue":

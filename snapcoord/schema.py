@@ -233,6 +233,13 @@ MYSQLDUMP: dict[str, Key] = {
     "compression": Key(
         "choice", "compression of the stored dump", default="gzip", choices=("gzip", "zstd", "none")
     ),
+    "compress_on": Key(
+        "choice",
+        "where gzip runs: coordinator (measured fastest, spares the database server's CPU) or "
+        "guest (less traffic on slow links); zstd always runs in the guest",
+        default="coordinator",
+        choices=("coordinator", "guest"),
+    ),
     "user": Key("str", "MySQL user (default: the guest's client config / socket auth)"),
     "password": Key("secret", "MySQL password (passed via a 0600 defaults file, never argv)"),
     "on_dump_failure": Key(
