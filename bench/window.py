@@ -16,7 +16,6 @@ Needs root (sshd, services). Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import re
 import shutil
@@ -33,7 +32,6 @@ from tests.libvirt_nodes import write_node
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "window-script.sh"
-LOCK = Path("/tmp/snapcoord-guest-services.lock")  # shared with tests/guest_fixtures.py
 TIMING = re.compile(r"DEBUG: (\S+) (stop|start): init command ([0-9.]+) s")
 
 
@@ -102,7 +100,8 @@ def run_script(guest: lab.SshGuest, uri: str, index: int) -> float:
         timeout=300,
     )
     if proc.returncode != 0:
-        raise SystemExit(f"the script failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+        output = (proc.stdout + proc.stderr)[-2000:]
+        raise SystemExit(f"the script failed ({proc.returncode}): {output}")
     return float(proc.stdout.strip().splitlines()[-1])
 
 
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = write_node(work / "node")
         config = write_config(work, guest, uri)
-        with LOCK.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with lab.lab_lock():  # no test may touch the services meanwhile
             lab.ensure_running()
             ours: list[dict[str, Any]] = []
             theirs: list[float] = []
@@ -164,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  guest init commands:      {result['median_commands']:.3f} s (critical path)")
         print(f"  hypervisor call:          {result['median_hypervisor'] * 1000:.1f} ms")
         print(f"  snapcoord overhead:       {result['median_overhead'] * 1000:.1f} ms (goal < 50)")
-        print(f"  per run overhead (ms):    {[round(o * 1000) for o in result['snapcoord_overhead']]}")
+        per_run = [round(o * 1000) for o in result["snapcoord_overhead"]]
+        print(f"  per run overhead (ms):    {per_run}")
         for name, seconds in result["median_timings"].items():
             print(f"    {name:<22} {seconds:.3f} s")
     return 0

@@ -38,6 +38,9 @@ from snapcoord.shell import Completed, display, execute
 
 log = logging.getLogger("snapcoord.guest")
 
+#: Called with each stdout line (without newline) as it arrives, where the transport can stream.
+LineCallback = Callable[[bytes], None]
+
 SSH_UNREACHABLE = 255
 
 
@@ -57,6 +60,7 @@ class Transport(Protocol):
         stdin: bytes | None = None,
         stdout: BinaryIO | None = None,
         shield: bool = False,
+        on_line: LineCallback | None = None,
     ) -> Completed: ...
 
     def warm(self, count: int, *, sudo: bool) -> None: ...
@@ -125,7 +129,9 @@ class ExecTransport:
         stdin: bytes | None = None,
         stdout: BinaryIO | None = None,
         shield: bool = False,
+        on_line: LineCallback | None = None,
     ) -> Completed:
+        """``on_line`` is ignored: output arrives all at once when the process ended."""
         line = self.command_line(argv, sudo=sudo)
 
         def call() -> Completed:
@@ -169,13 +175,15 @@ class WarmShell:
         result = self._collect(("ready",), timeout)
         return result.ok
 
-    def run(self, argv: Sequence[str], *, timeout: float) -> Completed:
+    def run(
+        self, argv: Sequence[str], *, timeout: float, on_line: LineCallback | None = None
+    ) -> Completed:
         self._token = secrets.token_hex(12)
         self._write(
             f"{shlex.join(argv)} </dev/null; __rc=$?; printf '\\n%s\\n' {self._token} >&2; "
             f"printf '\\n%s %s\\n' {self._token} \"$__rc\"\n"
         )
-        return self._collect(tuple(argv), timeout)
+        return self._collect(tuple(argv), timeout, on_line)
 
     def _write(self, text: str) -> None:
         assert self._process.stdin is not None
@@ -185,7 +193,9 @@ class WarmShell:
         except OSError:
             self.broken = True
 
-    def _collect(self, argv: tuple[str, ...], timeout: float) -> Completed:
+    def _collect(
+        self, argv: tuple[str, ...], timeout: float, on_line: LineCallback | None = None
+    ) -> Completed:
         """Read stdout and stderr up to the markers, or until EOF or the timeout."""
         started = time.monotonic()
         if self.broken:
@@ -200,6 +210,7 @@ class WarmShell:
         out_fd, err_fd = self._process.stdout.fileno(), self._process.stderr.fileno()
         done = {out_fd: False, err_fd: False}
         deadline = started + timeout
+        scanned = 0
         try:
             with selectors.DefaultSelector() as selector:
                 for fd in buffers:
@@ -223,6 +234,8 @@ class WarmShell:
                                 time.monotonic() - started,
                             )
                         buffers[fd] += chunk
+                        if on_line is not None and fd == out_fd:
+                            scanned = _emit_lines(buffers[fd], scanned, on_line)
                         if fd == out_fd:
                             pos = buffers[fd].find(out_marker)
                             done[fd] = pos >= 0 and buffers[fd].endswith(b"\n")
@@ -256,6 +269,14 @@ class WarmShell:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+def _emit_lines(buffer: bytearray, start: int, on_line: LineCallback) -> int:
+    """Call ``on_line`` for each complete line in ``buffer`` from ``start``; return the new start."""
+    while (end := buffer.find(b"\n", start)) >= 0:
+        on_line(bytes(buffer[start:end]))
+        start = end + 1
+    return start
 
 
 class _Retryable(GuestError):
@@ -463,14 +484,17 @@ class SshTransport:
         stdin: bytes | None = None,
         stdout: BinaryIO | None = None,
         shield: bool = False,
+        on_line: LineCallback | None = None,
     ) -> Completed:
+        """``on_line`` sees stdout lines as they arrive when a warm shell runs the command."""
+
         def call() -> Completed:
             shell = self._take_shell(sudo) if stdin is None and stdout is None else None
             if shell is None:
                 line = self.command_line(argv, sudo=sudo)
                 return execute(line, timeout=timeout, stdin=stdin, stdout=stdout)
             try:
-                return shell.run(argv, timeout=timeout)
+                return shell.run(argv, timeout=timeout, on_line=on_line)
             finally:
                 self._give_back(shell)
 

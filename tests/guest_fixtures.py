@@ -1,9 +1,9 @@
 """Fixtures and helpers for the guest tests: configs for the loopback guest, an observing
 libvirt adapter, and a CLI runner that installs it.
 
-The guest's real services (mariadb, apache2, cron) are machine-wide. Several pytest processes may
-drive them at once (developers running suites in parallel), so :func:`lab_services` takes an
-exclusive ``flock`` on :data:`SERVICES_LOCK` for the whole test before touching them.
+The guest's real services (mariadb, apache2, cron) are machine-wide; ``guest_services``
+(tests/conftest.py) holds the machine-wide lab lock for the whole test, so parallel pytest
+sessions do not collide on them.
 
 ``python -m tests.guest_fixtures ARGS...`` runs ``snapcoord ARGS...`` with the libvirt adapter
 replaced by :class:`ObservingLibvirtAdapter`, which records, at the moment ``create_snapshot`` is
@@ -14,7 +14,6 @@ makes ``create_snapshot`` fail like a hypervisor would.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -31,7 +30,6 @@ from snapcoord.errors import HypervisorError
 from tests import lab
 from tests.cli_helpers import REPO, write_config
 
-SERVICES_LOCK = Path("/tmp/snapcoord-guest-services.lock")
 OBSERVE_ENV = "SNAPCOORD_TEST_OBSERVE"
 FAIL_ENV = "SNAPCOORD_TEST_FAIL_SNAPSHOT"
 VM_NAME = "web1"  # a running domain of tests.libvirt_nodes.DEFAULT_DOMAINS
@@ -39,15 +37,9 @@ VM_NAME = "web1"  # a running domain of tests.libvirt_nodes.DEFAULT_DOMAINS
 
 @pytest.fixture
 def lab_services(guest_services: lab.GuestServices) -> Iterator[lab.GuestServices]:
-    """``guest_services`` (all three running before and after), held exclusively."""
-    with SERVICES_LOCK.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            guest_services.ensure_running()
-            yield guest_services
-        finally:
-            guest_services.ensure_running()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """``guest_services`` (all three running before and after, under the lab lock)."""
+    yield guest_services
+    guest_services.ensure_running()
 
 
 def guest_config(
