@@ -272,7 +272,7 @@ class WarmShell:
 
 
 def _emit_lines(buffer: bytearray, start: int, on_line: LineCallback) -> int:
-    """Call ``on_line`` for each complete line in ``buffer`` from ``start``; return the new start."""
+    """Call ``on_line`` for each complete line from ``start``; return where the next one starts."""
     while (end := buffer.find(b"\n", start)) >= 0:
         on_line(bytes(buffer[start:end]))
         start = end + 1
