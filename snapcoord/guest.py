@@ -279,8 +279,9 @@ def _emit_lines(buffer: bytearray, start: int, on_line: LineCallback) -> int:
     return start
 
 
-class _Retryable(GuestError):
-    """A connection attempt that may succeed when repeated (network, not keys or auth)."""
+class GuestUnreachable(GuestError):
+    """The connection failed in a way that may succeed when repeated (network, not keys or
+    auth): retried here a few times, and by a revert while the guest boots."""
 
 
 _PERMANENT_SSH_ERRORS = (
@@ -359,14 +360,11 @@ class SshTransport:
         self._dir = tempfile.mkdtemp(prefix="snapcoord-ssh-")
         if self.guest.get("host_key_fingerprint"):
             self._pinned_known_hosts = self._known_hosts_from_pin()
-        try:
-            self._connect()
-        except _Retryable as exc:
-            raise GuestError(str(exc.message), vm=self.vm, hint=exc.hint) from None
+        self._connect()
         self._connected = True
 
     @retry(
-        retry=retry_if_exception_type(_Retryable),
+        retry=retry_if_exception_type(GuestUnreachable),
         stop=stop_after_attempt(3),
         wait=wait_random_exponential(multiplier=0.5, max=4),
         reraise=True,
@@ -389,7 +387,7 @@ class SshTransport:
             )
         if any(marker in lowered for marker in _PERMANENT_SSH_ERRORS):
             raise GuestError(f"SSH to {self.host} failed: {text}", vm=self.vm)
-        raise _Retryable(f"SSH to {self.host} failed: {text}", vm=self.vm)
+        raise GuestUnreachable(f"SSH to {self.host} failed: {text}", vm=self.vm)
 
     def _resolved(self) -> tuple[str, str]:
         """(hostname, port) after ssh_config (Host aliases), as ``ssh -G`` computes them."""

@@ -25,7 +25,7 @@ from snapcoord.errors import (
     UsageError,
 )
 from snapcoord.fallback import Fallback
-from snapcoord.guest import Transport, open_transport
+from snapcoord.guest import GuestUnreachable, Transport, open_transport
 from snapcoord.hooks import commands, watchdog
 from snapcoord.hooks.services import GuestServices, Services
 from snapcoord.naming import description, snapshot_name
@@ -421,13 +421,14 @@ def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
 
 
 def _wait_for_guest(ctx: RunContext) -> None:
+    """Retry while the guest boots; a host key or login failure fails at once."""
     assert ctx.transport is not None
     deadline = time.monotonic() + float(ctx.guest["start_timeout"])
     while True:
         try:
             ctx.transport.open()
             return
-        except GuestError as exc:
+        except GuestUnreachable as exc:
             ctx.transport.close()
             if time.monotonic() > deadline:
                 raise PreflightError(

@@ -174,6 +174,9 @@ GUEST: dict[str, Key] = {
     "accept_new_host_key": Key(
         "bool", "first contact: accept and record an unknown host key", default=False
     ),
+    "ssh_config": Key(
+        "str", "ssh client config file (ssh -F; default: ~/.ssh/config)", check=_abs_path
+    ),
     "ssh_options": Key("strlist", "extra ssh -o options, e.g. ['ProxyJump=bastion']", default=[]),
     "exec_prefix": Key(
         "argv", "transport exec: argv prefix, e.g. ['pct','exec','101','--']", default=[]
