@@ -302,11 +302,17 @@ def _run(
             journal.clear()
             owns_journal = True
 
+            written: list[dict[str, Any]] = []
+
             def save(engine: Engine) -> None:
+                # Written (with fsync) only when what `recover` needs changed: once the watchdog
+                # is armed it names every service to stop, so the window itself writes nothing.
                 data = ctx.journal_data()
-                data["pending"] = [s.undo_name or s.name for s in engine.pending_undos]
-                data["pid"] = os.getpid()
-                journal.write(data)
+                if written and written[-1] == data:
+                    return
+                written.append(data)
+                pending = [s.undo_name or s.name for s in engine.pending_undos]
+                journal.write({**data, "pending": pending, "pid": os.getpid()})
 
             result = Engine(reporter, window=ctx.window, on_change=save).execute(steps)
             result.failures.extend(ctx.soft_failures)
