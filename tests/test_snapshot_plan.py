@@ -1,0 +1,105 @@
+"""The real snapshot plan on the step engine: a failure injected at every step position unwinds
+exactly the undos pushed so far, in reverse, and leaves every service running. The guest is the
+exec transport with the demo's stand-in services (real processes, no real services touched)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapcoord.config import load_config
+from snapcoord.errors import ExitCode, GuestError
+from snapcoord.plans import RunContext, snapshot_steps
+from snapcoord.run import Engine
+from tests.cli_helpers import REPO, write_config
+from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+
+DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
+SERVICES = {"apache2", "cron", "mariadb"}
+
+STEPS = [
+    "connect to hypervisor lab",
+    "find VM",
+    "check VM and snapshot name",
+    "connect to guest",
+    "check guest services and sudo",
+    "arm guest watchdog",
+    "stop services",
+    "stop database",
+    "hypervisor snapshot",
+]
+HYPERVISOR = ["disconnect from hypervisor lab"]
+GUEST = ["disconnect from guest", *HYPERVISOR]
+ARMED = ["disarm guest watchdog", *GUEST]
+# The undos that must run, in order, when the step at that position fails.
+EXPECTED_UNDOS = [
+    [],
+    HYPERVISOR,
+    HYPERVISOR,
+    GUEST,  # pushed before connecting: a half-open master is closed too
+    GUEST,
+    GUEST,  # arming failed: nothing to disarm
+    ["start services", *ARMED],  # a stop that failed half-way is undone too
+    ["start database", "start services", *ARMED],
+    ["start database", "start services", *ARMED],
+]
+
+
+@pytest.fixture
+def context(tmp_path: Path, libvirt_node: str) -> tuple[RunContext, Path]:
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in SERVICES:
+        (state / f"{name}.running").touch()
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.db1.guest": {
+                "transport": "exec",
+                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+                "database": "mariadb",
+            },
+        },
+    )
+    return RunContext.create(load_config(str(config)), "db1", "test-run"), state
+
+
+def _running(state: Path) -> set[str]:
+    return {p.name.removesuffix(".running") for p in state.glob("*.running")}
+
+
+def test_plan_order(context: tuple[RunContext, Path]) -> None:
+    ctx, _ = context
+    assert [s.name for s in snapshot_steps(ctx, label="t")] == STEPS
+
+
+@pytest.mark.parametrize("position", range(len(STEPS)))
+def test_failure_at_every_step_unwinds_exactly_and_restores_services(
+    context: tuple[RunContext, Path], position: int
+) -> None:
+    ctx, state = context
+    steps = snapshot_steps(ctx, label="t")
+    injected = GuestError("injected failure", vm="db1")
+    real_do = steps[position].do
+
+    def fail() -> None:
+        if position in (6, 7) and real_do is not None:
+            real_do()  # the stop happened, then something went wrong
+        raise injected
+
+    steps[position].do = fail
+    result = Engine(window=ctx.window).execute(steps)
+
+    done = [r.name for r in result.records if not r.undo]
+    undone = [r.name for r in result.records if r.undo]
+    assert done == STEPS[: position + 1]
+    assert undone == EXPECTED_UNDOS[position]
+    assert result.failures == [injected]
+    assert result.exit_code == ExitCode.PREFLIGHT
+    assert _running(state) == SERVICES
+    assert result.window.still_down == []
+    assert ctx.watchdog is None  # disarmed whenever it had been armed
