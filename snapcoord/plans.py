@@ -6,7 +6,6 @@ name, guest connection, sudo, services); nothing that can wait runs inside the s
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +29,6 @@ from snapcoord.hooks import commands, watchdog
 from snapcoord.hooks.services import GuestServices, Services
 from snapcoord.naming import description, snapshot_name
 from snapcoord.run import ServiceWindow, Step
-
-log = logging.getLogger("snapcoord.plans")
 
 
 @dataclass
@@ -174,12 +171,16 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
     if ctx.services is not None:
         fallback = Fallback(ctx)
         steps += fallback.preflight_steps()
-        after = _hook_step(ctx, "after")
-        before = _hook_step(ctx, "before")
-        steps += [s for s in (after, before) if s is not None]
-        bracket = _bracket_steps(ctx)
-        at = next(i for i, s in enumerate(bracket) if s.name == "stop services") + 1
-        steps += bracket[:at] + fallback.window_steps() + bracket[at:]
+        arm, stop_services, stop_database = Bracket(ctx).steps(database=True)
+        hooks = {phase: _hook_step(ctx, phase) for phase in ("after", "before", "frozen")}
+        steps += [
+            *_present(hooks["after"], hooks["before"]),
+            arm,
+            stop_services,
+            *fallback.window_steps(),  # services are quiet, the database still answers
+            stop_database,
+            *_present(hooks["frozen"]),
+        ]
     else:
         ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
     steps.append(
@@ -201,10 +202,8 @@ def _check_snapshot_possible(ctx: RunContext) -> None:
         raise SnapshotExists(f"a snapshot named {ctx.snapshot_name!r} exists already", vm=ctx.key)
 
 
-def _bracket_steps(ctx: RunContext) -> list[Step]:
-    """Watchdog, stop services, stop database, frozen hooks: each with its undo."""
-    frozen = _hook_step(ctx, "frozen")
-    return Bracket(ctx).steps(database=True) + ([frozen] if frozen else [])
+def _present(*steps: Step | None) -> list[Step]:
+    return [s for s in steps if s is not None]
 
 
 class Bracket:
