@@ -19,7 +19,7 @@ from snapcoord.example import example_config
 from snapcoord.journal import Journal
 from snapcoord.lock import VMLock
 from snapcoord.naming import new_run_id
-from snapcoord.output import HumanReporter, print_json, run_summary
+from snapcoord.output import HumanReporter, LogHandler, print_json, run_summary
 from snapcoord.plans import RunContext, delete_steps, revert_steps, snapshot_steps
 from snapcoord.run import Engine, RunResult, SilentReporter, Step
 
@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("snapcoord: %(levelname)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose or args.debug else logging.WARNING,
-        format="snapcoord: %(levelname)s: %(message)s",
+        handlers=[handler],
     )
     try:
         return int(COMMANDS[args.command](args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -11,6 +12,9 @@ from snapcoord.run import RunResult, StepRecord
 
 class HumanReporter:
     """Prints ``vm  step ... ok 1.23 s`` lines as steps start and end."""
+
+    #: The reporter whose line is open, so a log message can end that line first.
+    active: HumanReporter | None = None
 
     def __init__(self, vm: str, stream: TextIO | None = None) -> None:
         self.vm = vm
@@ -23,6 +27,7 @@ class HumanReporter:
         self.stream.write(f"{self.vm}: {arrow} {record.name} ...")
         self.stream.flush()
         self._open = record
+        HumanReporter.active = self
 
     def step_ended(self, record: StepRecord) -> None:
         status = "ok" if record.ok else f"FAILED: {record.error}"
@@ -41,7 +46,17 @@ class HumanReporter:
     def _finish_line(self) -> None:
         if self._open is not None:
             self.stream.write("\n")
+            self.stream.flush()
             self._open = None
+
+
+class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to stderr, never glued to the end of an open step line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if HumanReporter.active is not None:
+            HumanReporter.active._finish_line()
+        super().emit(record)
 
 
 def run_summary(vm: str, result: RunResult, **fields: Any) -> dict[str, Any]:
