@@ -49,3 +49,43 @@ def snapcoord(
 
 def json_lines(output: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
+STAND_IN_SERVICES = frozenset({"apache2", "cron", "mariadb"})
+
+
+def stand_in_guest(
+    tmp_path: Path,
+    uri: str,
+    *,
+    guest: dict[str, Any] | None = None,
+    tables: dict[str, dict[str, Any]] | None = None,
+) -> tuple[Path, Path]:
+    """A config for VM ``db1`` on libvirt ``uri`` whose guest is this host through the exec
+    transport with the demo's stand-in service/mysqladmin commands. Returns the config path and
+    the state folder (one ``NAME.running`` file per running stand-in service; all run)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in STAND_IN_SERVICES:
+        (state / f"{name}.running").touch()
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors.lab": {"type": "libvirt", "uri": uri},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.db1.guest": {
+                "transport": "exec",
+                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+                "database": "mariadb",
+                **(guest or {}),
+            },
+            **(tables or {}),
+        },
+    )
+    return config, state
+
+
+def running_stand_ins(state: Path) -> set[str]:
+    return {p.name.removesuffix(".running") for p in state.glob("*.running")}

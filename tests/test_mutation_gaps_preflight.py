@@ -10,33 +10,14 @@ from snapcoord.config import load_config
 from snapcoord.errors import ExitCode, SnapshotExists
 from snapcoord.plans import RunContext, snapshot_steps
 from snapcoord.run import Engine
-from tests.cli_helpers import REPO, write_config
+from tests.cli_helpers import STAND_IN_SERVICES, running_stand_ins, stand_in_guest
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
-
-DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
-SERVICES = {"apache2", "cron", "mariadb"}
 
 
 def test_a_taken_snapshot_name_fails_preflight_and_stops_nothing(
     tmp_path: Path, libvirt_node: str
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    for name in SERVICES:
-        (state / f"{name}.running").touch()
-    config = write_config(
-        tmp_path / "c.toml",
-        {
-            "defaults": {"store": str(tmp_path / "store")},
-            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
-            "vms.db1": {"hypervisor": "lab"},
-            "vms.db1.guest": {
-                "transport": "exec",
-                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
-                "database": "mariadb",
-            },
-        },
-    )
+    config, state = stand_in_guest(tmp_path, libvirt_node)
     ctx = RunContext.create(load_config(str(config)), "db1", "test-run")
     steps = snapshot_steps(ctx, label="t")
     # Someone (another tool, a run in the same second) already took this name.
@@ -54,4 +35,4 @@ def test_a_taken_snapshot_name_fails_preflight_and_stops_nothing(
     assert done[-1] == "check VM and snapshot name"
     assert "stop services" not in done and "stop database" not in done
     assert result.window.seconds is None  # nothing was stopped
-    assert {p.name.removesuffix(".running") for p in state.glob("*.running")} == SERVICES
+    assert running_stand_ins(state) == STAND_IN_SERVICES

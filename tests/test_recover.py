@@ -14,38 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import REPO, snapcoord, write_config
+from tests.cli_helpers import (
+    REPO,
+    STAND_IN_SERVICES,
+    running_stand_ins,
+    snapcoord,
+    stand_in_guest,
+)
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
-
-DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
 
 
 @pytest.fixture
 def exec_guest(tmp_path: Path, libvirt_node: str) -> tuple[Path, Path]:
-    state = tmp_path / "state"
-    state.mkdir()
-    for name in ("apache2", "cron", "mariadb"):
-        (state / f"{name}.running").touch()
-    config = write_config(
-        tmp_path / "c.toml",
-        {
-            "defaults": {"store": str(tmp_path / "store")},
-            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
-            "vms.db1": {"hypervisor": "lab"},
-            "vms.db1.guest": {
-                "transport": "exec",
-                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
-                "database": "mariadb",
-                "watchdog_seconds": 300,
-            },
-            "vms.db1.hooks": {"frozen": ["sleep 60"]},
-        },
+    return stand_in_guest(
+        tmp_path,
+        libvirt_node,
+        guest={"watchdog_seconds": 300},
+        tables={"vms.db1.hooks": {"frozen": ["sleep 60"]}},
     )
-    return config, state
-
-
-def _running(state: Path) -> set[str]:
-    return {p.name.removesuffix(".running") for p in state.glob("*.running")}
 
 
 def _wait_for(predicate: object, timeout: float = 20) -> None:
@@ -62,7 +48,7 @@ def test_killed_run_is_recovered(exec_guest: tuple[Path, Path], tmp_path: Path) 
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        _wait_for(lambda: not _running(state))  # all three stopped: inside the window
+        _wait_for(lambda: not running_stand_ins(state))  # all three stopped: inside the window
         journal = tmp_path / "store" / "journal" / "db1.json"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -76,12 +62,12 @@ def test_killed_run_is_recovered(exec_guest: tuple[Path, Path], tmp_path: Path) 
     refused = snapcoord("-c", str(config), "snapshot", "db1")
     assert refused.returncode == 4
     assert "snapcoord recover db1" in refused.stderr
-    assert not _running(state)  # the refused run touched nothing
+    assert not running_stand_ins(state)  # the refused run touched nothing
 
     fixed = snapcoord("-c", str(config), "recover", "db1")
     assert fixed.returncode == 0, fixed.stderr
     assert "started mariadb" in fixed.stdout and "disarmed the watchdog" in fixed.stdout
-    assert _running(state) == {"apache2", "cron", "mariadb"}
+    assert running_stand_ins(state) == STAND_IN_SERVICES
     _wait_for(lambda: not Path(f"/proc/{watchdog_pid}").exists() or _zombie(watchdog_pid))
     assert not journal.exists()
 
@@ -107,7 +93,7 @@ def test_frozen_hook_failure_restores_services_and_takes_no_snapshot(
     assert proc.returncode == 4
     assert "frozen hook #1 failed (exit 7)" in run["errors"][0]
     assert "hypervisor snapshot" not in [s["name"] for s in run["steps"]]
-    assert _running(state) == {"apache2", "cron", "mariadb"}
+    assert running_stand_ins(state) == STAND_IN_SERVICES
     assert run["window_seconds"] > 0 and run["services_down"] == []
 
 
@@ -117,4 +103,4 @@ def test_service_stopped_before_the_run_stays_stopped(exec_guest: tuple[Path, Pa
     (state / "cron.running").unlink()
     proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert _running(state) == {"apache2", "mariadb"}
+    assert running_stand_ins(state) == {"apache2", "mariadb"}

@@ -12,11 +12,8 @@ from snapcoord.config import load_config
 from snapcoord.errors import ExitCode, GuestError
 from snapcoord.plans import RunContext, snapshot_steps
 from snapcoord.run import Engine
-from tests.cli_helpers import REPO, write_config
+from tests.cli_helpers import STAND_IN_SERVICES, running_stand_ins, stand_in_guest
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
-
-DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
-SERVICES = {"apache2", "cron", "mariadb"}
 
 STEPS = [
     "connect to hypervisor lab",
@@ -48,28 +45,8 @@ EXPECTED_UNDOS = [
 
 @pytest.fixture
 def context(tmp_path: Path, libvirt_node: str) -> tuple[RunContext, Path]:
-    state = tmp_path / "state"
-    state.mkdir()
-    for name in SERVICES:
-        (state / f"{name}.running").touch()
-    config = write_config(
-        tmp_path / "c.toml",
-        {
-            "defaults": {"store": str(tmp_path / "store")},
-            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
-            "vms.db1": {"hypervisor": "lab"},
-            "vms.db1.guest": {
-                "transport": "exec",
-                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
-                "database": "mariadb",
-            },
-        },
-    )
+    config, state = stand_in_guest(tmp_path, libvirt_node)
     return RunContext.create(load_config(str(config)), "db1", "test-run"), state
-
-
-def _running(state: Path) -> set[str]:
-    return {p.name.removesuffix(".running") for p in state.glob("*.running")}
 
 
 def test_plan_order(context: tuple[RunContext, Path]) -> None:
@@ -100,6 +77,6 @@ def test_failure_at_every_step_unwinds_exactly_and_restores_services(
     assert undone == EXPECTED_UNDOS[position]
     assert result.failures == [injected]
     assert result.exit_code == ExitCode.PREFLIGHT
-    assert _running(state) == SERVICES
+    assert running_stand_ins(state) == STAND_IN_SERVICES
     assert result.window.still_down == []
     assert ctx.watchdog is None  # disarmed whenever it had been armed
