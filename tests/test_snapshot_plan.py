@@ -4,6 +4,7 @@ exec transport with the demo's stand-in services (real processes, no real servic
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,18 @@ def test_failure_at_every_step_unwinds_exactly_and_restores_services(
         raise injected
 
     steps[position].do = fail
+    armed: list[int] = []
+    arm = steps[STEPS.index("arm guest watchdog")]
+    real_arm = arm.do
+    assert real_arm is not None
+
+    def arm_and_record() -> None:
+        real_arm()
+        assert ctx.watchdog is not None
+        armed.append(ctx.watchdog.pid)
+
+    if position != STEPS.index("arm guest watchdog"):
+        arm.do = arm_and_record
     result = Engine(window=ctx.window).execute(steps)
 
     done = [r.name for r in result.records if not r.undo]
@@ -79,4 +92,19 @@ def test_failure_at_every_step_unwinds_exactly_and_restores_services(
     assert result.exit_code == ExitCode.PREFLIGHT
     assert running_stand_ins(state) == STAND_IN_SERVICES
     assert result.window.still_down == []
-    assert ctx.watchdog is None  # disarmed whenever it had been armed
+    assert ctx.watchdog is None
+    assert len(armed) == (1 if position > STEPS.index("arm guest watchdog") else 0)
+    for pid in armed:  # the guest-side watchdog process is really gone (TERM is asynchronous)
+        assert _gone_within(pid, seconds=5)
+
+
+def _gone_within(pid: int, *, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
