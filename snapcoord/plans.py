@@ -111,7 +111,8 @@ def _find_vm(ctx: RunContext) -> None:
     ctx.vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
 
 
-def _guest_connect_steps(ctx: RunContext) -> list[Step]:
+def guest_connect_steps(ctx: RunContext) -> list[Step]:
+    """Open the guest connection (closed on unwind) and probe its services and sudo."""
     if ctx.transport is None or ctx.services is None:
         return []
     transport, services = ctx.transport, ctx.services
@@ -167,7 +168,7 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
             describe=f"list_snapshots; {ctx.snapshot_name} must be free",
         )
     )
-    steps += _guest_connect_steps(ctx)
+    steps += guest_connect_steps(ctx)
     if ctx.services is not None:
         fallback = Fallback(ctx)
         steps += fallback.preflight_steps()

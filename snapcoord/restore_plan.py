@@ -19,7 +19,7 @@ from snapcoord import store
 from snapcoord.config import Config
 from snapcoord.errors import PreflightError, UsageError
 from snapcoord.hooks import mysqldump
-from snapcoord.plans import Bracket, RunContext
+from snapcoord.plans import Bracket, RunContext, guest_connect_steps
 from snapcoord.run import Engine, Reporter, RunResult, Step
 
 
@@ -88,15 +88,7 @@ def restore_dump_steps(
 
     drop = ", ".join(dump.to_drop) or "none"
     return [
-        Step(
-            "connect to guest",
-            transport.open,
-            transport.close,
-            undo_name="disconnect from guest",
-            undo_first=True,
-            describe=transport.description,
-        ),
-        Step("check guest services and sudo", services.probe, describe="which services run"),
+        *guest_connect_steps(ctx),
         Step("check database", check_database, describe="the database answers (it stays up)"),
         *Bracket(ctx).steps(database=False),
         Step(
