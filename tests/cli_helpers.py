@@ -61,10 +61,13 @@ def stand_in_guest(
     *,
     guest: dict[str, Any] | None = None,
     tables: dict[str, dict[str, Any]] | None = None,
+    path_prefix: Path | None = None,
 ) -> tuple[Path, Path]:
     """A config for VM ``db1`` on libvirt ``uri`` whose guest is this host through the exec
     transport with the demo's stand-in service/mysqladmin commands. Returns the config path and
-    the state folder (one ``NAME.running`` file per running stand-in service; all run)."""
+    the state folder (one ``NAME.running`` file per running stand-in service; all run).
+    ``path_prefix`` is searched before the stand-ins (to wrap one of them)."""
+    search = "".join(f"{d}:" for d in (path_prefix, DEMO_BIN) if d is not None)
     state = tmp_path / "state"
     state.mkdir()
     for name in STAND_IN_SERVICES:
@@ -77,7 +80,7 @@ def stand_in_guest(
             "vms.db1": {"hypervisor": "lab"},
             "vms.db1.guest": {
                 "transport": "exec",
-                "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+                "exec_prefix": ["env", f"PATH={search}/usr/bin:/bin", f"DEMO_STATE={state}"],
                 "database": "mariadb",
                 **(guest or {}),
             },

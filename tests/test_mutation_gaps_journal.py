@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.cli_helpers import REPO, snapcoord, write_config
+from tests.cli_helpers import DEMO_BIN, running_stand_ins, snapcoord, stand_in_guest
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
-
-DEMO_BIN = REPO / "examples" / "demo-guest" / "bin"
 
 # In front of the demo's `service`: a start fails while $DEMO_STATE/NAME.broken exists.
 BREAKABLE_SERVICE = f"""#!/bin/sh
@@ -21,55 +19,38 @@ exec {DEMO_BIN}/service "$@"
 """
 
 
-def _running(state: Path) -> set[str]:
-    return {p.name.removesuffix(".running") for p in state.glob("*.running")}
-
-
 def test_a_service_left_down_keeps_the_journal_until_recover(
     tmp_path: Path, libvirt_node: str
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    for name in ("apache2", "cron", "mariadb"):
-        (state / f"{name}.running").touch()
     wrapper = tmp_path / "bin"
     wrapper.mkdir()
     (wrapper / "service").write_text(BREAKABLE_SERVICE)
     (wrapper / "service").chmod(0o755)
-    config = write_config(
-        tmp_path / "c.toml",
-        {
-            "defaults": {"store": str(tmp_path / "store")},
-            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
-            "vms.db1": {"hypervisor": "lab"},
-            "vms.db1.guest": {
-                "transport": "exec",
-                "exec_prefix": [
-                    "env", f"PATH={wrapper}:{DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}",
-                ],
-                "database": "mariadb",
-                "start_timeout": 5.0,
-            },
-            # inside the window cron's configuration breaks: it cannot start again
-            "vms.db1.hooks": {"frozen": [f"touch {state}/cron.broken"]},
-        },
-    )  # fmt: skip
+    state = tmp_path / "state"
+    config, _ = stand_in_guest(
+        tmp_path,
+        libvirt_node,
+        guest={"start_timeout": 5.0},
+        # inside the window cron's configuration breaks: it cannot start again
+        tables={"vms.db1.hooks": {"frozen": [f"touch {state}/cron.broken"]}},
+        path_prefix=wrapper,
+    )
     journal = tmp_path / "store" / "journal" / "db1.json"
 
     first = snapcoord("-c", str(config), "snapshot", "db1", "--json")
     assert first.returncode == 6, first.stderr
     assert json.loads(first.stdout.splitlines()[-1])["services_down"] == ["cron"]
-    assert _running(state) == {"apache2", "mariadb"}
+    assert running_stand_ins(state) == {"apache2", "mariadb"}
     assert journal.exists(), "the journal of a run that left cron down was removed"
     assert "cron" in json.loads(journal.read_text())["stopped"]
 
     refused = snapcoord("-c", str(config), "snapshot", "db1")
     assert refused.returncode == 4
     assert "snapcoord recover db1" in refused.stderr
-    assert _running(state) == {"apache2", "mariadb"}  # the refused run touched nothing
+    assert running_stand_ins(state) == {"apache2", "mariadb"}  # the refused run touched nothing
 
     (state / "cron.broken").unlink()  # the admin fixed cron
     fixed = snapcoord("-c", str(config), "recover", "db1")
     assert fixed.returncode == 0, fixed.stderr
-    assert _running(state) == {"apache2", "cron", "mariadb"}
+    assert running_stand_ins(state) == {"apache2", "cron", "mariadb"}
     assert not journal.exists()
