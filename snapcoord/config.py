@@ -1,11 +1,17 @@
 """Find, load and validate the TOML configuration against :mod:`snapcoord.schema`.
 
 Validation collects **every** problem, each with its key path, and raises one ConfigError.
+It never raises anything else: whatever a TOML file holds, each problem is one line naming its key
+path (names that are not bare TOML keys are quoted and escaped, long ones shortened).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import stat
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,14 +89,54 @@ def load_config(explicit: str | None = None) -> Config:
     path = find_config_file(explicit)
     try:
         with path.open("rb") as handle:
-            raw = tomllib.load(handle)
+            data = handle.read()
     except FileNotFoundError:
         raise UsageError(f"configuration file {str(path)!r} does not exist") from None
     except OSError as exc:
         raise UsageError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], source=str(path)) from None
+    except ValueError:  # a NUL byte in the path
+        raise UsageError(f"invalid configuration file name {str(path)!r}") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        problem = f"not valid TOML: not UTF-8 text (byte {exc.start})"
+        raise ConfigError([problem], source=str(path)) from None
+    except RecursionError:
+        raise ConfigError(["not valid TOML: nested too deeply"], source=str(path)) from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer beyond int_max_str_digits
+        raise ConfigError([f"not valid TOML: {_one_line(str(exc))}"], source=str(path)) from None
     return parse_config(raw, source=str(path))
+
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    return f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}"
+
+
+def _key(name: str) -> str:
+    """One component of a key path, as TOML would write it: bare, or quoted with every character
+    that is not printable escaped (a problem stays one line); very long names are shortened."""
+    if _BARE_KEY_RE.fullmatch(name):
+        return name
+    if len(name) > 64:
+        return '"' + "".join(map(_escape, name[:60])) + '"...'
+    return '"' + "".join(map(_escape, name)) + '"'
+
+
+def _show(value: str) -> str:
+    """A string value inside a message: repr (escapes line breaks), shortened when long."""
+    return repr(value) if len(value) <= 64 else repr(value[:60]) + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class _Validator:
@@ -106,7 +152,7 @@ class _Validator:
         for name in raw:
             if name not in keys:
                 known = ", ".join(sorted(keys))
-                self.problems.append(f"{path}.{name}: unknown key (known: {known})")
+                self.problems.append(f"{path}.{_key(name)}: unknown key (known: {known})")
         for name, key in keys.items():
             if name in raw:
                 value = self.value(raw[name], key, f"{path}.{name}")
@@ -121,7 +167,7 @@ class _Validator:
     def value(self, value: Any, key: Key, path: str) -> Any:
         error = _type_error(value, key)
         if error is None and key.kind == "secret":
-            secret, error, warning = resolve_secret(value)
+            secret, error, warning = _secret(value)
             if warning:
                 self.warnings.append(f"{path}: {warning}")
             value = secret
@@ -133,46 +179,99 @@ class _Validator:
         return float(value) if key.kind == "float" else value
 
 
+_ENV_OR_FILE = 'must be { env = "NAME" } or { file = "/path" }'
+
+
+def _text(value: Any) -> bool:
+    """A non-empty string without NUL (which no path, argv or environment entry can hold)."""
+    return isinstance(value, str) and bool(value) and "\0" not in value
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) and not value.is_integer() else f"{value:.0f}"
+
+
 def _type_error(value: Any, key: Key) -> str | None:
     kind = key.kind
     if kind in ("str", "choice"):
         if not isinstance(value, str) or not value:
             return "must be a non-empty string"
+        if "\0" in value:
+            return "must not contain a NUL character"
         if kind == "choice" and value not in key.choices:
             return "must be one of " + ", ".join(repr(c) for c in key.choices)
     elif kind == "bool":
         if not isinstance(value, bool):
             return "must be true or false"
     elif kind in ("int", "float"):
+        noun = "an integer" if kind == "int" else "a number"
         ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)
         if not ok or isinstance(value, bool):
-            return "must be " + ("an integer" if kind == "int" else "a number")
+            return f"must be {noun}"
         low, high = key.minimum, key.maximum
         if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"{low:g}-{high:g}" if high is not None else f">= {low:g}"
-            return f"must be {'an integer' if kind == 'int' else 'a number'} {bounds}"
+            if low is not None and high is not None:
+                return f"must be {noun} {_number(low)}-{_number(high)}"
+            if low is not None:
+                return f"must be {noun} >= {_number(low)}"
+            return f"must be {noun} <= {_number(high or 0)}"
+        # nan passes every bound check; inf (or an int too big for a float) overflows the time
+        # APIs a timeout ends up in
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+            kind == "float" and abs(value) > sys.float_info.max
+        ):
+            return "must be a finite number"
     elif kind in ("strlist", "argv"):
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            return "must be a list of non-empty strings"
+        if not isinstance(value, list) or not all(_text(v) for v in value):
+            return "must be a list of non-empty strings (without NUL characters)"
     elif kind == "secret":
         if isinstance(value, str):
-            return 'must not be a literal: use { env = "NAME" } or { file = "/path" }'
-        if not isinstance(value, dict):
-            return 'must be { env = "NAME" } or { file = "/path" }'
+            return f"must not be a literal: use {_ENV_OR_FILE.removeprefix('must be ')}"
+        if not isinstance(value, dict) or len(value) != 1 or not set(value) <= {"env", "file"}:
+            return _ENV_OR_FILE
+        if not _text(next(iter(value.values()))):
+            return _ENV_OR_FILE + " with a non-empty string"
     return None
+
+
+def _secret(spec: dict[str, str]) -> tuple[Any, str | None, str | None]:
+    """resolve_secret for a table _type_error accepted; what it does not catch becomes a problem:
+    a secret file that is not a regular file (a FIFO or a device would block or never end) or
+    not UTF-8 text."""
+    path = spec.get("file")
+    if path is not None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            pass  # resolve_secret reports it
+        else:
+            if not stat.S_ISREG(mode):
+                return None, f"secret file {_show(path)} is not a regular file", None
+    try:
+        return resolve_secret(spec)
+    except UnicodeDecodeError:
+        return None, f"secret file {_show(str(path))} is not UTF-8 text", None
 
 
 def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
     check = _Validator()
+    if not isinstance(raw, dict):
+        raise ConfigError(["the configuration must be a table"], source=source)
     for name in raw:
         if name not in ("defaults", "hypervisors", "vms"):
-            check.problems.append(f"{name}: unknown table (known: defaults, hypervisors, vms)")
+            check.problems.append(
+                f"{_key(name)}: unknown table (known: defaults, hypervisors, vms)"
+            )
     defaults = check.table(raw.get("defaults", {}), schema.DEFAULTS, "defaults")
 
     hypervisors: dict[str, dict[str, Any]] = {}
     for name, table in _named_tables(raw, "hypervisors", check).items():
-        path = f"hypervisors.{name}"
+        path = f"hypervisors.{_key(name)}"
+        # Only a string can pick a type: anything else (a list or table is not even hashable)
+        # leaves the common keys, and check.table reports the bad type.
         kind = table.get("type") if isinstance(table, dict) else None
+        if not isinstance(kind, str):
+            kind = None
         keys = dict(schema.HYPERVISOR_COMMON)
         if kind in schema.HYPERVISOR_TYPES:
             keys.update(schema.HYPERVISOR_TYPES[kind])
@@ -202,7 +301,10 @@ def _named_tables(raw: dict[str, Any], section: str, check: _Validator) -> dict[
     good = {}
     for name, table in tables.items():
         if not schema.TABLE_KEY_RE.match(name):
-            check.problems.append(f"{section}.{name}: name must match [A-Za-z0-9][A-Za-z0-9._-]*")
+            check.problems.append(
+                f"{section}.{_key(name)}: name must be 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
         else:
             good[name] = table
     return good
@@ -228,7 +330,7 @@ def _parse_vm(
     hypervisors: dict[str, dict[str, Any]],
     check: _Validator,
 ) -> VMConfig | None:
-    path = f"vms.{name}"
+    path = f"vms.{_key(name)}"
     if not isinstance(table, dict):
         check.problems.append(f"{path}: must be a table")
         return None
@@ -240,8 +342,10 @@ def _parse_vm(
     }
     hypervisor = settings.get("hypervisor")
     if hypervisor is not None and hypervisor not in hypervisors:
-        known = ", ".join(sorted(hypervisors)) or "none"
-        check.problems.append(f"{path}.hypervisor: no hypervisor {hypervisor!r} (defined: {known})")
+        known = ", ".join(_key(h) for h in sorted(hypervisors)) or "none"
+        check.problems.append(
+            f"{path}.hypervisor: no hypervisor {_show(hypervisor)} (defined: {known})"
+        )
     if settings.get("label") is None:
         settings["label"] = defaults.get("label", "manual")
     if settings.get("snapshot_timeout") is None:

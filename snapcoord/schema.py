@@ -10,9 +10,14 @@ from typing import Any
 
 REQUIRED = object()
 
-SERVICE_RE = re.compile(r"^[A-Za-z0-9@._-]+$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,12}$")
-TABLE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# \Z, not $: "$" also matches before a trailing newline, so "cron\n" would pass as a name.
+SERVICE_RE = re.compile(r"^[A-Za-z0-9@._-]+\Z")
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,12}\Z")
+TABLE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+
+# Upper bound of every duration: far above any real wait, far below what the time APIs overflow
+# on (threading and select refuse timeouts beyond about 2**33 s; timedelta beyond 10**9 days).
+MAX_SECONDS = 366 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,11 @@ DEFAULTS: dict[str, Key] = {
         check=_label,
     ),
     "snapshot_timeout": Key(
-        "float", "seconds to wait for a hypervisor snapshot task", default=600.0, minimum=1
+        "float",
+        "seconds to wait for a hypervisor snapshot task",
+        default=600.0,
+        minimum=1,
+        maximum=MAX_SECONDS,
     ),
 }
 
@@ -126,7 +135,11 @@ HYPERVISOR_TYPES: dict[str, dict[str, Key]] = {
             "int", "warn when a VM has more snapshots than this", default=3, minimum=1, maximum=32
         ),
         "max_age_hours": Key(
-            "float", "warn about snapcoord snapshots older than this", default=72.0, minimum=1
+            "float",
+            "warn about snapcoord snapshots older than this",
+            default=72.0,
+            minimum=1,
+            maximum=100 * 366 * 24,  # 100 years: `now - timedelta(hours=...)` stays in range
         ),
         **_TLS,
     },
@@ -138,7 +151,11 @@ HYPERVISOR_TYPES: dict[str, dict[str, Key]] = {
         "user": Key("str", "USER@REALM for ticket login (instead of a token)"),
         "password": Key("secret", "password for ticket login"),
         "lock_wait_seconds": Key(
-            "float", "wait this long for a guest locked by another task", default=120.0, minimum=0
+            "float",
+            "wait this long for a guest locked by another task",
+            default=120.0,
+            minimum=0,
+            maximum=MAX_SECONDS,
         ),
         **_TLS,
     },
@@ -154,7 +171,10 @@ VM: dict[str, Key] = {
     ),
     "label": Key("str", "label for this VM's snapshots (default: defaults.label)", check=_label),
     "snapshot_timeout": Key(
-        "float", "seconds to wait for snapshot tasks (default: defaults)", minimum=1
+        "float",
+        "seconds to wait for snapshot tasks (default: defaults)",
+        minimum=1,
+        maximum=MAX_SECONDS,
     ),
     "safety_snapshot": Key(
         "bool", "take a snapshot of the current state before a revert", default=True
@@ -204,13 +224,27 @@ GUEST: dict[str, Key] = {
         "bool", "stream a logical dump off the guest before stopping the database", default=False
     ),
     "watchdog_seconds": Key(
-        "int", "guest-side watchdog restarts stopped services after this", default=600, minimum=10
+        "int",
+        "guest-side watchdog restarts stopped services after this",
+        default=600,
+        minimum=10,
+        maximum=MAX_SECONDS,
     ),
-    "connect_timeout": Key("float", "seconds to open the connection", default=15.0, minimum=1),
-    "command_timeout": Key("float", "seconds for a plain guest command", default=60.0, minimum=1),
-    "stop_timeout": Key("float", "seconds for a service to stop", default=120.0, minimum=1),
-    "start_timeout": Key("float", "seconds for a service to start", default=120.0, minimum=1),
-    "dump_timeout": Key("float", "seconds for mysqldump", default=3600.0, minimum=1),
+    "connect_timeout": Key(
+        "float", "seconds to open the connection", default=15.0, minimum=1, maximum=MAX_SECONDS
+    ),
+    "command_timeout": Key(
+        "float", "seconds for a plain guest command", default=60.0, minimum=1, maximum=MAX_SECONDS
+    ),
+    "stop_timeout": Key(
+        "float", "seconds for a service to stop", default=120.0, minimum=1, maximum=MAX_SECONDS
+    ),
+    "start_timeout": Key(
+        "float", "seconds for a service to start", default=120.0, minimum=1, maximum=MAX_SECONDS
+    ),
+    "dump_timeout": Key(
+        "float", "seconds for mysqldump", default=3600.0, minimum=1, maximum=MAX_SECONDS
+    ),
 }
 
 HOOKS: dict[str, Key] = {
@@ -223,7 +257,9 @@ HOOKS: dict[str, Key] = {
     "after": Key(
         "strlist", "guest commands after everything is back (failure: reported)", default=[]
     ),
-    "timeout": Key("float", "seconds for each hook command", default=300.0, minimum=1),
+    "timeout": Key(
+        "float", "seconds for each hook command", default=300.0, minimum=1, maximum=MAX_SECONDS
+    ),
 }
 
 MYSQLDUMP: dict[str, Key] = {
