@@ -7,14 +7,17 @@ They come from the configuration file (trusted, written by the admin), so each r
 from __future__ import annotations
 
 from snapcoord.errors import GuestError
-from snapcoord.guest import Transport
+from snapcoord.guest import GuestUnreachable, Transport
 
 
 def run_hooks(
     transport: Transport, hooks: list[str], *, phase: str, vm: str, sudo: bool, timeout: float
 ) -> None:
     for index, command in enumerate(hooks, 1):
-        result = transport.run(["sh", "-c", command], sudo=sudo, timeout=timeout)
+        try:
+            result = transport.run(["sh", "-c", command], sudo=sudo, timeout=timeout)
+        except GuestUnreachable as exc:
+            raise type(exc)(f"{phase} hook #{index}: {exc.message}", vm=vm) from exc
         if result.timed_out:
             raise GuestError(f"{phase} hook #{index} timed out after {timeout:g} s", vm=vm)
         if not result.ok:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
-from snapcoord.guest import Transport
+from snapcoord.guest import GuestUnreachable, NoAnswer, Transport
+from snapcoord.reconnect import ReconnectBudget, reconnecting
 from snapcoord.run import ServiceWindow, run_parallel
 from snapcoord.shell import Completed
 
@@ -157,9 +158,13 @@ class Services:
         self.state: GuestServices | None = None
         #: "NAME stop|start" -> seconds the init system's own command took (from the guest clock)
         self.timings: dict[str, float] = {}
+        #: How long a start keeps reconnecting after a lost connection (the bracket narrows it
+        #: to end before its watchdog fires).
+        self.budget = ReconnectBudget(float(guest["start_timeout"]))
 
     # -- preflight -------------------------------------------------------------------------
-    def probe(self) -> GuestServices:
+    def probe(self, *, warm: bool = True) -> GuestServices:
+        """Learn the init system, which services exist and run; ``warm`` shells for the window."""
         configured = list(self.guest.get("services", []))
         database = str(self.guest.get("database", "auto"))
         names = configured + (list(DATABASE_CANDIDATES) if database == "auto" else [])
@@ -211,7 +216,8 @@ class Services:
             direct_status=_probe_value(text, "wrapper") in SYSTEM_SERVICE_WRAPPERS,
         )
         # Parallel stops each need a shell of their own; warm them now, outside the window.
-        self.transport.warm(max(1, len(self.state.to_stop())), sudo=self.sudo)
+        if warm:
+            self.transport.warm(max(1, len(self.state.to_stop())), sudo=self.sudo)
         return self.state
 
     def _preflight_failure(self, what: str, text: str) -> GuestError:
@@ -267,24 +273,32 @@ class Services:
         window.stop_issued(name)
         script = _LIB + (_STOP_DB if database else _STOP)
         timeout = float(self.guest["stop_timeout"])
-        result = self._script(script, name, "stop", timeout)
+        try:
+            result = self._script(script, name, "stop", timeout)
+        except GuestUnreachable as exc:
+            raise type(exc)(f"stopping {name}: {exc.message}", vm=self.vm) from exc
         if not result.ok:
             raise GuestError(f"stopping {name} failed: {result.error_text()}", vm=self.vm)
 
     def _start_one(self, name: str, window: ServiceWindow, *, database: bool = False) -> None:
+        """Start and verify; a lost connection is reconnected and the start repeated."""
         assert self.state is not None
         script = _LIB + (_START_DB if database else _START)
         check_url = self.guest.get("check_url") if name in ("apache2", "httpd", "nginx") else None
         if check_url:
             script += _CHECK_URL
         timeout = float(self.guest["start_timeout"])
+        extra = [check_url] if check_url else []
+
+        def attempt() -> Completed:
+            return self._script(script, name, "start", timeout, extra=extra)
+
         try:
-            extra = [check_url] if check_url else []
-            result = self._script(script, name, "start", timeout, extra=extra)
-        except GuestError as exc:
-            raise ServiceNotRestored(
-                f"{name} could not be started: {exc.message}", vm=self.vm
-            ) from exc
+            result = reconnecting(
+                self.transport, attempt, what=f"{self.vm}: starting {name}", budget=self.budget
+            )
+        except GuestError as exc:  # transient ones only after the budget is spent
+            raise ServiceNotRestored(f"starting {name}: {exc.message}", vm=self.vm) from exc
         if not result.ok:
             raise ServiceNotRestored(
                 f"{name} could not be started: {result.error_text()}", vm=self.vm
@@ -302,23 +316,28 @@ class Services:
         extra: list[str] | None = None,
     ) -> Completed:
         wait = str(max(1, int(timeout) - 2))
-        pidfile = self.state.pidfile if self.state else None
-        direct = int(bool(self.state and self.state.direct_status))
-        env = (
-            f"INIT={shlex.quote(self._init)}\nDIRECT={direct}\n"
-            f"PIDFILE={shlex.quote(pidfile or '')}\n"
-        )
-        argv = ["sh", "-c", env + body, "sh", name, wait]
+        argv = ["sh", "-c", self.script_env() + body, "sh", name, wait]
         clock = _LineClock()
         # shield: an interrupt waits for the stop/start in flight; its undo must not race it
         result = self.transport.run(
             argv + (extra or []), sudo=self.sudo, timeout=timeout, shield=True, on_line=clock
         )
+        if result.timed_out:
+            raise NoAnswer(f"no answer within {timeout:g} s", vm=self.vm)
         if clock.seconds is not None:
             self.timings[f"{name} {action}"] = clock.seconds
             log.debug("%s %s: init command %.3f s; verified, round trip %.3f s",
                       name, action, clock.seconds, result.seconds)  # fmt: skip
         return result
+
+    def script_env(self) -> str:
+        """Shell lines that set what :data:`_LIB` reads (init system, PID file, ...)."""
+        pidfile = self.state.pidfile if self.state else None
+        direct = int(bool(self.state and self.state.direct_status))
+        return (
+            f"INIT={shlex.quote(self._init)}\nDIRECT={direct}\n"
+            f"PIDFILE={shlex.quote(pidfile or '')}\n"
+        )
 
     @property
     def _init(self) -> str:

@@ -10,11 +10,12 @@ services running. It starts services only when they are not running, so firing l
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from snapcoord.errors import GuestError
-from snapcoord.guest import Transport
+from snapcoord.guest import NoAnswer, Transport
 from snapcoord.hooks.services import _LIB
 
 # $0 = marker (visible in ps), $1 = init, $2 = seconds, $3.. = services in start order
@@ -37,12 +38,37 @@ SERVICES="$3" DATABASE="$4" INIT="$1" setsid sh -c "$BODY" "$marker" "$1" "$2" \
 echo $!
 """
 
-# $1 = pid, $2 = marker. Prints "disarmed" or "gone" (it already fired or was never there).
-_DISARM = r"""
+# $1 = pid, $2 = marker, $3 = guarded services, $4 = the database among them. Disarms only when
+# every guarded service runs; prints "down NAME..." (left armed), "disarmed" or "gone" (it
+# already fired or was never there). `kill -s TERM -- -PGID` works in dash and bash alike.
+_DISARM = (
+    _LIB
+    + r"""
+down=
+for s in $3; do
+  if [ "$s" = "$4" ]; then db_alive || down="$down $s"; else is_up "$s" || down="$down $s"; fi
+done
+if [ -n "$down" ]; then echo "down$down"; exit 0; fi
 if [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -q -- "$2"; then
-  kill -TERM -- "-$1" 2>/dev/null || kill -TERM "$1"; echo disarmed
+  kill -s TERM -- "-$1" 2>/dev/null || kill -s TERM "$1"; echo disarmed
 else echo gone; fi
 """
+)
+
+# $1 = run id. Prints the PIDs of that run's watchdog processes. The marker is put together here
+# so that this script's own command line never contains it.
+_FIND = r"""
+marker="snapcoord-watchdog-$1"
+for f in /proc/[0-9]*/cmdline; do
+  pid=${f#/proc/}; pid=${pid%/cmdline}
+  [ "$pid" = "$$" ] && continue
+  case "$(tr '\0' ' ' < "$f" 2>/dev/null)" in *"$marker"*) echo "$pid";; esac
+done
+exit 0
+"""
+
+
+MARKER_PREFIX = "snapcoord-watchdog-"
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,14 @@ class Watchdog:
     pid: int
     marker: str  # snapcoord-watchdog-<run id>: also the process title in the guest
     seconds: int
-    services: tuple[str, ...]
+    services: tuple[str, ...]  # in start order, the database first
+    database: str | None = None
+    armed_at: float = 0.0  # epoch seconds on this host, just before it was started
+
+    @property
+    def fires_at(self) -> float:
+        """Epoch seconds (this host's clock) by which it starts what is down."""
+        return self.armed_at + self.seconds
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +91,30 @@ class Watchdog:
             "marker": self.marker,
             "seconds": self.seconds,
             "services": list(self.services),
+            "database": self.database,
+            "armed_at": round(self.armed_at, 3),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Watchdog:
+        """From :meth:`as_dict` (a run journal); older journals lack the last fields."""
+        return cls(
+            int(data["pid"]),
+            str(data["marker"]),
+            int(data["seconds"]),
+            tuple(str(s) for s in data.get("services", ())),
+            data.get("database"),
+            float(data.get("armed_at") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class Disarmed:
+    """What a disarm found: ``down`` guarded services (then it stayed armed), else whether it
+    was still armed (``False``: it had fired already, or was never there)."""
+
+    was_armed: bool
+    down: tuple[str, ...] = ()
 
 
 def arm(
@@ -74,7 +130,8 @@ def arm(
     timeout: float,
 ) -> Watchdog:
     """Start the watchdog for ``services`` (in start order, database first)."""
-    marker = f"snapcoord-watchdog-{run_id}"
+    marker = f"{MARKER_PREFIX}{run_id}"
+    armed_at = time.time()
     script = f"BODY={shlex.quote(_BODY)}\n{_ARM}"
     argv = [
         "sh",
@@ -91,15 +148,42 @@ def arm(
     text = result.stdout.decode(errors="replace").strip()
     if not result.ok or not text.isdigit():
         raise GuestError(f"cannot arm the guest watchdog: {result.error_text()}", vm=vm)
-    return Watchdog(int(text), marker, seconds, tuple(services))
+    return Watchdog(int(text), marker, seconds, tuple(services), database, armed_at)
 
 
 def disarm(
-    transport: Transport, watchdog: Watchdog, *, vm: str, sudo: bool, timeout: float
-) -> bool:
-    """Stop the watchdog. Returns False when it was already gone (it fired: say so)."""
-    argv = ["sh", "-c", _DISARM, "sh", str(watchdog.pid), watchdog.marker]
+    transport: Transport, watchdog: Watchdog, *, env: str, vm: str, sudo: bool, timeout: float
+) -> Disarmed:
+    """Stop the watchdog, but only if every service it guards runs. ``env``: the service
+    scripts' settings (:meth:`Services.script_env`)."""
+    argv = [
+        "sh",
+        "-c",
+        env + _DISARM,
+        "sh",
+        str(watchdog.pid),
+        watchdog.marker,
+        " ".join(watchdog.services),
+        watchdog.database or "",
+    ]
     result = transport.run(argv, sudo=sudo, timeout=timeout)
+    if result.timed_out:
+        raise NoAnswer(f"disarming the guest watchdog: no answer within {timeout:g} s", vm=vm)
     if not result.ok:
         raise GuestError(f"cannot disarm the guest watchdog: {result.error_text()}", vm=vm)
-    return result.stdout.decode().strip() == "disarmed"
+    words = result.stdout.decode(errors="replace").split()
+    if words and words[0] == "down":
+        return Disarmed(False, tuple(words[1:]))
+    return Disarmed(words == ["disarmed"])
+
+
+def running(transport: Transport, run_id: str, *, vm: str, sudo: bool, timeout: float) -> list[int]:
+    """PIDs of run ``run_id``'s watchdog processes in the guest (empty: none left)."""
+    result = transport.run(["sh", "-c", _FIND, "sh", run_id], sudo=sudo, timeout=timeout)
+    if not result.ok:
+        raise GuestError(f"cannot look for the guest watchdog: {result.error_text()}", vm=vm)
+    return [int(w) for w in result.stdout.decode(errors="replace").split() if w.isdigit()]
+
+
+def run_id_of(marker: str) -> str:
+    return marker.removeprefix(MARKER_PREFIX)

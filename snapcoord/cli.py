@@ -14,13 +14,20 @@ from typing import Any
 
 from snapcoord import __version__
 from snapcoord.config import Config, load_config
-from snapcoord.errors import ConfigError, ExitCode, PreflightError, SnapcoordError, UsageError
+from snapcoord.errors import ConfigError, ExitCode, SnapcoordError, UsageError
 from snapcoord.example import example_config
 from snapcoord.journal import Journal
 from snapcoord.lock import VMLock
 from snapcoord.naming import new_run_id
 from snapcoord.output import HumanReporter, LogHandler, print_json, run_summary
-from snapcoord.plans import RunContext, delete_steps, revert_steps, snapshot_steps
+from snapcoord.plans import (
+    RunContext,
+    WatchdogKeptArmed,
+    delete_steps,
+    revert_steps,
+    snapshot_steps,
+)
+from snapcoord.recover import check_unfinished_run
 from snapcoord.run import Engine, RunResult, SilentReporter, Step
 
 log = logging.getLogger("snapcoord")
@@ -294,13 +301,8 @@ def _run(
     else:
         try:
             previous = journal.read()
-            if previous is not None and previous.get("stopped"):
-                raise PreflightError(
-                    f"run {previous.get('run')} did not finish and may have left "
-                    f"{', '.join(previous['stopped'])} stopped",
-                    vm=key,
-                    hint=f"run: snapcoord recover {key}",
-                )
+            if previous is not None and (previous.get("stopped") or previous.get("watchdog")):
+                ctx.notes.append(check_unfinished_run(config, key, previous))
             journal.clear()
             owns_journal = True
 
@@ -331,9 +333,13 @@ def _run(
         notes=ctx.notes,
         **ctx.outputs,
     )
+    if ctx.watchdog is not None:  # left armed: something it guards was down
+        summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
     if owns_journal:
-        # A service left down keeps the journal: the next run refuses, `recover` retries.
-        journal.finish(summary, keep_journal=bool(result.window.still_down))
+        # A service left down (or a watchdog left armed) keeps the journal: the next run checks
+        # the guest before it goes on; `snapcoord recover` starts what is down.
+        keep = bool(result.window.still_down) or ctx.watchdog is not None
+        journal.finish(summary, keep_journal=keep)
     _report(args, key, result, summary)
     return result.exit_code
 
@@ -349,14 +355,17 @@ def _report(args: argparse.Namespace, key: str, result: RunResult, summary: dict
         parts = [f"{key}: {summary['command']} {status}"]
         if summary.get("snapshot"):
             parts.append(f"snapshot {summary['snapshot']}")
-        if window is not None:
+        if summary["services_down"]:
+            parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
+        elif window is not None:
             parts.append(f"service window {window:.2f} s")
         print(", ".join(parts))
     for failure in result.failures:
         print(f"snapcoord: error: {failure}", file=sys.stderr)
     for bug in result.bugs:
         traceback.print_exception(bug, file=sys.stderr)
-    if result.window.still_down:
+    said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
+    if result.window.still_down and not said:
         print(
             f"snapcoord: error: {key}: still stopped: {', '.join(result.window.still_down)}",
             file=sys.stderr,

@@ -67,6 +67,17 @@ class Transport(Protocol):
 
     def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]: ...
 
+    @property
+    def generation(self) -> int:
+        """Counts reconnects: a caller that saw a failure passes it to :meth:`reconnect`."""
+        ...
+
+    def reconnect(self, generation: int) -> None:
+        """Drop the connection and open a new one, unless another caller already did since
+        ``generation``. Raises :class:`GuestUnreachable` (retry later) or :class:`GuestError`
+        (host key, authentication: never retried)."""
+        ...
+
 
 def _privileged(argv: Sequence[str], sudo: bool) -> list[str]:
     return ["sudo", "-n", "--", *argv] if sudo else list(argv)
@@ -144,6 +155,13 @@ class ExecTransport:
 
     def warm(self, count: int, *, sudo: bool) -> None:
         """Nothing to warm: a local process has no connection or login shell to set up."""
+
+    @property
+    def generation(self) -> int:
+        return 0
+
+    def reconnect(self, generation: int) -> None:
+        """Nothing to reconnect: every command is a new local process."""
 
 
 class WarmShell:
@@ -281,7 +299,17 @@ def _emit_lines(buffer: bytearray, start: int, on_line: LineCallback) -> int:
 
 class GuestUnreachable(GuestError):
     """The connection failed in a way that may succeed when repeated (network, not keys or
-    auth): retried here a few times, and by a revert while the guest boots."""
+    auth): retried here a few times, by a revert while the guest boots, and by every undo
+    (after a reconnect) within its budget."""
+
+
+class ConnectionLost(GuestUnreachable):
+    """The connection broke while a command ran (ssh exit 255, a dead ControlMaster or warm
+    shell): the command may or may not have run in the guest."""
+
+
+class NoAnswer(GuestUnreachable):
+    """A guest command did not finish within its timeout: a stalled link or a hung command."""
 
 
 _PERMANENT_SSH_ERRORS = (
@@ -314,6 +342,9 @@ class SshTransport:
         self._pool_lock = threading.Lock()
         self._idle: dict[bool, list[WarmShell]] = {True: [], False: []}
         self._all_shells: list[WarmShell] = []
+        self._generation = 0  # one ControlPath per connection: a reconnect never reuses a master
+        self._reconnect_lock = threading.Lock()
+        self._warm_counts: dict[bool, int] = {}
 
     # -- options ---------------------------------------------------------------------------
     def _options(self) -> list[str]:
@@ -347,7 +378,7 @@ class SshTransport:
         if self._dir:
             opts += [
                 "-o",
-                f"ControlPath={self._dir}/cm",
+                f"ControlPath={self._dir}/cm{self._generation}",
                 "-o",
                 "ControlMaster=auto",
                 "-o",
@@ -370,6 +401,9 @@ class SshTransport:
         reraise=True,
     )
     def _connect(self) -> None:
+        self._connect_once()
+
+    def _connect_once(self) -> None:
         result = execute(
             ["ssh", *self._options(), "-T", self.host, "--", "true"],
             timeout=float(self.guest["connect_timeout"]) + 5,
@@ -440,6 +474,7 @@ class SshTransport:
             return
         with self._pool_lock:
             missing = count - len(self._idle[sudo])
+        self._warm_counts[sudo] = max(count, self._warm_counts.get(sudo, 0))
         started = []
         for _ in range(max(0, missing)):
             remote = "exec sudo -n sh" if sudo else "exec sh"
@@ -456,18 +491,42 @@ class SshTransport:
                 shell.close()
 
     def close(self) -> None:
+        self._drop_connection(kill=False)
+        if self._dir is None:
+            return
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
+    def _drop_connection(self, *, kill: bool) -> None:
+        """End the warm shells (politely, or ``kill`` them) and the ControlMaster."""
         with self._pool_lock:
             shells, self._all_shells = self._all_shells, []
             self._idle = {True: [], False: []}
         for shell in shells:
-            shell.close()
-        if self._dir is None:
-            return
-        if self._connected:
-            execute(["ssh", *self._options(), "-O", "exit", self.host], timeout=10)
-            self._connected = False
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._dir = None
+            shell.close(kill=kill)
+        if self._dir is not None and self._connected:
+            # Talks to the local master process only: quick even when the link is stalled.
+            execute(["ssh", *self._options(), "-O", "exit", self.host], timeout=3)
+        self._connected = False
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def reconnect(self, generation: int) -> None:
+        with self._reconnect_lock:
+            if generation != self._generation and self._connected:
+                return  # another caller reconnected since that failure
+            log.warning("%s: reconnecting to %s", self.vm, self.description)
+            self._drop_connection(kill=True)
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="snapcoord-ssh-")
+            self._generation += 1
+            self._connect_once()
+            self._connected = True
+            for sudo, count in self._warm_counts.items():
+                self.warm(count, sudo=sudo)
+            log.warning("%s: reconnected to %s", self.vm, self.description)
 
     # -- commands --------------------------------------------------------------------------
     def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
@@ -496,11 +555,13 @@ class SshTransport:
             finally:
                 self._give_back(shell)
 
+        log.debug("guest %s: %s", self.host, display(argv))
         result = _shielded(call) if shield else call()
         if result.returncode == SSH_UNREACHABLE and not result.timed_out:
-            raise GuestError(
-                f"lost the SSH connection to {self.host} running "
-                f"{display(argv)}: {result.error_text()}",
+            # The command line (often a whole script) goes to the debug log, not the message.
+            log.debug("lost the connection running: %s", display(argv))
+            raise ConnectionLost(
+                f"lost the SSH connection to {self.host} ({result.error_text(limit=120)})",
                 vm=self.vm,
             )
         return result

@@ -60,7 +60,10 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def run_summary(vm: str, result: RunResult, **fields: Any) -> dict[str, Any]:
-    window = result.window.seconds
+    """The run as one JSON object. ``window_seconds`` is the measured service window only when
+    every stopped service was confirmed running again: otherwise ``None``, and ``services_down``
+    names what is (or may still be) down."""
+    window = None if result.window.still_down else result.window.seconds
     return {
         "vm": vm,
         "ok": result.ok,

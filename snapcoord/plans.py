@@ -17,6 +17,7 @@ from snapcoord.config import Config, VMConfig
 from snapcoord.errors import (
     GuestError,
     PreflightError,
+    ServiceNotRestored,
     SnapcoordError,
     SnapshotExists,
     SnapshotFailed,
@@ -28,6 +29,7 @@ from snapcoord.guest import GuestUnreachable, Transport, open_transport
 from snapcoord.hooks import commands, watchdog
 from snapcoord.hooks.services import GuestServices, Services
 from snapcoord.naming import description, snapshot_name
+from snapcoord.reconnect import reconnecting
 from snapcoord.run import ServiceWindow, Step
 
 
@@ -268,6 +270,7 @@ class Bracket:
         order = ([database] if database else []) + list(reversed(st.to_stop()))
         if not order:
             return
+        self.services.budget.guard_watchdog(time.monotonic(), float(self.guest["watchdog_seconds"]))
         self.ctx.watchdog = watchdog.arm(
             self.transport,
             vm=self.ctx.key,
@@ -281,20 +284,49 @@ class Bracket:
         )
 
     def disarm(self) -> None:
+        """Disarm only once everything the watchdog guards runs again; otherwise leave it armed
+        (it will start what is down) and say when it fires."""
         dog = self.ctx.watchdog
         if dog is None:
             return
-        was_armed = watchdog.disarm(
-            self.transport, dog, vm=self.ctx.key, sudo=self.sudo, timeout=self.timeout
-        )
-        self.ctx.watchdog = None
-        if not was_armed:
-            raise GuestError(
-                f"the guest watchdog had already fired after {dog.seconds} s: services were "
-                "restarted while the run was still working",
+        down = self.ctx.window.still_down
+        if down:
+            raise WatchdogKeptArmed(dog, down, vm=self.ctx.key)
+        retried = False
+
+        def attempt() -> watchdog.Disarmed:
+            nonlocal retried
+            retried = retried or self.transport.generation != generation
+            return watchdog.disarm(
+                self.transport,
+                dog,
+                env=self.services.script_env(),
                 vm=self.ctx.key,
-                hint="raise watchdog_seconds above the service window and run again",
+                sudo=self.sudo,
+                timeout=self.timeout,
             )
+
+        generation = self.transport.generation
+        outcome = reconnecting(
+            self.transport,
+            attempt,
+            what=f"{self.ctx.key}: disarming the guest watchdog",
+            budget=self.services.budget,
+        )
+        if outcome.down:
+            raise WatchdogKeptArmed(dog, list(outcome.down), vm=self.ctx.key)
+        self.ctx.watchdog = None
+        if outcome.was_armed:
+            return
+        if retried:  # an attempt cut short may have disarmed it already
+            self.ctx.notes.append("the guest watchdog was gone when disarming it again")
+            return
+        raise GuestError(
+            f"the guest watchdog had already fired after {dog.seconds} s: services were "
+            "restarted while the run was still working",
+            vm=self.ctx.key,
+            hint="raise watchdog_seconds above the service window and run again",
+        )
 
     def stop_services(self) -> None:
         self.services.stop(self.state.to_stop(), self.ctx.window, parallel=self.parallel)
@@ -312,6 +344,23 @@ class Bracket:
         st = self.state
         if st.database is not None and st.database in st.stopped:
             self.services.start_database(self.ctx.window)
+
+
+class WatchdogKeptArmed(ServiceNotRestored):
+    """Something the watchdog guards is down: it stays armed and will start it."""
+
+    def __init__(self, dog: watchdog.Watchdog, down: list[str], *, vm: str) -> None:
+        self.down = down
+        self.fires_at = dog.fires_at
+        left = dog.fires_at - time.time()
+        when = datetime.fromtimestamp(dog.fires_at).strftime("%H:%M:%S")
+        due = f"in {left:.0f} s" if left >= 1 else "due now"
+        them = "it" if len(down) == 1 else "them"
+        super().__init__(
+            f"{', '.join(down)} still down; the guest watchdog will start {them} at {when} ({due})",
+            vm=vm,
+            hint=f"if not, run: snapcoord recover {vm}",
+        )
 
 
 def _create_snapshot(ctx: RunContext, label: str) -> None:

@@ -1,10 +1,19 @@
-"""`snapcoord recover VM`: after a crash (power loss on the management host, kill -9), start what
-the unfinished run's journal says it stopped, and disarm its watchdog."""
+"""After a run that did not finish (power loss on the management host, kill -9, a guest that was
+unreachable until its watchdog fired): the run journal names what it stopped.
+
+* :func:`check_unfinished_run`: every new run looks first. When everything the journal names
+  runs again and that run's watchdog is gone, the journal is cleared with a note and the run goes
+  on, so one network blip does not stall a nightly schedule. Otherwise it refuses (exit 4).
+* :func:`recover` (``snapcoord recover VM``): start what the journal says was stopped, then
+  disarm its watchdog.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from snapcoord.config import Config
-from snapcoord.errors import PreflightError
+from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import open_transport
 from snapcoord.hooks import watchdog
 from snapcoord.hooks.services import Services
@@ -12,6 +21,55 @@ from snapcoord.journal import Journal
 from snapcoord.lock import VMLock
 from snapcoord.naming import new_run_id
 from snapcoord.run import ServiceWindow
+
+
+def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> str:
+    """Look in the guest whether the unfinished run ``data`` left anything behind. Returns the
+    note to show when nothing is left; raises :class:`PreflightError` otherwise."""
+    run = data.get("run")
+    stopped = [str(s) for s in data.get("stopped") or []]
+    dog = watchdog.Watchdog.from_dict(data["watchdog"]) if data.get("watchdog") else None
+    hint = f"run: snapcoord recover {vm_key}"
+    refuse = (
+        f"run {run} did not finish and may have left {', '.join(stopped) or 'services'} stopped"
+    )
+    guest = config.vm(vm_key).guest
+    if guest is None:
+        raise PreflightError(refuse, vm=vm_key, hint=hint)
+    transport = open_transport(guest, vm=vm_key)
+    try:
+        transport.open()
+        services = Services(transport, guest, vm=vm_key)
+        state = services.probe(warm=False)
+        down = [s for s in stopped if not state.running.get(s)]
+        left = []
+        if dog is not None:
+            left = watchdog.running(
+                transport,
+                watchdog.run_id_of(dog.marker),
+                vm=vm_key,
+                sudo=bool(guest.get("sudo")),
+                timeout=float(guest["command_timeout"]),
+            )
+    except GuestError as exc:
+        raise PreflightError(
+            f"{refuse}; the guest cannot be checked: {exc.message}", vm=vm_key, hint=hint
+        ) from exc
+    finally:
+        transport.close()
+    if down:
+        raise PreflightError(
+            f"run {run} did not finish and left {', '.join(down)} stopped", vm=vm_key, hint=hint
+        )
+    if left:
+        raise PreflightError(
+            f"run {run} did not finish and its guest watchdog is still armed (pid "
+            f"{', '.join(map(str, left))})",
+            vm=vm_key,
+            hint=f"wait until it has fired, or {hint}",
+        )
+    found = f"{', '.join(stopped)} running" if stopped else "nothing stopped"
+    return f"run {run} did not finish; found {found} and no watchdog of it: cleared its journal"
 
 
 def recover(config: Config, vm_key: str) -> list[str]:
@@ -45,18 +103,23 @@ def recover(config: Config, vm_key: str) -> list[str]:
             if others:
                 services.start(others, window)
                 lines.append(f"started {', '.join(others)}")
-            wd = data.get("watchdog")
-            if wd:
-                dog = watchdog.Watchdog(
-                    int(wd["pid"]),
-                    str(wd["marker"]),
-                    int(wd["seconds"]),
-                    tuple(wd.get("services", ())),
+            if data.get("watchdog"):
+                outcome = watchdog.disarm(
+                    transport,
+                    watchdog.Watchdog.from_dict(data["watchdog"]),
+                    env=services.script_env(),
+                    vm=vm_key,
+                    sudo=bool(vm_cfg.guest.get("sudo")),
+                    timeout=float(vm_cfg.guest["command_timeout"]),
                 )
-                sudo = bool(vm_cfg.guest.get("sudo"))
-                timeout = float(vm_cfg.guest["command_timeout"])
-                armed = watchdog.disarm(transport, dog, vm=vm_key, sudo=sudo, timeout=timeout)
-                lines.append("disarmed the watchdog" if armed else "the watchdog had already run")
+                if outcome.down:
+                    raise ServiceNotRestored(
+                        f"{', '.join(outcome.down)} down again: the watchdog stays armed",
+                        vm=vm_key,
+                    )
+                lines.append(
+                    "disarmed the watchdog" if outcome.was_armed else "the watchdog had already run"
+                )
         finally:
             transport.close()
         journal.clear()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests import lab
-from tests.cli_helpers import json_lines
+from tests.cli_helpers import json_lines, snapcoord
 from tests.guest_fixtures import (
     guest_config,
     lab_services,  # noqa: F401 - fixture
@@ -180,18 +180,25 @@ def test_service_that_cannot_start_exits_6_naming_it(
     try:
         code, summary, stderr, seconds = snapshot(config, observe)
         apache_after = lab_services.running("apache2")
+        armed_after = watchdog_pids(summary["run"])
     finally:
         BROKEN_APACHE_CONF.unlink(missing_ok=True)
+    # `recover` starts apache2 and only then disarms the watchdog the run had to leave armed.
+    recovered = snapcoord("-c", str(config), "recover", "web1")
     assert code == 6, stderr
     assert "apache2 could not be started" in stderr
-    assert summary["services_down"] == ["apache2"]
-    assert "still stopped: apache2" in stderr
+    assert summary["services_down"] == ["apache2"] and summary["window_seconds"] is None
+    assert "apache2 still down; the guest watchdog will start it at" in stderr
     assert apache_after is False
-    # Everything else came back, and the watchdog was still disarmed.
+    # Everything else came back; the watchdog stayed armed: apache2 was down.
     assert lab_services.running("mariadb") and lab_services.running("cron")
     assert lab_services.mariadb_uptime() < seconds
     assert len(snapshot_events(observe)) == 1
+    assert armed_after
+    assert recovered.returncode == 0, recovered.stderr
+    assert "apache2" in recovered.stdout and "disarmed the watchdog" in recovered.stdout
     assert watchdog_pids(summary["run"]) == []
+    assert lab_services.all_running()
 
 
 def test_changed_host_key_exits_4_and_stops_nothing(

@@ -73,13 +73,14 @@ def test_sigkill_inside_the_window_the_watchdog_restarts_everything(
     wait_for(lab_services.all_running, WATCHDOG_SECONDS + 20, "the watchdog to restart services")
     wait_for(lambda: watchdog_pids(data["run"]) == [], 10, "the watchdog to exit")
 
-    # The journal still says what the dead run stopped; recover tidies up.
+    # The journal still says what the dead run stopped; the next run looks into the guest, finds
+    # everything running and the watchdog gone, clears the journal and goes on.
     assert journal(tmp_path) is not None
-    blocked = snapcoord("-c", str(config), "snapshot", "web1")
-    assert blocked.returncode == 4 and "snapcoord recover web1" in blocked.stderr
-    recovered = snapcoord("-c", str(config), "recover", "web1")
-    assert recovered.returncode == 0, recovered.stderr
-    assert "the watchdog had already run" in recovered.stdout
+    config = guest_config(tmp_path, libvirt_node, guest)  # the same VM, without the long hook
+    healed = snapcoord("-c", str(config), "snapshot", "web1")
+    assert healed.returncode == 0, healed.stderr
+    found = "did not finish; found mariadb, cron, apache2 running"
+    assert f"run {data['run']} {found}" in healed.stdout
     assert journal(tmp_path) is None
     assert lab_services.all_running()
 
@@ -130,12 +131,37 @@ def test_watchdog_fires_for_exactly_the_stopped_services(
         wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
         wait_for(lambda: watchdog_pids("t-fire") == [], 10, "the watchdog to exit")
         assert not lab_services.running("apache2")  # not in its list: left alone
-        assert watchdog.disarm(transport, dog, vm="lab", sudo=False, timeout=30) is False
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+        assert outcome == watchdog.Disarmed(was_armed=False)  # it had fired
     finally:
         transport.close()
 
 
-def test_disarmed_watchdog_never_fires(
+def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    """Disarming kills the watchdog's whole process group (its ``sleep`` too) under the
+    guest's /bin/sh, which is dash here as on Debian guests."""
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=2, services=["cron"],
+            database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        assert process_group(dog.pid), "the watchdog is not running"
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+        assert outcome == watchdog.Disarmed(was_armed=True)
+        assert watchdog_pids("t-disarm") == []
+        wait_for(lambda: process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
+        lab_services.stop("cron")
+        time.sleep(3)
+        assert not lab_services.running("cron")
+    finally:
+        transport.close()
+
+
+def test_a_watchdog_is_not_disarmed_while_a_service_it_guards_is_down(
     ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
 ) -> None:
     transport = SshTransport(table(ssh_guest), vm="lab")
@@ -143,15 +169,32 @@ def test_disarmed_watchdog_never_fires(
     try:
         lab_services.stop("cron")
         dog = watchdog.arm(
-            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=2, services=["cron"],
-            database=None, sudo=False, timeout=30,
+            transport, vm="lab", run_id="t-down", init="sysv", seconds=3,
+            services=["mariadb", "cron"], database="mariadb", sudo=False, timeout=30,
         )  # fmt: skip
-        assert watchdog.disarm(transport, dog, vm="lab", sudo=False, timeout=30) is True
-        assert watchdog_pids("t-disarm") == []
-        time.sleep(3)
-        assert not lab_services.running("cron")
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+        assert outcome == watchdog.Disarmed(was_armed=False, down=("cron",))
+        assert watchdog_pids("t-down") == [dog.pid]  # still armed ...
+        assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == [dog.pid]
+        wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
+        wait_for(lambda: watchdog_pids("t-down") == [], 10, "the watchdog to exit")
+        assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == []
     finally:
         transport.close()
+
+
+def process_group(pgid: int) -> list[int]:
+    """PIDs of the processes in process group ``pgid`` (from /proc/PID/stat)."""
+    members = []
+    for pid, _comm, _args in lab._process_table():
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            members.append(pid)
+    return members
 
 
 def test_watchdog_survives_the_connection(
