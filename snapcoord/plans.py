@@ -16,6 +16,7 @@ from snapcoord.adapters.base import VM, Adapter, PowerState, Snapshot
 from snapcoord.config import Config, VMConfig
 from snapcoord.errors import (
     GuestError,
+    Interrupted,
     PreflightError,
     ServiceNotRestored,
     SnapcoordError,
@@ -374,7 +375,7 @@ def _create_snapshot(ctx: RunContext, label: str) -> None:
             quiesce=bool(settings["quiesce"]),
             timeout=ctx.vm_cfg.snapshot_timeout,
         )
-    except SnapshotFailed:
+    except (SnapshotFailed, Interrupted):  # a signal during the call is not a failed snapshot
         raise
     except SnapcoordError as exc:
         raise SnapshotFailed(
@@ -425,6 +426,8 @@ def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[S
             ctx.adapter.revert_snapshot(
                 ctx.require_vm(), found["snapshot"], start=None, timeout=ctx.vm_cfg.snapshot_timeout
             )
+        except Interrupted:
+            raise
         except SnapcoordError as exc:
             raise SnapshotFailed(
                 f"revert to {found['snapshot'].name} failed: {exc.message}", vm=ctx.key

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapcoord.config import load_config
-from snapcoord.errors import ExitCode, GuestError
+from snapcoord.errors import ExitCode, GuestError, Interrupted
 from snapcoord.plans import RunContext, snapshot_steps
 from snapcoord.run import Engine
 from tests.cli_helpers import STAND_IN_SERVICES, running_stand_ins, stand_in_guest
@@ -108,3 +108,20 @@ def _gone_within(pid: int, *, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_signal_during_the_snapshot_call_exits_130_not_5(
+    context: tuple[RunContext, Path],
+) -> None:
+    """SIGTERM while the hypervisor call runs is an interruption, not a failed snapshot."""
+    ctx, state = context
+    steps = snapshot_steps(ctx, label="t")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Interrupted("interrupted by SIGTERM: restoring everything that was changed")
+
+    ctx.adapter.create_snapshot = interrupted  # type: ignore[method-assign,assignment]
+    result = Engine(window=ctx.window).execute(steps)
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert [type(f) for f in result.failures] == [Interrupted]
+    assert running_stand_ins(state) == STAND_IN_SERVICES
