@@ -27,7 +27,7 @@ from snapcoord.plans import (
     revert_steps,
     snapshot_steps,
 )
-from snapcoord.recover import check_unfinished_run
+from snapcoord.recover import check_unfinished_run, unfinished
 from snapcoord.run import Engine, RunResult, SilentReporter, Step
 
 log = logging.getLogger("snapcoord")
@@ -301,7 +301,7 @@ def _run(
     else:
         try:
             previous = journal.read()
-            if previous is not None and (previous.get("stopped") or previous.get("watchdog")):
+            if previous is not None and unfinished(previous):
                 ctx.notes.append(check_unfinished_run(config, key, previous))
             journal.clear()
             owns_journal = True

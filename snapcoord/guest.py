@@ -347,7 +347,9 @@ class SshTransport:
         self._warm_counts: dict[bool, int] = {}
 
     # -- options ---------------------------------------------------------------------------
-    def _options(self) -> list[str]:
+    def _options(self, *, master: bool = False) -> list[str]:
+        """ssh options; only the connect makes the ControlMaster (``master``): every later
+        command uses it, and never silently becomes a second master when it died."""
         g = self.guest
         opts = ["-F", str(g["ssh_config"])] if g.get("ssh_config") else []
         opts += [
@@ -380,7 +382,7 @@ class SshTransport:
                 "-o",
                 f"ControlPath={self._dir}/cm{self._generation}",
                 "-o",
-                "ControlMaster=auto",
+                "ControlMaster=" + ("auto" if master else "no"),
                 "-o",
                 "ControlPersist=120",
             ]
@@ -405,7 +407,7 @@ class SshTransport:
 
     def _connect_once(self) -> None:
         result = execute(
-            ["ssh", *self._options(), "-T", self.host, "--", "true"],
+            ["ssh", *self._options(master=True), "-T", self.host, "--", "true"],
             timeout=float(self.guest["connect_timeout"]) + 5,
         )
         if result.ok:

@@ -236,6 +236,7 @@ class Bracket:
                 self.arm,
                 self.disarm,
                 undo_name="disarm guest watchdog",
+                undo_first=True,  # journalled before arming: a kill mid-arm is still looked for
                 describe=f"restarts stopped services after {self.guest['watchdog_seconds']} s",
             ),
             Step(

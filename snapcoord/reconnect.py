@@ -31,8 +31,9 @@ WATCHDOG_MARGIN = 10.0
 
 @dataclass
 class ReconnectBudget:
-    """How long one action may keep retrying: at most ``seconds`` from its first attempt, and
-    never past ``hard_deadline`` (monotonic; set when a watchdog is armed)."""
+    """How long one action may keep retrying: at most ``seconds`` from its first failure (so an
+    attempt that timed out still gets another), and never past ``hard_deadline`` (monotonic;
+    set when a watchdog is armed)."""
 
     seconds: float
     hard_deadline: float | None = None
@@ -41,9 +42,9 @@ class ReconnectBudget:
         """``armed_at``: monotonic time just before the watchdog was started."""
         self.hard_deadline = armed_at + watchdog_seconds - WATCHDOG_MARGIN
 
-    def deadline(self) -> float:
+    def deadline(self, first_failure: float) -> float:
         hard = math.inf if self.hard_deadline is None else self.hard_deadline
-        return min(time.monotonic() + self.seconds, hard)
+        return min(first_failure + self.seconds, hard)
 
 
 def reconnecting(
@@ -52,8 +53,8 @@ def reconnecting(
     """Run ``action``; on a transient guest failure reconnect ``transport`` and run it again
     until it succeeds or the budget is spent (then the last failure is raised, saying so).
     ``action`` must be safe to repeat (a start of a running service is a no-op)."""
-    deadline = budget.deadline()
     started = time.monotonic()
+    deadline = math.inf  # set at the first failure
     state = {"calls": 0, "generation": transport.generation}
 
     def once() -> T:
@@ -64,6 +65,12 @@ def reconnecting(
         return action()
 
     failures: list[GuestUnreachable] = []
+
+    def out_of_budget(retry_state: RetryCallState) -> bool:
+        nonlocal deadline
+        if deadline == math.inf:
+            deadline = budget.deadline(time.monotonic())
+        return time.monotonic() >= deadline
 
     def log_failure(retry_state: RetryCallState) -> None:
         failure = retry_state.outcome.exception() if retry_state.outcome else None
@@ -78,7 +85,7 @@ def reconnecting(
 
     retrying = Retrying(
         retry=retry_if_exception_type(GuestUnreachable),
-        stop=lambda retry_state: time.monotonic() >= deadline,
+        stop=out_of_budget,
         wait=wait_exponential(multiplier=0.5, max=3),
         before_sleep=log_failure,
         sleep=lambda seconds: time.sleep(min(seconds, max(0.0, deadline - time.monotonic()))),

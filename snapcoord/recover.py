@@ -22,6 +22,14 @@ from snapcoord.lock import VMLock
 from snapcoord.naming import new_run_id
 from snapcoord.run import ServiceWindow
 
+#: The journal's ``pending`` names this undo from just before a watchdog is armed.
+DISARM = "disarm guest watchdog"
+
+
+def unfinished(data: dict[str, Any]) -> bool:
+    """Whether a journal's run may have left something behind in the guest."""
+    return bool(data.get("stopped") or data.get("watchdog") or DISARM in data.get("pending", []))
+
 
 def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> str:
     """Look in the guest whether the unfinished run ``data`` left anything behind. Returns the
@@ -43,10 +51,10 @@ def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> s
         state = services.probe(warm=False)
         down = [s for s in stopped if not state.running.get(s)]
         left = []
-        if dog is not None:
+        if dog is not None or DISARM in data.get("pending", []):
             left = watchdog.running(
                 transport,
-                watchdog.run_id_of(dog.marker),
+                watchdog.run_id_of(dog.marker) if dog else str(run),
                 vm=vm_key,
                 sudo=bool(guest.get("sudo")),
                 timeout=float(guest["command_timeout"]),
@@ -80,7 +88,7 @@ def recover(config: Config, vm_key: str) -> list[str]:
         if data is None:
             return ["nothing to recover: no unfinished run"]
         stopped = [str(s) for s in data.get("stopped") or []]
-        if not stopped and not data.get("watchdog"):
+        if not unfinished(data):
             journal.clear()
             return [f"run {data.get('run')} left nothing stopped"]
         if vm_cfg.guest is None:
@@ -103,10 +111,19 @@ def recover(config: Config, vm_key: str) -> list[str]:
             if others:
                 services.start(others, window)
                 lines.append(f"started {', '.join(others)}")
-            if data.get("watchdog"):
+            dogs = [watchdog.Watchdog.from_dict(data["watchdog"])] if data.get("watchdog") else []
+            if not dogs and DISARM in data.get("pending", []):  # killed while arming it
+                sudo, timeout = (
+                    bool(vm_cfg.guest.get("sudo")),
+                    float(vm_cfg.guest["command_timeout"]),
+                )
+                run = str(data.get("run"))
+                pids = watchdog.running(transport, run, vm=vm_key, sudo=sudo, timeout=timeout)
+                dogs = [watchdog.Watchdog(pid, watchdog.MARKER_PREFIX + run, 0, ()) for pid in pids]
+            for dog in dogs:
                 outcome = watchdog.disarm(
                     transport,
-                    watchdog.Watchdog.from_dict(data["watchdog"]),
+                    dog,
                     env=services.script_env(),
                     vm=vm_key,
                     sudo=bool(vm_cfg.guest.get("sudo")),

@@ -118,7 +118,8 @@ def test_the_budget_ends_before_the_watchdog_fires() -> None:
     budget = ReconnectBudget(120)
     armed = time.monotonic()
     budget.guard_watchdog(armed, 30)
-    assert budget.deadline() == pytest.approx(armed + 30 - WATCHDOG_MARGIN)
+    assert budget.deadline(armed + 1) == pytest.approx(armed + 30 - WATCHDOG_MARGIN)
+    assert ReconnectBudget(5).deadline(armed) == armed + 5  # no watchdog: from the failure
     # A watchdog that fires in less than the margin leaves no time for a second attempt.
     budget.guard_watchdog(time.monotonic(), WATCHDOG_MARGIN - 1)
     transport = ScriptedTransport()
@@ -216,3 +217,25 @@ def test_a_changed_host_key_on_reconnect_is_not_unreachable(ssh_guest: lab.SshGu
         assert not isinstance(info.value, GuestUnreachable)  # never retried
     finally:
         transport.close()
+
+
+def test_an_attempt_that_timed_out_gets_another_within_the_budget() -> None:
+    """The budget counts from the first failure: a start that timed out after the whole
+    start_timeout (a stalled link) is still repeated once the connection is back."""
+    transport = ScriptedTransport()
+    calls = {"n": 0}
+
+    def slow_then_ok() -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(1.2)  # longer than the budget itself
+            raise NoAnswer("no answer within 1 s", vm="db1")
+        return "started"
+
+    result = reconnecting(
+        transport,  # type: ignore[arg-type]
+        slow_then_ok,
+        what="x",
+        budget=ReconnectBudget(1.0),
+    )
+    assert result == "started" and transport.reconnects == [0]
