@@ -226,6 +226,7 @@ class Bracket:
         self.sudo = bool(guest.get("sudo"))
         self.timeout = float(guest["command_timeout"])
         self.database = False
+        self._arming = False  # arm() started: the guest may run a watchdog not yet recorded
 
     def steps(self, *, database: bool) -> list[Step]:
         self.database = database
@@ -273,6 +274,7 @@ class Bracket:
         if not order:
             return
         self.services.budget.guard_watchdog(time.monotonic(), float(self.guest["watchdog_seconds"]))
+        self._arming = True
         self.ctx.watchdog = watchdog.arm(
             self.transport,
             vm=self.ctx.key,
@@ -290,6 +292,7 @@ class Bracket:
         (it will start what is down) and say when it fires."""
         dog = self.ctx.watchdog
         if dog is None:
+            self._disarm_unrecorded()
             return
         down = self.ctx.window.still_down
         if down:
@@ -329,6 +332,25 @@ class Bracket:
             vm=self.ctx.key,
             hint="raise watchdog_seconds above the service window and run again",
         )
+
+    def _disarm_unrecorded(self) -> None:
+        """Arming was cut short (a signal, a lost connection) after the guest may have started
+        the watchdog: find it by this run's marker. Nothing was stopped yet, so it goes."""
+        if not self._arming:
+            return
+        pids = watchdog.running(
+            self.transport, self.ctx.run_id, vm=self.ctx.key, sudo=self.sudo, timeout=self.timeout
+        )
+        for pid in pids:
+            marker = watchdog.MARKER_PREFIX + self.ctx.run_id
+            watchdog.disarm(
+                self.transport,
+                watchdog.Watchdog(pid, marker, 0, ()),
+                env=self.services.script_env(),
+                vm=self.ctx.key,
+                sudo=self.sudo,
+                timeout=self.timeout,
+            )
 
     def stop_services(self) -> None:
         self.services.stop(self.state.to_stop(), self.ctx.window, parallel=self.parallel)

@@ -125,3 +125,29 @@ def test_a_signal_during_the_snapshot_call_exits_130_not_5(
     assert result.exit_code == ExitCode.INTERRUPTED
     assert [type(f) for f in result.failures] == [Interrupted]
     assert running_stand_ins(state) == STAND_IN_SERVICES
+
+
+def test_a_watchdog_armed_but_not_recorded_is_found_by_its_marker_and_disarmed(
+    context: tuple[RunContext, Path],
+) -> None:
+    """A signal that lands after the guest started the watchdog but before its PID came back."""
+    ctx, state = context
+    steps = snapshot_steps(ctx, label="t")
+    arm = steps[STEPS.index("arm guest watchdog")]
+    real_arm = arm.do
+    assert real_arm is not None
+    started: list[int] = []
+
+    def arm_then_lose_it() -> None:
+        real_arm()
+        assert ctx.watchdog is not None
+        started.append(ctx.watchdog.pid)
+        ctx.watchdog = None  # the PID never reached the run
+        raise Interrupted("interrupted by SIGTERM: restoring everything that was changed")
+
+    arm.do = arm_then_lose_it
+    result = Engine(window=ctx.window).execute(steps)
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert "disarm guest watchdog" in [r.name for r in result.records if r.undo and r.ok]
+    assert started and _gone_within(started[0], seconds=5)
+    assert running_stand_ins(state) == STAND_IN_SERVICES
