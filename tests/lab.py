@@ -635,6 +635,33 @@ def _process_table() -> Iterator[tuple[int, str, str]]:
         yield int(entry.name), comm, args
 
 
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); [] if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def children_of(parent: int) -> list[int]:
+    return [pid for pid, _c, _a in _process_table() if stat_fields(pid)[1:2] == [str(parent)]]
+
+
+def process_group(pgid: int) -> list[int]:
+    return [pid for pid, _c, _a in _process_table() if stat_fields(pid)[2:3] == [str(pgid)]]
+
+
+def cut_server_side(guest: SshGuest) -> list[int]:
+    """Kill the sshd processes serving open connections (children of the lab sshd we started):
+    the ControlMaster and its warm shells die, the guest stays reachable."""
+    children = children_of(guest.pid)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return children
+
+
 def mysqld_pids(datadir: str = GUEST_DATADIR) -> list[int]:
     """PIDs of the guest's MariaDB/MySQL server: mariadbd/mysqld processes on ``datadir``.
 

@@ -8,7 +8,6 @@ rules that follow from it, checked by the state of the guest."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,22 +32,6 @@ from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 BROKEN_APACHE_CONF = Path("/etc/apache2/conf-enabled/zz-snapcoord-test-broken.conf")
 #: Lines of the remote service scripts: none may reach an error line.
 SCRIPT_FRAGMENTS = ("wait_until", "svc-begin", "db_alive", "mysqladmin ping >/dev/null")
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def cut_server_side(guest: lab.SshGuest) -> list[int]:
-    """Kill the sshd processes serving open connections: children of our own lab sshd."""
-    children = [pid for pid, _comm, _args in lab._process_table() if _ppid(pid) == guest.pid]
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-    return children
 
 
 def process_with_args(args: str) -> bool:
@@ -77,7 +60,7 @@ def test_connection_cut_in_a_frozen_hook_brings_everything_back_then_disarms(
     try:
         wait_for(lambda: process_with_args("sleep 12"), 60, "the frozen hook to start")
         time.sleep(1)
-        assert cut_server_side(ssh_guest), "no sshd child served the run's connection"
+        assert lab.cut_server_side(ssh_guest), "no sshd child served the run's connection"
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

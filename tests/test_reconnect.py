@@ -6,8 +6,6 @@ guest stays reachable)."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -142,29 +140,13 @@ def table(guest: lab.SshGuest, **overrides: Any) -> dict[str, Any]:
     return {**defaults, **guest.guest_table(), **overrides}
 
 
-def cut_server_side(guest: lab.SshGuest) -> list[int]:
-    """Kill the sshd processes serving open connections (children of our own lab sshd)."""
-    children = [pid for pid, _comm, _args in lab._process_table() if _ppid(pid) == guest.pid]
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-    return children
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
 @pytest.mark.real
 def test_the_ssh_transport_reconnects_after_the_server_side_died(ssh_guest: lab.SshGuest) -> None:
     transport = SshTransport(table(ssh_guest), vm="lab")
     transport.open()
     try:
         transport.warm(2, sudo=False)
-        assert cut_server_side(ssh_guest), "no sshd child served the connection"
+        assert lab.cut_server_side(ssh_guest), "no sshd child served the connection"
         generation = transport.generation
         script = "echo a long remote script body; " * 20
         with pytest.raises(ConnectionLost) as info:
@@ -190,7 +172,7 @@ def test_concurrent_failures_reconnect_once(ssh_guest: lab.SshGuest) -> None:
     transport = SshTransport(table(ssh_guest), vm="lab")
     transport.open()
     try:
-        cut_server_side(ssh_guest)
+        lab.cut_server_side(ssh_guest)
         generation = transport.generation
         threads = [
             threading.Thread(target=transport.reconnect, args=(generation,)) for _ in range(4)

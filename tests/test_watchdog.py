@@ -149,11 +149,11 @@ def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
             transport, vm="lab", run_id="t-disarm", init="sysv", seconds=2, services=["cron"],
             database=None, sudo=False, timeout=30,
         )  # fmt: skip
-        assert process_group(dog.pid), "the watchdog is not running"
+        assert lab.process_group(dog.pid), "the watchdog is not running"
         outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
         assert outcome == watchdog.Disarmed(was_armed=True)
         assert watchdog_pids("t-disarm") == []
-        wait_for(lambda: process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
+        wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
         lab_services.stop("cron")
         time.sleep(3)
         assert not lab_services.running("cron")
@@ -181,20 +181,6 @@ def test_a_watchdog_is_not_disarmed_while_a_service_it_guards_is_down(
         assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == []
     finally:
         transport.close()
-
-
-def process_group(pgid: int) -> list[int]:
-    """PIDs of the processes in process group ``pgid`` (from /proc/PID/stat)."""
-    members = []
-    for pid, _comm, _args in lab._process_table():
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[2] == str(pgid):
-            members.append(pid)
-    return members
 
 
 def test_watchdog_survives_the_connection(
