@@ -75,12 +75,24 @@ wait_until() {  # wait_until SECONDS command...: poll every 0.05 s
 not() { ! "$@"; }
 pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
 db_alive() { mysqladmin ping >/dev/null 2>&1; }
+lock() {  # lock NAME SECONDS: one stop/start of a service at a time (runs, retries, watchdog)
+  command -v flock >/dev/null 2>&1 || return 0  # no util-linux, or no root: no lock
+  [ -d /run/snapcoord ] || mkdir -m 0700 /run/snapcoord 2>/dev/null || return 0
+  [ -w /run/snapcoord ] || return 0
+  exec 9>>"/run/snapcoord/$1.lock"; flock -w "$2" 9
+}
 """
 
 # A failed init command is not the verdict: the state is re-read (after a short grace) and decides.
+# The service's lock is held to the end of the script, so a start issued after a lost connection
+# waits for a stop still running in the guest instead of racing it. A stop's command keeps the
+# lock even if its shell dies; a start's command closes it (9>&-) so no daemon inherits it.
 _ACT = r"""
 rc=0; w=$2
-echo svc-begin; svc "$1" "$ACTION" >&2 || rc=$?; echo svc-end
+lock "$1" "$w" || { echo "another stop/start of $1 still runs after $w s" >&2; exit 11; }
+echo svc-begin
+if [ "$ACTION" = start ]; then svc "$1" start 9>&- >&2 || rc=$?; else svc "$1" stop >&2 || rc=$?; fi
+echo svc-end
 if [ $rc != 0 ]; then
   echo "'$ACTION' of $1 exited $rc; checking its state" >&2; [ "$w" -gt 5 ] && w=5
 fi

@@ -24,8 +24,10 @@ _BODY = (
     + r"""
 sleep "$2"
 for s in $(echo "$SERVICES"); do
-  if [ "$s" = "$DATABASE" ]; then db_alive || svc "$s" start
-  else is_up "$s" || svc "$s" start; fi
+  lock "$s" 60  # a stop still in flight finishes first; after 60 s start regardless
+  if [ "$s" = "$DATABASE" ]; then db_alive || svc "$s" start 9>&-
+  else is_up "$s" || svc "$s" start 9>&-; fi
+  exec 9>&-
 done
 """
 )

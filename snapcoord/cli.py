@@ -27,7 +27,7 @@ from snapcoord.plans import (
     revert_steps,
     snapshot_steps,
 )
-from snapcoord.recover import check_unfinished_run, unfinished
+from snapcoord.recover import DISARM, check_unfinished_run, unfinished
 from snapcoord.run import Engine, RunResult, SilentReporter, Step
 
 log = logging.getLogger("snapcoord")
@@ -311,11 +311,12 @@ def _run(
             def save(engine: Engine) -> None:
                 # Written (with fsync) only when what `recover` needs changed: once the watchdog
                 # is armed it names every service to stop, so the window itself writes nothing.
-                data = ctx.journal_data()
-                if written and written[-1] == data:
-                    return
-                written.append(data)
                 pending = [s.undo_name or s.name for s in engine.pending_undos]
+                data = ctx.journal_data()
+                key = {**data, DISARM: DISARM in pending}  # recover reads only that of pending
+                if written and written[-1] == key:
+                    return
+                written.append(key)
                 journal.write({**data, "pending": pending, "pid": os.getpid()})
 
             result = Engine(reporter, window=ctx.window, on_change=save).execute(steps)

@@ -104,3 +104,29 @@ def test_service_stopped_before_the_run_stays_stopped(exec_guest: tuple[Path, Pa
     proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert running_stand_ins(state) == {"apache2", "mariadb"}
+
+
+def test_the_journal_names_the_disarm_before_the_watchdog_is_armed(
+    tmp_path: Path, libvirt_node: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill during the arm must leave a journal that makes the next run look for the
+    watchdog: the pending disarm is written before the arm command is sent."""
+    from snapcoord import cli
+    from snapcoord.hooks import watchdog
+    from snapcoord.recover import DISARM, unfinished
+
+    config, _state = stand_in_guest(tmp_path, libvirt_node, guest={"watchdog_seconds": 300})
+    journal = tmp_path / "store" / "journal" / "db1.json"
+    seen: list[dict[str, object]] = []
+    arm = watchdog.arm
+
+    def observed_arm(*args: object, **kwargs: object) -> watchdog.Watchdog:
+        seen.append(json.loads(journal.read_text()))
+        return arm(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watchdog, "arm", observed_arm)
+    assert cli.main(["-c", str(config), "snapshot", "db1"]) == 0
+    (at_arm,) = seen
+    assert DISARM in at_arm["pending"]  # type: ignore[operator]
+    assert unfinished(at_arm)
+    assert not journal.exists()

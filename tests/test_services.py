@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +93,33 @@ def test_start_of_a_running_service_changes_nothing(
     svc.start_database(ServiceWindow())
     svc.start(["cron"], ServiceWindow())
     assert lab_services.mariadb_uptime() >= uptime
+
+
+def test_a_start_waits_for_a_stop_still_running_in_the_guest(
+    transport: SshTransport, ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    """After a lost connection the unwind's start may reach the guest while the run's stop is
+    still at work there: the service's lock makes the start wait, so it ends up running."""
+    svc = services(transport, ssh_guest, services=["cron"])
+    state = svc.probe()
+    state.stopped = ["cron"]
+    lab.run(["mkdir", "-p", "-m", "0700", "/run/snapcoord"])
+    # A stop still in flight: holds cron's lock, stops cron 2 s later.
+    stopper = subprocess.Popen(
+        ["flock", "/run/snapcoord/cron.lock", "sh", "-c", "sleep 2; service cron stop"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)  # the stopper holds the lock
+        window = ServiceWindow()
+        svc.start(["cron"], window)  # cron still runs: without the lock a no-op
+        assert stopper.wait(timeout=30) == 0
+        assert lab_services.running("cron")
+        assert window.still_down == []
+    finally:
+        if stopper.poll() is None:
+            stopper.kill()
+            stopper.wait()
 
 
 @pytest.mark.parametrize(
