@@ -131,6 +131,11 @@ class Adapter(ABC):
     def check_snapshot_ready(self, vm: VM, *, memory: bool, quiesce: bool) -> None:  # noqa: B027
         """Preflight: raise if this VM cannot take the requested snapshot right now."""
 
+    def set_guest_time(self, vm: VM, epoch: float) -> bool:
+        """Set the guest's clock through the hypervisor (its guest agent or tools); ``False``
+        when this hypervisor cannot (the caller then sets it from inside the guest)."""
+        return False
+
     def find_snapshot(self, vm: VM, name: str) -> Snapshot:
         for snapshot in self.list_snapshots(vm):
             if snapshot.name == name:

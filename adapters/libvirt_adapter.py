@@ -414,6 +414,18 @@ class LibvirtAdapter(Adapter):
                 ) from None
             raise self._fail(err, f"create snapshot {name!r}", vm.name) from err
 
+    def set_guest_time(self, vm: VM, epoch: float) -> bool:
+        """virDomainSetTime through the QEMU guest agent; ``False`` without an agent (or on a
+        driver that has no such call)."""
+        dom = self._domain(vm, "set the guest clock")
+        seconds = int(epoch)
+        try:
+            dom.setTime({"seconds": seconds, "nseconds": int((epoch - seconds) * 1e9)}, 0)
+        except libvirt.libvirtError as err:
+            log.info("%s: the guest clock cannot be set through libvirt: %s", vm.name, err)
+            return False
+        return True
+
     def revert_snapshot(
         self, vm: VM, snapshot: Snapshot, *, start: bool | None, timeout: float
     ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ for s in "$@"; do
   if [ "$init" = systemd ]; then
     systemctl cat -- "$s.service" >/dev/null 2>&1 && exists=1
     systemctl is-active --quiet -- "$s" && running=1
+    # units that start it on their own (socket activation, paths, timers): active or enabled
+    for t in $(systemctl show -p TriggeredBy --value -- "$s.service" 2>/dev/null); do
+      e=$(systemctl is-enabled -- "$t" 2>/dev/null)
+      { [ "$e" = enabled ] || systemctl is-active --quiet -- "$t"; } && echo "trigger $s $t"
+    done
   else
     service "$s" status >/dev/null 2>&1; rc=$?  # LSB: 0 running, 3 stopped, else unknown
     { [ -x "/etc/init.d/$s" ] || [ $rc = 0 ] || [ $rc = 3 ]; } && exists=1
@@ -54,7 +60,12 @@ exit 0
 
 # Shared shell functions. $INIT selects systemctl or service.
 _LIB = r"""
-svc() { if [ "$INIT" = systemd ]; then systemctl "$2" -- "$1"; else service "$1" "$2"; fi; }
+triggers() { printf '%s\n' "$TRIGGERS" | while read -r n u; do [ "$n" = "$1" ] && echo "$u"; done; }
+svc() {  # svc NAME start|stop; with systemd its active triggers (sockets...) in one transaction
+  if [ "$INIT" != systemd ]; then service "$1" "$2"
+  elif [ -z "${TRIGGERS:-}" ]; then systemctl "$2" -- "$1"
+  else systemctl "$2" -- $(triggers "$1") "$1"; fi
+}
 is_up() {  # DIRECT=1: `service` is the system's wrapper, so ask the init script itself (-10 ms)
   if [ "$INIT" = systemd ]; then systemctl is-active --quiet -- "$1"
   elif [ "${DIRECT:-0}" = 1 ] && [ -x "/etc/init.d/$1" ]; then
@@ -68,9 +79,14 @@ db_pid() {  # sets $pid: from $PIDFILE (found in preflight) without forking, els
   [ -n "$f" ] || f="/run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid"  # the configured one only
   for p in $f; do [ -r "$p" ] && { read -r pid < "$p"; return; }; done
 }
-wait_until() {  # wait_until SECONDS command...: poll every 0.05 s
-  n=$(( $1 * 20 )); shift
-  while ! "$@"; do n=$((n - 1)); [ $n -le 0 ] && return 1; sleep 0.05; done
+uptime_cs() { read -r up _ 2>/dev/null < /proc/uptime && up=${up%.*}${up#*.}; }  # sets $up
+wait_until() {  # wait_until SECONDS command...: poll every 0.05 s for SECONDS of elapsed time
+  n=$(( $1 * 20 )); end=; uptime_cs && end=$(( up + $1 * 100 )); shift
+  while ! "$@"; do  # a slow guest's check takes longer than its poll: count time, not polls
+    if [ -n "$end" ]; then uptime_cs; [ "$up" -ge "$end" ] && return 1
+    else n=$((n - 1)); [ $n -le 0 ] && return 1; fi
+    sleep 0.05
+  done
 }
 not() { ! "$@"; }
 pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
@@ -131,6 +147,15 @@ wait_until "$w" db_alive || { echo "mysqladmin ping: no answer $w s after start"
 """
 )
 
+# $@ = services this run stopped. Prints "up NAME" for each that runs again.
+_STILL_STOPPED = r"""
+for s in "$@"; do
+  if [ "$s" = "$DATABASE" ]; then db_pid; { pid_gone "$pid" && not db_alive; } || echo "up $s"
+  else is_up "$s" && echo "up $s"; fi
+done
+exit 0
+"""
+
 _CHECK_URL = r"""
 if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 "$3" || exit 12
 elif command -v wget >/dev/null 2>&1; then wget -q -O /dev/null -T 10 "$3" || exit 12
@@ -149,6 +174,9 @@ class GuestServices:
     stopped: list[str] = field(default_factory=list)  # what this run stopped (undo uses it)
     pidfile: str | None = None  # the database's PID file, found in preflight
     direct_status: bool = False  # `service` is the system's: init scripts may be asked directly
+    #: service -> active systemd units that would start it again (mariadb -> mariadb.socket):
+    #: stopped and started together with it
+    triggers: dict[str, list[str]] = field(default_factory=dict)
 
     def to_stop(self) -> list[str]:
         """Only services that were running: never touch what the admin had stopped."""
@@ -226,7 +254,12 @@ class Services:
             },
             pidfile=_probe_pidfile(text),
             direct_status=_probe_value(text, "wrapper") in SYSTEM_SERVICE_WRAPPERS,
+            triggers={s: t for s, t in _probe_triggers(text).items() if s in running},
         )
+        for name, units in self.state.triggers.items():
+            if name in self.state.to_stop() or name == chosen:
+                log.info("%s: %s is started on demand by %s: stopped and started with it",
+                         self.vm, name, ", ".join(units))  # fmt: skip
         # Parallel stops each need a shell of their own; warm them now, outside the window.
         if warm:
             self.transport.warm(max(1, len(self.state.to_stop())), sudo=self.sudo)
@@ -346,10 +379,47 @@ class Services:
         """Shell lines that set what :data:`_LIB` reads (init system, PID file, ...)."""
         pidfile = self.state.pidfile if self.state else None
         direct = int(bool(self.state and self.state.direct_status))
+        database = self.state.database if self.state else None
         return (
             f"INIT={shlex.quote(self._init)}\nDIRECT={direct}\n"
-            f"PIDFILE={shlex.quote(pidfile or '')}\n"
+            f"PIDFILE={shlex.quote(pidfile or '')}\nDATABASE={shlex.quote(database or '')}\n"
+            f"TRIGGERS={shlex.quote(self.triggers_text())}\n"
         )
+
+    def triggers_text(self) -> str:
+        """The ``TRIGGERS`` the guest scripts read: one ``NAME UNIT...`` line per service."""
+        triggers = self.state.triggers if self.state else {}
+        return "\n".join(f"{name} {' '.join(units)}" for name, units in triggers.items() if units)
+
+    def still_stopped(self) -> None:
+        """Right before the hypervisor call: everything this run stopped is still down. A service
+        that came back (a socket, a timer, another run's watchdog) makes the snapshot
+        inconsistent, so the run fails instead of reporting ok."""
+        stopped = list(self.state.stopped) if self.state else []
+        if not stopped:
+            return
+        result = self.transport.run(
+            ["sh", "-c", self.script_env() + _LIB + _STILL_STOPPED, "sh", *stopped],
+            sudo=self.sudo,
+            timeout=float(self.guest["command_timeout"]),
+        )
+        if result.timed_out:
+            raise NoAnswer("checking that the services are still stopped: no answer", vm=self.vm)
+        if not result.ok:
+            raise GuestError(
+                f"checking that the services are still stopped failed: {result.error_text()}",
+                vm=self.vm,
+            )
+        up = [line.split()[1] for line in result.stdout.decode().splitlines()
+              if line.startswith("up ") and len(line.split()) == 2]  # fmt: skip
+        if up:
+            raise GuestError(
+                f"{', '.join(up)} {'runs' if len(up) == 1 else 'run'} again although this run "
+                "stopped it; the snapshot would not be consistent, so none was taken",
+                vm=self.vm,
+                hint="look for what starts it (a socket or timer unit, a cron job, another "
+                "run's watchdog)",
+            )
 
     @property
     def _init(self) -> str:
@@ -386,6 +456,18 @@ def _probe_value(text: str, key: str) -> str | None:
         if name == key and value:
             return value
     return None
+
+
+_UNIT_NAME = re.compile(r"[A-Za-z0-9@._:\\-]+\Z")
+
+
+def _probe_triggers(text: str) -> dict[str, list[str]]:
+    triggers: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "trigger" and _UNIT_NAME.match(parts[2]):
+            triggers.setdefault(parts[1], []).append(parts[2])
+    return triggers
 
 
 def _probe_pidfile(text: str) -> str | None:

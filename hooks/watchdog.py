@@ -18,7 +18,8 @@ from snapcoord.errors import GuestError
 from snapcoord.guest import NoAnswer, Transport
 from snapcoord.hooks.services import _LIB
 
-# $0 = marker (visible in ps), $1 = init, $2 = seconds, $3.. = services in start order
+# $0 = marker (visible in ps), $1 = init, $2 = seconds; environment: SERVICES (in start order),
+# DATABASE, INIT, TRIGGERS (Services.triggers_text)
 _BODY = (
     _LIB
     + r"""
@@ -35,7 +36,7 @@ done
 # Arms the watchdog and prints its PID.
 _ARM = r"""
 marker=$1; shift
-SERVICES="$3" DATABASE="$4" INIT="$1" setsid sh -c "$BODY" "$marker" "$1" "$2" \
+SERVICES="$3" DATABASE="$4" INIT="$1" TRIGGERS="$5" setsid sh -c "$BODY" "$marker" "$1" "$2" \
   </dev/null >/dev/null 2>&1 &
 echo $!
 """
@@ -69,6 +70,20 @@ done
 exit 0
 """
 
+# Kills every snapcoord watchdog (any run) with its process group; prints the PIDs. The prefix
+# is put together here so that this script's own command line (and sudo's) never contains it.
+_KILL_ALL = r"""
+prefix="snapcoord-watch"; prefix="${prefix}dog-"
+for f in /proc/[0-9]*/cmdline; do
+  pid=${f#/proc/}; pid=${pid%/cmdline}
+  [ "$pid" = "$$" ] && continue
+  case "$(tr '\0' ' ' < "$f" 2>/dev/null)" in
+    *" $prefix"*) kill -s TERM -- "-$pid" 2>/dev/null || kill -s TERM "$pid" 2>/dev/null
+                  echo "$pid";;
+  esac
+done
+exit 0
+"""
 
 MARKER_PREFIX = "snapcoord-watchdog-"
 
@@ -130,6 +145,7 @@ def arm(
     database: str | None,
     sudo: bool,
     timeout: float,
+    triggers: str = "",
 ) -> Watchdog:
     """Start the watchdog for ``services`` (in start order, database first)."""
     marker = f"{MARKER_PREFIX}{run_id}"
@@ -145,6 +161,7 @@ def arm(
         str(seconds),
         " ".join(services),
         database or "",
+        triggers,
     ]
     result = transport.run(argv, sudo=sudo, timeout=timeout)
     text = result.stdout.decode(errors="replace").strip()
@@ -189,3 +206,13 @@ def running(transport: Transport, run_id: str, *, vm: str, sudo: bool, timeout: 
 
 def run_id_of(marker: str) -> str:
     return marker.removeprefix(MARKER_PREFIX)
+
+
+def kill_all(transport: Transport, *, vm: str, sudo: bool, timeout: float) -> list[int]:
+    """Kill every snapcoord watchdog in the guest, whichever run armed it; returns their PIDs.
+    After a revert to a snapshot with RAM, the watchdog of the run that took it is alive again
+    and would start services in the middle of a later run."""
+    result = transport.run(["sh", "-c", _KILL_ALL], sudo=sudo, timeout=timeout)
+    if not result.ok:
+        raise GuestError(f"cannot look for guest watchdogs: {result.error_text()}", vm=vm)
+    return [int(w) for w in result.stdout.decode(errors="replace").split() if w.isdigit()]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from snapcoord import guest_clock
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import VM, Adapter, PowerState, Snapshot
 from snapcoord.config import Config, VMConfig
@@ -184,6 +185,11 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
             *fallback.window_steps(),  # services are quiet, the database still answers
             stop_database,
             *_present(hooks["frozen"]),
+            Step(
+                "check services still stopped",
+                ctx.services.still_stopped,
+                describe="nothing this run stopped runs again (one round trip)",
+            ),
         ]
     else:
         ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
@@ -285,6 +291,7 @@ class Bracket:
             database=database,
             sudo=self.sudo,
             timeout=self.timeout,
+            triggers=self.services.triggers_text(),
         )
 
     def disarm(self) -> None:
@@ -483,6 +490,27 @@ def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
     assert ctx.transport is not None and ctx.services is not None
     _wait_for_guest(ctx)
     try:
+        killed = watchdog.kill_all(
+            ctx.transport,
+            vm=ctx.key,
+            sudo=bool(ctx.guest.get("sudo")),
+            timeout=float(ctx.guest["command_timeout"]),
+        )
+        if killed:
+            ctx.notes.append(
+                f"stopped {len(killed)} snapcoord watchdog(s) that the revert brought back "
+                f"(pid {', '.join(map(str, killed))}): the snapshot's memory held them"
+            )
+        clock = guest_clock.sync_after_revert(
+            ctx.adapter,
+            ctx.require_vm(),
+            ctx.transport,
+            vm_key=ctx.key,
+            sudo=bool(ctx.guest.get("sudo")),
+            timeout=float(ctx.guest["command_timeout"]),
+        )
+        if clock:
+            ctx.notes.append(clock)
         state = ctx.services.probe()
         window = ctx.window
         if state.database is not None and not state.running.get(state.database):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from snapcoord.guest import SshTransport
+from snapcoord.hooks import watchdog
 from tests import lab
 from tests.cli_helpers import json_lines
 from tests.guest_fixtures import (
@@ -13,8 +15,11 @@ from tests.guest_fixtures import (
     lab_services,  # noqa: F401 - fixture
     observed,
     run_observed,
+    wait_for,
+    watchdog_pids,
 )
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+from tests.test_guest_transport import table
 
 TARGET = "snapcoord-manual-20260101T020000Z"  # a running-state snapshot of db1 in the node
 
@@ -75,3 +80,36 @@ def test_revert_with_a_service_that_cannot_start_exits_6(
         broken.unlink(missing_ok=True)
     assert code == 6, stderr
     assert "apache2 could not be started" in stderr
+
+
+def test_revert_stops_watchdogs_the_snapshot_memory_brought_back(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    """A RAM snapshot holds the watchdog of the run that took it: after a revert it is alive
+    again and would start services in the middle of the next run. The revert stops every
+    snapcoord watchdog in the guest (simulated: one armed before the revert) and says so."""
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="20260101T020000Z-aaaaaa", init="sysv", seconds=600,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+    finally:
+        transport.close()
+    try:
+        assert lab.process_group(dog.pid), "the watchdog is not running"
+        lab_services.stop("cron")  # the snapshot was taken with it stopped
+        config = guest_config(tmp_path, libvirt_node, ssh_guest.guest_table(), vm="db1")
+        code, summary, stderr = revert(config, tmp_path / "observe.jsonl", "--no-safety-snapshot")
+        assert code == 0, stderr
+        assert watchdog_pids("20260101T020000Z-aaaaaa") == []
+        wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
+        notes = " ".join(summary["notes"])  # type: ignore[arg-type]
+        assert f"stopped 1 snapcoord watchdog(s) that the revert brought back (pid {dog.pid})" in (
+            notes
+        )
+        assert lab_services.all_running()
+    finally:
+        for pid in watchdog_pids("20260101T020000Z-aaaaaa"):  # only if the test failed
+            lab.run(["kill", "-s", "TERM", "--", f"-{pid}"], check=False)

@@ -240,3 +240,27 @@ def test_database_stopped_before_the_run_stays_stopped(
     assert code == 0, stderr
     assert lab.mysqld_running() is False
     assert lab_services.running("apache2") and lab_services.running("cron")
+
+
+@pytest.mark.parametrize("comes_back", ["cron", "mariadb"])
+def test_a_service_that_comes_back_inside_the_window_fails_the_run(
+    comes_back: str,
+    ssh_guest: lab.SshGuest,
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+    libvirt_node: str,
+) -> None:
+    """Something starts a stopped service again before the hypervisor call (a socket unit, a
+    timer, a watchdog a revert brought back: here a frozen hook): no snapshot, exit 4, and
+    everything runs afterwards."""
+    start = f"service {comes_back} start >/dev/null 2>&1 || sudo -n service {comes_back} start"
+    hooks = {"frozen": [start]}
+    config = guest_config(tmp_path, libvirt_node, ssh_guest.guest_table(), hooks=hooks)
+    observe = tmp_path / "observe.jsonl"
+    code, summary, stderr, _seconds = snapshot(config, observe)
+    assert code == 4, stderr
+    assert f"{comes_back} runs again although this run stopped it" in stderr
+    assert snapshot_events(observe) == []
+    assert summary["ok"] is False
+    assert lab_services.all_running()
+    assert watchdog_pids(summary["run"]) == []

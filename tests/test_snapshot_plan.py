@@ -25,6 +25,7 @@ STEPS = [
     "arm guest watchdog",
     "stop services",
     "stop database",
+    "check services still stopped",
     "hypervisor snapshot",
 ]
 HYPERVISOR = ["disconnect from hypervisor lab"]
@@ -39,6 +40,7 @@ EXPECTED_UNDOS = [
     GUEST,
     ["disarm guest watchdog", *GUEST],  # pushed before arming (nothing armed: a no-op)
     ["start services", *ARMED],  # a stop that failed half-way is undone too
+    ["start database", "start services", *ARMED],
     ["start database", "start services", *ARMED],
     ["start database", "start services", *ARMED],
 ]
