@@ -59,3 +59,37 @@ def test_uptime_is_read_in_centiseconds(shell: str) -> None:
         now = float(f.read().split()[0])
     assert abs(first / 100 - now) < 5
     assert 25 <= second - first <= 200
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_svc_stops_and_starts_a_service_with_its_triggers_in_one_systemctl_call(
+    shell: str,
+) -> None:
+    """Socket activation: ``mariadb.socket`` goes with ``mariadb`` in the same transaction; a
+    service without triggers is called alone; sysv ignores them."""
+    fake = 'systemctl() { echo "systemctl $*"; }\nservice() { echo "service $*"; }\n'
+    out = run_lib(
+        shell,
+        fake + "TRIGGERS='mariadb mariadb.socket\napache2 a.socket b.path'\n"
+        "INIT=systemd\n"
+        "svc mariadb stop; svc apache2 start; svc cron stop\n"
+        "INIT=sysv\nsvc mariadb stop\n"
+        "INIT=systemd; TRIGGERS=\nsvc mariadb start\n",
+    )
+    assert out.splitlines() == [
+        "systemctl stop -- mariadb.socket mariadb",
+        "systemctl start -- a.socket b.path apache2",
+        "systemctl stop -- cron",
+        "service mariadb stop",
+        "systemctl start -- mariadb",
+    ]
+
+
+def test_probe_triggers_keep_only_plain_unit_names() -> None:
+    from snapcoord.hooks.services import _probe_triggers
+
+    text = (
+        "init systemd\nsvc mariadb 1 1\ntrigger mariadb mariadb.socket\n"
+        "trigger apache2 apache2@x.path\ntrigger cron $(reboot)\ntrigger cron a;b.timer\n"
+    )
+    assert _probe_triggers(text) == {"mariadb": ["mariadb.socket"], "apache2": ["apache2@x.path"]}
