@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +22,8 @@ import pytest
 from snapcoord.adapters.base import VM, PowerState
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
 from snapcoord.errors import UnsupportedOperation
+from tests.libvirtd import URI, running_libvirtd
 
-URI = "qemu:///system"
 IMAGES = Path("/var/lib/libvirt/images")
 NEEDED = ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img")
 
@@ -41,43 +39,10 @@ pytestmark = [
 MakeDomain = Callable[..., str]
 
 
-def _virtlogd_listens() -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        try:
-            sock.connect("/run/libvirt/virtlogd-sock")
-        except OSError:
-            return False
-    return True
-
-
-def _can_open() -> bool:
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def qemu_uri() -> Iterator[str]:
-    libvirt.registerErrorHandler(lambda *_a: None, None)
-    started: list[subprocess.Popen[bytes]] = []
-    if not _can_open():
-        if not _virtlogd_listens():
-            started.append(subprocess.Popen(["virtlogd"]))
-        started.append(subprocess.Popen(["libvirtd"]))
-        deadline = time.monotonic() + 60
-        while not _can_open():
-            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
-                break
-            time.sleep(0.2)
-    try:
-        assert _can_open(), f"libvirtd did not come up at {URI}"
-        yield URI
-    finally:
-        for proc in reversed(started):
-            proc.terminate()
-            proc.wait(30)
+    with running_libvirtd(URI) as uri:
+        yield uri
 
 
 def _domain_xml(name: str, disk: Path, fmt: str) -> str:
