@@ -256,10 +256,6 @@ class Services:
             direct_status=_probe_value(text, "wrapper") in SYSTEM_SERVICE_WRAPPERS,
             triggers={s: t for s, t in _probe_triggers(text).items() if s in running},
         )
-        for name, units in self.state.triggers.items():
-            if name in self.state.to_stop() or name == chosen:
-                log.info("%s: %s is started on demand by %s: stopped and started with it",
-                         self.vm, name, ", ".join(units))  # fmt: skip
         # Parallel stops each need a shell of their own; warm them now, outside the window.
         if warm:
             self.transport.warm(max(1, len(self.state.to_stop())), sudo=self.sudo)

@@ -131,10 +131,19 @@ def guest_connect_steps(ctx: RunContext) -> list[Step]:
         ),
         Step(
             "check guest services and sudo",
-            services.probe,
+            lambda: _probe(ctx, services),
             describe="detect init system; which services exist and run",
         ),
     ]
+
+
+def _probe(ctx: RunContext, services: Services) -> None:
+    state = services.probe()
+    for name, units in state.triggers.items():
+        if state.running.get(name):
+            ctx.notes.append(
+                f"{name} is started on demand by {', '.join(units)}: stopped and started with it"
+            )
 
 
 def _hook_step(ctx: RunContext, phase: str) -> Step | None:

@@ -180,6 +180,10 @@ def test_1_snapshot_of_stock_debian_with_socket_activated_mariadb(
     elapsed = time.monotonic() - started
     assert code == 0, stderr
     assert summary["ok"] is True and summary["services_down"] == []
+    assert (
+        "mariadb is started on demand by mariadb.socket: stopped and started with it"
+        in (summary["notes"])
+    )
     # Inside the window: the service and its socket were down, and the ping did not wake it.
     frozen = guest.ssh("cat /root/frozen.txt").stdout.split()
     assert frozen == ["inactive", "inactive", "mariadbd-gone", "silent", "inactive"], frozen
