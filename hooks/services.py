@@ -91,6 +91,7 @@ wait_until() {  # wait_until SECONDS command...: poll every 0.05 s for SECONDS o
 not() { ! "$@"; }
 pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
 db_alive() { mysqladmin ping >/dev/null 2>&1; }
+db_down() { db_pid; pid_gone "$pid" && not db_alive; }  # what a verified database stop means
 lock() {  # lock NAME SECONDS: one stop/start of a service at a time (runs, retries, watchdog)
   command -v flock >/dev/null 2>&1 || return 0  # no util-linux, or no root: no lock
   [ -d /run/snapcoord ] || mkdir -m 0700 /run/snapcoord 2>/dev/null || return 0
@@ -150,7 +151,7 @@ wait_until "$w" db_alive || { echo "mysqladmin ping: no answer $w s after start"
 # $@ = services this run stopped. Prints "up NAME" for each that runs again.
 _STILL_STOPPED = r"""
 for s in "$@"; do
-  if [ "$s" = "$DATABASE" ]; then db_pid; { pid_gone "$pid" && not db_alive; } || echo "up $s"
+  if [ "$s" = "$DATABASE" ]; then db_down || echo "up $s"
   else is_up "$s" && echo "up $s"; fi
 done
 exit 0

@@ -43,7 +43,11 @@ def sync_after_revert(
     before = offset(transport, vm=vm_key, timeout=timeout)
     if abs(before) <= TOLERANCE:
         return None
-    if adapter.set_guest_time(vm, time.time()):
+    # The hypervisor's word is not the verdict: a call that "succeeded" without effect (no
+    # agent behind it) falls through to date in the guest, like one that failed.
+    if adapter.set_guest_time(vm, time.time()) and (
+        abs(offset(transport, vm=vm_key, timeout=timeout)) <= TOLERANCE
+    ):
         how = "through the hypervisor's guest agent"
     else:
         how = "with date in the guest"

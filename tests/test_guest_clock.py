@@ -82,6 +82,22 @@ def test_the_hypervisor_sets_it_when_it_can() -> None:
     assert not any(argv[:2] == ("date", "-u") for argv, _ in guest.commands)
 
 
+def test_a_hypervisor_call_without_effect_falls_back_to_date_in_the_guest() -> None:
+    """libvirt's setTime can return without an agent having set anything."""
+
+    class NoEffect(FakeAdapter):
+        def set_guest_time(self, vm: VM, epoch: float) -> bool:
+            self.calls += 1
+            return True
+
+    guest = FakeGuest(-43.0)
+    adapter = NoEffect(guest)
+    note = sync(adapter, guest)
+    assert adapter.calls == 1
+    assert note is not None and "set with date in the guest" in note
+    assert abs(guest.skew) < 1
+
+
 def test_otherwise_date_in_the_guest_with_sudo() -> None:
     guest = FakeGuest(-43.0)
     note = sync(FakeAdapter(None), guest)
