@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from snapcoord.errors import MissingDependency, UsageError
+from snapcoord.settings import HypervisorSettings
 
 if TYPE_CHECKING:
     from snapcoord.adapters.base import Adapter
@@ -41,6 +42,6 @@ def adapter_class(kind: str) -> type[Adapter]:
     return cls
 
 
-def open_adapter(name: str, settings: dict[str, Any]) -> Adapter:
+def open_adapter(name: str, settings: HypervisorSettings) -> Adapter:
     """Instantiate the adapter for hypervisor table ``name`` (settings already validated)."""
-    return adapter_class(settings["type"])(name, settings)
+    return adapter_class(settings.type)(name, settings)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from snapcoord.errors import SnapshotNotFound, TaskTimeout
+from snapcoord.settings import HypervisorSettings
 
 T = TypeVar("T")
 
@@ -72,7 +73,7 @@ class Adapter(ABC):
 
     type_name: str = ""
 
-    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, settings: HypervisorSettings) -> None:
         self.name = name
         self.settings = settings
 

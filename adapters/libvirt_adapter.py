@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from snapcoord.errors import (
     UnsupportedOperation,
     VMNotFound,
 )
+from snapcoord.settings import LibvirtSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,9 +199,11 @@ def run_with_timeout(func: Callable[[], T], *, timeout: float, what: str, vm: st
 class LibvirtAdapter(Adapter):
     type_name = "libvirt"
 
-    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+    settings: LibvirtSettings
+
+    def __init__(self, name: str, settings: LibvirtSettings) -> None:
         super().__init__(name, settings)
-        self.uri: str = settings.get("uri") or "qemu:///system"
+        self.uri = settings.uri
         self._conn: libvirt.virConnect | None = None
 
     # -- connection -------------------------------------------------------------------------

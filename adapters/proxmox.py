@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,6 +37,7 @@ from snapcoord.errors import (
     VMNotFound,
 )
 from snapcoord.secrets import Secret
+from snapcoord.settings import ProxmoxSettings
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,13 @@ def _agent_enabled(value: Any) -> bool:
 class ProxmoxAdapter(Adapter):
     type_name = "proxmox"
 
-    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+    settings: ProxmoxSettings
+
+    def __init__(self, name: str, settings: ProxmoxSettings) -> None:
         super().__init__(name, settings)
-        self.host = str(settings["host"])
-        self.port = int(settings.get("port") or 8006)
-        self.lock_wait = float(settings.get("lock_wait_seconds", 120.0))
+        self.host = settings.host
+        self.port = settings.port
+        self.lock_wait = settings.lock_wait_seconds
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         self.base_url = f"https://{host}:{self.port}/api2/json"
         self.where = f"{self.host}:{self.port}"
@@ -170,17 +172,16 @@ class ProxmoxAdapter(Adapter):
     # -- session ------------------------------------------------------------------------
 
     def _verify(self) -> bool | str:
-        if self.settings.get("thumbprint"):
+        if self.settings.thumbprint:
             return False  # the pin replaces chain verification (self-signed PVE certificates)
-        if not self.settings.get("verify_tls", True):
+        if not self.settings.verify_tls:
             return False
-        ca_file = self.settings.get("ca_file")
-        return str(ca_file) if ca_file else True
+        return self.settings.ca_file or True
 
     def _new_session(self, session: requests.Session) -> requests.Session:
-        thumbprint = self.settings.get("thumbprint")
+        thumbprint = self.settings.thumbprint
         if thumbprint:
-            hex_digits = re.sub(r"[^0-9A-Fa-f]", "", str(thumbprint).removeprefix("sha256:"))
+            hex_digits = re.sub(r"[^0-9A-Fa-f]", "", thumbprint.removeprefix("sha256:"))
             session.mount("https://", _PinnedAdapter(hex_digits.lower()))
         return session
 
@@ -192,9 +193,9 @@ class ProxmoxAdapter(Adapter):
         session.headers["Connection"] = "keep-alive"
         session.headers["accept"] = JsonSerializer().get_accept_types()
         session.hooks["response"].append(self._count)
-        token_id, token_secret = self.settings.get("token_id"), self.settings.get("token_secret")
-        if token_id and isinstance(token_secret, Secret):
-            match = TOKEN_ID_RE.match(str(token_id))
+        token_id, token_secret = self.settings.token_id, self.settings.token_secret
+        if token_id and token_secret is not None:
+            match = TOKEN_ID_RE.match(token_id)
             if not match:
                 raise UsageError(
                     f"hypervisors.{self.name}.token_id {token_id!r} is not USER@REALM!TOKENID"
@@ -207,8 +208,8 @@ class ProxmoxAdapter(Adapter):
                 timeout=HTTP_TIMEOUT,
             )
         else:
-            user, password = self.settings.get("user"), self.settings.get("password")
-            if not user or not isinstance(password, Secret):
+            user, password = self.settings.user, self.settings.password
+            if not user or password is None:
                 raise UsageError(
                     f"hypervisors.{self.name}: set token_id + token_secret or user + password"
                 )

@@ -40,6 +40,7 @@ from snapcoord.errors import (
     UsageError,
     VMNotFound,
 )
+from snapcoord.settings import TLSSettings, VsphereSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +116,25 @@ def parse_thumbprint(value: str) -> bytes:
     return bytes.fromhex(value.split(":", 1)[1].replace(":", ""))
 
 
-def ssl_context(settings: Mapping[str, Any]) -> ssl.SSLContext:
+def ssl_context(settings: TLSSettings) -> ssl.SSLContext:
     """The context for every connection: verified by default, ca_file or a pinned thumbprint
     instead, or unverified only when verify_tls = false was set."""
-    if settings.get("thumbprint"):
+    if settings.thumbprint:
         pinned = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
         pinned.check_hostname = False
         pinned.verify_mode = ssl.CERT_NONE  # replaced by the fingerprint check
-        pinned.pin = parse_thumbprint(settings["thumbprint"])
+        pinned.pin = parse_thumbprint(settings.thumbprint)
         return pinned
-    if not settings.get("verify_tls", True):
+    if not settings.verify_tls:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
-    if settings.get("ca_file"):
+    if settings.ca_file:
         try:
-            ctx = ssl.create_default_context(cafile=settings["ca_file"])
+            ctx = ssl.create_default_context(cafile=settings.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load ca_file {settings['ca_file']!r}: {exc}") from exc
+            raise UsageError(f"cannot load ca_file {settings.ca_file!r}: {exc}") from exc
         # A trusted file may hold an old ESXi host's self-signed 1024-bit certificate, which
         # OpenSSL's default security level 2 rejects; the admin chose to trust exactly it.
         ctx.set_ciphers("DEFAULT@SECLEVEL=1")
@@ -225,11 +226,13 @@ class VSphereAdapter(Adapter):
 
     type_name = "vsphere"
 
-    def __init__(self, name: str, settings: Mapping[str, Any]) -> None:
+    settings: VsphereSettings
+
+    def __init__(self, name: str, settings: VsphereSettings) -> None:
         super().__init__(name, settings)
-        self.host = str(settings["host"])
-        self.port = int(settings.get("port") or 443)
-        self.user = str(settings["user"])
+        self.host = settings.host
+        self.port = settings.port
+        self.user = settings.user
         self.warnings: list[str] = []
         self._si: Any = None
         self._content: Any = None
@@ -248,7 +251,7 @@ class VSphereAdapter(Adapter):
         if self._si is not None:
             return
         ctx = ssl_context(self.settings)
-        if not self.settings.get("thumbprint") and not self.settings.get("verify_tls", True):
+        if not self.settings.thumbprint and not self.settings.verify_tls:
             self._warn(
                 f"{self.name}: verify_tls = false: the certificate of {self.where} is "
                 "not checked (pin it with ca_file or thumbprint)"
@@ -258,7 +261,7 @@ class VSphereAdapter(Adapter):
                 host=self.host,
                 port=self.port,
                 user=self.user,
-                pwd=self.settings["password"].reveal(),
+                pwd=self.settings.password.reveal(),
                 sslContext=ctx,
                 httpConnectionTimeout=60,
             )
@@ -299,7 +302,7 @@ class VSphereAdapter(Adapter):
     def _relogin(self) -> None:
         log.info("%s: the vSphere session expired; logging in again", self.where)
         try:
-            self._content.sessionManager.Login(self.user, self.settings["password"].reveal())
+            self._content.sessionManager.Login(self.user, self.settings.password.reveal())
         except vim.fault.InvalidLogin as exc:
             raise HypervisorError(
                 f"login to {self.where} as {self.user!r} failed: {exc.msg or 'invalid login'}",
@@ -506,8 +509,8 @@ class VSphereAdapter(Adapter):
         raise VMNotFound(f"no VM with instance or BIOS UUID {uuid} on {self.where}", vm=ref)
 
     def _scope(self, ref: str) -> Any:
-        datacenter = self.settings.get("datacenter")
-        folder = self.settings.get("folder")
+        datacenter = self.settings.datacenter
+        folder = self.settings.folder
         index = self._content.searchIndex
         if folder:
             path = folder.strip("/")
@@ -570,7 +573,7 @@ class VSphereAdapter(Adapter):
 
         matches = self._call(lambda: lookup(), action="find VM", vm=name)
         if not matches:
-            scope = self.settings.get("folder") or self.settings.get("datacenter")
+            scope = self.settings.folder or self.settings.datacenter
             where = f"{self.where} (in {scope})" if scope else self.where
             raise VMNotFound(
                 f"no VM named {name!r} on {where}",
@@ -621,8 +624,8 @@ class VSphereAdapter(Adapter):
         snapshots = snapshots_from_info(props.get("snapshot"))
         for message in snapshot_warnings(
             snapshots,
-            max_snapshots=int(self.settings.get("max_snapshots") or 3),
-            max_age_hours=float(self.settings.get("max_age_hours") or 72.0),
+            max_snapshots=self.settings.max_snapshots,
+            max_age_hours=self.settings.max_age_hours,
             now=datetime.now(UTC),
         ):
             self._warn(f"{vm.name}: {message}")

@@ -73,8 +73,8 @@ def main() -> int:
                 "vms": {
                     "lab": {
                         "hypervisor": "lab",
-                        "guest": guest.guest_table(mysqldump=True),
-                        "mysqldump": {"options": options, "databases": ["benchdb"]},
+                        "guest": guest.guest_table(dump=True),
+                        "dump": {"options": options, "databases": ["benchdb"]},
                     }
                 },
             }
@@ -105,7 +105,7 @@ def main() -> int:
                     transport,
                     vm="lab",
                     guest=vm.guest,
-                    options=vm.mysqldump,
+                    options=vm.dump,
                     run_dir=run_dir,
                     compress_on=variant,
                 )

@@ -6,12 +6,14 @@ They come from the configuration file (trusted, written by the admin), so each r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from snapcoord.errors import GuestError
 from snapcoord.guest import GuestUnreachable, Transport
 
 
 def run_hooks(
-    transport: Transport, hooks: list[str], *, phase: str, vm: str, sudo: bool, timeout: float
+    transport: Transport, hooks: Sequence[str], *, phase: str, vm: str, sudo: bool, timeout: float
 ) -> None:
     for index, command in enumerate(hooks, 1):
         try:

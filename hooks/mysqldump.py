@@ -34,6 +34,7 @@ from snapcoord import store
 from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
 from snapcoord.guest import Transport
 from snapcoord.secrets import Secret
+from snapcoord.settings import DumpConfig, GuestConfig
 from snapcoord.shell import Completed
 from snapcoord.store import CorruptDump, RunDir
 
@@ -133,13 +134,13 @@ class Client:
     connection: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, options: dict[str, Any], guest: dict[str, Any], *, vm: str) -> Client:
-        dump_options = list(options.get("options", []))
+    def from_config(cls, options: DumpConfig, guest: GuestConfig, *, vm: str) -> Client:
+        dump_options = list(options.options)
         return cls(
             vm=vm,
-            sudo=bool(guest.get("sudo", False)),
-            user=options.get("user"),
-            password=options.get("password"),
+            sudo=guest.sudo,
+            user=options.user,
+            password=options.password,
             connection=tuple(o for o in dump_options if o.startswith(_CONNECTION)),
         )
 
@@ -353,9 +354,9 @@ class DumpPlan:
     argv: tuple[str, ...]  # the mysqldump arguments (no secrets in them)
 
 
-def check_options(options: dict[str, Any], *, vm: str) -> list[str]:
+def check_options(options: DumpConfig, *, vm: str) -> list[str]:
     """Validate ``[vms.X.mysqldump]`` beyond the schema; returns the mysqldump arguments."""
-    args = [str(o) for o in options.get("options", [])]
+    args = list(options.options)
     for option in args:
         name = option.split("=", 1)[0]
         if name in _FORBIDDEN or (not option.startswith("--") and _FORBIDDEN_SHORT.match(option)):
@@ -367,7 +368,7 @@ def check_options(options: dict[str, Any], *, vm: str) -> list[str]:
             )
         if not option.startswith("-"):
             raise PreflightError(f"mysqldump option {option!r} must start with '-'", vm=vm)
-    databases = [str(d) for d in options.get("databases", [])]
+    databases = list(options.databases)
     for name in databases:
         if not _DB_NAME_RE.match(name):
             raise PreflightError(f"database name {name!r} is not supported", vm=vm)
@@ -380,8 +381,8 @@ def preflight(
     transport: Transport,
     *,
     vm: str,
-    guest: dict[str, Any],
-    options: dict[str, Any],
+    guest: GuestConfig,
+    options: DumpConfig,
     store_root: Path | None = None,
 ) -> DumpPlan:
     """Before anything stops: mysqldump present, server reachable with the configured
@@ -389,8 +390,8 @@ def preflight(
     for that much free space)."""
     args = check_options(options, vm=vm)
     client = Client.from_config(options, guest, vm=vm)
-    compression = str(options.get("compression", "gzip"))
-    timeout = float(guest.get("command_timeout", 60.0))
+    compression = options.compression
+    timeout = guest.command_timeout
     tools = ["mysqldump", "mysql"] + (["zstd"] if compression == "zstd" else [])
     probe = (
         'for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done'
@@ -413,7 +414,7 @@ def preflight(
     version = rows[0][0]
     sizes = {r[0]: int(r[1]) for r in rows[1:] if len(r) == 2}
     present = [r[0] for r in rows[1:] if len(r) == 1]
-    wanted = [str(d) for d in options.get("databases", [])]
+    wanted = list(options.databases)
     missing = [d for d in wanted if d not in present]
     if missing:
         raise PreflightError(
@@ -584,8 +585,8 @@ def dump(
     transport: Transport,
     *,
     vm: str,
-    guest: dict[str, Any],
-    options: dict[str, Any],
+    guest: GuestConfig,
+    options: DumpConfig,
     run_dir: RunDir,
     snapshot: str | None = None,
     plan: DumpPlan | None = None,
@@ -596,14 +597,14 @@ def dump(
     Raises :class:`DumpFailed` after the run folder was renamed ``.failed``. The caller commits
     ``run_dir`` when the run's other files are in."""
     args = list(plan.argv) if plan else check_options(options, vm=vm)
-    compression = str(options.get("compression", "gzip"))
+    compression = options.compression
     where = compress_on or COMPRESS_ON[compression]
     if compression == "zstd":
         where = "guest"
     compress_here = where == "coordinator" and compression == "gzip"
     client = Client.from_config(options, guest, vm=vm)
-    timeout = float(guest.get("dump_timeout", 3600.0))
-    query_timeout = float(guest.get("command_timeout", 60.0))
+    timeout = guest.dump_timeout
+    query_timeout = guest.command_timeout
     name = DUMP_NAMES[compression]
     started_iso = store.now_iso()
     started = time.monotonic()
@@ -619,7 +620,7 @@ def dump(
                 "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY SCHEMA_NAME;",
                 timeout=query_timeout,
             )
-            wanted = [str(d) for d in options.get("databases", [])]
+            wanted = list(options.databases)
             present = [r[0] for r in info[1:]]
             dbs = wanted or [d for d in present if d not in NOT_DUMPED]
             counts["version"] = info[0][0]
@@ -925,8 +926,8 @@ def restore(
     transport: Transport,
     *,
     vm: str,
-    guest: dict[str, Any],
-    options: dict[str, Any],
+    guest: GuestConfig,
+    options: DumpConfig,
     source: Path | RestoreSource,
     dry_run: bool = False,
 ) -> RestoreResult:
@@ -939,7 +940,7 @@ def restore(
     if dry_run:
         return result
     client = Client.from_config(options, guest, vm=vm)
-    timeout = float(guest.get("dump_timeout", 3600.0))
+    timeout = guest.dump_timeout
     started = time.monotonic()
     drop_databases(transport, client, prepared.to_drop, timeout=timeout)
     loaded = load(transport, client, prepared, timeout=timeout)

@@ -15,12 +15,12 @@ import re
 import shlex
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import GuestUnreachable, NoAnswer, Transport
 from snapcoord.reconnect import ReconnectBudget, reconnecting
 from snapcoord.run import ServiceWindow, run_parallel
+from snapcoord.settings import GuestConfig
 from snapcoord.shell import Completed
 
 log = logging.getLogger("snapcoord.services")
@@ -191,30 +191,30 @@ class GuestServices:
 class Services:
     """Service control for one guest: probe in preflight, then stop/start with verification."""
 
-    def __init__(self, transport: Transport, guest: dict[str, Any], *, vm: str) -> None:
+    def __init__(self, transport: Transport, guest: GuestConfig, *, vm: str) -> None:
         self.transport = transport
         self.guest = guest
         self.vm = vm
-        self.sudo = bool(guest.get("sudo"))
+        self.sudo = guest.sudo
         self.state: GuestServices | None = None
         #: "NAME stop|start" -> seconds the init system's own command took (from the guest clock)
         self.timings: dict[str, float] = {}
         #: How long a start keeps reconnecting after a lost connection (the bracket narrows it
         #: to end before its watchdog fires).
-        self.budget = ReconnectBudget(float(guest["start_timeout"]))
+        self.budget = ReconnectBudget(guest.start_timeout)
 
     # -- preflight -------------------------------------------------------------------------
     def probe(self, *, warm: bool = True) -> GuestServices:
         """Learn the init system, which services exist and run; ``warm`` shells for the window."""
-        configured = list(self.guest.get("services", []))
-        database = str(self.guest.get("database", "auto"))
+        configured = list(self.guest.services)
+        database = self.guest.database
         names = configured + (list(DATABASE_CANDIDATES) if database == "auto" else [])
         if database not in ("auto", "none"):
             names.append(database)
         result = self.transport.run(
             ["sh", "-c", _PROBE, "sh", *names],
             sudo=self.sudo,
-            timeout=float(self.guest["command_timeout"]),
+            timeout=self.guest.command_timeout,
         )
         if not result.ok:
             raise self._preflight_failure("probing services", result.error_text())
@@ -314,7 +314,7 @@ class Services:
         self.state.stopped.append(name)  # before issuing: a half-done stop is undone too
         window.stop_issued(name)
         script = _LIB + (_STOP_DB if database else _STOP)
-        timeout = float(self.guest["stop_timeout"])
+        timeout = self.guest.stop_timeout
         try:
             result = self._script(script, name, "stop", timeout)
         except GuestUnreachable as exc:
@@ -326,10 +326,10 @@ class Services:
         """Start and verify; a lost connection is reconnected and the start repeated."""
         assert self.state is not None
         script = _LIB + (_START_DB if database else _START)
-        check_url = self.guest.get("check_url") if name in ("apache2", "httpd", "nginx") else None
+        check_url = self.guest.check_url if name in ("apache2", "httpd", "nginx") else None
         if check_url:
             script += _CHECK_URL
-        timeout = float(self.guest["start_timeout"])
+        timeout = self.guest.start_timeout
         extra = [check_url] if check_url else []
 
         def attempt() -> Completed:
@@ -398,7 +398,7 @@ class Services:
         result = self.transport.run(
             ["sh", "-c", self.script_env() + _LIB + _STILL_STOPPED, "sh", *stopped],
             sudo=self.sudo,
-            timeout=float(self.guest["command_timeout"]),
+            timeout=self.guest.command_timeout,
         )
         if result.timed_out:
             raise NoAnswer("checking that the services are still stopped: no answer", vm=self.vm)

@@ -172,7 +172,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
             f"revert {args.vm} to {args.to or 'its newest snapcoord snapshot'}? "
             "Everything written since is lost.",
         )
-    safety = vm_cfg.settings["safety_snapshot"] and not args.no_safety_snapshot
+    safety = vm_cfg.safety_snapshot and not args.no_safety_snapshot
     return _run(
         args,
         config,

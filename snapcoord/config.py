@@ -13,59 +13,34 @@ import re
 import stat
 import sys
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from snapcoord import schema
 from snapcoord.errors import ConfigError, UsageError
 from snapcoord.schema import REQUIRED, Key
-from snapcoord.secrets import resolve_secret
+from snapcoord.secrets import Secret, resolve_secret
+from snapcoord.settings import (
+    HYPERVISOR_SETTINGS,
+    SCHEMA_OF,
+    ArchiveConfig,
+    Config,
+    Defaults,
+    DumpConfig,
+    GuestConfig,
+    HooksConfig,
+    HypervisorSettings,
+    VMConfig,
+    build,
+)
+
+__all__ = ["Config", "VMConfig", "load_config", "parse_config", "parse_table"]
 
 SEARCH_PATH = (
     "./snapcoord.toml",
     "~/.config/snapcoord/config.toml",
     "/etc/snapcoord/config.toml",
 )
-
-
-@dataclass
-class VMConfig:
-    key: str  # the [vms.KEY] table name, used in messages, the store and locks
-    hypervisor: str
-    ref: str  # what the adapter's find_vm receives: name, path, uuid:/moref: or vmid
-    settings: dict[str, Any]
-    guest: dict[str, Any] | None
-    hooks: dict[str, Any]
-    mysqldump: dict[str, Any]
-    archive: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        return str(self.settings["label"])
-
-    @property
-    def snapshot_timeout(self) -> float:
-        return float(self.settings["snapshot_timeout"])
-
-
-@dataclass
-class Config:
-    source: str
-    defaults: dict[str, Any]
-    hypervisors: dict[str, dict[str, Any]]
-    vms: dict[str, VMConfig]
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def store(self) -> Path:
-        return Path(self.defaults["store"])
-
-    def vm(self, key: str) -> VMConfig:
-        if key not in self.vms:
-            known = ", ".join(sorted(self.vms)) or "none"
-            raise UsageError(f"no VM {key!r} in {self.source} (configured: {known})")
-        return self.vms[key]
 
 
 def find_config_file(explicit: str | None) -> Path:
@@ -165,6 +140,8 @@ class _Validator:
         return out
 
     def value(self, value: Any, key: Key, path: str) -> Any:
+        if key.kind == "secret" and isinstance(value, Secret):
+            return value  # resolved already (parse_table from code; TOML never holds one)
         error = _type_error(value, key)
         if error is None and key.kind == "secret":
             secret, error, warning = _secret(value)
@@ -262,25 +239,12 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
             check.problems.append(
                 f"{_key(name)}: unknown table (known: defaults, hypervisors, vms)"
             )
-    defaults = check.table(raw.get("defaults", {}), schema.DEFAULTS, "defaults")
+    defaults = build(Defaults, check.table(raw.get("defaults", {}), schema.DEFAULTS, "defaults"))
 
-    hypervisors: dict[str, dict[str, Any]] = {}
-    for name, table in _named_tables(raw, "hypervisors", check).items():
-        path = f"hypervisors.{_key(name)}"
-        # Only a string can pick a type: anything else (a list or table is not even hashable)
-        # leaves the common keys, and check.table reports the bad type.
-        kind = table.get("type") if isinstance(table, dict) else None
-        if not isinstance(kind, str):
-            kind = None
-        keys = dict(schema.HYPERVISOR_COMMON)
-        if kind in schema.HYPERVISOR_TYPES:
-            keys.update(schema.HYPERVISOR_TYPES[kind])
-        settings = check.table(table, keys, path)
-        if kind == "proxmox":
-            _check_proxmox_auth(settings, path, check)
-        if settings.get("verify_tls") is False:
-            check.warnings.append(f"{path}: verify_tls = false: the certificate is not checked")
-        hypervisors[name] = settings
+    hypervisors: dict[str, HypervisorSettings | None] = {
+        name: _parse_hypervisor(table, f"hypervisors.{_key(name)}", check)
+        for name, table in _named_tables(raw, "hypervisors", check).items()
+    }
 
     vms: dict[str, VMConfig] = {}
     for name, table in _named_tables(raw, "vms", check).items():
@@ -290,7 +254,46 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
 
     if check.problems:
         raise ConfigError(check.problems, source=source)
-    return Config(source, defaults, hypervisors, vms, check.warnings)
+    typed = {name: settings for name, settings in hypervisors.items() if settings is not None}
+    return Config(source, defaults, typed, vms, tuple(check.warnings))
+
+
+T = TypeVar("T")
+
+
+def parse_table(cls: type[T], raw: dict[str, Any], *, path: str = "table") -> T:
+    """One table, validated and typed on its own (``cls`` is a class of snapcoord.settings):
+    for the callers and tests that build a piece of configuration without a whole file."""
+    check = _Validator()
+    if cls in HYPERVISOR_SETTINGS.values():
+        value: Any = _parse_hypervisor(raw, path, check)
+    else:
+        value = build(cls, check.table(raw, SCHEMA_OF[cls], path))
+    if check.problems:
+        raise ConfigError(check.problems, source=path)
+    if not isinstance(value, cls):
+        raise ConfigError([f"{path}.type: must be a {cls.__name__} type"], source=path)
+    return value
+
+
+def _parse_hypervisor(table: Any, path: str, check: _Validator) -> HypervisorSettings | None:
+    # Only a string can pick a type: anything else (a list or table is not even hashable)
+    # leaves the common keys, and check.table reports the bad type.
+    kind = table.get("type") if isinstance(table, dict) else None
+    if not isinstance(kind, str):
+        kind = None
+    keys = dict(schema.HYPERVISOR_COMMON)
+    if kind in schema.HYPERVISOR_TYPES:
+        keys.update(schema.HYPERVISOR_TYPES[kind])
+    before = len(check.problems)
+    settings = check.table(table, keys, path)
+    if kind == "proxmox":
+        _check_proxmox_auth(settings, path, check)
+    if settings.get("verify_tls") is False:
+        check.warnings.append(f"{path}: verify_tls = false: the certificate is not checked")
+    if kind not in HYPERVISOR_SETTINGS or len(check.problems) > before:
+        return None
+    return build(HYPERVISOR_SETTINGS[kind], settings)
 
 
 def _named_tables(raw: dict[str, Any], section: str, check: _Validator) -> dict[str, Any]:
@@ -323,17 +326,34 @@ def _check_proxmox_auth(settings: dict[str, Any], path: str, check: _Validator) 
         check.problems.append(f"{path}: set token_id + token_secret (or user + password)")
 
 
+def _renamed(table: dict[str, Any], old: str, new: str, path: str, check: _Validator) -> None:
+    """Accept a key under its former name, with a warning; both names at once is a problem."""
+    if old not in table:
+        return
+    if new in table:
+        check.problems.append(f"{path}.{old}: set {new} only ({old} is its former name)")
+    else:
+        check.warnings.append(f"{path}.{old}: deprecated name, use {new}")
+        table[new] = table[old]
+    del table[old]
+
+
 def _parse_vm(
     name: str,
     table: Any,
-    defaults: dict[str, Any],
-    hypervisors: dict[str, dict[str, Any]],
+    defaults: Defaults,
+    hypervisors: dict[str, HypervisorSettings | None],
     check: _Validator,
 ) -> VMConfig | None:
     path = f"vms.{_key(name)}"
     if not isinstance(table, dict):
         check.problems.append(f"{path}: must be a table")
         return None
+    table = dict(table)
+    _renamed(table, "mysqldump", "dump", path, check)
+    if isinstance(table.get("guest"), dict):
+        table["guest"] = dict(table["guest"])
+        _renamed(table["guest"], "mysqldump", "dump", f"{path}.guest", check)
     own = {k: v for k, v in table.items() if k not in schema.VM_SUBTABLES}
     settings = check.table(own, schema.VM, path)
     subs = {
@@ -346,10 +366,6 @@ def _parse_vm(
         check.problems.append(
             f"{path}.hypervisor: no hypervisor {_show(hypervisor)} (defined: {known})"
         )
-    if settings.get("label") is None:
-        settings["label"] = defaults.get("label", "manual")
-    if settings.get("snapshot_timeout") is None:
-        settings["snapshot_timeout"] = defaults.get("snapshot_timeout", 600.0)
     if "vmid" in settings and "name" in table:
         check.problems.append(f"{path}: set either name or vmid, not both")
     ref = str(settings["vmid"]) if "vmid" in settings else settings.get("name") or name
@@ -363,15 +379,20 @@ def _parse_vm(
             check.problems.append(
                 f"{gpath}.exec_prefix: required when transport = 'exec' ([] runs locally)"
             )
-    if "mysqldump" in table and (guest is None or not guest.get("mysqldump")):
-        check.warnings.append(f"{path}.mysqldump: ignored unless {path}.guest.mysqldump = true")
-    return VMConfig(
+    if "dump" in table and (guest is None or not guest.get("dump")):
+        check.warnings.append(f"{path}.dump: ignored unless {path}.guest.dump = true")
+    if check.problems:
+        return None  # nothing is built from a configuration with problems
+    return build(
+        VMConfig,
+        settings,
         key=name,
-        hypervisor=hypervisor or "",
         ref=ref,
-        settings=settings,
-        guest=guest,
-        hooks=subs["hooks"],
-        mysqldump=subs["mysqldump"],
-        archive=subs["archive"],
+        hypervisor=hypervisor,
+        label=settings.get("label") or defaults.label,
+        snapshot_timeout=settings.get("snapshot_timeout") or defaults.snapshot_timeout,
+        guest=build(GuestConfig, guest) if guest is not None else None,
+        hooks=build(HooksConfig, subs["hooks"]),
+        dump=build(DumpConfig, subs["dump"]),
+        archive=build(ArchiveConfig, subs["archive"]),
     )

@@ -22,8 +22,8 @@ class Fallback:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         guest = ctx.guest
-        self.want_dump = bool(guest.get("mysqldump"))
-        self.paths: list[str] = list(ctx.vm_cfg.archive.get("paths", []))
+        self.want_dump = guest.dump
+        self.paths: list[str] = list(ctx.vm_cfg.archive.paths)
         self.plan: mysqldump.DumpPlan | None = None
         self.run_dir: store.RunDir | None = None
 
@@ -50,13 +50,13 @@ class Fallback:
     def window_steps(self) -> list[Step]:
         steps = []
         if self.want_dump:
-            options = self.ctx.vm_cfg.mysqldump
+            options = self.ctx.vm_cfg.dump
             steps.append(
                 Step(
                     "mysqldump to store",
                     self._dump,
                     describe=f"mysqldump {' '.join(mysqldump.check_options(options, vm='-'))} "
-                    f"| {options['compression']} > store",
+                    f"| {options.compression} > store",
                 )
             )
         if self.paths:
@@ -75,7 +75,7 @@ class Fallback:
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
-                options=ctx.vm_cfg.mysqldump,
+                options=ctx.vm_cfg.dump,
                 store_root=root,
             )
         if self.paths:
@@ -83,8 +83,8 @@ class Fallback:
                 ctx.transport,
                 vm=ctx.key,
                 paths=self.paths,
-                sudo=bool(ctx.guest.get("sudo")),
-                timeout=float(ctx.guest["command_timeout"]),
+                sudo=ctx.guest.sudo,
+                timeout=ctx.guest.command_timeout,
                 store_root=root,
             )
         self.run_dir = store.RunDir.begin(root, ctx.key, ctx.snapshot_name)
@@ -97,14 +97,14 @@ class Fallback:
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
-                options=ctx.vm_cfg.mysqldump,
+                options=ctx.vm_cfg.dump,
                 run_dir=self.run_dir,
                 snapshot=ctx.snapshot_name,
                 plan=self.plan,
-                compress_on=str(ctx.vm_cfg.mysqldump["compress_on"]),
+                compress_on=ctx.vm_cfg.dump.compress_on,
             )
         except mysqldump.DumpFailed as exc:
-            if ctx.vm_cfg.mysqldump.get("on_dump_failure") == "continue":
+            if ctx.vm_cfg.dump.on_dump_failure == "continue":
                 ctx.soft_failures.append(exc)
                 ctx.notes.append("the dump failed; snapshot taken anyway (on_dump_failure)")
                 return
@@ -126,8 +126,8 @@ class Fallback:
             vm=ctx.key,
             paths=self.paths,
             run_dir=self.run_dir,
-            sudo=bool(ctx.guest.get("sudo")),
-            timeout=float(ctx.guest["dump_timeout"]),
+            sudo=ctx.guest.sudo,
+            timeout=ctx.guest.dump_timeout,
         )
         ctx.outputs["archive"] = {"sha256": result.sha256, "bytes": result.size}
         ctx.notes += result.warnings

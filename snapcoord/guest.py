@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Protocol
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from snapcoord.errors import GuestError
+from snapcoord.settings import GuestConfig
 from snapcoord.shell import Completed, display, execute
 
 log = logging.getLogger("snapcoord.guest")
@@ -329,12 +330,14 @@ class SshTransport:
     master connection. Host keys are verified strictly unless ``accept_new_host_key`` is set.
     """
 
-    def __init__(self, guest: dict[str, Any], *, vm: str) -> None:
+    def __init__(self, guest: GuestConfig, *, vm: str) -> None:
         self.guest = guest
         self.vm = vm
-        self.host = str(guest["host"])
-        target = f"{guest['user']}@{self.host}" if guest.get("user") else self.host
-        port = f":{guest['port']}" if guest.get("port") else ""
+        if guest.host is None:  # config.py requires it for transport = "ssh"
+            raise ValueError("an SSH transport needs guest.host")
+        self.host: str = guest.host
+        target = f"{guest.user}@{self.host}" if guest.user else self.host
+        port = f":{guest.port}" if guest.port else ""
         self.description = f"ssh {target}{port}"
         self._dir: str | None = None
         self._connected = False
@@ -351,12 +354,12 @@ class SshTransport:
         """ssh options; only the connect makes the ControlMaster (``master``): every later
         command uses it, and never silently becomes a second master when it died."""
         g = self.guest
-        opts = ["-F", str(g["ssh_config"])] if g.get("ssh_config") else []
+        opts = ["-F", g.ssh_config] if g.ssh_config else []
         opts += [
             "-o",
             "BatchMode=yes",
             "-o",
-            f"ConnectTimeout={int(g['connect_timeout'])}",
+            f"ConnectTimeout={int(g.connect_timeout)}",
             "-o",
             "ServerAliveInterval=10",
             "-o",
@@ -364,18 +367,18 @@ class SshTransport:
             "-o",
             "LogLevel=ERROR",
             "-o",
-            "StrictHostKeyChecking=" + ("accept-new" if g["accept_new_host_key"] else "yes"),
+            "StrictHostKeyChecking=" + ("accept-new" if g.accept_new_host_key else "yes"),
         ]
-        known_hosts = self._pinned_known_hosts or g.get("known_hosts")
+        known_hosts = self._pinned_known_hosts or g.known_hosts
         if known_hosts:
             opts += ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=none"]
-        if g.get("port"):
-            opts += ["-p", str(g["port"])]
-        if g.get("user"):
-            opts += ["-l", str(g["user"])]
-        if g.get("identity_file"):
-            opts += ["-i", str(g["identity_file"]), "-o", "IdentitiesOnly=yes"]
-        for extra in g.get("ssh_options", []):
+        if g.port:
+            opts += ["-p", str(g.port)]
+        if g.user:
+            opts += ["-l", g.user]
+        if g.identity_file:
+            opts += ["-i", g.identity_file, "-o", "IdentitiesOnly=yes"]
+        for extra in g.ssh_options:
             opts += ["-o", extra]
         if self._dir:
             opts += [
@@ -391,7 +394,7 @@ class SshTransport:
     # -- connection ------------------------------------------------------------------------
     def open(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="snapcoord-ssh-")
-        if self.guest.get("host_key_fingerprint"):
+        if self.guest.host_key_fingerprint:
             self._pinned_known_hosts = self._known_hosts_from_pin()
         self._connect()
         self._connected = True
@@ -408,7 +411,7 @@ class SshTransport:
     def _connect_once(self) -> None:
         result = execute(
             ["ssh", *self._options(master=True), "-T", self.host, "--", "true"],
-            timeout=float(self.guest["connect_timeout"]) + 5,
+            timeout=self.guest.connect_timeout + 5,
         )
         if result.ok:
             return
@@ -428,7 +431,7 @@ class SshTransport:
     def _resolved(self) -> tuple[str, str]:
         """(hostname, port) after ssh_config (Host aliases), as ``ssh -G`` computes them."""
         result = execute(["ssh", *self._options(), "-G", self.host], timeout=10)
-        hostname, port = self.host, str(self.guest.get("port") or 22)
+        hostname, port = self.host, str(self.guest.port or 22)
         for line in result.stdout.decode(errors="replace").splitlines():
             key, _, value = line.partition(" ")
             if key == "hostname" and value:
@@ -442,10 +445,10 @@ class SshTransport:
 
         The scan itself is not trusted: ssh then verifies that the server holds that key."""
         assert self._dir is not None
-        pin = str(self.guest["host_key_fingerprint"])
+        pin = self.guest.host_key_fingerprint
         hostname, port = self._resolved()
-        scan = ["ssh-keyscan", "-T", str(int(self.guest["connect_timeout"])), "-p", port]
-        result = execute([*scan, hostname], timeout=float(self.guest["connect_timeout"]) + 5)
+        scan = ["ssh-keyscan", "-T", str(int(self.guest.connect_timeout)), "-p", port]
+        result = execute([*scan, hostname], timeout=self.guest.connect_timeout + 5)
         path = Path(self._dir) / "known_hosts"
         for line in result.stdout.decode(errors="replace").splitlines():
             fields = line.split()
@@ -484,7 +487,7 @@ class SshTransport:
             shell.send_handshake()
             started.append(shell)
         for shell in started:
-            if shell.await_handshake(float(self.guest["connect_timeout"])):
+            if shell.await_handshake(self.guest.connect_timeout):
                 with self._pool_lock:
                     self._idle[sudo].append(shell)
                     self._all_shells.append(shell)
@@ -584,8 +587,8 @@ class SshTransport:
             shell.close()
 
 
-def open_transport(guest: dict[str, Any], *, vm: str) -> Transport:
+def open_transport(guest: GuestConfig, *, vm: str) -> Transport:
     """Build (not yet open) the transport a ``[vms.X.guest]`` table asks for."""
-    if guest["transport"] == "exec":
-        return ExecTransport(guest.get("exec_prefix", []), vm=vm)
+    if guest.transport == "exec":
+        return ExecTransport(list(guest.exec_prefix), vm=vm)
     return SshTransport(guest, vm=vm)

@@ -14,7 +14,6 @@ from typing import Any
 from snapcoord import guest_clock
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import VM, Adapter, PowerState, Snapshot
-from snapcoord.config import Config, VMConfig
 from snapcoord.errors import (
     GuestError,
     Interrupted,
@@ -33,6 +32,7 @@ from snapcoord.hooks.services import GuestServices, Services
 from snapcoord.naming import description, snapshot_name
 from snapcoord.reconnect import reconnecting
 from snapcoord.run import ServiceWindow, Step
+from snapcoord.settings import Config, GuestConfig, VMConfig
 
 
 @dataclass
@@ -69,7 +69,7 @@ class RunContext:
         return self.vm_cfg.key
 
     @property
-    def guest(self) -> dict[str, Any]:
+    def guest(self) -> GuestConfig:
         assert self.vm_cfg.guest is not None
         return self.vm_cfg.guest
 
@@ -105,7 +105,7 @@ def _connect_steps(ctx: RunContext) -> list[Step]:
             ctx.adapter.connect,
             ctx.adapter.close,
             undo_name=f"disconnect from hypervisor {hv}",
-            describe=f"{ctx.config.hypervisors[hv]['type']} session to {hv}",
+            describe=f"{ctx.config.hypervisors[hv].type} session to {hv}",
         ),
         Step("find VM", lambda: _find_vm(ctx), describe=f"find_vm({ctx.vm_cfg.ref!r})"),
     ]
@@ -147,10 +147,10 @@ def _probe(ctx: RunContext, services: Services) -> None:
 
 
 def _hook_step(ctx: RunContext, phase: str) -> Step | None:
-    hooks: list[str] = ctx.vm_cfg.hooks.get(phase, [])
+    hooks: tuple[str, ...] = getattr(ctx.vm_cfg.hooks, phase)
     if not hooks or ctx.transport is None:
         return None
-    transport, timeout = ctx.transport, float(ctx.vm_cfg.hooks["timeout"])
+    transport, timeout = ctx.transport, ctx.vm_cfg.hooks.timeout
 
     def run() -> None:
         commands.run_hooks(
@@ -158,7 +158,7 @@ def _hook_step(ctx: RunContext, phase: str) -> Step | None:
             hooks,
             phase=phase,
             vm=ctx.key,
-            sudo=bool(ctx.guest.get("sudo")),
+            sudo=ctx.guest.sudo,
             timeout=timeout,
         )
 
@@ -206,8 +206,8 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
         Step(
             "hypervisor snapshot",
             lambda: _create_snapshot(ctx, label),
-            describe=f"create_snapshot({ctx.snapshot_name!r}, memory={cfg.settings['memory']}, "
-            f"quiesce={cfg.settings['quiesce']})",
+            describe=f"create_snapshot({ctx.snapshot_name!r}, memory={cfg.memory}, "
+            f"quiesce={cfg.quiesce})",
         )
     )
     return steps
@@ -215,8 +215,8 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
 
 def _check_snapshot_possible(ctx: RunContext) -> None:
     vm = ctx.require_vm()
-    settings = ctx.vm_cfg.settings
-    ctx.adapter.check_snapshot_ready(vm, memory=settings["memory"], quiesce=settings["quiesce"])
+    cfg = ctx.vm_cfg
+    ctx.adapter.check_snapshot_ready(vm, memory=cfg.memory, quiesce=cfg.quiesce)
     if any(s.name == ctx.snapshot_name for s in ctx.adapter.list_snapshots(vm)):
         raise SnapshotExists(f"a snapshot named {ctx.snapshot_name!r} exists already", vm=ctx.key)
 
@@ -237,15 +237,15 @@ class Bracket:
         self.transport = ctx.transport
         guest = ctx.guest
         self.guest = guest
-        self.parallel = bool(guest.get("parallel_services", True))
-        self.sudo = bool(guest.get("sudo"))
-        self.timeout = float(guest["command_timeout"])
+        self.parallel = guest.parallel_services
+        self.sudo = guest.sudo
+        self.timeout = guest.command_timeout
         self.database = False
         self._arming = False  # arm() started: the guest may run a watchdog not yet recorded
 
     def steps(self, *, database: bool) -> list[Step]:
         self.database = database
-        names = ", ".join(self.guest["services"])
+        names = ", ".join(self.guest.services)
         steps = [
             Step(
                 "arm guest watchdog",
@@ -253,7 +253,7 @@ class Bracket:
                 self.disarm,
                 undo_name="disarm guest watchdog",
                 undo_first=True,  # journalled before arming: a kill mid-arm is still looked for
-                describe=f"restarts stopped services after {self.guest['watchdog_seconds']} s",
+                describe=f"restarts stopped services after {self.guest.watchdog_seconds} s",
             ),
             Step(
                 "stop services",
@@ -272,7 +272,7 @@ class Bracket:
                     self.start_database,
                     undo_first=True,
                     undo_name="start database",
-                    describe=f"database={self.guest['database']}",
+                    describe=f"database={self.guest.database}",
                 )
             )
         return steps
@@ -288,14 +288,14 @@ class Bracket:
         order = ([database] if database else []) + list(reversed(st.to_stop()))
         if not order:
             return
-        self.services.budget.guard_watchdog(time.monotonic(), float(self.guest["watchdog_seconds"]))
+        self.services.budget.guard_watchdog(time.monotonic(), self.guest.watchdog_seconds)
         self._arming = True
         self.ctx.watchdog = watchdog.arm(
             self.transport,
             vm=self.ctx.key,
             run_id=self.ctx.run_id,
             init=st.init,
-            seconds=int(self.guest["watchdog_seconds"]),
+            seconds=self.guest.watchdog_seconds,
             services=order,
             database=database,
             sudo=self.sudo,
@@ -404,15 +404,15 @@ class WatchdogKeptArmed(ServiceNotRestored):
 
 
 def _create_snapshot(ctx: RunContext, label: str) -> None:
-    settings = ctx.vm_cfg.settings
+    cfg = ctx.vm_cfg
     try:
         ctx.snapshot = ctx.adapter.create_snapshot(
             ctx.require_vm(),
             ctx.snapshot_name,
             description(label, ctx.run_id),
-            memory=bool(settings["memory"]),
-            quiesce=bool(settings["quiesce"]),
-            timeout=ctx.vm_cfg.snapshot_timeout,
+            memory=cfg.memory,
+            quiesce=cfg.quiesce,
+            timeout=cfg.snapshot_timeout,
         )
     except (SnapshotFailed, Interrupted):  # a signal during the call is not a failed snapshot
         raise
@@ -502,8 +502,8 @@ def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
         killed = watchdog.kill_all(
             ctx.transport,
             vm=ctx.key,
-            sudo=bool(ctx.guest.get("sudo")),
-            timeout=float(ctx.guest["command_timeout"]),
+            sudo=ctx.guest.sudo,
+            timeout=ctx.guest.command_timeout,
         )
         if killed:
             ctx.notes.append(
@@ -515,8 +515,8 @@ def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
             ctx.require_vm(),
             ctx.transport,
             vm_key=ctx.key,
-            sudo=bool(ctx.guest.get("sudo")),
-            timeout=float(ctx.guest["command_timeout"]),
+            sudo=ctx.guest.sudo,
+            timeout=ctx.guest.command_timeout,
         )
         if clock:
             ctx.notes.append(clock)
@@ -535,7 +535,7 @@ def _services_up_after_revert(ctx: RunContext, found: dict[str, Any]) -> None:
 def _wait_for_guest(ctx: RunContext) -> None:
     """Retry while the guest boots; a host key or login failure fails at once."""
     assert ctx.transport is not None
-    deadline = time.monotonic() + float(ctx.guest["start_timeout"])
+    deadline = time.monotonic() + ctx.guest.start_timeout
     while True:
         try:
             ctx.transport.open()

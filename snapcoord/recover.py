@@ -56,8 +56,8 @@ def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> s
                 transport,
                 watchdog.run_id_of(dog.marker) if dog else str(run),
                 vm=vm_key,
-                sudo=bool(guest.get("sudo")),
-                timeout=float(guest["command_timeout"]),
+                sudo=guest.sudo,
+                timeout=guest.command_timeout,
             )
     except GuestError as exc:
         raise PreflightError(
@@ -114,8 +114,8 @@ def recover(config: Config, vm_key: str) -> list[str]:
             dogs = [watchdog.Watchdog.from_dict(data["watchdog"])] if data.get("watchdog") else []
             if not dogs and DISARM in data.get("pending", []):  # killed while arming it
                 sudo, timeout = (
-                    bool(vm_cfg.guest.get("sudo")),
-                    float(vm_cfg.guest["command_timeout"]),
+                    vm_cfg.guest.sudo,
+                    vm_cfg.guest.command_timeout,
                 )
                 run = str(data.get("run"))
                 pids = watchdog.running(transport, run, vm=vm_key, sudo=sudo, timeout=timeout)
@@ -126,8 +126,8 @@ def recover(config: Config, vm_key: str) -> list[str]:
                     dog,
                     env=services.script_env(),
                     vm=vm_key,
-                    sudo=bool(vm_cfg.guest.get("sudo")),
-                    timeout=float(vm_cfg.guest["command_timeout"]),
+                    sudo=vm_cfg.guest.sudo,
+                    timeout=vm_cfg.guest.command_timeout,
                 )
                 if outcome.down:
                     raise ServiceNotRestored(

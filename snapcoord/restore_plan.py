@@ -59,8 +59,8 @@ def restore_dump_steps(
     path = resolve_source(ctx.config, ctx.key, source)
     dump = prepared or mysqldump.prepare_restore(path, vm=ctx.key)
     transport, services, guest = ctx.transport, ctx.services, ctx.guest
-    options = ctx.vm_cfg.mysqldump
-    timeout = float(guest["command_timeout"])
+    options = ctx.vm_cfg.dump
+    timeout = guest.command_timeout
     ctx.notes.append(
         f"dump {dump.file} verified"
         + (" against its manifest" if dump.manifest else " (no manifest: stream check only)")

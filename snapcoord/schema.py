@@ -220,8 +220,11 @@ GUEST: dict[str, Key] = {
         check=_service_name,
     ),
     "check_url": Key("str", "HTTP URL that must answer after the web server restarted"),
-    "mysqldump": Key(
-        "bool", "stream a logical dump off the guest before stopping the database", default=False
+    "dump": Key(
+        "bool",
+        "stream a logical dump of the database off the guest before stopping it "
+        "(formerly mysqldump)",
+        default=False,
     ),
     "watchdog_seconds": Key(
         "int",
@@ -243,7 +246,7 @@ GUEST: dict[str, Key] = {
         "float", "seconds for a service to start", default=120.0, minimum=1, maximum=MAX_SECONDS
     ),
     "dump_timeout": Key(
-        "float", "seconds for mysqldump", default=3600.0, minimum=1, maximum=MAX_SECONDS
+        "float", "seconds for the logical dump", default=3600.0, minimum=1, maximum=MAX_SECONDS
     ),
 }
 
@@ -262,7 +265,7 @@ HOOKS: dict[str, Key] = {
     ),
 }
 
-MYSQLDUMP: dict[str, Key] = {
+DUMP: dict[str, Key] = {
     "options": Key(
         "strlist",
         "mysqldump options",
@@ -301,6 +304,6 @@ ARCHIVE: dict[str, Key] = {
 VM_SUBTABLES: dict[str, dict[str, Key]] = {
     "guest": GUEST,
     "hooks": HOOKS,
-    "mysqldump": MYSQLDUMP,
+    "dump": DUMP,
     "archive": ARCHIVE,
 }

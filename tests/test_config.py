@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
+from dataclasses import FrozenInstanceError
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from snapcoord.config import find_config_file, load_config, parse_config
+from snapcoord import schema
+from snapcoord.config import find_config_file, load_config, parse_config, parse_table
 from snapcoord.errors import ConfigError, UsageError
 from snapcoord.example import example_config
 from snapcoord.secrets import Secret
+from snapcoord.settings import (
+    SCHEMA_OF,
+    GuestConfig,
+    LibvirtSettings,
+    ProxmoxSettings,
+    VsphereSettings,
+)
 from tests.cli_helpers import snapcoord, write_config
+
+KIND_TYPES: dict[str, Any] = {
+    "str": str,
+    "choice": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "secret": Secret,
+    "strlist": tuple[str, ...],
+    "argv": tuple[str, ...],
+}
 
 BAD = """
 [defaults]
@@ -97,7 +119,9 @@ def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         }
     }
     config = parse_config(raw)
-    first, second = config.hypervisors["a"]["password"], config.hypervisors["b"]["password"]
+    first, second = config.hypervisors["a"], config.hypervisors["b"]
+    assert isinstance(first, VsphereSettings) and isinstance(second, VsphereSettings)
+    first, second = first.password, second.password
     assert isinstance(first, Secret) and first.reveal() == "from-env"
     assert second.reveal() == "from-file"
     assert "from-env" not in repr(config.hypervisors) and "from-file" not in str(second)
@@ -157,9 +181,79 @@ def test_defaults_fill_in_and_vm_inherits_label() -> None:
     )
     vm = config.vm("db1")
     assert vm.label == "nightly" and vm.ref == "db1"
-    assert vm.guest is not None and vm.guest["services"] == ["apache2", "cron"]
-    assert vm.guest["database"] == "auto" and vm.guest["sudo"] is False
-    assert config.hypervisors["lab"]["uri"] == "qemu:///system"
+    assert vm.guest is not None and vm.guest.services == ("apache2", "cron")
+    assert vm.guest.database == "auto" and vm.guest.sudo is False
+    assert config.hypervisors["lab"] == LibvirtSettings("libvirt", "qemu:///system")
+
+
+def test_the_former_mysqldump_keys_still_work_with_one_warning_each() -> None:
+    old = {
+        "hypervisor": "lab",
+        "guest": {"host": "db1", "mysqldump": True},
+        "mysqldump": {"databases": ["app"], "compression": "zstd"},
+    }
+    new = {
+        "hypervisor": "lab",
+        "guest": {"host": "db1", "dump": True},
+        "dump": {"databases": ["app"], "compression": "zstd"},
+    }
+    configs = [
+        parse_config({"hypervisors": {"lab": {"type": "libvirt"}}, "vms": {"db1": vm}})
+        for vm in (old, new)
+    ]
+    assert configs[0].vms == configs[1].vms  # the same typed VM either way
+    assert configs[0].vm("db1").dump.databases == ("app",)
+    assert configs[0].warnings == (
+        "vms.db1.mysqldump: deprecated name, use dump",
+        "vms.db1.guest.mysqldump: deprecated name, use dump",
+    )
+    assert configs[1].warnings == ()
+
+
+def test_a_key_under_its_old_and_new_name_is_a_problem() -> None:
+    vm = {"hypervisor": "lab", "guest": {"host": "h", "dump": True, "mysqldump": False}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"hypervisors": {"lab": {"type": "libvirt"}}, "vms": {"db1": vm}})
+    assert info.value.problems == [
+        "vms.db1.guest.mysqldump: set dump only (mysqldump is its former name)"
+    ]
+
+
+def test_config_check_prints_the_deprecation_warning(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[hypervisors.lab]\ntype = "libvirt"\n[vms.db1]\nhypervisor = "lab"\n'
+        '[vms.db1.guest]\nhost = "db1"\nmysqldump = true\n'
+    )
+    proc = snapcoord("-c", str(path), "config", "check")
+    assert proc.returncode == 0
+    assert "vms.db1.guest.mysqldump: deprecated name, use dump" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_typed_tables_are_frozen_and_validated_one_by_one() -> None:
+    guest = parse_table(GuestConfig, {"host": "db1", "services": ["cron"]})
+    assert guest.services == ("cron",) and guest.command_timeout == 60.0  # schema default
+    with pytest.raises(FrozenInstanceError):
+        guest.sudo = True  # type: ignore[misc]
+    with pytest.raises(ConfigError) as info:
+        parse_table(GuestConfig, {"port": 0, "nosuch": 1}, path="vms.x.guest")
+    assert info.value.problems == [
+        "vms.x.guest.nosuch: unknown key (known: " + ", ".join(sorted(schema.GUEST)) + ")",
+        "vms.x.guest.port: must be an integer 1-65535",
+    ]
+    with pytest.raises(ConfigError, match="must be a ProxmoxSettings type"):
+        parse_table(ProxmoxSettings, {"type": "libvirt"})
+
+
+def test_every_typed_class_has_exactly_the_keys_of_its_schema_table() -> None:
+    for cls, keys in SCHEMA_OF.items():
+        hints = typing.get_type_hints(cls)
+        assert set(hints) == set(keys), cls
+        for name, key in keys.items():
+            typed = KIND_TYPES[key.kind]
+            expected = typed | None if key.default is None else typed  # optional: None if unset
+            assert hints[name] == expected, f"{cls.__name__}.{name}: {hints[name]}"
 
 
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:

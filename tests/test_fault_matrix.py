@@ -383,7 +383,7 @@ class CellRun:
             stop_timeout=TIMEOUT,
             start_timeout=TIMEOUT,
             dump_timeout=TIMEOUT,
-            mysqldump=self.position == "during_dump",
+            dump=self.position == "during_dump",
         )
         tables: dict[str, dict[str, Any]] = {
             "defaults": {"store": str(self.tmp / "store"), "label": "test"},

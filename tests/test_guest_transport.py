@@ -10,23 +10,23 @@ from typing import Any
 
 import pytest
 
+from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
 from snapcoord.guest import ExecTransport, SshTransport, open_transport
 from snapcoord.hooks.services import Services
-from snapcoord.schema import GUEST
+from snapcoord.settings import GuestConfig
 from tests import lab
 from tests.cli_helpers import snapcoord
 from tests.guest_fixtures import guest_config, lab_services  # noqa: F401 - fixture
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 
 
-def table(guest: lab.SshGuest, **overrides: Any) -> dict[str, Any]:
-    """A guest table with every schema default filled in, as config.py would hand it over."""
-    defaults = {k: v.default for k, v in GUEST.items() if v.default is not None}
-    return {**defaults, **guest.guest_table(), **overrides}
+def table(guest: lab.SshGuest, **overrides: Any) -> GuestConfig:
+    """The guest's table, validated and typed with every schema default, as config.py builds it."""
+    return parse_table(GuestConfig, {**guest.guest_table(), **overrides}, path="vms.lab.guest")
 
 
-def connected(guest_table: dict[str, Any]) -> SshTransport:
+def connected(guest_table: GuestConfig) -> SshTransport:
     transport = SshTransport(guest_table, vm="lab")
     transport.open()
     return transport
@@ -124,9 +124,8 @@ def test_unreachable_guest_is_a_clear_error(ssh_guest: lab.SshGuest) -> None:
 def test_ssh_config_host_alias_is_honoured(ssh_guest: lab.SshGuest) -> None:
     # Only the alias and the config file: HostName, Port, User, IdentityFile, known hosts
     # all come from ssh_config, as they would from an admin's ~/.ssh/config.
-    defaults = {k: v.default for k, v in GUEST.items() if v.default is not None}
-    guest = {**defaults, "host": ssh_guest.alias, "ssh_config": str(ssh_guest.ssh_config)}
-    transport = connected(guest)
+    table = {"host": ssh_guest.alias, "ssh_config": str(ssh_guest.ssh_config)}
+    transport = connected(parse_table(GuestConfig, table))
     try:
         assert whoami(transport) == "root"
     finally:
@@ -134,14 +133,12 @@ def test_ssh_config_host_alias_is_honoured(ssh_guest: lab.SshGuest) -> None:
 
 
 def test_ssh_config_alias_with_pinned_fingerprint(ssh_guest: lab.SshGuest) -> None:
-    defaults = {k: v.default for k, v in GUEST.items() if v.default is not None}
-    guest = {
-        **defaults,
+    table = {
         "host": ssh_guest.alias,
         "ssh_config": str(ssh_guest.ssh_config),
         "host_key_fingerprint": ssh_guest.host_key_fingerprint,
     }
-    transport = connected(guest)
+    transport = connected(parse_table(GuestConfig, table))
     try:
         assert whoami(transport) == "root"
     finally:

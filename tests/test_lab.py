@@ -49,14 +49,14 @@ def test_host_key_fingerprint_matches_known_hosts(ssh_guest: lab.SshGuest) -> No
 
 
 def test_guest_table_uses_schema_keys(ssh_guest: lab.SshGuest) -> None:
-    table = ssh_guest.guest_table(services=["cron"], mysqldump=True)
+    table = ssh_guest.guest_table(services=["cron"], dump=True)
     assert set(table) <= set(GUEST)
     assert table["transport"] == "ssh"
     assert table["port"] == ssh_guest.port
     assert table["user"] == "root"
     assert table["sudo"] is False
     assert table["services"] == ["cron"]
-    assert table["mysqldump"] is True
+    assert table["dump"] is True
     assert Path(table["identity_file"]).is_file()
     for key, value in table.items():
         check = GUEST[key].check

@@ -15,6 +15,7 @@ from snapcoord.adapters import adapter_class, open_adapter
 from snapcoord.adapters import libvirt_adapter as mod
 from snapcoord.adapters.base import VM, PowerState, Snapshot
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
+from snapcoord.config import parse_table
 from snapcoord.errors import (
     ExitCode,
     HypervisorError,
@@ -26,6 +27,7 @@ from snapcoord.errors import (
     UnsupportedOperation,
     VMNotFound,
 )
+from snapcoord.settings import LibvirtSettings
 from tests import libvirt_nodes
 from tests.libvirt_nodes import DB1_UUID, DomainSpec, NodeFactory, SnapSpec
 
@@ -39,7 +41,7 @@ SNAP_CURRENT = "before-upgrade"
 
 @pytest.fixture
 def adapter(libvirt_node: str) -> Iterator[LibvirtAdapter]:
-    with LibvirtAdapter("lab", {"type": "libvirt", "uri": libvirt_node}) as opened:
+    with LibvirtAdapter("lab", LibvirtSettings("libvirt", libvirt_node)) as opened:
         assert isinstance(opened, LibvirtAdapter)
         yield opened
 
@@ -58,7 +60,7 @@ def names(snaps: list[Snapshot]) -> list[str]:
 
 def test_registry_opens_the_libvirt_adapter(libvirt_node: str) -> None:
     assert adapter_class("libvirt") is LibvirtAdapter
-    opened = open_adapter("lab", {"type": "libvirt", "uri": libvirt_node})
+    opened = open_adapter("lab", LibvirtSettings("libvirt", libvirt_node))
     assert isinstance(opened, LibvirtAdapter)
     assert opened.type_name == "libvirt"
     with opened:
@@ -67,7 +69,7 @@ def test_registry_opens_the_libvirt_adapter(libvirt_node: str) -> None:
 
 def test_connection_failure_names_the_uri(tmp_path: pytest.TempPathFactory) -> None:
     uri = f"test://{tmp_path}/missing/node.xml"
-    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": uri})
+    adapter = LibvirtAdapter("lab", LibvirtSettings("libvirt", uri))
     with pytest.raises(HypervisorError) as info:
         adapter.connect()
     assert uri in str(info.value)
@@ -76,13 +78,13 @@ def test_connection_failure_names_the_uri(tmp_path: pytest.TempPathFactory) -> N
 
 
 def test_refused_remote_connection_is_a_hypervisor_error() -> None:
-    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": "test+tcp://127.0.0.1:1/default"})
+    adapter = LibvirtAdapter("lab", LibvirtSettings("libvirt", "test+tcp://127.0.0.1:1/default"))
     with pytest.raises(HypervisorError, match=r"127\.0\.0\.1:1"):
         adapter.find_vm("db1")  # connects lazily
 
 
 def test_close_is_idempotent_and_reconnects_lazily(libvirt_node: str) -> None:
-    adapter = LibvirtAdapter("lab", {"type": "libvirt", "uri": libvirt_node})
+    adapter = LibvirtAdapter("lab", LibvirtSettings("libvirt", libvirt_node))
     adapter.connect()
     adapter.close()
     adapter.close()
@@ -91,7 +93,10 @@ def test_close_is_idempotent_and_reconnects_lazily(libvirt_node: str) -> None:
 
 
 def test_default_uri_is_qemu_system() -> None:
-    assert LibvirtAdapter("lab", {"type": "libvirt"}).uri == "qemu:///system"
+    assert (
+        LibvirtAdapter("lab", parse_table(LibvirtSettings, {"type": "libvirt"})).uri
+        == "qemu:///system"
+    )
 
 
 def test_libvirt_errors_are_not_printed_on_stderr(
@@ -188,7 +193,7 @@ def test_list_is_oldest_first_even_within_one_second(
             )
         ]
     )
-    with LibvirtAdapter("lab", {"uri": uri}) as adapter:
+    with LibvirtAdapter("lab", LibvirtSettings("libvirt", uri)) as adapter:
         listed = adapter.list_snapshots(adapter.find_vm("db"))
     assert names(listed) == ["b-older", "aa-root", "mm-middle", "zz-child"]
 
@@ -589,7 +594,7 @@ def test_unsupported_flags_from_the_real_driver(adapter: LibvirtAdapter) -> None
 
 def test_demo_node_loads() -> None:
     path = Path(__file__).resolve().parent.parent / "examples" / "demo-node.xml"
-    with LibvirtAdapter("demo", {"uri": f"test://{path}"}) as adapter:
+    with LibvirtAdapter("demo", LibvirtSettings("libvirt", f"test://{path}")) as adapter:
         db = adapter.find_vm("demo-db")
         web = adapter.find_vm("demo-web-stopped")
         assert adapter.power_state(db) is PowerState.RUNNING

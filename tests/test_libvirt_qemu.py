@@ -22,6 +22,7 @@ import pytest
 from snapcoord.adapters.base import VM, PowerState
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
 from snapcoord.errors import UnsupportedOperation
+from snapcoord.settings import LibvirtSettings
 from tests.libvirtd import URI, running_libvirtd
 
 IMAGES = Path("/var/lib/libvirt/images")
@@ -82,7 +83,7 @@ def make_domain(qemu_uri: str) -> Iterator[MakeDomain]:
 
 @pytest.fixture
 def adapter(qemu_uri: str) -> Iterator[LibvirtAdapter]:
-    with LibvirtAdapter("kvm", {"type": "libvirt", "uri": qemu_uri}) as opened:
+    with LibvirtAdapter("kvm", LibvirtSettings("libvirt", qemu_uri)) as opened:
         assert isinstance(opened, LibvirtAdapter)
         yield opened
 

@@ -58,9 +58,9 @@ def test_a_dump_that_exits_0_without_the_completion_line_is_refused(
                     "guest": {
                         "transport": "exec",
                         "exec_prefix": ["env", f"PATH={wrapper_dir}:/usr/bin:/bin"],
-                        "mysqldump": True,
+                        "dump": True,
                     },
-                    "mysqldump": {"databases": [DATABASE]},
+                    "dump": {"databases": [DATABASE]},
                 }
             },
         }

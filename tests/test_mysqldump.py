@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ def make_config(
         "vms": {
             "lab": {
                 "hypervisor": "lab",
-                "guest": guest.guest_table(mysqldump=True, **(guest_keys or {})),
-                "mysqldump": dump,
+                "guest": guest.guest_table(dump=True, **(guest_keys or {})),
+                "dump": dump,
             }
         },
     }
@@ -95,14 +96,14 @@ def take_dump(
 ) -> tuple[mysqldump.DumpResult, Path]:
     assert vm.guest is not None
     plan = mysqldump.preflight(
-        transport, vm=vm.key, guest=vm.guest, options=vm.mysqldump, store_root=store_root
+        transport, vm=vm.key, guest=vm.guest, options=vm.dump, store_root=store_root
     )
     run = store.RunDir.begin(store_root, vm.key, snapshot)
     result = mysqldump.dump(
         transport,
         vm=vm.key,
         guest=vm.guest,
-        options=vm.mysqldump,
+        options=vm.dump,
         run_dir=run,
         snapshot=snapshot,
         plan=plan,
@@ -156,7 +157,7 @@ def test_default_dump_holds_all_databases(
 ) -> None:
     vm = vm_config(ssh_guest, tmp_path)
     transport = transport_for(vm)
-    plan = mysqldump.preflight(transport, vm="lab", guest=vm.guest, options=vm.mysqldump)
+    plan = mysqldump.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
     assert plan.all_databases and "--all-databases" in plan.argv
     assert {"mysql", *IDOIT} <= set(plan.databases)
     assert not {"information_schema", "performance_schema", "sys"} & set(plan.databases)
@@ -214,7 +215,7 @@ def test_sudo_login_and_password_never_on_a_command_line(
         "GRANT SELECT ON mysql.proc TO 'snapdump'@'localhost';"
     )
     vm = vm_config(sudo_guest, tmp_path, databases=IDOIT, user="snapdump")
-    vm.mysqldump["password"] = Secret("env:TEST", password)
+    vm = replace(vm, dump=replace(vm.dump, password=Secret("env:TEST", password)))
     transport = transport_for(vm)
     seen: list[str] = []
     stop = threading.Event()
@@ -246,9 +247,9 @@ def test_wrong_password_fails_in_preflight(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
 ) -> None:
     vm = vm_config(ssh_guest, tmp_path, user="nosuchuser")
-    vm.mysqldump["password"] = Secret("env:TEST", "wrong-password-123")
+    vm = replace(vm, dump=replace(vm.dump, password=Secret("env:TEST", "wrong-password-123")))
     with pytest.raises(PreflightError, match="Access denied") as info:
-        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump)
+        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
     assert "wrong-password-123" not in str(info.value)
     assert info.value.exit_code == ExitCode.PREFLIGHT
 
@@ -273,7 +274,7 @@ def test_preflight_rejects_bad_settings(
     lab.ensure_running(["mariadb"])
     vm = vm_config(ssh_guest, tmp_path, **dump)
     with pytest.raises(PreflightError, match=message):
-        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump)
+        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
 
 
 def test_preflight_catches_a_full_store(
@@ -282,7 +283,7 @@ def test_preflight_catches_a_full_store(
     vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
     with pytest.raises(store.StoreError, match="free, the dump needs"):
         mysqldump.preflight(
-            transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, store_root=tiny_store
+            transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, store_root=tiny_store
         )
 
 
@@ -339,9 +340,7 @@ def test_store_filling_up_mid_stream_is_a_failed_dump(
     vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
     run = store.RunDir.begin(tiny_store, "lab", "snap-full")
     with pytest.raises(mysqldump.DumpFailed, match="No space left") as info:
-        mysqldump.dump(
-            transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run
-        )
+        mysqldump.dump(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     assert info.value.exit_code == ExitCode.PREFLIGHT
     assert info.value.failed_dir == tiny_store / "lab" / "snap-full.failed"
     assert store.list_dumps(tiny_store, "lab") == []
@@ -373,7 +372,7 @@ def test_mysqldump_killed_mid_stream_records_no_valid_dump(
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 137"):
-        mysqldump.dump(transport, vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run)
+        mysqldump.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     thread.join()
     assert killed
     failed = tmp_path / "lab" / "snap-killed.failed"
@@ -400,7 +399,7 @@ def test_a_table_that_errors_fails_the_dump(
         run = store.RunDir.begin(tmp_path, "lab", "snap-broken")
         with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 2") as info:
             mysqldump.dump(
-                transport_for(vm), vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run
+                transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run
             )
     finally:
         lab.mysql_exec("DROP DATABASE IF EXISTS snapcoord_broken")

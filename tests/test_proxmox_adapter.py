@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -303,15 +302,13 @@ def test_tls_unknown_certificate_refused(double: PveApiDouble, cert: Cert, tmp_p
         adapter.find_vm("db1")
     assert "TLS certificate of 127.0.0.1" in str(info.value) and "ca_file" in str(info.value)
 
-    settings = token_settings(double, cert)
-    del settings["ca_file"]  # system CAs only: the self-signed certificate is refused too
+    settings = token_settings(double, cert, ca_file=None)  # system CAs only: refused too
     with ProxmoxAdapter("pve", settings) as adapter, pytest.raises(HypervisorError, match="TLS"):
         adapter.find_vm("db1")
 
 
 def test_tls_fingerprint_pin(double: PveApiDouble, cert: Cert, tmp_path: Path) -> None:
-    settings = token_settings(double, cert, thumbprint=cert.sha256)
-    del settings["ca_file"]
+    settings = token_settings(double, cert, thumbprint=cert.sha256, ca_file=None)
     with ProxmoxAdapter("pve", settings) as adapter:
         assert adapter.find_vm("db1").id == "100"
     wrong = token_settings(double, cert, thumbprint=make_cert(tmp_path, "x").sha256)
@@ -325,8 +322,7 @@ def test_tls_fingerprint_pin(double: PveApiDouble, cert: Cert, tmp_path: Path) -
 
 
 def test_verify_tls_false_only_when_asked(double: PveApiDouble, cert: Cert) -> None:
-    settings: dict[str, Any] = token_settings(double, cert, verify_tls=False)
-    del settings["ca_file"]
+    settings = token_settings(double, cert, verify_tls=False, ca_file=None)
     with ProxmoxAdapter("pve", settings) as adapter:
         assert adapter.find_vm("db1").id == "100"
 

@@ -94,7 +94,7 @@ def config(real_guest: RealGuest, tmp_path_factory: pytest.TempPathFactory) -> P
                 "services": ["apache2", "cron"],
                 "database": "auto",
                 "watchdog_seconds": WATCHDOG_SECONDS,
-                "mysqldump": True,
+                "dump": True,
             },
         },
     )
@@ -275,7 +275,7 @@ def test_4_sigkill_inside_the_window_the_guest_watchdog_restores_everything(
 ) -> None:
     guest = real_guest
     seconds = 30
-    cfg = config_with(config, "sigkill", hooks={"frozen": ["sleep 300"]}, mysqldump=False,
+    cfg = config_with(config, "sigkill", hooks={"frozen": ["sleep 300"]}, dump=False,
                       watchdog_seconds=seconds)  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapcoord", "-c", str(cfg), "snapshot", "guest"],
@@ -304,7 +304,7 @@ def test_4_sigkill_inside_the_window_the_guest_watchdog_restores_everything(
     wait_for(lambda: watchdogs_in_guest(guest) == [], 15, "the watchdog to exit")
     FIGURES["sigkill_all_running_after_arm_seconds"] = round(restored_after, 1)
     # The kept journal heals: the next run finds everything running and goes on.
-    code, summary, stderr = run(config_with(config, "after-kill", mysqldump=False), "snapshot",
+    code, summary, stderr = run(config_with(config, "after-kill", dump=False), "snapshot",
                                 "guest")  # fmt: skip
     assert code == 0, stderr
     assert any(data["run"] in note for note in summary["notes"]), summary["notes"]
@@ -323,7 +323,7 @@ def test_5_connection_cut_inside_the_window_is_reconnected(
         known = tmp_path / "known_hosts"
         key = guest.known_hosts.read_text().split(None, 1)[1]
         known.write_text(f"[127.0.0.1]:{proxy.port} {key}")
-        cfg = config_with(config, "cut", hooks={"frozen": ["sleep 20"]}, mysqldump=False,
+        cfg = config_with(config, "cut", hooks={"frozen": ["sleep 20"]}, dump=False,
                           port=proxy.port, known_hosts=str(known))  # fmt: skip
         proc = subprocess.Popen(
             [sys.executable, "-m", "snapcoord", "-c", str(cfg), "snapshot", "guest", "--json"],

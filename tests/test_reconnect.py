@@ -9,15 +9,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
 
 import pytest
 
 from snapcoord.errors import GuestError
 from snapcoord.guest import ConnectionLost, GuestUnreachable, NoAnswer, SshTransport
 from snapcoord.reconnect import WATCHDOG_MARGIN, ReconnectBudget, reconnecting
-from snapcoord.schema import GUEST
 from tests import lab
+from tests.test_guest_transport import table
 
 # -- the budget, with a scripted transport -----------------------------------------------------
 
@@ -135,11 +135,6 @@ def test_the_budget_ends_before_the_watchdog_fires() -> None:
 # -- the real SSH transport ------------------------------------------------------------------
 
 
-def table(guest: lab.SshGuest, **overrides: Any) -> dict[str, Any]:
-    defaults = {k: v.default for k, v in GUEST.items() if v.default is not None}
-    return {**defaults, **guest.guest_table(), **overrides}
-
-
 @pytest.mark.real
 def test_the_ssh_transport_reconnects_after_the_server_side_died(ssh_guest: lab.SshGuest) -> None:
     transport = SshTransport(table(ssh_guest), vm="lab")
@@ -193,7 +188,8 @@ def test_a_changed_host_key_on_reconnect_is_not_unreachable(ssh_guest: lab.SshGu
     transport = SshTransport(guest_table, vm="lab")
     transport.open()
     try:
-        guest_table["known_hosts"] = str(ssh_guest.wrong_known_hosts)  # the key "changed"
+        # the key "changed"
+        transport.guest = replace(guest_table, known_hosts=str(ssh_guest.wrong_known_hosts))
         with pytest.raises(GuestError, match="host key") as info:
             transport.reconnect(transport.generation)
         assert not isinstance(info.value, GuestUnreachable)  # never retried

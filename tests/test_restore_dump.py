@@ -87,7 +87,7 @@ def test_loading_without_dropping_first_fails_with_errno_150_and_loses_a_table(
     transport.open()
     try:
         restored = mysqldump.restore(
-            transport, vm="lab", guest=vm.guest, options=vm.mysqldump, source=folder
+            transport, vm="lab", guest=vm.guest, options=vm.dump, source=folder
         )
     finally:
         transport.close()

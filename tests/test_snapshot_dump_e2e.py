@@ -21,10 +21,10 @@ def _config(tmp_path: Path, uri: str, guest: dict[str, Any], **mysqldump: Any) -
         "defaults": {"store": str(tmp_path / "store"), "label": "dump"},
         "hypervisors.lab": {"type": "libvirt", "uri": uri},
         "vms.db1": {"hypervisor": "lab"},
-        "vms.db1.guest": {**guest, "mysqldump": True},
+        "vms.db1.guest": {**guest, "dump": True},
     }
     if mysqldump:
-        tables["vms.db1.mysqldump"] = mysqldump
+        tables["vms.db1.dump"] = mysqldump
     return write_config(tmp_path / "c.toml", tables)
 
 

@@ -15,10 +15,15 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from snapcoord.config import parse_table
+from snapcoord.secrets import Secret
+from snapcoord.settings import VsphereSettings
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "vcsim" / "build.sh"
@@ -48,26 +53,19 @@ class VCSim:
         digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(self.cert_pem)).hexdigest().upper()
         return "sha256:" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
-    def settings(self, **overrides: object) -> dict[str, object]:
-        """A validated-looking ``[hypervisors.X]`` settings dict pinning the certificate."""
-        from snapcoord.secrets import Secret
-
-        settings: dict[str, object] = {
+    def settings(self, **overrides: Any) -> VsphereSettings:
+        """Validated ``[hypervisors.X]`` settings trusting the simulator's certificate;
+        ``overrides`` replace values after validation (a test may go beyond the schema's bounds)."""
+        table = {
             "type": "vsphere",
             "host": self.host,
             "port": self.port,
             "user": self.user,
             "password": Secret("test", self.password),
-            "datacenter": None,
-            "folder": None,
-            "max_snapshots": 3,
-            "max_age_hours": 72.0,
-            "verify_tls": True,
             "ca_file": str(self.cert_file),
-            "thumbprint": None,
         }
-        settings.update(overrides)
-        return settings
+        settings = parse_table(VsphereSettings, table, path="hypervisors.lab")
+        return replace(settings, **overrides)
 
 
 def build_vcsim() -> Path:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import ssl
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from snapcoord.config import parse_table
 from snapcoord.secrets import Secret
+from snapcoord.settings import ProxmoxSettings
 
 from .server import PveApiDouble
 
@@ -68,25 +70,21 @@ def start_double(cert: Cert, **kwargs: Any) -> PveApiDouble:
     return PveApiDouble(tls_cert=str(cert.cert), tls_key=str(cert.key), **kwargs).start()
 
 
-def token_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> dict[str, Any]:
-    """Adapter settings as snapcoord.config hands them over (defaults filled in)."""
-    settings: dict[str, Any] = {
-        "type": "proxmox",
-        "host": "127.0.0.1",
-        "port": double.port,
-        "token_id": TOKEN_ID,
-        "token_secret": Secret("env:TEST", TOKEN_SECRET),
-        "verify_tls": True,
-        "ca_file": str(cert.cert),
-        "lock_wait_seconds": 120.0,
-    }
-    settings.update(extra)
-    return settings
+def token_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> ProxmoxSettings:
+    """Adapter settings as snapcoord.config hands them over (validated, defaults filled in);
+    ``extra`` replaces values after validation."""
+    auth = {"token_id": TOKEN_ID, "token_secret": Secret("env:TEST", TOKEN_SECRET)}
+    return _settings(double, cert, auth, extra)
 
 
-def ticket_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> dict[str, Any]:
-    settings = token_settings(double, cert)
-    del settings["token_id"], settings["token_secret"]
-    settings.update(user=USER, password=Secret("env:TEST", PASSWORD))
-    settings.update(extra)
-    return settings
+def ticket_settings(double: PveApiDouble, cert: Cert, **extra: Any) -> ProxmoxSettings:
+    auth = {"user": USER, "password": Secret("env:TEST", PASSWORD)}
+    return _settings(double, cert, auth, extra)
+
+
+def _settings(
+    double: PveApiDouble, cert: Cert, auth: dict[str, Any], extra: dict[str, Any]
+) -> ProxmoxSettings:
+    table = {"type": "proxmox", "host": "127.0.0.1", "port": double.port, **auth}
+    settings = parse_table(ProxmoxSettings, {**table, "ca_file": str(cert.cert)}, path="pve")
+    return replace(settings, **extra)

@@ -1,0 +1,210 @@
+"""The configuration as typed, frozen values: one class per table of :mod:`snapcoord.schema`.
+
+The schema stays the one place for key names, types, bounds and defaults; these classes only give
+the validated tables a type. :func:`build` fills a class from a validated table (config.py), and
+a check at import time keeps every class's fields equal to its schema table, so the two cannot
+drift apart. Lists become tuples (the values are frozen); optional keys that are not set are None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from snapcoord import schema
+from snapcoord.errors import UsageError
+from snapcoord.schema import Key
+from snapcoord.secrets import Secret
+
+
+@dataclass(frozen=True)
+class Defaults:
+    store: str
+    label: str
+    snapshot_timeout: float
+
+
+@dataclass(frozen=True)
+class HypervisorSettings:
+    """Base of every ``[hypervisors.X]`` table; ``type`` picks the subclass."""
+
+    type: str
+
+
+@dataclass(frozen=True)
+class LibvirtSettings(HypervisorSettings):
+    uri: str
+
+
+@dataclass(frozen=True)
+class TLSSettings(HypervisorSettings):
+    verify_tls: bool
+    ca_file: str | None
+    thumbprint: str | None
+
+
+@dataclass(frozen=True)
+class VsphereSettings(TLSSettings):
+    host: str
+    port: int
+    user: str
+    password: Secret
+    datacenter: str | None
+    folder: str | None
+    max_snapshots: int
+    max_age_hours: float
+
+
+@dataclass(frozen=True)
+class ProxmoxSettings(TLSSettings):
+    host: str
+    port: int
+    token_id: str | None
+    token_secret: Secret | None
+    user: str | None
+    password: Secret | None
+    lock_wait_seconds: float
+
+
+HYPERVISOR_SETTINGS: dict[str, type[HypervisorSettings]] = {
+    "libvirt": LibvirtSettings,
+    "vsphere": VsphereSettings,
+    "proxmox": ProxmoxSettings,
+}
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    transport: str
+    host: str | None
+    port: int | None
+    user: str | None
+    identity_file: str | None
+    known_hosts: str | None
+    host_key_fingerprint: str | None
+    accept_new_host_key: bool
+    ssh_config: str | None
+    ssh_options: tuple[str, ...]
+    exec_prefix: tuple[str, ...]
+    sudo: bool
+    services: tuple[str, ...]
+    parallel_services: bool
+    database: str
+    check_url: str | None
+    dump: bool
+    watchdog_seconds: int
+    connect_timeout: float
+    command_timeout: float
+    stop_timeout: float
+    start_timeout: float
+    dump_timeout: float
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    before: tuple[str, ...]
+    frozen: tuple[str, ...]
+    after: tuple[str, ...]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    options: tuple[str, ...]
+    databases: tuple[str, ...]
+    compression: str
+    compress_on: str
+    user: str | None
+    password: Secret | None
+    on_dump_failure: str
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    key: str  # the [vms.KEY] table name, used in messages, the store and locks
+    ref: str  # what the adapter's find_vm receives: name, path, uuid:/moref: or vmid
+    hypervisor: str
+    name: str | None
+    vmid: int | None
+    memory: bool
+    quiesce: bool
+    label: str  # defaults.label when the VM sets none
+    snapshot_timeout: float  # defaults.snapshot_timeout when the VM sets none
+    safety_snapshot: bool
+    guest: GuestConfig | None  # None: no [vms.X.guest] table, snapshots only
+    hooks: HooksConfig
+    dump: DumpConfig
+    archive: ArchiveConfig
+
+    def require_guest(self) -> GuestConfig:
+        if self.guest is None:
+            raise UsageError(f"{self.key}: no [vms.{self.key}.guest] table configured")
+        return self.guest
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    defaults: Defaults
+    hypervisors: dict[str, HypervisorSettings]
+    vms: dict[str, VMConfig]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def store(self) -> Path:
+        return Path(self.defaults.store)
+
+    def vm(self, key: str) -> VMConfig:
+        if key not in self.vms:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise UsageError(f"no VM {key!r} in {self.source} (configured: {known})")
+        return self.vms[key]
+
+
+T = TypeVar("T")
+
+
+def build(cls: type[T], table: dict[str, Any], **extra: Any) -> T:
+    """``cls`` from a validated table: absent optional keys become None, lists become tuples."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = extra[item.name] if item.name in extra else table.get(item.name)
+        values[item.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+# Each class and the schema table(s) it types; VMConfig adds its own fields to schema.VM.
+SCHEMA_OF: dict[type[Any], dict[str, Key]] = {
+    Defaults: schema.DEFAULTS,
+    GuestConfig: schema.GUEST,
+    HooksConfig: schema.HOOKS,
+    DumpConfig: schema.DUMP,
+    ArchiveConfig: schema.ARCHIVE,
+    **{
+        cls: {**schema.HYPERVISOR_COMMON, **schema.HYPERVISOR_TYPES[kind]}
+        for kind, cls in HYPERVISOR_SETTINGS.items()
+    },
+}
+VM_OWN_FIELDS = ("key", "ref", *schema.VM_SUBTABLES)
+
+
+def _check_fields() -> None:
+    """A class whose fields differ from its schema table is a bug: fail at import."""
+    tables: dict[type[Any], Iterable[str]] = {**SCHEMA_OF, VMConfig: [*schema.VM, *VM_OWN_FIELDS]}
+    for cls, keys in tables.items():
+        names = {item.name for item in dataclasses.fields(cls)}
+        if names != set(keys):
+            raise AssertionError(
+                f"{cls.__name__} fields differ from the schema: {names ^ set(keys)}"
+            )
+
+
+_check_fields()
