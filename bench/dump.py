@@ -27,7 +27,7 @@ from typing import Any
 from snapcoord import store
 from snapcoord.config import parse_config
 from snapcoord.guest import SshTransport
-from snapcoord.hooks import mysqldump
+from snapcoord.hooks.databases import mysql
 from tests import lab
 
 OPTIONS = ["--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"]
@@ -101,7 +101,7 @@ def main() -> int:
                     continue
                 run_dir = store.RunDir.begin(config.store, "lab", f"{variant}-{run}")
                 started = time.monotonic()
-                result = mysqldump.dump(
+                result = mysql.dump(
                     transport,
                     vm="lab",
                     guest=vm.guest,

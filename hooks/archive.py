@@ -15,7 +15,7 @@ from typing import Any
 from snapcoord import store
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import Transport
-from snapcoord.hooks.mysqldump import CHUNK, DumpFailed, stream_from_guest
+from snapcoord.hooks.databases.dumpfile import CHUNK, DumpFailed, stream_from_guest
 from snapcoord.store import RunDir
 
 ARCHIVE_NAME = "files.tar.gz"

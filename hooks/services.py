@@ -1,10 +1,10 @@
-"""Stop, start and verify guest services (web server, cron, MySQL/MariaDB).
+"""Stop, start and verify guest services (web server, cron, the database).
 
 Every function takes the open transport and does one round trip per service: the stop or start
 command *and* its verification run in one small POSIX shell script, so the service window holds
 no extra connection setup. "Stopped" and "started" are verified, never assumed: a database is
-down when its server process is gone, up when ``mysqladmin ping`` answers; other services by
-their init system's status.
+down when its server process is gone, up when it answers (its kind's ``db_alive``, e.g.
+``mysqladmin ping``, ``pg_isready``); other services by their init system's status.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import GuestUnreachable, NoAnswer, Transport
+from snapcoord.hooks import databases
 from snapcoord.reconnect import ReconnectBudget, reconnecting
 from snapcoord.run import ServiceWindow, run_parallel
 from snapcoord.settings import GuestConfig
@@ -25,7 +26,6 @@ from snapcoord.shell import Completed
 
 log = logging.getLogger("snapcoord.services")
 
-DATABASE_CANDIDATES = ("mariadb", "mysql")
 SYSTEM_SERVICE_WRAPPERS = ("/usr/sbin/service", "/sbin/service", "/usr/bin/service", "/bin/service")
 
 # $1 = init system, $2.. = service names. Prints "init <kind>" then "svc <name> <exists> <running>".
@@ -50,15 +50,22 @@ for s in "$@"; do
   fi
   echo "svc $s $exists $running"
 done
-command -v mysqladmin >/dev/null 2>&1 && echo "tool mysqladmin"
 echo "wrapper $(command -v service)"
-f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
-[ -n "$f" ] || f="/run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid"
-for p in $f; do case $p in /*) [ -r "$p" ] && { echo "pidfile $p"; break; };; esac; done
-exit 0
 """
 
-# Shared shell functions. $INIT selects systemctl or service.
+
+def _probe_script(kinds: list[databases.DatabaseKind]) -> str:
+    """The probe, then for each database kind that may be chosen: is its verification tool
+    there ("tool NAME"), and where is its PID file ("pidfile KIND PATH")."""
+    parts = [_PROBE]
+    for kind in kinds:
+        parts.append(f'command -v {kind.TOOL} >/dev/null 2>&1 && echo "tool {kind.TOOL}"\n')
+        parts.append(f"( {kind.PROBE} ) | sed 's/^pidfile /pidfile {kind.NAME} /'\n")
+    return "".join(parts) + "exit 0\n"
+
+
+# Shared shell functions. $INIT selects systemctl or service. db_pid and db_alive come from the
+# database kind (its SHELL, put in front by Services.script_env).
 _LIB = r"""
 triggers() { printf '%s\n' "$TRIGGERS" | while read -r n u; do [ "$n" = "$1" ] && echo "$u"; done; }
 svc() {  # svc NAME start|stop; with systemd its active triggers (sockets...) in one transaction
@@ -72,13 +79,6 @@ is_up() {  # DIRECT=1: `service` is the system's wrapper, so ask the init script
     "/etc/init.d/$1" status >/dev/null 2>&1
   else service "$1" status >/dev/null 2>&1; fi
 }
-db_pid() {  # sets $pid: from $PIDFILE (found in preflight) without forking, else look it up
-  pid=
-  if [ -n "${PIDFILE:-}" ] && [ -r "$PIDFILE" ]; then read -r pid < "$PIDFILE"; return; fi
-  f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
-  [ -n "$f" ] || f="/run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid"  # the configured one only
-  for p in $f; do [ -r "$p" ] && { read -r pid < "$p"; return; }; done
-}
 uptime_cs() { read -r up _ 2>/dev/null < /proc/uptime && up=${up%.*}${up#*.}; }  # sets $up
 wait_until() {  # wait_until SECONDS command...: poll every 0.05 s for SECONDS of elapsed time
   n=$(( $1 * 20 )); end=; uptime_cs && end=$(( up + $1 * 100 )); shift
@@ -90,7 +90,6 @@ wait_until() {  # wait_until SECONDS command...: poll every 0.05 s for SECONDS o
 }
 not() { ! "$@"; }
 pid_gone() { [ -z "$1" ] || ! kill -0 "$1" 2>/dev/null; }
-db_alive() { mysqladmin ping >/dev/null 2>&1; }
 db_down() { db_pid; pid_gone "$pid" && not db_alive; }  # what a verified database stop means
 lock() {  # lock NAME SECONDS: one stop/start of a service at a time (runs, retries, watchdog)
   command -v flock >/dev/null 2>&1 || return 0  # no util-linux, or no root: no lock
@@ -128,7 +127,7 @@ _STOP_DB = (
     + _ACT
     + r"""
 wait_until "$w" pid_gone "$pid" || { echo "server process $pid still up after $w s" >&2; exit 11; }
-wait_until "$w" not db_alive || { echo "still answers mysqladmin ping after $w s" >&2; exit 11; }
+wait_until "$w" not db_alive || { echo "still answers after $w s" >&2; exit 11; }
 """
 )
 
@@ -144,7 +143,7 @@ _START_DB = (
     "ACTION=start\n"
     + _ACT
     + r"""
-wait_until "$w" db_alive || { echo "mysqladmin ping: no answer $w s after start" >&2; exit 11; }
+wait_until "$w" db_alive || { echo "no answer $w s after start" >&2; exit 11; }
 """
 )
 
@@ -173,6 +172,7 @@ class GuestServices:
     services: list[str]  # configured non-database services that exist
     running: dict[str, bool] = field(default_factory=dict)  # state before the run
     stopped: list[str] = field(default_factory=list)  # what this run stopped (undo uses it)
+    kind: str | None = None  # the database's kind (hooks/databases), None without a database
     pidfile: str | None = None  # the database's PID file, found in preflight
     direct_status: bool = False  # `service` is the system's: init scripts may be asked directly
     #: service -> active systemd units that would start it again (mariadb -> mariadb.socket):
@@ -208,11 +208,13 @@ class Services:
         """Learn the init system, which services exist and run; ``warm`` shells for the window."""
         configured = list(self.guest.services)
         database = self.guest.database
-        names = configured + (list(DATABASE_CANDIDATES) if database == "auto" else [])
+        candidates = databases.auto_candidates() if database == "auto" else []
         if database not in ("auto", "none"):
-            names.append(database)
+            candidates = [database]
+        kinds = list({databases.for_service(c).NAME: databases.for_service(c)
+                      for c in candidates}.values())  # fmt: skip
         result = self.transport.run(
-            ["sh", "-c", _PROBE, "sh", *names],
+            ["sh", "-c", _probe_script(kinds), "sh", *configured, *candidates],
             sudo=self.sudo,
             timeout=self.guest.command_timeout,
         )
@@ -231,10 +233,10 @@ class Services:
         if database == "none":
             chosen = None
         elif database == "auto":
-            chosen = next((d for d in DATABASE_CANDIDATES if exists.get(d)), None)
+            chosen = next((d for d in candidates if exists.get(d)), None)
             if chosen is None:
                 raise PreflightError(
-                    "no mariadb or mysql service found in the guest",
+                    f"no database service found in the guest (looked for {', '.join(candidates)})",
                     vm=self.vm,
                     hint="set database = 'none' for a guest without a database",
                 )
@@ -242,9 +244,10 @@ class Services:
             if not exists.get(database):
                 raise PreflightError(f"database service {database!r} not found", vm=self.vm)
             chosen = database
-        if chosen is not None and "mysqladmin" not in tools:
+        kind = databases.for_service(chosen) if chosen is not None else None
+        if kind is not None and kind.TOOL not in tools:
             raise PreflightError(
-                "mysqladmin not found in the guest (needed to verify the database)", vm=self.vm
+                f"{kind.TOOL} not found in the guest (needed to verify the database)", vm=self.vm
             )
         self.state = GuestServices(
             init=init,
@@ -253,7 +256,8 @@ class Services:
             running={
                 s: running.get(s, False) for s in [*configured, *([chosen] if chosen else [])]
             },
-            pidfile=_probe_pidfile(text),
+            kind=kind.NAME if kind else None,
+            pidfile=_probe_pidfile(text, kind.NAME) if kind else None,
             direct_status=_probe_value(text, "wrapper") in SYSTEM_SERVICE_WRAPPERS,
             triggers={s: t for s, t in _probe_triggers(text).items() if s in running},
         )
@@ -313,7 +317,7 @@ class Services:
         assert self.state is not None
         self.state.stopped.append(name)  # before issuing: a half-done stop is undone too
         window.stop_issued(name)
-        script = _LIB + (_STOP_DB if database else _STOP)
+        script = _LIB + (_STOP_DB if database else _STOP)  # script_env() adds the db functions
         timeout = self.guest.stop_timeout
         try:
             result = self._script(script, name, "stop", timeout)
@@ -373,15 +377,21 @@ class Services:
         return result
 
     def script_env(self) -> str:
-        """Shell lines that set what :data:`_LIB` reads (init system, PID file, ...)."""
+        """Shell lines that set what :data:`_LIB` reads (init system, PID file, ...) and define
+        the database kind's functions."""
         pidfile = self.state.pidfile if self.state else None
         direct = int(bool(self.state and self.state.direct_status))
         database = self.state.database if self.state else None
         return (
             f"INIT={shlex.quote(self._init)}\nDIRECT={direct}\n"
             f"PIDFILE={shlex.quote(pidfile or '')}\nDATABASE={shlex.quote(database or '')}\n"
-            f"TRIGGERS={shlex.quote(self.triggers_text())}\n"
+            f"TRIGGERS={shlex.quote(self.triggers_text())}\n" + self.db_shell()
         )
+
+    def db_shell(self) -> str:
+        """The database kind's shell functions (db_pid, db_alive) for the guest scripts."""
+        kind = self.state.kind if self.state else None
+        return databases.get(kind).SHELL if kind else ""
 
     def triggers_text(self) -> str:
         """The ``TRIGGERS`` the guest scripts read: one ``NAME UNIT...`` line per service."""
@@ -467,9 +477,10 @@ def _probe_triggers(text: str) -> dict[str, list[str]]:
     return triggers
 
 
-def _probe_pidfile(text: str) -> str | None:
+def _probe_pidfile(text: str, kind: str) -> str | None:
     value = _probe_value(text, "pidfile")
-    return value if value and value.startswith("/") else None
+    _, _, path = (value or "").partition(f"{kind} ")
+    return path if value and value.startswith(f"{kind} /") else None
 
 
 class _LineClock:

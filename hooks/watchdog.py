@@ -146,11 +146,13 @@ def arm(
     sudo: bool,
     timeout: float,
     triggers: str = "",
+    db_shell: str = "",
 ) -> Watchdog:
-    """Start the watchdog for ``services`` (in start order, database first)."""
+    """Start the watchdog for ``services`` (in start order, database first); ``db_shell``: the
+    database kind's functions (:meth:`Services.db_shell`)."""
     marker = f"{MARKER_PREFIX}{run_id}"
     armed_at = time.time()
-    script = f"BODY={shlex.quote(_BODY)}\n{_ARM}"
+    script = f"BODY={shlex.quote(db_shell + _BODY)}\n{_ARM}"
     argv = [
         "sh",
         "-c",

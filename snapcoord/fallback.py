@@ -1,5 +1,5 @@
-"""The logical fallback inside a snapshot run: mysqldump (and file archives) streamed off the
-guest into ``<store>/<vm>/<snapshot>/``.
+"""The logical fallback inside a snapshot run: the database's dump (its kind's, e.g. mysqldump or
+pg_dumpall) and file archives streamed off the guest into ``<store>/<vm>/<snapshot>/``.
 
 Preflight checks the client tools, credentials, databases and free space, and opens the run
 folder; inside the window (services stopped, database still up) the dump and the archive are
@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from snapcoord import store
-from snapcoord.hooks import archive, mysqldump
+from snapcoord.errors import PreflightError
+from snapcoord.hooks import archive, databases
+from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan
 from snapcoord.run import Step
 
 if TYPE_CHECKING:
@@ -24,7 +26,9 @@ class Fallback:
         guest = ctx.guest
         self.want_dump = guest.dump
         self.paths: list[str] = list(ctx.vm_cfg.archive.paths)
-        self.plan: mysqldump.DumpPlan | None = None
+        self.plan: DumpPlan | None = None
+        #: the database kind, when [guest] database names one; else known after the probe
+        self.kind = databases.configured(guest.database)
         self.run_dir: store.RunDir | None = None
 
     @property
@@ -35,7 +39,7 @@ class Fallback:
         if not self.enabled:
             return []
         what = " and ".join(
-            w for w, on in (("mysqldump", self.want_dump), ("archive", self.paths)) if on
+            w for w, on in ((self._program, self.want_dump), ("archive", self.paths)) if on
         )
         return [
             Step(
@@ -51,12 +55,12 @@ class Fallback:
         steps = []
         if self.want_dump:
             options = self.ctx.vm_cfg.dump
+            args = " ".join(self.kind.check_options(options, vm="-")) if self.kind else "..."
             steps.append(
                 Step(
-                    "mysqldump to store",
+                    f"{self._program} to store",
                     self._dump,
-                    describe=f"mysqldump {' '.join(mysqldump.check_options(options, vm='-'))} "
-                    f"| {options.compression} > store",
+                    describe=f"{self._program} {args} | {options.compression} > store",
                 )
             )
         if self.paths:
@@ -65,13 +69,25 @@ class Fallback:
             )
         return steps
 
+    @property
+    def _program(self) -> str:
+        return self.kind.FORMAT.program if self.kind else "dump"
+
     # -- actions ---------------------------------------------------------------------------
     def _preflight(self) -> None:
         ctx = self.ctx
-        assert ctx.transport is not None
+        assert ctx.transport is not None and ctx.services is not None
         root = ctx.config.store
         if self.want_dump:
-            self.plan = mysqldump.preflight(
+            state = ctx.services.state
+            if state is None or state.kind is None:
+                raise PreflightError(
+                    "dump = true, but the guest has no database service",
+                    vm=ctx.key,
+                    hint="set [vms.X.guest] database, or dump = false",
+                )
+            self.kind = databases.get(state.kind)
+            self.plan = self.kind.preflight(
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
@@ -91,19 +107,18 @@ class Fallback:
 
     def _dump(self) -> None:
         ctx = self.ctx
-        assert ctx.transport is not None and self.run_dir is not None
+        assert ctx.transport is not None and self.run_dir is not None and self.kind is not None
         try:
-            result = mysqldump.dump(
+            result = self.kind.dump(
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
                 options=ctx.vm_cfg.dump,
                 run_dir=self.run_dir,
-                snapshot=ctx.snapshot_name,
                 plan=self.plan,
                 compress_on=ctx.vm_cfg.dump.compress_on,
             )
-        except mysqldump.DumpFailed as exc:
+        except DumpFailed as exc:
             if ctx.vm_cfg.dump.on_dump_failure == "continue":
                 ctx.soft_failures.append(exc)
                 ctx.notes.append("the dump failed; snapshot taken anyway (on_dump_failure)")

@@ -18,7 +18,8 @@ from typing import Any
 from snapcoord import store
 from snapcoord.config import Config
 from snapcoord.errors import PreflightError, UsageError
-from snapcoord.hooks import mysqldump
+from snapcoord.hooks import databases
+from snapcoord.hooks.databases.dumpfile import RestoreSource
 from snapcoord.plans import Bracket, RunContext, guest_connect_steps
 from snapcoord.run import Engine, Reporter, RunResult, Step
 
@@ -44,23 +45,23 @@ def resolve_source(config: Config, vm_key: str, source: DumpSource) -> Path:
         raise PreflightError(
             f"no dump of {vm_key} in {config.store}",
             vm=vm_key,
-            hint="enable [vms.X.guest] mysqldump = true and take a snapshot, or pass --file",
+            hint="enable [vms.X.guest] dump = true and take a snapshot, or pass --file",
         )
     return dumps[-1].path
 
 
 def restore_dump_steps(
-    ctx: RunContext, *, source: DumpSource, prepared: mysqldump.RestoreSource | None = None
+    ctx: RunContext, *, source: DumpSource, prepared: RestoreSource | None = None
 ) -> list[Step]:
     """The steps of a restore-dump run (for the CLI's ``_run``). The dump is verified here,
     while the plan is built, so ``--dry-run`` can name the databases that would be dropped."""
     if ctx.transport is None or ctx.services is None:
         raise UsageError(f"{ctx.key} has no [vms.{ctx.key}.guest] table: nothing to restore into")
     path = resolve_source(ctx.config, ctx.key, source)
-    dump = prepared or mysqldump.prepare_restore(path, vm=ctx.key)
+    kind = databases.for_dump(path)
+    dump = prepared or kind.prepare_restore(path, vm=ctx.key)
     transport, services, guest = ctx.transport, ctx.services, ctx.guest
     options = ctx.vm_cfg.dump
-    timeout = guest.command_timeout
     ctx.notes.append(
         f"dump {dump.file} verified"
         + (" against its manifest" if dump.manifest else " (no manifest: stream check only)")
@@ -75,11 +76,17 @@ def restore_dump_steps(
                 vm=ctx.key,
                 hint=f"start it: service {state.database} start",
             )
-        client = mysqldump.Client.from_config(options, guest, vm=ctx.key)
-        client.query(transport, "SELECT 1;", timeout=timeout)
+        if state is not None and state.kind != kind.NAME:
+            raise PreflightError(
+                f"{dump.file.name} is a {kind.FORMAT.program} dump, but the guest's database "
+                f"is {state.database or 'none'}",
+                vm=ctx.key,
+                hint="restore it into a guest with that kind of database",
+            )
+        kind.check_ready(transport, vm=ctx.key, guest=guest, options=options)
 
     def load() -> None:
-        result = mysqldump.restore(transport, vm=ctx.key, guest=guest, options=options, source=dump)
+        result = kind.restore(transport, vm=ctx.key, guest=guest, options=options, source=dump)
         ctx.notes.append(
             f"restored {', '.join(result.dropped) or 'the dump'} from {dump.file.name} in "
             f"{result.seconds:.1f} s; {result.rows_checked} rows match the manifest"
@@ -113,7 +120,7 @@ def restore_dump(
     ``values["would_drop"]`` without touching the guest."""
     ctx = RunContext.create(config, vm_key, run_id)
     path = resolve_source(config, vm_key, source)
-    prepared = mysqldump.prepare_restore(path, vm=vm_key)
+    prepared = databases.for_dump(path).prepare_restore(path, vm=vm_key)
     if dry_run:
         result = RunResult(window=ctx.window)
         result.values.update(dry_run_values(prepared))
@@ -125,7 +132,7 @@ def restore_dump(
     return result
 
 
-def dry_run_values(prepared: mysqldump.RestoreSource) -> dict[str, Any]:
+def dry_run_values(prepared: RestoreSource) -> dict[str, Any]:
     return {
         "dump": str(prepared.file),
         "would_drop": prepared.to_drop,

@@ -306,9 +306,7 @@ def test_exec_transport_runs_through_the_prefix() -> None:
 
 
 def test_exec_transport_with_a_missing_prefix_command_fails_in_preflight() -> None:
-    transport = open_transport(
-        {"transport": "exec", "exec_prefix": ["pct-does-not-exist", "exec", "101", "--"]},
-        vm="ct",
-    )
+    table = {"transport": "exec", "exec_prefix": ["pct-does-not-exist", "exec", "101", "--"]}
+    transport = open_transport(parse_table(GuestConfig, table), vm="ct")
     with pytest.raises(GuestError, match="pct-does-not-exist"):
         transport.open()

@@ -14,7 +14,7 @@ from snapcoord import store
 from snapcoord.config import parse_config
 from snapcoord.errors import ExitCode
 from snapcoord.guest import open_transport
-from snapcoord.hooks import mysqldump
+from snapcoord.hooks.databases import dumpfile, mysql
 from snapcoord.restore_plan import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import IdoitDB
@@ -71,8 +71,8 @@ def test_a_dump_that_exits_0_without_the_completion_line_is_refused(
     transport.open()
     try:
         run = store.RunDir.begin(root, "lab", "snap-cut")
-        with pytest.raises(mysqldump.DumpFailed, match="Dump completed"):
-            mysqldump.dump(transport, vm="lab", guest=vm.guest, options=vm.mysqldump, run_dir=run)
+        with pytest.raises(dumpfile.DumpFailed, match="Dump completed"):
+            mysql.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     finally:
         transport.close()
         lab.mysql_exec(f"DROP DATABASE IF EXISTS {DATABASE}")

@@ -17,7 +17,7 @@ from snapcoord import store
 from snapcoord.config import Config, VMConfig, parse_config
 from snapcoord.errors import ExitCode, PreflightError
 from snapcoord.guest import Transport, open_transport
-from snapcoord.hooks import mysqldump
+from snapcoord.hooks.databases import dumpfile, mysql
 from snapcoord.secrets import Secret
 from snapcoord.shell import Completed
 from tests import lab
@@ -93,19 +93,18 @@ def transport_for(ssh_guest: lab.SshGuest) -> Iterator[Any]:
 
 def take_dump(
     transport: Transport, vm: VMConfig, store_root: Path, snapshot: str = "snap-1", **kw: Any
-) -> tuple[mysqldump.DumpResult, Path]:
+) -> tuple[dumpfile.DumpResult, Path]:
     assert vm.guest is not None
-    plan = mysqldump.preflight(
+    plan = mysql.preflight(
         transport, vm=vm.key, guest=vm.guest, options=vm.dump, store_root=store_root
     )
     run = store.RunDir.begin(store_root, vm.key, snapshot)
-    result = mysqldump.dump(
+    result = mysql.dump(
         transport,
         vm=vm.key,
         guest=vm.guest,
         options=vm.dump,
         run_dir=run,
-        snapshot=snapshot,
         plan=plan,
         **kw,
     )
@@ -157,12 +156,12 @@ def test_default_dump_holds_all_databases(
 ) -> None:
     vm = vm_config(ssh_guest, tmp_path)
     transport = transport_for(vm)
-    plan = mysqldump.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
+    plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
     assert plan.all_databases and "--all-databases" in plan.argv
     assert {"mysql", *IDOIT} <= set(plan.databases)
     assert not {"information_schema", "performance_schema", "sys"} & set(plan.databases)
     result, folder = take_dump(transport, vm, tmp_path)
-    source = mysqldump.prepare_restore(folder, vm="lab")
+    source = mysql.prepare_restore(folder, vm="lab")
     assert {"mysql", *IDOIT} <= set(source.databases)
     assert "mysql" not in source.to_drop  # system schemas are never dropped
     assert set(IDOIT) <= set(source.to_drop)
@@ -192,10 +191,10 @@ def test_other_codecs_and_compression_places(
     result, folder = take_dump(transport_for(vm), vm, tmp_path, compress_on=where)
     manifest = store.verify(folder)
     assert manifest["mysqldump"]["compressed_on"] == where
-    assert result.path.name == mysqldump.DUMP_NAMES[compression]
+    assert result.path.name == mysql.DUMP_NAMES[compression]
     stored = folder / result.path.name
     assert subprocess.run([*tester, str(stored)], check=False).returncode == 0
-    source = mysqldump.prepare_restore(folder, vm="lab")
+    source = mysql.prepare_restore(folder, vm="lab")
     assert source.to_drop == IDOIT
     if compression == "none":
         assert scratch_mariadb.load(stored).returncode == 0
@@ -249,7 +248,7 @@ def test_wrong_password_fails_in_preflight(
     vm = vm_config(ssh_guest, tmp_path, user="nosuchuser")
     vm = replace(vm, dump=replace(vm.dump, password=Secret("env:TEST", "wrong-password-123")))
     with pytest.raises(PreflightError, match="Access denied") as info:
-        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
+        mysql.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
     assert "wrong-password-123" not in str(info.value)
     assert info.value.exit_code == ExitCode.PREFLIGHT
 
@@ -274,7 +273,7 @@ def test_preflight_rejects_bad_settings(
     lab.ensure_running(["mariadb"])
     vm = vm_config(ssh_guest, tmp_path, **dump)
     with pytest.raises(PreflightError, match=message):
-        mysqldump.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
+        mysql.preflight(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump)
 
 
 def test_preflight_catches_a_full_store(
@@ -282,7 +281,7 @@ def test_preflight_catches_a_full_store(
 ) -> None:
     vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
     with pytest.raises(store.StoreError, match="free, the dump needs"):
-        mysqldump.preflight(
+        mysql.preflight(
             transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, store_root=tiny_store
         )
 
@@ -339,8 +338,8 @@ def test_store_filling_up_mid_stream_is_a_failed_dump(
 ) -> None:
     vm = vm_config(ssh_guest, tiny_store, databases=IDOIT, compression="none")
     run = store.RunDir.begin(tiny_store, "lab", "snap-full")
-    with pytest.raises(mysqldump.DumpFailed, match="No space left") as info:
-        mysqldump.dump(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
+    with pytest.raises(dumpfile.DumpFailed, match="No space left") as info:
+        mysql.dump(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     assert info.value.exit_code == ExitCode.PREFLIGHT
     assert info.value.failed_dir == tiny_store / "lab" / "snap-full.failed"
     assert store.list_dumps(tiny_store, "lab") == []
@@ -371,8 +370,8 @@ def test_mysqldump_killed_mid_stream_records_no_valid_dump(
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 137"):
-        mysqldump.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
+    with pytest.raises(dumpfile.DumpFailed, match="mysqldump exited 137"):
+        mysql.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     thread.join()
     assert killed
     failed = tmp_path / "lab" / "snap-killed.failed"
@@ -397,10 +396,8 @@ def test_a_table_that_errors_fails_the_dump(
     try:
         vm = vm_config(ssh_guest, tmp_path, databases=["snapcoord_broken"])
         run = store.RunDir.begin(tmp_path, "lab", "snap-broken")
-        with pytest.raises(mysqldump.DumpFailed, match="mysqldump exited 2") as info:
-            mysqldump.dump(
-                transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run
-            )
+        with pytest.raises(dumpfile.DumpFailed, match="mysqldump exited 2") as info:
+            mysql.dump(transport_for(vm), vm="lab", guest=vm.guest, options=vm.dump, run_dir=run)
     finally:
         lab.mysql_exec("DROP DATABASE IF EXISTS snapcoord_broken")
     assert "references invalid table" in str(info.value) or "1356" in str(info.value)
@@ -447,6 +444,6 @@ def test_archive_of_a_missing_path_fails_cleanly(
     with pytest.raises(PreflightError, match="does not exist"):
         archive.preflight(transport, vm="lab", paths=[missing])
     run = store.RunDir.begin(tmp_path, "lab", "snap-nofiles")
-    with pytest.raises(mysqldump.DumpFailed, match="does not exist"):
+    with pytest.raises(dumpfile.DumpFailed, match="does not exist"):
         archive.dump(transport, vm="lab", paths=[missing], run_dir=run)
     assert store.list_dumps(tmp_path, "lab") == []

@@ -13,7 +13,7 @@ import pytest
 from snapcoord import store
 from snapcoord.errors import ExitCode
 from snapcoord.guest import open_transport
-from snapcoord.hooks import mysqldump
+from snapcoord.hooks.databases import mysql
 from snapcoord.restore_plan import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
@@ -86,7 +86,7 @@ def test_loading_without_dropping_first_fails_with_errno_150_and_loses_a_table(
     transport = open_transport(vm.guest, vm="lab")
     transport.open()
     try:
-        restored = mysqldump.restore(
+        restored = mysql.restore(
             transport, vm="lab", guest=vm.guest, options=vm.dump, source=folder
         )
     finally:

@@ -1,0 +1,689 @@
+"""What every database kind's logical dump shares: the guest pipeline script, streams to and
+from the guest, receiving a dump into the store (compression, completion line, gzip integrity,
+sha256 manifest, ``.failed`` on any problem), reading a stored dump back, and the comparison of
+row counts after a restore.
+
+Nothing is written to the guest's disk except, when credentials are configured, a 0600 option
+file that lives only as long as the client (created with umask 077 by the guest shell from bytes
+sent on stdin, removed by an EXIT trap). Secrets never appear in argv, the environment or a log.
+
+Where compression runs was chosen by measurement (bench/dump.py, docs/dump.md): gzip -9 runs on
+the coordinator (zlib level 9 in the thread that receives the stream), which was faster than
+``dump | gzip -9`` in the guest and takes the compression CPU off the database server during
+the service window. zstd runs in the guest (``zstd`` CLI; no Python zstd module is required).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from snapcoord import store
+from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
+from snapcoord.guest import Transport
+from snapcoord.shell import Completed
+from snapcoord.store import CorruptDump, RunDir
+
+# Where each codec compresses ("guest" | "coordinator"); chosen by bench/dump.py, see docs/dump.md.
+COMPRESS_ON = {"gzip": "coordinator", "zstd": "guest", "none": "guest"}
+SUFFIXES = {"gzip": ".sql.gz", "zstd": ".sql.zst", "none": ".sql"}
+CHUNK = 1 << 20
+TAIL = 512
+
+
+class DumpFailed(GuestError):
+    """The dump could not be taken; the run folder (if any) was kept as ``.failed``."""
+
+    def __init__(self, message: str, *, vm: str | None = None, hint: str | None = None,
+                 failed_dir: Path | None = None) -> None:  # fmt: skip
+        super().__init__(message, vm=vm, hint=hint)
+        self.failed_dir = failed_dir
+
+
+class RestoreFailed(SnapshotFailed):
+    """Loading the dump failed, or the restored row counts differ from the manifest."""
+
+
+# --------------------------------------------------------------------------------------------
+# The guest side: one POSIX sh script for every MySQL client call.
+#
+#   sh -c GUEST sh NBYTES MODE PROGRAM ARGS...
+#
+# The first NBYTES of stdin are the option file (user/password), read with dd so nothing more
+# is consumed; the rest of stdin belongs to the program. MODE: plain | gzip | zstd | none
+# (compress stdout) | gunzip | unzstd (decompress stdin). Exit statuses of both ends of a
+# pipeline are kept; the script reports them on stderr and exits with the first non-zero one.
+GUEST_SCRIPT = r"""
+umask 077
+n=$1; mode=$2; prog=$3; shift 3
+cnf=
+trap 'rm -f "$cnf"' EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+if [ "$n" -gt 0 ]; then
+  cnf=$(mktemp "${TMPDIR:-/tmp}/snapcoord-my.XXXXXXXX") || exit 96
+  dd bs=1 count="$n" of="$cnf" 2>/dev/null || exit 96
+  set -- "--defaults-extra-file=$cnf" "$@"
+fi
+need() {
+  command -v "$1" >/dev/null 2>&1 || { echo "snapcoord: $1 not found in the guest" >&2; exit 127; }
+}
+need "$prog"
+case $mode in
+  gzip) filter="gzip -9 -c";; zstd) filter="zstd -q -c";;
+  gunzip) filter="gzip -d -c";; unzstd) filter="zstd -q -d -c";;
+  *) filter=;;
+esac
+[ -z "$filter" ] || need "${filter%% *}"
+rc=0; frc=0
+exec 3>&1
+case $mode in
+  gzip|zstd)
+    rc=$( { { "$prog" "$@" 3>&- 4>&-; echo $? >&4; } | $filter >&3 3>&- 4>&-; } 4>&1 ); frc=$? ;;
+  gunzip|unzstd)
+    rc=$( { $filter 3>&- 4>&- | { "$prog" "$@" >&3 3>&- 4>&-; echo $? >&4; }; } 4>&1 ); frc=$? ;;
+  *) "$prog" "$@"; rc=$? ;;
+esac
+[ -n "$rc" ] || rc=255
+echo "snapcoord-status $prog=$rc filter=$frc" >&2
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$frc"
+"""
+_STATUS_RE = re.compile(rb"snapcoord-status (\S+)=(\d+) filter=(\d+)")
+
+
+def client_error(result: Completed) -> str:
+    """The guest client's last error line (status lines left out), for one-line messages."""
+    if result.timed_out:
+        return "timed out"
+    lines = [
+        ln.strip()
+        for ln in result.stderr.decode(errors="replace").splitlines()
+        if ln.strip() and not ln.startswith("snapcoord-status")
+    ]
+    return lines[-1][:300] if lines else f"exit status {result.returncode}"
+
+
+# --------------------------------------------------------------------------------------------
+# Streams from and to the guest.
+
+
+def stream_from_guest(
+    transport: Transport,
+    argv: Sequence[str],
+    *,
+    sudo: bool,
+    timeout: float,
+    stdin: bytes | None,
+    consume: Callable[[bytes], None],
+) -> Completed:
+    """Run a guest command whose stdout is fed, chunk by chunk, to ``consume`` in a thread.
+    If ``consume`` raises (store full), the pipe is closed so the guest side dies of SIGPIPE
+    instead of streaming on; that exception is re-raised in preference to the command's."""
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def pump() -> None:
+        try:
+            while chunk := os.read(read_fd, CHUNK):
+                consume(chunk)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            os.close(read_fd)
+
+    thread = threading.Thread(target=pump, name="snapcoord-stream", daemon=True)
+    thread.start()
+    writer = os.fdopen(write_fd, "wb", buffering=0)
+    try:
+        result = transport.run(argv, sudo=sudo, timeout=timeout, stdin=stdin, stdout=writer)
+    except GuestError:
+        writer.close()
+        thread.join(timeout=60)
+        if failure:
+            raise failure[0] from None
+        raise
+    writer.close()
+    thread.join(timeout=60)
+    if thread.is_alive():
+        raise GuestError("the guest stream did not end after the command exited")
+    if failure:
+        raise failure[0]
+    return result
+
+
+def stream_to_guest(
+    transport: Transport,
+    argv: Sequence[str],
+    *,
+    sudo: bool,
+    timeout: float,
+    prefix: bytes,
+    source: BinaryIO,
+) -> Completed:
+    """Run a guest command with ``prefix`` then the whole of ``source`` on its stdin.
+
+    ``Transport.run`` takes stdin as bytes; a dump can be large, so this builds the same
+    command line (``Transport.command_line``) and streams the file from a thread."""
+    line = transport.command_line(argv, sudo=sudo)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        line,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdin is not None
+
+    def feed(pipe: IO[bytes]) -> None:
+        try:
+            pipe.write(prefix)
+            while chunk := source.read(CHUNK):
+                pipe.write(chunk)
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    feeder = threading.Thread(target=feed, args=(process.stdin,), daemon=True)
+    feeder.start()
+    timed_out = False
+    try:
+        out, err = _communicate_without_stdin(process, timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill(process)
+        out, err = _communicate_without_stdin(process, None)
+    except BaseException:
+        _kill(process)
+        process.wait()
+        raise
+    feeder.join(timeout=10)
+    return Completed(tuple(line), process.returncode, out, err, time.monotonic() - started,
+                     timed_out)  # fmt: skip
+
+
+def _communicate_without_stdin(
+    process: subprocess.Popen[bytes], timeout: float | None
+) -> tuple[bytes, bytes]:
+    """Collect stdout/stderr while another thread owns stdin."""
+    assert process.stdout is not None and process.stderr is not None
+    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+
+    def drain(name: str, pipe: IO[bytes]) -> None:
+        while data := pipe.read(65536):
+            chunks[name].append(data)
+
+    readers = [
+        threading.Thread(target=drain, args=("out", process.stdout), daemon=True),
+        threading.Thread(target=drain, args=("err", process.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    process.wait(timeout=timeout)
+    for reader in readers:
+        reader.join(timeout=30)
+    return b"".join(chunks["out"]), b"".join(chunks["err"])
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 9)
+
+
+# --------------------------------------------------------------------------------------------
+# Receiving a dump into the store
+
+
+@dataclass(frozen=True)
+class DumpPlan:
+    vm: str
+    server_version: str
+    databases: tuple[str, ...]  # what will be dumped (user databases and mysql)
+    all_databases: bool
+    data_bytes: int  # information_schema data + index length of those databases
+    needed_bytes: int  # conservative store space for the compressed dump
+    compression: str
+    file_name: str
+    argv: tuple[str, ...]  # the mysqldump arguments (no secrets in them)
+
+
+class Inspector:
+    """Consumes the received stream: writes it to the store and inspects the SQL inside
+    (size, last bytes for the completion marker, gzip integrity)."""
+
+    def __init__(
+        self, sink: store.FileSink, codec: str, compress_here: bool, marker: re.Pattern[bytes]
+    ) -> None:
+        self.marker = marker
+        self.sink = sink
+        self.codec = codec
+        self.tail = b""
+        self.sql_bytes = 0
+        self.stream_error: str | None = None
+        self._inflate = zlib.decompressobj(31) if codec == "gzip" and not compress_here else None
+        self._deflate = zlib.compressobj(9, zlib.DEFLATED, 31) if compress_here else None
+        self._member_fed = False
+
+    def _sql(self, data: bytes) -> None:
+        if data:
+            self.sql_bytes += len(data)
+            self.tail = (self.tail + data[-TAIL:])[-TAIL:]
+
+    def __call__(self, chunk: bytes) -> None:
+        if self._deflate is not None:
+            self._sql(chunk)
+            self.sink.write(self._deflate.compress(chunk))
+            return
+        self.sink.write(chunk)
+        if self._inflate is not None and self.stream_error is None:
+            self._feed_inflate(chunk)
+        elif self.codec == "none":
+            self._sql(chunk)
+
+    def _feed_inflate(self, chunk: bytes) -> None:
+        assert self._inflate is not None
+        data = chunk
+        try:
+            while data:
+                self._member_fed = True
+                self._sql(self._inflate.decompress(data))
+                if not self._inflate.eof:
+                    return
+                data = self._inflate.unused_data  # a further gzip member may follow
+                self._inflate, self._member_fed = zlib.decompressobj(31), False
+        except zlib.error as exc:
+            self.stream_error = f"the gzip stream is corrupt: {exc}"
+
+    def finish(self) -> None:
+        if self._deflate is not None:
+            self.sink.write(self._deflate.flush())
+        elif self._inflate is not None and self.stream_error is None:
+            if not self.sql_bytes:
+                self.stream_error = "the dump is empty"
+            elif self._member_fed:
+                self.stream_error = "the gzip stream is truncated"
+
+
+def zstd_inspect(path: Path) -> tuple[int, bytes, str | None]:
+    """(sql bytes, tail, error) of a .zst file, decompressed locally."""
+    tail = b""
+    total = 0
+    with subprocess.Popen(["zstd", "-q", "-d", "-c", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        while chunk := proc.stdout.read(CHUNK):
+            total += len(chunk)
+            tail = (tail + chunk[-TAIL:])[-TAIL:]
+        err = proc.stderr.read().decode(errors="replace").strip()
+    if proc.returncode != 0:
+        return total, tail, f"zstd -d failed: {err or proc.returncode}"
+    return total, tail, None
+
+
+@dataclass
+class DumpResult:
+    run_dir: RunDir
+    file: str  # name of the dump inside the run folder
+    sha256: str
+    size: int
+    sql_bytes: int
+    rows: int
+    tables: int
+    seconds: float
+    databases: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The stored dump (follows the run folder when it is committed or failed)."""
+        return self.run_dir.path / self.file
+
+    @property
+    def sql_mb_per_s(self) -> float:
+        return self.sql_bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class DumpFormat:
+    """How a kind's dump looks in the store and how its end is recognised."""
+
+    program: str  # the dump program, for messages: mysqldump, pg_dumpall
+    section: str  # the manifest section: mysqldump, pg_dumpall
+    stem: str  # file name without suffix: mysql -> mysql.sql.gz
+    marker: re.Pattern[bytes]  # matches the SQL's last bytes when the dump completed
+    marker_text: str  # the completion line, for messages
+
+    def file_name(self, compression: str) -> str:
+        return self.stem + SUFFIXES[compression]
+
+    @property
+    def no_marker(self) -> str:
+        return f"the SQL does not end with {self.program}'s {self.marker_text} (truncated dump)"
+
+
+def compress_where(compression: str, compress_on: str | None) -> bool:
+    """Does gzip run here, on the coordinator (else in the guest, or not at all)?"""
+    where = compress_on or COMPRESS_ON[compression]
+    return where == "coordinator" and compression == "gzip"
+
+
+def receive(
+    transport: Transport,
+    *,
+    vm: str,
+    fmt: DumpFormat,
+    argv: Sequence[str],
+    stdin: bytes,
+    sudo: bool,
+    timeout: float,
+    run_dir: RunDir,
+    compression: str,
+    compress_here: bool,
+    counts: Callable[[], dict[str, Any]],
+    section: dict[str, Any],
+) -> DumpResult:
+    """Run the guest pipeline ``argv`` (GUEST_SCRIPT) and store what it streams as the dump.
+
+    ``counts`` runs concurrently (services are stopped, nothing writes) and returns
+    ``{"version", "databases", "rows"}``; ``section`` holds the kind's own manifest fields
+    (``options``, defaults for ``server_version`` and ``databases``). Raises
+    :class:`DumpFailed` after the run folder was renamed ``.failed``."""
+    name = fmt.file_name(compression)
+    started_iso = store.now_iso()
+    started = time.monotonic()
+    counted: dict[str, Any] = {}
+
+    def count() -> None:
+        try:
+            counted.update(counts())
+        except BaseException as exc:
+            counted["error"] = exc
+
+    counter = threading.Thread(target=count, name="snapcoord-rowcount", daemon=True)
+    counter.start()
+    sink = run_dir.sink(name)
+    inspector = Inspector(sink, compression, compress_here, fmt.marker)
+    problem: str | None = None
+    result: Completed | None = None
+    try:
+        result = stream_from_guest(
+            transport, argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=inspector
+        )
+        inspector.finish()
+    except OSError as exc:
+        problem = f"writing {sink.final} failed: {exc.strerror or exc}"
+        sink.discard()  # a full store: free the space the partial file took
+    except GuestError as exc:
+        problem = exc.message
+    counter.join()
+    seconds = time.monotonic() - started
+
+    if problem is None and result is not None:
+        problem = _dump_problem(result, inspector, fmt)
+    entry: dict[str, Any] = {}
+    if problem is None:
+        try:
+            entry = sink.finish({"kind": fmt.section, "compression": compression,
+                                 "sql_bytes": inspector.sql_bytes})  # fmt: skip
+        except OSError as exc:
+            problem = f"storing the dump failed: {exc}"
+    if problem is None and compression == "zstd":
+        sql_bytes, tail, error = zstd_inspect(sink.final)
+        inspector.sql_bytes, inspector.tail = sql_bytes, tail
+        entry["sql_bytes"] = sql_bytes
+        problem = error or (None if fmt.marker.search(tail) else fmt.no_marker)
+    if problem is None and "error" in counted:
+        error = counted["error"]
+        problem = f"counting rows failed: {getattr(error, 'message', error)}"
+
+    record = {
+        "started": started_iso,
+        "finished": store.now_iso(),
+        "seconds": round(seconds, 3),
+        "file": name,
+        "compression": compression,
+        "compressed_on": "coordinator" if compress_here else "guest",
+        **section,
+        "server_version": counted.get("version", section.get("server_version")),
+        "databases": counted.get("databases", section.get("databases", [])),
+        "tables": counted.get("rows", {}),
+        "sql_bytes": inspector.sql_bytes,
+        f"{fmt.program}_exit": _exit_of(result),
+        "valid": problem is None,
+    }
+    run_dir.sections[fmt.section] = record
+    if problem is not None:
+        if not sink.closed:
+            sink.keep_as(f"{name}.incomplete")  # for inspection, never as the dump
+        failed = run_dir.fail(f"{fmt.program}: {problem}")
+        raise DumpFailed(
+            f"{fmt.program} failed: {problem}",
+            vm=vm,
+            hint=f"nothing valid was stored; what arrived is kept in {failed}",
+            failed_dir=failed,
+        )
+    return DumpResult(
+        run_dir=run_dir,
+        file=name,
+        sha256=str(entry["sha256"]),
+        size=int(entry["size"]),
+        sql_bytes=inspector.sql_bytes,
+        rows=sum(record["tables"].values()),
+        tables=len(record["tables"]),
+        seconds=seconds,
+        databases=list(record["databases"]),
+    )
+
+
+def _exit_of(result: Completed | None) -> int | None:
+    if result is None:
+        return None
+    match = _STATUS_RE.search(result.stderr)
+    return int(match.group(2)) if match else result.returncode
+
+
+def _dump_problem(result: Completed, inspector: Inspector, fmt: DumpFormat) -> str | None:
+    if result.timed_out:
+        return "timed out (raise [vms.X.guest] dump_timeout)"
+    match = _STATUS_RE.search(result.stderr)
+    if match is None:
+        return f"the guest command ended without a status: {client_error(result)}"
+    dump_rc, filter_rc = int(match.group(2)), int(match.group(3))
+    if dump_rc != 0:
+        return f"{fmt.program} exited {dump_rc}: {client_error(result)}"
+    if filter_rc != 0:
+        return f"the compressor exited {filter_rc}: {client_error(result)}"
+    if inspector.stream_error:
+        return inspector.stream_error
+    if inspector.codec != "zstd" and not fmt.marker.search(inspector.tail):
+        return fmt.no_marker
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a stored dump back
+
+
+@dataclass
+class RestoreSource:
+    """A verified dump ready to load: the file, its codec, and what it holds."""
+
+    file: Path
+    compression: str
+    manifest: dict[str, Any] | None
+    databases: list[str]  # every database the dump creates (from the SQL itself)
+    to_drop: list[str]  # those a restore drops first (never the kind's system databases)
+    section: str  # the manifest section with the row counts
+
+    @property
+    def expected_rows(self) -> dict[str, int] | None:
+        if self.manifest is None:
+            return None
+        section = self.manifest.get(self.section, {})
+        tables = section.get("tables")
+        return {str(k): int(v) for k, v in tables.items()} if isinstance(tables, dict) else None
+
+
+def open_sql(path: Path, compression: str) -> Iterator[bytes]:
+    """The SQL of a dump file, chunk by chunk; raises CorruptDump on a broken stream."""
+    if compression == "gzip":
+        inflate = zlib.decompressobj(31)
+        fed = False  # has the current gzip member received any bytes?
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                try:
+                    while chunk:
+                        fed = True
+                        yield inflate.decompress(chunk)
+                        if not inflate.eof:
+                            break
+                        chunk = inflate.unused_data
+                        inflate, fed = zlib.decompressobj(31), False
+                except zlib.error as exc:
+                    raise CorruptDump(f"{path} is not a valid gzip file: {exc}") from None
+        if fed and not inflate.eof:
+            raise CorruptDump(f"{path} is truncated (incomplete gzip stream)")
+    elif compression == "zstd":
+        with subprocess.Popen(["zstd", "-q", "-d", "-c", str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as proc:  # fmt: skip
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                yield chunk
+        if proc.returncode != 0:
+            raise CorruptDump(f"{path} is not a valid zstd file")
+    else:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+
+def scan(
+    path: Path, compression: str, find: Callable[[bytes], str | None]
+) -> tuple[list[str], bytes]:
+    """The database names ``find`` recognises in the dump's lines, and its last bytes; one
+    pass over the SQL. ``find`` sees every whole line (without its newline)."""
+    databases: list[str] = []
+    carry = b""
+    tail = b""
+    total = 0
+    for chunk in open_sql(path, compression):
+        if not chunk:
+            continue
+        total += len(chunk)
+        tail = (tail + chunk[-TAIL:])[-TAIL:]
+        text = carry + chunk
+        lines = text.split(b"\n")
+        carry = lines.pop()[-65536:]  # an unfinished line waits for the next chunk
+        for line in lines:
+            name = find(line)
+            if name is not None and name not in databases:
+                databases.append(name)
+    if total == 0:
+        raise CorruptDump(f"{path} holds no SQL")
+    return databases, tail
+
+
+def codec_of(path: Path) -> str:
+    if path.name.endswith(".gz"):
+        return "gzip"
+    if path.name.endswith(".zst"):
+        return "zstd"
+    return "none"
+
+
+def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, Any] | None]:
+    """The dump file of a run folder (checked against its manifest's sha256) or a file (checked
+    against the manifest next to it, if it is listed there), with that manifest."""
+    source = Path(source)
+    manifest: dict[str, Any] | None = None
+    if source.is_dir():
+        manifest = store.verify(source, vm=vm)
+        section = manifest.get(fmt.section)
+        if not isinstance(section, dict) or section.get("file") not in manifest["files"]:
+            raise CorruptDump(f"{source} holds no {fmt.program} dump", vm=vm)
+        return source / str(section["file"]), manifest
+    if not source.is_file():
+        raise PreflightError(f"dump file {source} not found", vm=vm)
+    sibling = source.parent / store.MANIFEST
+    if sibling.is_file():
+        candidate = store.read_manifest(source.parent)
+        entry = candidate.get("files", {}).get(source.name)
+        if entry is not None:
+            store.verify_file(source, entry, vm=vm)
+            manifest = candidate
+    return source, manifest
+
+
+def read_verified(
+    source: Path, fmt: DumpFormat, find: Callable[[bytes], str | None], *, vm: str
+) -> tuple[Path, str, dict[str, Any] | None, list[str]]:
+    """(file, codec, manifest, databases) of a dump that passed every check: checksums, an
+    intact stream, the completion line. Raises CorruptDump before anything is changed."""
+    file, manifest = locate(source, fmt, vm=vm)
+    compression = codec_of(file)
+    try:
+        databases, tail = scan(file, compression, find)
+    except CorruptDump as exc:
+        raise CorruptDump(exc.message, vm=vm, hint="nothing was changed") from None
+    if not fmt.marker.search(tail):
+        raise CorruptDump(
+            f"{file} does not end with {fmt.program}'s {fmt.marker_text}: refusing a "
+            "truncated dump",
+            vm=vm,
+            hint="nothing was changed",
+        )
+    return file, compression, manifest, databases
+
+
+@dataclass
+class RestoreResult:
+    file: Path
+    dropped: list[str]
+    dry_run: bool
+    seconds: float = 0.0
+    rows_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": str(self.file),
+            "dropped": self.dropped,
+            "dry_run": self.dry_run,
+            "seconds": round(self.seconds, 3),
+            "rows_checked": self.rows_checked,
+            "mismatches": self.mismatches,
+            "warnings": self.warnings,
+        }
+
+
+def compare_rows(
+    result: RestoreResult, expected: dict[str, int] | None, actual: dict[str, int], *, vm: str
+) -> None:
+    """Record the restored row counts in ``result``; raise RestoreFailed on any difference."""
+    if expected is None:
+        result.warnings.append("no manifest next to the dump: row counts were not compared")
+        return
+    result.rows_checked = sum(actual.values())
+    for table in sorted(set(expected) | set(actual)):
+        want, got = expected.get(table), actual.get(table)
+        if want != got:
+            result.mismatches.append(f"{table}: expected {want}, found {got}")
+    if result.mismatches:
+        shown = "; ".join(result.mismatches[:5])
+        more = f" (+{len(result.mismatches) - 5} more)" if len(result.mismatches) > 5 else ""
+        raise RestoreFailed(f"restored row counts differ from the manifest: {shown}{more}", vm=vm)

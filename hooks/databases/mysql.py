@@ -1,0 +1,452 @@
+"""MySQL and MariaDB: the server in the guest, and its logical dump with ``mysqldump``.
+
+The guest scripts find the server by its PID file (``my_print_defaults``, else the Debian paths)
+and ask ``mysqladmin ping`` whether it answers. Every client call goes through the shared guest
+pipeline (hooks/databases/dumpfile.py); credentials, when configured, travel in a 0600 option
+file (``--defaults-extra-file``) sent on stdin, never in argv.
+
+A dump counts as valid only if mysqldump exited 0, the SQL ends with mysqldump's
+``-- Dump completed`` line, the gzip stream is intact (CRC checked while streaming), and the
+sha256 of the file re-read from disk equals the sha256 of the received stream.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapcoord import store
+from snapcoord.errors import GuestError, PreflightError
+from snapcoord.guest import Transport
+from snapcoord.hooks.databases.dumpfile import (
+    GUEST_SCRIPT,
+    DumpFormat,
+    DumpPlan,
+    DumpResult,
+    RestoreFailed,
+    RestoreResult,
+    RestoreSource,
+    client_error,
+    compare_rows,
+    compress_where,
+    read_verified,
+    receive,
+    stream_to_guest,
+)
+from snapcoord.secrets import Secret
+from snapcoord.settings import DumpConfig, GuestConfig
+from snapcoord.shell import Completed
+from snapcoord.store import RunDir
+
+NAME = "mysql"
+SERVICES: tuple[str, ...] = ("mariadb", "mysql")
+TOOL = "mysqladmin"
+SECTION = "mysqldump"
+FORMAT = DumpFormat(
+    program="mysqldump",
+    section=SECTION,
+    stem="mysql",
+    marker=re.compile(rb"\n-- Dump completed(?: on [^\n]*)?\n*$"),
+    marker_text="'-- Dump completed' line",
+)
+
+# The server's PID file: the configured one (my_print_defaults), else Debian's default paths.
+PROBE = r"""
+f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
+[ -n "$f" ] || f="/run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid"
+for p in $f; do case $p in /*) [ -r "$p" ] && { echo "pidfile $p"; break; };; esac; done
+"""
+SHELL = r"""
+db_pid() {  # sets $pid: from $PIDFILE (found in preflight) without forking, else look it up
+  pid=
+  if [ -n "${PIDFILE:-}" ] && [ -r "$PIDFILE" ]; then read -r pid < "$PIDFILE"; return; fi
+  f=$(my_print_defaults mysqld mariadbd 2>/dev/null | sed -n 's/^--pid-file=//p' | tail -n 1)
+  [ -n "$f" ] || f="/run/mysqld/mysqld.pid /var/run/mysqld/mysqld.pid"  # the configured one only
+  for p in $f; do [ -r "$p" ] && { read -r pid < "$p"; return; }; done
+}
+db_alive() { mysqladmin ping >/dev/null 2>&1; }
+"""
+
+SYSTEM_SCHEMAS = frozenset({"mysql", "sys", "information_schema", "performance_schema"})
+NOT_DUMPED = frozenset({"information_schema", "performance_schema", "sys"})
+DUMP_NAMES = {c: FORMAT.file_name(c) for c in ("gzip", "zstd", "none")}
+MARKER_RE = FORMAT.marker
+# Options that would send the dump somewhere else, drop the completion marker, or put a
+# password on the command line.
+_FORBIDDEN = ("--result-file", "--tab", "--compact", "--skip-comments", "--password", "--xml")
+_FORBIDDEN_SHORT = re.compile(r"^-(?:r|T|p|X|[A-Za-z]*p).*")
+# Options of mysqldump that also tell the mysql client where the server is.
+_CONNECTION = ("--host=", "--port=", "--socket=", "--protocol=", "--ssl", "--default-auth=",
+               "--plugin-dir=", "--defaults-group-suffix=", "--user=")  # fmt: skip
+_DB_NAME_RE = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}$")
+
+
+def owns(service: str) -> bool:
+    return service in SERVICES or service.startswith(("mysql", "mariadb"))
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+
+
+def _option_value(value: str) -> str:
+    """A value for a MySQL option file: double-quoted, with backslash escapes."""
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise PreflightError("the MySQL user or password contains a line break or NUL")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class Client:
+    """How to reach the guest's MySQL server: credentials and connection options."""
+
+    vm: str
+    sudo: bool
+    user: str | None = None
+    password: Secret | None = None
+    connection: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, options: DumpConfig, guest: GuestConfig, *, vm: str) -> Client:
+        dump_options = list(options.options)
+        return cls(
+            vm=vm,
+            sudo=guest.sudo,
+            user=options.user,
+            password=options.password,
+            connection=tuple(o for o in dump_options if o.startswith(_CONNECTION)),
+        )
+
+    def option_file(self) -> bytes:
+        """The [client] option file sent on stdin; empty when the guest's own config is used."""
+        if self.user is None and self.password is None:
+            return b""
+        lines = ["[client]"]
+        if self.user is not None:
+            lines.append(f"user={_option_value(self.user)}")
+        if self.password is not None:
+            lines.append(f"password={_option_value(self.password.reveal())}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def argv(self, mode: str, program: str, args: Sequence[str]) -> tuple[list[str], bytes]:
+        cnf = self.option_file()
+        return ["sh", "-c", GUEST_SCRIPT, "sh", str(len(cnf)), mode, program, *args], cnf
+
+    def query(self, transport: Transport, sql: str, *, timeout: float) -> list[list[str]]:
+        """Run SQL with the mysql client in the guest; rows of batch output (unescaped)."""
+        argv, cnf = self.argv(
+            "plain", "mysql", [*self.connection, "--batch", "--skip-column-names"]
+        )
+        result = transport.run(argv, sudo=self.sudo, timeout=timeout, stdin=cnf + sql.encode())
+        if not result.ok:
+            raise GuestError(
+                f"mysql in the guest failed: {client_error(result)}",
+                vm=self.vm,
+                hint=_credentials_hint(self),
+            )
+        text = result.stdout.decode("utf-8", errors="replace")
+        return [[_unescape(f) for f in line.split("\t")] for line in text.splitlines() if line]
+
+
+def _unescape(field_text: str) -> str:
+    if "\\" not in field_text:
+        return field_text
+    table = {"n": "\n", "t": "\t", "\\": "\\", "0": "\0"}
+    return re.sub(r"\\(.)", lambda m: table.get(m.group(1), m.group(1)), field_text)
+
+
+def _credentials_hint(client: Client) -> str:
+    if client.user is None and client.password is None:
+        return "snapcoord uses the guest's client config or socket auth (root via sudo = true); " \
+            "or set [vms.X.mysqldump] user/password"  # fmt: skip
+    return "check [vms.X.mysqldump] user and password"
+
+
+def quote_ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+# --------------------------------------------------------------------------------------------
+# Preflight
+
+
+def check_options(options: DumpConfig, *, vm: str) -> list[str]:
+    """Validate ``[vms.X.mysqldump]`` beyond the schema; returns the mysqldump arguments."""
+    args = list(options.options)
+    for option in args:
+        name = option.split("=", 1)[0]
+        if name in _FORBIDDEN or (not option.startswith("--") and _FORBIDDEN_SHORT.match(option)):
+            raise PreflightError(
+                f"mysqldump option {name!r} cannot be used by snapcoord",
+                vm=vm,
+                hint="the dump must stream to stdout with its '-- Dump completed' comment; "
+                "a password belongs in [vms.X.mysqldump] password",
+            )
+        if not option.startswith("-"):
+            raise PreflightError(f"mysqldump option {option!r} must start with '-'", vm=vm)
+    databases = list(options.databases)
+    for name in databases:
+        if not _DB_NAME_RE.match(name):
+            raise PreflightError(f"database name {name!r} is not supported", vm=vm)
+    if databases:
+        return [*args, "--databases", *databases]
+    return [*args, "--all-databases"]
+
+
+def preflight(
+    transport: Transport,
+    *,
+    vm: str,
+    guest: GuestConfig,
+    options: DumpConfig,
+    store_root: Path | None = None,
+) -> DumpPlan:
+    """Before anything stops: mysqldump present, server reachable with the configured
+    credentials, databases known, size estimated (and, with ``store_root``, the store checked
+    for that much free space)."""
+    args = check_options(options, vm=vm)
+    client = Client.from_config(options, guest, vm=vm)
+    compression = options.compression
+    timeout = guest.command_timeout
+    tools = ["mysqldump", "mysql"] + (["zstd"] if compression == "zstd" else [])
+    probe = (
+        'for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done'
+    )
+    result = transport.run(["sh", "-c", probe, "sh", *tools], sudo=client.sudo, timeout=timeout)
+    if not result.ok:
+        raise PreflightError(
+            f"cannot dump: {client_error(result)} in the guest",
+            vm=vm,
+            hint="install the MariaDB/MySQL client (and zstd for compression = zstd)",
+        )
+    rows = client.query(
+        transport,
+        "SELECT VERSION();"
+        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY SCHEMA_NAME;"
+        "SELECT TABLE_SCHEMA, COALESCE(SUM(DATA_LENGTH + INDEX_LENGTH), 0)"
+        " FROM information_schema.TABLES GROUP BY TABLE_SCHEMA;",
+        timeout=timeout,
+    )
+    version = rows[0][0]
+    sizes = {r[0]: int(r[1]) for r in rows[1:] if len(r) == 2}
+    present = [r[0] for r in rows[1:] if len(r) == 1]
+    wanted = list(options.databases)
+    missing = [d for d in wanted if d not in present]
+    if missing:
+        raise PreflightError(
+            f"database(s) {', '.join(missing)} not found on the guest's server",
+            vm=vm,
+            hint="fix [vms.X.mysqldump] databases",
+        )
+    databases = tuple(wanted) if wanted else tuple(d for d in present if d not in NOT_DUMPED)
+    data_bytes = sum(sizes.get(d, 0) for d in databases)
+    factor = {"gzip": 0.5, "zstd": 0.5, "none": 2.0}[compression]
+    needed = int(data_bytes * factor)
+    if store_root is not None:
+        store.check_writable(store_root, vm, needed)
+    return DumpPlan(
+        vm=vm,
+        server_version=version,
+        databases=databases,
+        all_databases=not wanted,
+        data_bytes=data_bytes,
+        needed_bytes=needed,
+        compression=compression,
+        file_name=DUMP_NAMES[compression],
+        argv=tuple(args),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Row counts (exact, per base table)
+
+
+def list_tables(client: Client, transport: Transport, databases: Iterable[str], *,
+                timeout: float) -> list[tuple[str, str]]:  # fmt: skip
+    names = [d for d in databases if d not in SYSTEM_SCHEMAS]
+    if not names:
+        return []
+    rows = client.query(  # names are quoted with _sql_str
+        transport,
+        "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES"  # noqa: S608
+        " WHERE TABLE_TYPE = 'BASE TABLE' AND TABLE_SCHEMA IN ("
+        + ", ".join(_sql_str(n) for n in names)
+        + ") ORDER BY TABLE_SCHEMA, TABLE_NAME;",
+        timeout=timeout,
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+def row_counts(
+    client: Client, transport: Transport, databases: Iterable[str], *, timeout: float
+) -> dict[str, int]:
+    """``{"db.table": COUNT(*)}`` for every base table of the (non-system) ``databases``."""
+    tables = list_tables(client, transport, databases, timeout=timeout)
+    if not tables:
+        return {}
+    selects = [
+        f"SELECT {_sql_str(db)}, {_sql_str(t)}, COUNT(*) FROM {quote_ident(db)}.{quote_ident(t)}"  # noqa: S608
+        for db, t in tables
+    ]
+    counts: dict[str, int] = {}
+    for start in range(0, len(selects), 500):
+        rows = client.query(
+            transport, " UNION ALL ".join(selects[start : start + 500]) + ";", timeout=timeout
+        )
+        counts.update({f"{r[0]}.{r[1]}": int(r[2]) for r in rows})
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# Dump
+
+
+def dump(
+    transport: Transport,
+    *,
+    vm: str,
+    guest: GuestConfig,
+    options: DumpConfig,
+    run_dir: RunDir,
+    plan: DumpPlan | None = None,
+    compress_on: str | None = None,
+) -> DumpResult:
+    """Stream the dump into ``run_dir`` and record it in the manifest (section ``mysqldump``).
+
+    Raises :class:`DumpFailed` after the run folder was renamed ``.failed``. The caller commits
+    ``run_dir`` when the run's other files are in."""
+    args = list(plan.argv) if plan else check_options(options, vm=vm)
+    compression = options.compression
+    compress_here = compress_where(compression, compress_on)
+    client = Client.from_config(options, guest, vm=vm)
+    query_timeout = guest.command_timeout
+
+    def counts() -> dict[str, object]:  # exact row counts, while nothing writes
+        info = client.query(
+            transport,
+            "SELECT VERSION();"
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA ORDER BY SCHEMA_NAME;",
+            timeout=query_timeout,
+        )
+        present = [r[0] for r in info[1:]]
+        dbs = list(options.databases) or [d for d in present if d not in NOT_DUMPED]
+        rows = row_counts(client, transport, dbs, timeout=guest.dump_timeout)
+        return {"version": info[0][0], "databases": dbs, "rows": rows}
+
+    mode = "none" if compress_here or compression == "none" else compression
+    argv, cnf = client.argv(mode, "mysqldump", args)
+    return receive(
+        transport,
+        vm=vm,
+        fmt=FORMAT,
+        argv=argv,
+        stdin=cnf,
+        sudo=client.sudo,
+        timeout=guest.dump_timeout,
+        run_dir=run_dir,
+        compression=compression,
+        compress_here=compress_here,
+        counts=counts,
+        section={
+            "options": args,
+            "server_version": plan.server_version if plan else None,
+            "databases": list(plan.databases) if plan else [],
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Restore
+
+_CREATE_DB_RE = re.compile(rb"^CREATE DATABASE (?:/\*!32312 IF NOT EXISTS\*/ )?`((?:[^`]|``)+)`")
+
+
+def _created_database(line: bytes) -> str | None:
+    match = _CREATE_DB_RE.match(line)
+    if match is None:
+        return None
+    return match.group(1).replace(b"``", b"`").decode("utf-8", errors="replace")
+
+
+def prepare_restore(source: Path, *, vm: str) -> RestoreSource:
+    """Verify a run folder (manifest checksums) or a dump file, and find what it would drop.
+
+    A run folder, or a file inside one, is checked against its manifest's sha256; a bare file
+    is checked for an intact compressed stream. Both must end with the completion marker."""
+    file, compression, manifest, databases = read_verified(source, FORMAT, _created_database, vm=vm)
+    to_drop = [d for d in databases if d not in SYSTEM_SCHEMAS]
+    return RestoreSource(file, compression, manifest, databases, to_drop, SECTION)
+
+
+def check_ready(transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig) -> None:
+    Client.from_config(options, guest, vm=vm).query(
+        transport, "SELECT 1;", timeout=guest.command_timeout
+    )
+
+
+def drop_databases(
+    transport: Transport, client: Client, databases: Iterable[str], *, timeout: float
+) -> None:
+    names = [d for d in databases if d not in SYSTEM_SCHEMAS]
+    if not names:
+        return
+    sql = "".join(f"DROP DATABASE IF EXISTS {quote_ident(d)};" for d in names)
+    client.query(transport, sql, timeout=timeout)
+
+
+def load(
+    transport: Transport, client: Client, source: RestoreSource, *, timeout: float
+) -> Completed:
+    """Stream the compressed file into ``mysql`` in the guest (decompressed there)."""
+    mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[source.compression]
+    argv, cnf = client.argv(mode, "mysql", [*client.connection, "--batch"])
+    with open(source.file, "rb") as handle:
+        return stream_to_guest(
+            transport, argv, sudo=client.sudo, timeout=timeout, prefix=cnf, source=handle
+        )
+
+
+def restore(
+    transport: Transport,
+    *,
+    vm: str,
+    guest: GuestConfig,
+    options: DumpConfig,
+    source: Path | RestoreSource,
+    dry_run: bool = False,
+) -> RestoreResult:
+    """Verify, drop every (non-system) database the dump contains, load, compare row counts.
+
+    A corrupted or truncated dump raises :class:`CorruptDump` before the database is touched.
+    A load error or a row-count mismatch raises :class:`RestoreFailed`."""
+    prepared = source if isinstance(source, RestoreSource) else prepare_restore(source, vm=vm)
+    result = RestoreResult(prepared.file, prepared.to_drop, dry_run)
+    if dry_run:
+        return result
+    client = Client.from_config(options, guest, vm=vm)
+    timeout = guest.dump_timeout
+    started = time.monotonic()
+    drop_databases(transport, client, prepared.to_drop, timeout=timeout)
+    loaded = load(transport, client, prepared, timeout=timeout)
+    result.seconds = time.monotonic() - started
+    if not loaded.ok:
+        raise RestoreFailed(
+            f"loading {prepared.file.name} failed: {client_error(loaded)}",
+            vm=vm,
+            hint=f"the databases {', '.join(prepared.to_drop)} may be incomplete: "
+            "fix the cause and run restore-dump again",
+        )
+    expected = prepared.expected_rows
+    actual: dict[str, int] = {}
+    if expected is not None:
+        dbs = sorted({name.split(".", 1)[0] for name in expected} | set(prepared.to_drop))
+        actual = row_counts(client, transport, dbs, timeout=timeout)
+    compare_rows(result, expected, actual, vm=vm)
+    return result
