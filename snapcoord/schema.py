@@ -265,11 +265,18 @@ HOOKS: dict[str, Key] = {
     ),
 }
 
+# The dump program's options when [vms.X.dump] options is not set, per database kind.
+DEFAULT_DUMP_OPTIONS: dict[str, tuple[str, ...]] = {
+    "mysql": ("--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"),
+    "postgresql": (),
+}
+
 DUMP: dict[str, Key] = {
     "options": Key(
         "strlist",
-        "mysqldump options",
-        default=["--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"],
+        "options of the dump program (default: the database kind's: mysqldump "
+        + " ".join(DEFAULT_DUMP_OPTIONS["mysql"])
+        + "; pg_dumpall none)",
     ),
     "databases": Key("strlist", "dump only these databases (default: --all-databases)", default=[]),
     "compression": Key(

@@ -113,7 +113,7 @@ class HooksConfig:
 
 @dataclass(frozen=True)
 class DumpConfig:
-    options: tuple[str, ...]
+    options: tuple[str, ...] | None  # None: the database kind's (schema.DEFAULT_DUMP_OPTIONS)
     databases: tuple[str, ...]
     compression: str
     compress_on: str

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapcoord import store
+from snapcoord import schema, store
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import Transport
 from snapcoord.hooks.databases.dumpfile import (
@@ -84,6 +84,11 @@ _CONNECTION = ("--host=", "--port=", "--socket=", "--protocol=", "--ssl", "--def
 _DB_NAME_RE = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}$")
 
 
+def dump_options_of(options: DumpConfig) -> list[str]:
+    """``[vms.X.dump] options``, or mysqldump's defaults when it is not set."""
+    return list(schema.DEFAULT_DUMP_OPTIONS[NAME] if options.options is None else options.options)
+
+
 def owns(service: str) -> bool:
     return service in SERVICES or service.startswith(("mysql", "mariadb"))
 
@@ -111,7 +116,7 @@ class Client:
 
     @classmethod
     def from_config(cls, options: DumpConfig, guest: GuestConfig, *, vm: str) -> Client:
-        dump_options = list(options.options)
+        dump_options = dump_options_of(options)
         return cls(
             vm=vm,
             sudo=guest.sudo,
@@ -179,7 +184,7 @@ def _sql_str(value: str) -> str:
 
 def check_options(options: DumpConfig, *, vm: str) -> list[str]:
     """Validate ``[vms.X.mysqldump]`` beyond the schema; returns the mysqldump arguments."""
-    args = list(options.options)
+    args = dump_options_of(options)
     for option in args:
         name = option.split("=", 1)[0]
         if name in _FORBIDDEN or (not option.startswith("--") and _FORBIDDEN_SHORT.match(option)):
