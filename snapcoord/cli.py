@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,8 +15,6 @@ from snapcoord import __version__
 from snapcoord.config import Config, load_config
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError, UsageError
 from snapcoord.example import example_config
-from snapcoord.journal import Journal
-from snapcoord.lock import VMLock
 from snapcoord.naming import new_run_id
 from snapcoord.output import HumanReporter, LogHandler, print_json, run_summary
 from snapcoord.plans import (
@@ -27,8 +24,8 @@ from snapcoord.plans import (
     revert_steps,
     snapshot_steps,
 )
-from snapcoord.recover import DISARM, check_unfinished_run, unfinished
-from snapcoord.run import Engine, RunResult, SilentReporter, Step
+from snapcoord.run import RunResult, SilentReporter, Step
+from snapcoord.session import Session
 
 log = logging.getLogger("snapcoord")
 
@@ -224,7 +221,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_restore_dump(args: argparse.Namespace) -> int:
-    from snapcoord.restore_plan import DumpSource, restore_dump_steps
+    from snapcoord.plans.restore import DumpSource, restore_dump_steps
 
     config = _load(args)
     config.vm(args.vm)
@@ -290,41 +287,13 @@ def _run(
         _print_plan(key, steps, ctx)
         return ExitCode.OK
     reporter = SilentReporter() if args.json else HumanReporter(key)
-    journal = Journal(config.store, key)
-    lock = VMLock(config.store, key, run_id)
     result = RunResult(window=ctx.window)
-    owns_journal = False  # only a run that started may write or remove the journal
+    session = Session(config, key, run_id)
     try:
-        lock.acquire()
+        with session:
+            result = session.execute(ctx, steps, reporter)
     except SnapcoordError as exc:
         result.failures.append(exc)
-    else:
-        try:
-            previous = journal.read()
-            if previous is not None and unfinished(previous):
-                ctx.notes.append(check_unfinished_run(config, key, previous))
-            journal.clear()
-            owns_journal = True
-
-            written: list[dict[str, Any]] = []
-
-            def save(engine: Engine) -> None:
-                # Written (with fsync) only when what `recover` needs changed: once the watchdog
-                # is armed it names every service to stop, so the window itself writes nothing.
-                pending = [s.undo_name or s.name for s in engine.pending_undos]
-                data = ctx.journal_data()
-                key = {**data, DISARM: DISARM in pending}  # recover reads only that of pending
-                if written and written[-1] == key:
-                    return
-                written.append(key)
-                journal.write({**data, "pending": pending, "pid": os.getpid()})
-
-            result = Engine(reporter, window=ctx.window, on_change=save).execute(steps)
-            result.failures.extend(ctx.soft_failures)
-        except SnapcoordError as exc:
-            result.failures.append(exc)
-        finally:
-            lock.release()
     summary = run_summary(
         key,
         result,
@@ -336,11 +305,7 @@ def _run(
     )
     if ctx.watchdog is not None:  # left armed: something it guards was down
         summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
-    if owns_journal:
-        # A service left down (or a watchdog left armed) keeps the journal: the next run checks
-        # the guest before it goes on; `snapcoord recover` starts what is down.
-        keep = bool(result.window.still_down) or ctx.watchdog is not None
-        journal.finish(summary, keep_journal=keep)
+    session.finish(ctx, result, summary)
     _report(args, key, result, summary)
     return result.exit_code
 

@@ -15,7 +15,7 @@ from snapcoord.config import parse_config
 from snapcoord.errors import ExitCode
 from snapcoord.guest import open_transport
 from snapcoord.hooks.databases import dumpfile, mysql
-from snapcoord.restore_plan import DumpSource, restore_dump
+from snapcoord.plans.restore import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import IdoitDB
 from tests.test_restore_dump import dumped  # noqa: F401 - fixture

@@ -37,6 +37,13 @@ def test_wheel_installs_only_the_snapcoord_namespace(tmp_path: Path) -> None:
     assert "snapcoord/adapters/base.py" in names
     assert "snapcoord/adapters/libvirt_adapter.py" in names
     assert "snapcoord/hooks/services.py" in names
+    # every module of the tree, subpackages included (a package missing from pyproject's list
+    # would install without it)
+    tree = {"snapcoord": "snapcoord", "adapters": "snapcoord/adapters", "hooks": "snapcoord/hooks"}
+    for folder, installed in tree.items():
+        for module in (REPO / folder).rglob("*.py"):
+            name = f"{installed}/{module.relative_to(REPO / folder).as_posix()}"
+            assert name in names, name
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -14,7 +14,7 @@ from snapcoord import store
 from snapcoord.errors import ExitCode
 from snapcoord.guest import open_transport
 from snapcoord.hooks.databases import mysql
-from snapcoord.restore_plan import DumpSource, restore_dump
+from snapcoord.plans.restore import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import make_config, take_dump

@@ -20,7 +20,8 @@ from snapcoord.config import Config
 from snapcoord.errors import PreflightError, UsageError
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases.dumpfile import RestoreSource
-from snapcoord.plans import Bracket, RunContext, guest_connect_steps
+from snapcoord.plans.bracket import Bracket
+from snapcoord.plans.context import RunContext, guest_connect_steps
 from snapcoord.run import Engine, Reporter, RunResult, Step
 
 

@@ -17,7 +17,7 @@ from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan
 from snapcoord.run import Step
 
 if TYPE_CHECKING:
-    from snapcoord.plans import RunContext
+    from snapcoord.plans.context import RunContext
 
 
 class Fallback:

@@ -1,0 +1,163 @@
+"""Revert to a snapshot (with a safety snapshot of the current state first), then bring the
+guest's services up."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from snapcoord import guest_clock
+from snapcoord.adapters.base import VM, Adapter, PowerState, Snapshot
+from snapcoord.errors import (
+    Interrupted,
+    PreflightError,
+    SnapcoordError,
+    SnapshotFailed,
+    SnapshotNotFound,
+    UsageError,
+)
+from snapcoord.guest import GuestUnreachable
+from snapcoord.hooks import watchdog
+from snapcoord.naming import description, snapshot_name
+from snapcoord.plans.context import RunContext, connect_steps
+from snapcoord.run import Step
+
+
+def pick_snapshot(adapter: Adapter, vm: VM, name: str | None, *, vm_key: str) -> Snapshot:
+    """``name`` or, without one, the newest snapshot snapcoord made."""
+    if name:
+        return adapter.find_snapshot(vm, name)
+    own = [s for s in adapter.list_snapshots(vm) if s.is_snapcoord]
+    if not own:
+        raise SnapshotNotFound(
+            "no snapcoord snapshot to revert to", vm=vm_key, hint="name one with --to"
+        )
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return max(own, key=lambda s: (s.created or epoch, s.name))
+
+
+@dataclass
+class RevertTarget:
+    """What the revert found before it changed anything."""
+
+    snapshot: Snapshot | None = None
+    power: PowerState | None = None  # before the revert
+
+    def require_snapshot(self) -> Snapshot:
+        assert self.snapshot is not None, "choose snapshot must run first"
+        return self.snapshot
+
+
+def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[Step]:
+    found = RevertTarget()
+
+    def choose() -> None:
+        found.snapshot = pick_snapshot(ctx.adapter, ctx.require_vm(), target, vm_key=ctx.key)
+        found.power = ctx.adapter.power_state(ctx.require_vm())
+        ctx.snapshot_name = found.snapshot.name
+
+    def safety_snapshot() -> None:
+        name = snapshot_name("safety")
+        if name == found.require_snapshot().name:
+            raise UsageError("safety snapshot name collides with the target; retry in a second")
+        ctx.adapter.create_snapshot(
+            ctx.require_vm(),
+            name,
+            description("safety", ctx.run_id, extra="before revert"),
+            memory=False,
+            quiesce=False,
+            timeout=ctx.vm_cfg.snapshot_timeout,
+        )
+        ctx.notes.append(f"safety snapshot {name} keeps the state before the revert")
+
+    def revert() -> None:
+        try:
+            ctx.adapter.revert_snapshot(
+                ctx.require_vm(),
+                found.require_snapshot(),
+                start=None,
+                timeout=ctx.vm_cfg.snapshot_timeout,
+            )
+        except Interrupted:
+            raise
+        except SnapcoordError as exc:
+            raise SnapshotFailed(
+                f"revert to {found.require_snapshot().name} failed: {exc.message}", vm=ctx.key
+            ) from exc
+
+    steps = [
+        *connect_steps(ctx),
+        Step("choose snapshot", choose, describe=f"--to {target}" if target else "newest"),
+    ]
+    if safety:
+        steps.append(
+            Step("safety snapshot", safety_snapshot, describe="snapshot of the current state first")
+        )
+    steps.append(Step("revert", revert, describe="revert_snapshot(start=keep power state)"))
+    if ctx.services is not None:
+        steps.append(
+            Step(
+                "bring guest services up",
+                lambda: _services_up_after_revert(ctx, found),
+                describe="wait for the guest, start configured services",
+            )
+        )
+    return steps
+
+
+def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
+    if found.power != PowerState.RUNNING:
+        ctx.notes.append("the VM was not running before the revert: services not checked")
+        return
+    assert ctx.transport is not None and ctx.services is not None
+    _wait_for_guest(ctx)
+    try:
+        killed = watchdog.kill_all(
+            ctx.transport,
+            vm=ctx.key,
+            sudo=ctx.guest.sudo,
+            timeout=ctx.guest.command_timeout,
+        )
+        if killed:
+            ctx.notes.append(
+                f"stopped {len(killed)} snapcoord watchdog(s) that the revert brought back "
+                f"(pid {', '.join(map(str, killed))}): the snapshot's memory held them"
+            )
+        clock = guest_clock.sync_after_revert(
+            ctx.adapter,
+            ctx.require_vm(),
+            ctx.transport,
+            vm_key=ctx.key,
+            sudo=ctx.guest.sudo,
+            timeout=ctx.guest.command_timeout,
+        )
+        if clock:
+            ctx.notes.append(clock)
+        state = ctx.services.probe()
+        window = ctx.window
+        if state.database is not None and not state.running.get(state.database):
+            state.stopped.append(state.database)
+            ctx.services.start_database(window)
+        down = [s for s in state.services if not state.running.get(s)]
+        state.stopped.extend(down)
+        ctx.services.start(down, window)
+    finally:
+        ctx.transport.close()
+
+
+def _wait_for_guest(ctx: RunContext) -> None:
+    """Retry while the guest boots; a host key or login failure fails at once."""
+    assert ctx.transport is not None
+    deadline = time.monotonic() + ctx.guest.start_timeout
+    while True:
+        try:
+            ctx.transport.open()
+            return
+        except GuestUnreachable as exc:
+            ctx.transport.close()
+            if time.monotonic() > deadline:
+                raise PreflightError(
+                    f"the guest did not answer after the revert: {exc.message}", vm=ctx.key
+                ) from exc
+            time.sleep(2)
