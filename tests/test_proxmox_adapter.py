@@ -340,3 +340,21 @@ def test_only_needed_calls_for_a_snapshot(double: PveApiDouble, adapter: Proxmox
     made = adapter.requests[start:]
     assert made[0] == "POST /nodes/pve1/qemu/100/snapshot"
     assert all("/tasks/UPID:pve1:" in call and call.endswith("/status") for call in made[1:])
+
+
+# -- a failed snapshot task --------------------------------------------------------------------
+# A Proxmox task that ends in an error (not a lock, not a name clash) fails the call: the
+# adapter reads the task's exit status and never reports a failed snapshot as taken. Against the
+# strict API double over real HTTPS (tests/pve_api).
+
+
+def test_a_failed_snapshot_task_raises_with_the_task_error(
+    double: PveApiDouble, adapter: ProxmoxAdapter
+) -> None:
+    double.cluster.add_guest(300, "qemu", "pve1", "golden", template=True, status="stopped")
+    vm = adapter.find_vm("golden")
+    with pytest.raises(HypervisorError, match="template") as info:
+        adapter.create_snapshot(vm, "snap-a", "x", memory=False, quiesce=False, timeout=T)
+    assert not isinstance(info.value, SnapshotExists | SnapshotNotFound)
+    assert info.value.vm == "golden"
+    assert adapter.list_snapshots(vm) == []

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from snapcoord.errors import PreflightError
-from snapcoord.guest import SshTransport
+from snapcoord.config import load_config
+from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
+from snapcoord.guest import ExecTransport, SshTransport
 from snapcoord.hooks.services import Services
 from snapcoord.run import ServiceWindow
 from tests import lab
@@ -139,3 +144,224 @@ def test_config_refuses_service_names_that_could_inject_shell(
     proc = snapcoord("-c", str(config), "config", "check")
     assert proc.returncode == 2
     assert "vms.db.guest.services" in proc.stderr and "must match" in proc.stderr
+
+
+# -- verified, not assumed (stand-in init scripts) ---------------------------------------------
+# Stops and starts are verified, not assumed: ``Services`` returns only once the guest really
+# reached the state, and an init command that exits 0 without the effect is a failure.
+#
+# Real init scripts on this machine finish their work before they exit, so they cannot show the
+# difference. The guest here is the exec transport with stand-in ``service`` / ``mysqladmin`` /
+# ``my_print_defaults`` commands (real processes, state as files) that can lag behind or never
+# take effect, like a slow or broken init script on a real guest.
+
+
+LAG = 1.0  # seconds a lagging stand-in needs after its init command returned
+
+# $STATE/<name>.mode: normal | lagging (takes effect LAG s after exiting 0) | stuck (exits 0,
+# never takes effect). The database "server" is a real process whose PID is in $STATE/db.pid.
+SERVICE = r"""#!/bin/sh
+set -u
+name=$1 action=$2
+case "$name" in web|db) ;; *) echo "$name: unrecognized service" >&2; exit 1;; esac
+flag="$STATE/$name.running"
+mode=$(cat "$STATE/$name.mode" 2>/dev/null || echo normal)
+down() {
+  rm -f "$flag"
+  if [ "$name" = db ] && [ -r "$STATE/db.pid" ]; then kill "$(cat "$STATE/db.pid")"; fi
+}
+up() {
+  if [ "$name" = db ]; then
+    sleep 300 </dev/null >/dev/null 2>&1 &
+    echo $! > "$STATE/db.pid"
+  fi
+  touch "$flag"
+}
+case "$action" in
+  status) [ -e "$flag" ] && exit 0; exit 3;;
+  stop)
+    case $mode in
+      normal) down;;
+      lagging) ( sleep "$LAG"; down ) </dev/null >/dev/null 2>&1 &;;
+    esac;;
+  start)
+    case $mode in
+      normal) up;;
+      lagging) ( sleep "$LAG"; up ) </dev/null >/dev/null 2>&1 &;;
+    esac;;
+  *) exit 2;;
+esac
+exit 0
+"""
+
+MYSQLADMIN = r"""#!/bin/sh
+[ "${1:-}" = ping ] || exit 2
+[ -e "$STATE/db.running" ] && { echo "mysqld is alive"; exit 0; }
+echo "error: can't connect (stand-in)" >&2; exit 1
+"""
+
+MY_PRINT_DEFAULTS = r"""#!/bin/sh
+echo "--pid-file=$STATE/db.pid"
+"""
+
+
+class Guest:
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.state = root / "state"
+        self.bin.mkdir(parents=True)
+        self.state.mkdir()
+        for name, text in (
+            ("service", SERVICE),
+            ("mysqladmin", MYSQLADMIN),
+            ("my_print_defaults", MY_PRINT_DEFAULTS),
+        ):
+            path = self.bin / name
+            path.write_text(textwrap.dedent(text))
+            path.chmod(0o755)
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": f"{self.bin}:/usr/bin:/bin", "STATE": str(self.state), "LAG": str(LAG)}
+
+    def mode(self, name: str, mode: str) -> None:
+        (self.state / f"{name}.mode").write_text(mode)
+
+    def running(self, name: str) -> bool:
+        return (self.state / f"{name}.running").exists()
+
+    def db_pid(self) -> int | None:
+        try:
+            return int((self.state / "db.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def db_process_alive(self) -> bool:
+        pid = self.db_pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a killed child of an exited shell is reaped by init; a zombie is not alive
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+
+    def kill_db(self) -> None:
+        pid = self.db_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[Guest]:
+    g = Guest(tmp_path / "guest")
+    yield g
+    g.kill_db()
+
+
+def make_services(tmp_path: Path, guest: Guest) -> Services:
+    prefix = ["env", *(f"{k}={v}" for k, v in guest.env().items())]
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors.lab": {"type": "libvirt", "uri": "test:///default"},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.db1.guest": {
+                "transport": "exec",
+                "exec_prefix": prefix,
+                "services": ["web"],
+                "database": "db",
+                "stop_timeout": 6.0,  # verification waits up to 4 s: well above LAG
+                "start_timeout": 6.0,
+            },
+        },
+    )
+    guest_table = load_config(str(config)).vm("db1").guest
+    assert guest_table is not None
+    transport = ExecTransport(prefix, vm="db1")
+    transport.open()
+    return Services(transport, guest_table, vm="db1")
+
+
+def _spawn_db(guest: Guest) -> None:
+    subprocess.run([str(guest.bin / "service"), "db", "start"], env=guest.env(), check=True)
+
+
+@pytest.fixture
+def standin_services(tmp_path: Path, guest: Guest) -> Services:
+    (guest.state / "web.running").touch()
+    _spawn_db(guest)
+    svc = make_services(tmp_path, guest)
+    state = svc.probe()
+    assert state.running == {"web": True, "db": True}
+    return svc
+
+
+def test_stop_returns_only_once_the_service_is_really_down(
+    standin_services: Services, guest: Guest
+) -> None:
+    guest.mode("web", "lagging")
+    window = ServiceWindow()
+    standin_services.stop(["web"], window)
+    assert not guest.running("web"), "stop returned while the service was still running"
+    assert window.still_down == ["web"]
+
+
+def test_a_stop_that_never_takes_effect_fails(standin_services: Services, guest: Guest) -> None:
+    guest.mode("web", "stuck")
+    with pytest.raises(GuestError, match="web still up"):
+        standin_services.stop(["web"], ServiceWindow())
+
+
+def test_database_stop_returns_only_once_the_server_process_is_gone(
+    standin_services: Services, guest: Guest
+) -> None:
+    guest.mode("db", "lagging")
+    assert guest.db_process_alive()
+    standin_services.stop_database(ServiceWindow())
+    assert not guest.db_process_alive(), "stop_database returned while the server still ran"
+    assert not guest.running("db")
+
+
+def test_start_returns_only_once_the_service_runs(standin_services: Services, guest: Guest) -> None:
+    window = ServiceWindow()
+    standin_services.stop(["web"], window)
+    guest.mode("web", "lagging")
+    standin_services.start(["web"], window)
+    assert guest.running("web"), "start returned before the service was running"
+    assert window.still_down == []
+
+
+def test_a_start_that_exits_0_without_effect_is_a_service_not_restored(
+    standin_services: Services, guest: Guest
+) -> None:
+    window = ServiceWindow()
+    standin_services.stop(["web"], window)
+    guest.mode("web", "stuck")
+    with pytest.raises(ServiceNotRestored, match="web"):
+        standin_services.start(["web"], window)
+    assert window.still_down == ["web"]
+
+
+def test_database_start_returns_only_once_it_answers(
+    standin_services: Services, guest: Guest
+) -> None:
+    window = ServiceWindow()
+    standin_services.stop_database(window)
+    guest.mode("db", "lagging")
+    standin_services.start_database(window)
+    assert guest.running("db"), "start_database returned before mysqladmin ping answered"
+    assert window.still_down == []
+
+
+def test_a_database_start_without_effect_is_a_service_not_restored(
+    standin_services: Services, guest: Guest
+) -> None:
+    window = ServiceWindow()
+    standin_services.stop_database(window)
+    guest.mode("db", "stuck")
+    with pytest.raises(ServiceNotRestored, match="db"):
+        standin_services.start_database(window)

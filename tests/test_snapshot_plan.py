@@ -10,11 +10,17 @@ from pathlib import Path
 import pytest
 
 from snapcoord.config import load_config
-from snapcoord.errors import ExitCode, GuestError, Interrupted
+from snapcoord.errors import ExitCode, GuestError, Interrupted, SnapshotExists
 from snapcoord.plans import RunContext, snapshot_steps
 from snapcoord.run import Engine
-from tests.cli_helpers import STAND_IN_SERVICES, running_stand_ins, stand_in_guest
-from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+from tests import lab
+from tests.cli_helpers import STAND_IN_SERVICES, json_lines, running_stand_ins, stand_in_guest
+from tests.guest_fixtures import (
+    guest_config,
+    lab_services,  # noqa: F401 - fixture
+    run_observed,
+)
+from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture  # noqa: F401 - fixture  # noqa: F401 - fixture
 
 STEPS = [
     "connect to hypervisor lab",
@@ -152,4 +158,71 @@ def test_a_watchdog_armed_but_not_recorded_is_found_by_its_marker_and_disarmed(
     assert result.exit_code == ExitCode.INTERRUPTED
     assert "disarm guest watchdog" in [r.name for r in result.records if r.undo and r.ok]
     assert started and _gone_within(started[0], seconds=5)
+    assert running_stand_ins(state) == STAND_IN_SERVICES
+
+
+# -- plan details ------------------------------------------------------------------------------
+# The snapshot plan's unwind order on the real loopback guest: the database is started (and
+# answering) before the services that use it, so a web application never starts against a dead
+# database. Seen from outside: the processes' start times in /proc.
+
+
+PID_FILES = {"apache2": Path("/run/apache2/apache2.pid"), "cron": Path("/run/crond.pid")}
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started (clock ticks since boot: /proc/PID/stat field 22)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def service_started(name: str) -> int:
+    return start_ticks(int(PID_FILES[name].read_text().split()[0]))
+
+
+def test_database_is_started_before_the_services(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    before = {name: service_started(name) for name in PID_FILES}
+    config = guest_config(tmp_path, libvirt_node, ssh_guest.guest_table())
+    proc = run_observed("-c", str(config), "snapshot", "web1", "--json", observe=tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = json_lines(proc.stdout)
+    assert summary["services_down"] == []
+    assert lab_services.all_running()
+
+    database = min(start_ticks(pid) for pid in lab.mysqld_pids())
+    for name in PID_FILES:
+        started = service_started(name)
+        assert started != before[name], f"{name} was not restarted by the run"
+        assert started > database, f"{name} was started before the database"
+
+
+# -- preflight before anything stops -----------------------------------------------------------
+# Preflight finds a snapshot name that is already taken before anything in the guest is touched:
+# no service is stopped for a snapshot that cannot be created. The real snapshot plan on the step
+# engine, libvirt's test driver, and the demo's stand-in services (exec transport).
+
+
+def test_a_taken_snapshot_name_fails_preflight_and_stops_nothing(
+    tmp_path: Path, libvirt_node: str
+) -> None:
+    config, state = stand_in_guest(tmp_path, libvirt_node)
+    ctx = RunContext.create(load_config(str(config)), "db1", "test-run")
+    steps = snapshot_steps(ctx, label="t")
+    # Someone (another tool, a run in the same second) already took this name.
+    ctx.adapter.connect()
+    vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
+    ctx.adapter.create_snapshot(
+        vm, ctx.snapshot_name, "not ours", memory=False, quiesce=False, timeout=30
+    )
+
+    result = Engine(window=ctx.window).execute(steps)
+
+    assert len(result.failures) == 1 and isinstance(result.failures[0], SnapshotExists)
+    assert result.exit_code == ExitCode.HYPERVISOR
+    done = [r.name for r in result.records if not r.undo]
+    assert done[-1] == "check VM and snapshot name"
+    assert "stop services" not in done and "stop database" not in done
+    assert result.window.seconds is None  # nothing was stopped
     assert running_stand_ins(state) == STAND_IN_SERVICES
