@@ -74,6 +74,10 @@ class RecordingTransport:
         self.lines.append(self.inner.command_line(argv, sudo=kwargs.get("sudo", False)))
         return self.inner.run(argv, **kwargs)
 
+    def run_streaming(self, argv: Sequence[str], **kwargs: Any) -> Completed:
+        self.lines.append(self.inner.command_line(argv, sudo=kwargs.get("sudo", False)))
+        return self.inner.run_streaming(argv, **kwargs)
+
 
 @pytest.fixture
 def transport_for(ssh_guest: lab.SshGuest) -> Iterator[Any]:

@@ -34,7 +34,6 @@ from snapcoord.hooks.databases.dumpfile import (
     compress_where,
     read_verified,
     receive,
-    stream_to_guest,
 )
 from snapcoord.secrets import Secret
 from snapcoord.settings import DumpConfig, GuestConfig
@@ -413,8 +412,8 @@ def load(
     mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[source.compression]
     argv, cnf = client.argv(mode, "mysql", [*client.connection, "--batch"])
     with open(source.file, "rb") as handle:
-        return stream_to_guest(
-            transport, argv, sudo=client.sudo, timeout=timeout, prefix=cnf, source=handle
+        return transport.run_streaming(
+            argv, sudo=client.sudo, timeout=timeout, stdin=cnf, source=handle
         )
 
 
