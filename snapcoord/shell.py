@@ -201,10 +201,10 @@ def stream(
         threads.append(
             threading.Thread(target=feed, args=(process.stdin,), daemon=True, name="shell-stdin")
         )
-    for thread in threads:
-        thread.start()
     timed_out = False
-    try:
+    try:  # from the first thread on: an interrupt must find the group killed
+        for thread in threads:
+            thread.start()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -219,10 +219,10 @@ def stream(
         raise
     if failure:
         raise failure[0]
+    out, err = b"".join(collected["out"]), b"".join(collected["err"])
     return Completed(
-        tuple(argv), process.returncode, b"".join(collected["out"]), b"".join(collected["err"]),
-        time.monotonic() - started, timed_out,
-    )  # fmt: skip
+        tuple(argv), process.returncode, out, err, time.monotonic() - started, timed_out
+    )
 
 
 def _joined(threads: list[threading.Thread], process: subprocess.Popen[bytes]) -> bool:
