@@ -107,19 +107,23 @@ def _shielded(call: Callable[[], Completed]) -> Completed:
     command (its own timeout bounds it) and re-raise afterwards. A service stop that is already on
     its way is not abandoned half-done: its undo would race it."""
     box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join that KeyboardInterrupt interrupts can mark the thread
+    # as stopped while it still runs (CPython 3.11, bpo-45274's fix), ending the shield early.
+    done = threading.Event()
 
     def work() -> None:
         try:
             box["result"] = call()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=work, daemon=True, name="guest-command")
-    thread.start()
+    threading.Thread(target=work, daemon=True, name="guest-command").start()
     interrupted: BaseException | None = None
-    while thread.is_alive():
+    while not done.is_set():
         try:
-            thread.join()
+            done.wait()
         except BaseException as exc:  # re-raised once the command is done
             interrupted = interrupted or exc
     if interrupted is not None:
