@@ -134,7 +134,44 @@ def _shielded(call: Callable[[], Completed]) -> Completed:
     return result
 
 
-class ExecTransport:
+class _Streaming:
+    """:meth:`Transport.run_streaming`, once for every transport: each transport runs the
+    stream through its ``_checked`` (its error mapping, shielding and logging), as its ``run``
+    does."""
+
+    vm: str
+
+    def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
+        raise NotImplementedError
+
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
+    ) -> Completed:
+        raise NotImplementedError
+
+    def run_streaming(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        timeout: float,
+        stdin: bytes = b"",
+        source: BinaryIO | None = None,
+        consume: Consumer | None = None,
+        shield: bool = False,
+    ) -> Completed:
+        line = self.command_line(argv, sudo=sudo)
+
+        def call() -> Completed:
+            try:
+                return stream(line, timeout=timeout, stdin=stdin, source=source, consume=consume)
+            except OutputNotEnded as exc:
+                raise GuestError(str(exc), vm=self.vm) from None
+
+        return self._checked(argv, call, shield=shield)
+
+
+class ExecTransport(_Streaming):
     """Commands run locally through an argv prefix (``[]`` = on this host)."""
 
     def __init__(self, prefix: Sequence[str], *, vm: str) -> None:
@@ -166,34 +203,18 @@ class ExecTransport:
     ) -> Completed:
         """``on_line`` is ignored: output arrives all at once when the process ended."""
         line = self.command_line(argv, sudo=sudo)
-        return self._local(line, lambda: execute(line, timeout=timeout, stdin=stdin), shield)
+        return self._checked(
+            argv, lambda: execute(line, timeout=timeout, stdin=stdin), shield=shield
+        )
 
-    def run_streaming(
-        self,
-        argv: Sequence[str],
-        *,
-        sudo: bool = False,
-        timeout: float,
-        stdin: bytes = b"",
-        source: BinaryIO | None = None,
-        consume: Consumer | None = None,
-        shield: bool = False,
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
     ) -> Completed:
-        line = self.command_line(argv, sudo=sudo)
-
-        def call() -> Completed:
-            return stream(line, timeout=timeout, stdin=stdin, source=source, consume=consume)
-
-        return self._local(line, call, shield)
-
-    def _local(self, line: Sequence[str], call: Callable[[], Completed], shield: bool) -> Completed:
         def checked() -> Completed:
             try:
                 return call()
-            except FileNotFoundError:
-                raise GuestError(f"cannot run {line[0]!r}: not found", vm=self.vm) from None
-            except OutputNotEnded as exc:
-                raise GuestError(str(exc), vm=self.vm) from None
+            except FileNotFoundError as exc:  # the prefix's command, or sudo, or argv[0]
+                raise GuestError(f"cannot run {exc.filename!r}: not found", vm=self.vm) from None
 
         return _shielded(checked) if shield else checked()
 
@@ -360,7 +381,7 @@ _PERMANENT_SSH_ERRORS = (
 )
 
 
-class SshTransport:
+class SshTransport(_Streaming):
     """One OpenSSH ControlMaster connection per run; every command reuses it.
 
     Commands go to a warm shell (see :meth:`warm`) when one is idle, else to a new session on the
@@ -596,31 +617,10 @@ class SshTransport:
             finally:
                 self._give_back(shell)
 
-        return self._remote(argv, call, shield)
+        return self._checked(argv, call, shield=shield)
 
-    def run_streaming(
-        self,
-        argv: Sequence[str],
-        *,
-        sudo: bool = False,
-        timeout: float,
-        stdin: bytes = b"",
-        source: BinaryIO | None = None,
-        consume: Consumer | None = None,
-        shield: bool = False,
-    ) -> Completed:
-        line = self.command_line(argv, sudo=sudo)
-
-        def call() -> Completed:
-            try:
-                return stream(line, timeout=timeout, stdin=stdin, source=source, consume=consume)
-            except OutputNotEnded as exc:
-                raise GuestError(str(exc), vm=self.vm) from None
-
-        return self._remote(argv, call, shield)
-
-    def _remote(
-        self, argv: Sequence[str], call: Callable[[], Completed], shield: bool
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
     ) -> Completed:
         """Log, run ``call`` (shielded from interrupts if asked), and turn ssh's exit status 255
         into :class:`ConnectionLost`."""

@@ -438,11 +438,15 @@ def restore(
     timeout = guest.dump_timeout
     started = time.monotonic()
     drop_databases(transport, client, prepared.to_drop, timeout=timeout)
-    loaded = load(transport, client, prepared, timeout=timeout)
+    try:
+        loaded = load(transport, client, prepared, timeout=timeout)
+        problem = None if loaded.ok else client_error(loaded)
+    except GuestError as exc:  # the connection broke while the dump streamed in
+        problem = exc.message
     result.seconds = time.monotonic() - started
-    if not loaded.ok:
+    if problem is not None:
         raise RestoreFailed(
-            f"loading {prepared.file.name} failed: {client_error(loaded)}",
+            f"loading {prepared.file.name} failed: {problem}",
             vm=vm,
             hint=f"the databases {', '.join(prepared.to_drop)} may be incomplete: "
             "fix the cause and run restore-dump again",
