@@ -15,7 +15,7 @@ from typing import Any
 from snapcoord import store
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import Transport
-from snapcoord.hooks.databases.dumpfile import CHUNK, DumpFailed, stream_from_guest
+from snapcoord.hooks.databases.dumpfile import DumpFailed
 from snapcoord.store import RunDir
 
 ARCHIVE_NAME = "files.tar.gz"
@@ -113,13 +113,8 @@ def dump(
     problem: str | None = None
     warnings: list[str] = []
     try:
-        result = stream_from_guest(
-            transport,
-            ["sh", "-c", _TAR, "sh", *relative],
-            sudo=sudo,
-            timeout=timeout,
-            stdin=None,
-            consume=consume,
+        result = transport.run_streaming(
+            ["sh", "-c", _TAR, "sh", *relative], sudo=sudo, timeout=timeout, consume=consume
         )
     except OSError as exc:
         sink.discard()
@@ -173,4 +168,4 @@ def _tar_status(stderr: bytes) -> int:
     return 255
 
 
-__all__ = ["ARCHIVE_NAME", "CHUNK", "ArchiveResult", "dump", "preflight"]
+__all__ = ["ARCHIVE_NAME", "ArchiveResult", "dump", "preflight"]

@@ -22,7 +22,6 @@ import secrets
 import selectors
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -35,12 +34,14 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from snapcoord.errors import GuestError
 from snapcoord.settings import GuestConfig
-from snapcoord.shell import Completed, display, execute
+from snapcoord.shell import Completed, OutputNotEnded, display, execute, kill_group, spawn, stream
 
 log = logging.getLogger("snapcoord.guest")
 
 #: Called with each stdout line (without newline) as it arrives, where the transport can stream.
 LineCallback = Callable[[bytes], None]
+#: Called with each chunk of a streamed command's stdout, in a thread of its own.
+Consumer = Callable[[bytes], None]
 
 SSH_UNREACHABLE = 255
 
@@ -59,10 +60,27 @@ class Transport(Protocol):
         sudo: bool = False,
         timeout: float,
         stdin: bytes | None = None,
-        stdout: BinaryIO | None = None,
         shield: bool = False,
         on_line: LineCallback | None = None,
     ) -> Completed: ...
+
+    def run_streaming(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        timeout: float,
+        stdin: bytes = b"",
+        source: BinaryIO | None = None,
+        consume: Consumer | None = None,
+        shield: bool = False,
+    ) -> Completed:
+        """Like :meth:`run` (the same errors, shielding and logging), for data too large to
+        hold in memory: ``stdin`` and then the whole of ``source`` go to the command's stdin,
+        its stdout goes chunk by chunk to ``consume``. If ``consume`` raises (a full store),
+        the command dies of SIGPIPE and that exception is raised in preference to the
+        command's own failure. Always a new process, never a warm shell."""
+        ...
 
     def warm(self, count: int, *, sudo: bool) -> None: ...
 
@@ -89,19 +107,23 @@ def _shielded(call: Callable[[], Completed]) -> Completed:
     command (its own timeout bounds it) and re-raise afterwards. A service stop that is already on
     its way is not abandoned half-done: its undo would race it."""
     box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join that KeyboardInterrupt interrupts can mark the thread
+    # as stopped while it still runs (CPython 3.11, bpo-45274's fix), ending the shield early.
+    done = threading.Event()
 
     def work() -> None:
         try:
             box["result"] = call()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=work, daemon=True, name="guest-command")
-    thread.start()
+    threading.Thread(target=work, daemon=True, name="guest-command").start()
     interrupted: BaseException | None = None
-    while thread.is_alive():
+    while not done.is_set():
         try:
-            thread.join()
+            done.wait()
         except BaseException as exc:  # re-raised once the command is done
             interrupted = interrupted or exc
     if interrupted is not None:
@@ -112,7 +134,44 @@ def _shielded(call: Callable[[], Completed]) -> Completed:
     return result
 
 
-class ExecTransport:
+class _Streaming:
+    """:meth:`Transport.run_streaming`, once for every transport: each transport runs the
+    stream through its ``_checked`` (its error mapping, shielding and logging), as its ``run``
+    does."""
+
+    vm: str
+
+    def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
+        raise NotImplementedError
+
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
+    ) -> Completed:
+        raise NotImplementedError
+
+    def run_streaming(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        timeout: float,
+        stdin: bytes = b"",
+        source: BinaryIO | None = None,
+        consume: Consumer | None = None,
+        shield: bool = False,
+    ) -> Completed:
+        line = self.command_line(argv, sudo=sudo)
+
+        def call() -> Completed:
+            try:
+                return stream(line, timeout=timeout, stdin=stdin, source=source, consume=consume)
+            except OutputNotEnded as exc:
+                raise GuestError(str(exc), vm=self.vm) from None
+
+        return self._checked(argv, call, shield=shield)
+
+
+class ExecTransport(_Streaming):
     """Commands run locally through an argv prefix (``[]`` = on this host)."""
 
     def __init__(self, prefix: Sequence[str], *, vm: str) -> None:
@@ -139,20 +198,25 @@ class ExecTransport:
         sudo: bool = False,
         timeout: float,
         stdin: bytes | None = None,
-        stdout: BinaryIO | None = None,
         shield: bool = False,
         on_line: LineCallback | None = None,
     ) -> Completed:
         """``on_line`` is ignored: output arrives all at once when the process ended."""
         line = self.command_line(argv, sudo=sudo)
+        return self._checked(
+            argv, lambda: execute(line, timeout=timeout, stdin=stdin), shield=shield
+        )
 
-        def call() -> Completed:
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
+    ) -> Completed:
+        def checked() -> Completed:
             try:
-                return execute(line, timeout=timeout, stdin=stdin, stdout=stdout)
-            except FileNotFoundError:
-                raise GuestError(f"cannot run {line[0]!r}: not found", vm=self.vm) from None
+                return call()
+            except FileNotFoundError as exc:  # the prefix's command, or sudo, or argv[0]
+                raise GuestError(f"cannot run {exc.filename!r}: not found", vm=self.vm) from None
 
-        return _shielded(call) if shield else call()
+        return _shielded(checked) if shield else checked()
 
     def warm(self, count: int, *, sudo: bool) -> None:
         """Nothing to warm: a local process has no connection or login shell to set up."""
@@ -177,13 +241,8 @@ class WarmShell:
     def __init__(self, argv: Sequence[str], *, sudo: bool) -> None:
         self.sudo = sudo
         self.broken = False
-        self._process = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C on the terminal must not kill it mid-command
-        )
+        # A session of its own: Ctrl-C on the terminal must not kill it mid-command.
+        self._process = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._token = ""
 
     def send_handshake(self) -> None:
@@ -281,13 +340,12 @@ class WarmShell:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._process.wait(timeout=2)
             if self._process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._process.pid, signal.SIGKILL)
+                kill_group(self._process)
                 self._process.wait()
-        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
-            if stream is not None:
+        for pipe in (self._process.stdin, self._process.stdout, self._process.stderr):
+            if pipe is not None:
                 with contextlib.suppress(OSError):
-                    stream.close()
+                    pipe.close()
 
 
 def _emit_lines(buffer: bytearray, start: int, on_line: LineCallback) -> int:
@@ -323,7 +381,7 @@ _PERMANENT_SSH_ERRORS = (
 )
 
 
-class SshTransport:
+class SshTransport(_Streaming):
     """One OpenSSH ControlMaster connection per run; every command reuses it.
 
     Commands go to a warm shell (see :meth:`warm`) when one is idle, else to a new session on the
@@ -544,22 +602,28 @@ class SshTransport:
         sudo: bool = False,
         timeout: float,
         stdin: bytes | None = None,
-        stdout: BinaryIO | None = None,
         shield: bool = False,
         on_line: LineCallback | None = None,
     ) -> Completed:
         """``on_line`` sees stdout lines as they arrive when a warm shell runs the command."""
 
         def call() -> Completed:
-            shell = self._take_shell(sudo) if stdin is None and stdout is None else None
+            shell = self._take_shell(sudo) if stdin is None else None
             if shell is None:
                 line = self.command_line(argv, sudo=sudo)
-                return execute(line, timeout=timeout, stdin=stdin, stdout=stdout)
+                return execute(line, timeout=timeout, stdin=stdin)
             try:
                 return shell.run(argv, timeout=timeout, on_line=on_line)
             finally:
                 self._give_back(shell)
 
+        return self._checked(argv, call, shield=shield)
+
+    def _checked(
+        self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
+    ) -> Completed:
+        """Log, run ``call`` (shielded from interrupts if asked), and turn ssh's exit status 255
+        into :class:`ConnectionLost`."""
         log.debug("guest %s: %s", self.host, display(argv))
         result = _shielded(call) if shield else call()
         if result.returncode == SSH_UNREACHABLE and not result.timed_out:

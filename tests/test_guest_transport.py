@@ -4,7 +4,13 @@ pinned fingerprints, first contact, sudo, ssh_config aliases, warm shells, and t
 
 from __future__ import annotations
 
+import io
+import logging
+import os
+import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +18,10 @@ import pytest
 
 from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
-from snapcoord.guest import ExecTransport, SshTransport, open_transport
+from snapcoord.guest import ConnectionLost, ExecTransport, SshTransport, open_transport
 from snapcoord.hooks.services import Services
 from snapcoord.settings import GuestConfig
+from snapcoord.shell import CHUNK
 from tests import lab
 from tests.cli_helpers import snapcoord
 from tests.guest_fixtures import guest_config, lab_services  # noqa: F401 - fixture
@@ -273,6 +280,120 @@ def test_lost_connection_is_reported(ssh_guest: lab.SshGuest) -> None:
             transport.run(["true"], timeout=30)
     finally:
         transport.close()
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+class EndlessSource(io.RawIOBase):
+    """Zeros without end, for a guest's stdin; calls ``on_read`` before the ``after``-th read."""
+
+    def __init__(self, after: int, on_read: Callable[[], object]) -> None:
+        self.after, self.on_read, self.reads = after, on_read, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.reads += 1
+        if self.reads == self.after:
+            self.on_read()
+        buffer[:] = bytes(len(buffer))
+        return len(buffer)
+
+
+def test_streaming_to_and_from_the_guest_over_ssh(
+    ssh_guest: lab.SshGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="snapcoord.guest")
+    data = os.urandom(3 * CHUNK + 7)
+    received: list[bytes] = []
+    transport = connected(table(ssh_guest))
+    try:
+        result = transport.run_streaming(
+            ["sh", "-c", "cat; echo done >&2"],
+            timeout=60,
+            stdin=b"head:",
+            source=io.BytesIO(data),
+            consume=received.append,
+        )
+    finally:
+        transport.close()
+    assert result.ok and result.stdout == b"" and result.stderr == b"done\n"
+    assert b"".join(received) == b"head:" + data
+    assert f"guest {ssh_guest.host}: sh -c 'cat; echo done >&2'" in caplog.text
+
+
+@pytest.mark.parametrize("direction", ["from the guest", "to the guest"])
+def test_a_stream_whose_connection_dies_is_a_lost_connection(
+    ssh_guest: lab.SshGuest, direction: str
+) -> None:
+    """The same ConnectionLost as Transport.run raises (so the callers' reconnect logic and
+    messages apply), not a plain failed command with exit status 255."""
+    transport = connected(table(ssh_guest))
+    cut: list[int] = []
+
+    def cut_once(_chunk: bytes = b"") -> None:
+        if not cut:
+            cut.extend(lab.cut_server_side(ssh_guest) or [0])
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="lost the SSH connection") as info:
+            if direction == "from the guest":
+                endless = "while echo x; do sleep 0.01; done"
+                transport.run_streaming(
+                    ["timeout", "60", "sh", "-c", endless], timeout=60, consume=cut_once
+                )
+            else:
+                transport.run_streaming(
+                    ["timeout", "60", "sh", "-c", "cat >/dev/null"],
+                    timeout=60,
+                    source=EndlessSource(after=4, on_read=cut_once),  # type: ignore[arg-type]
+                )
+        assert time.monotonic() - started < 30
+        assert cut and cut != [0], "no sshd child served the connection"
+        assert "timeout 60" not in str(info.value)  # the command line stays in the debug log
+    finally:
+        transport.close()
+
+
+def test_exec_transport_streams_and_names_a_missing_command() -> None:
+    transport = ExecTransport(["env", "SNAPCOORD_VIA=prefix"], vm="ct")
+    received: list[bytes] = []
+    result = transport.run_streaming(
+        ["sh", "-c", 'printf "%s:" "$SNAPCOORD_VIA"; cat'],
+        timeout=30,
+        source=io.BytesIO(b"payload"),
+        consume=received.append,
+    )
+    assert result.ok and b"".join(received) == b"prefix:payload"
+    missing = ExecTransport(["snapcoord-no-such-command"], vm="ct")
+    with pytest.raises(GuestError, match="snapcoord-no-such-command"):
+        missing.run_streaming(["true"], timeout=30)
+
+
+@pytest.mark.parametrize("method", ["run", "run_streaming"])
+def test_a_shielded_command_finishes_before_an_interrupt_is_raised(
+    method: str, tmp_path: Path
+) -> None:
+    """A command on its way is not abandoned half-done (its undo would race it): Ctrl-C waits
+    for it, then is raised."""
+    transport = ExecTransport([], vm="local")
+    done = tmp_path / "done"
+    main = threading.get_ident()
+    timer = threading.Timer(0.3, signal.pthread_kill, args=(main, signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        getattr(transport, method)(
+            ["sh", "-c", 'sleep 1.5; echo finished >"$1"', "sh", str(done)],
+            timeout=30,
+            shield=True,
+        )
+    timer.join()
+    assert time.monotonic() - started >= 1.4
+    assert done.read_text() == "finished\n"
 
 
 def test_close_leaves_no_ssh_processes(ssh_guest: lab.SshGuest) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import subprocess
 import threading
@@ -76,6 +77,10 @@ class RecordingTransport:
     def run(self, argv: Sequence[str], **kwargs: Any) -> Completed:
         self.lines.append(self.inner.command_line(argv, sudo=kwargs.get("sudo", False)))
         return self.inner.run(argv, **kwargs)
+
+    def run_streaming(self, argv: Sequence[str], **kwargs: Any) -> Completed:
+        self.lines.append(self.inner.command_line(argv, sudo=kwargs.get("sudo", False)))
+        return self.inner.run_streaming(argv, **kwargs)
 
 
 @pytest.fixture
@@ -300,8 +305,9 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def guest_mysqldumps(guest: lab.SshGuest) -> list[int]:
-    """PIDs of mysqldump processes started through *this* lab sshd (other tests may dump too)."""
+def guest_processes(guest: lab.SshGuest, command: str = "mysqldump") -> list[int]:
+    """PIDs of ``command`` processes started through *this* lab sshd (other tests may dump
+    too)."""
     parents: dict[int, int] = {}
     names: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -316,7 +322,7 @@ def guest_mysqldumps(guest: lab.SshGuest) -> list[int]:
         parents[int(entry.name)] = int(stat_text[comm_end + 2 :].split()[1])
     found = []
     for pid, name in names.items():
-        if name != "mysqldump":
+        if name != command:
             continue
         current = pid
         while current > 1:
@@ -347,7 +353,7 @@ def test_store_filling_up_mid_stream_is_a_failed_dump(
     assert info.value.failed_dir == tiny_store / "lab" / "snap-full.failed"
     assert store.list_dumps(tiny_store, "lab") == []
     assert not (tiny_store / "lab" / "snap-full").exists()
-    assert _wait(lambda: not guest_mysqldumps(ssh_guest)), "mysqldump kept running in the guest"
+    assert _wait(lambda: not guest_processes(ssh_guest)), "mysqldump kept running in the guest"
 
 
 def test_mysqldump_killed_mid_stream_records_no_valid_dump(
@@ -367,7 +373,7 @@ def test_mysqldump_killed_mid_stream_records_no_valid_dump(
 
     def killer() -> None:
         if _wait(lambda: part.exists() and part.stat().st_size > 0):
-            for pid in guest_mysqldumps(ssh_guest):
+            for pid in guest_processes(ssh_guest):
                 os.kill(pid, 9)
                 killed.append(pid)
 
@@ -383,6 +389,71 @@ def test_mysqldump_killed_mid_stream_records_no_valid_dump(
     assert store.list_dumps(tmp_path, "lab") == []
     with pytest.raises(store.CorruptDump):
         store.find_dump(tmp_path, "lab", "snap-killed")
+
+
+class CutWhileLoading(io.RawIOBase):
+    """A dump file that, before its first bytes reach the guest, waits for the guest's
+    ``mysql`` client and then cuts the SSH connection under it."""
+
+    def __init__(self, path: Path, guest: lab.SshGuest) -> None:
+        self.handle = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.guest = guest
+        self.cut: list[int] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.cut:
+            assert _wait(lambda: guest_processes(self.guest, "mysql")), "no mysql in the guest"
+            self.cut = lab.cut_server_side(self.guest)
+        return self.handle.readinto(buffer)
+
+    def close(self) -> None:
+        self.handle.close()
+        super().close()
+
+
+class CuttingTransport(RecordingTransport):
+    """Streams into the guest come from a :class:`CutWhileLoading` of the same file."""
+
+    def __init__(self, inner: Transport, guest: lab.SshGuest) -> None:
+        super().__init__(inner)
+        self.guest = guest
+        self.sources: list[CutWhileLoading] = []
+
+    def run_streaming(self, argv: Sequence[str], **kwargs: Any) -> Completed:
+        source = CutWhileLoading(Path(kwargs["source"].name), self.guest)
+        self.sources.append(source)
+        with source:
+            return super().run_streaming(argv, **{**kwargs, "source": source})
+
+
+def test_a_connection_lost_while_a_dump_loads_is_a_failed_restore(
+    ssh_guest: lab.SshGuest, tmp_path: Path
+) -> None:
+    lab.ensure_running(["mariadb"])
+    dump = tmp_path / "cut.sql"
+    dump.write_bytes(
+        b"-- a hand-made dump\n"
+        b"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `snapcoord_cut`;\n"
+        b"USE `snapcoord_cut`;\nCREATE TABLE t (id INT PRIMARY KEY);\n"
+        b"INSERT INTO t VALUES (1),(2),(3);\n-- Dump completed on 2025-01-01  0:00:00\n"
+    )
+    vm = vm_config(ssh_guest, tmp_path)
+    assert vm.guest is not None
+    transport = CuttingTransport(open_transport(vm.guest, vm="lab"), ssh_guest)
+    transport.open()
+    try:
+        with pytest.raises(dumpfile.RestoreFailed, match="lost the SSH connection") as info:
+            mysql.restore(transport, vm="lab", guest=vm.guest, options=vm.dump, source=dump)
+    finally:
+        transport.close()
+        lab.mysql_exec("DROP DATABASE IF EXISTS snapcoord_cut")
+    sources = transport.sources
+    assert sources and sources[0].cut, "no sshd child served the connection"
+    assert info.value.exit_code == ExitCode.SNAPSHOT_FAILED
+    assert info.value.hint is not None and "snapcoord_cut may be incomplete" in info.value.hint
 
 
 def test_a_table_that_errors_fails_the_dump(

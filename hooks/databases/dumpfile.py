@@ -1,7 +1,7 @@
-"""What every database kind's logical dump shares: the guest pipeline script, streams to and
-from the guest, receiving a dump into the store (compression, completion line, gzip integrity,
-sha256 manifest, ``.failed`` on any problem), reading a stored dump back, and the comparison of
-row counts after a restore.
+"""What every database kind's logical dump shares: the guest pipeline script, receiving a dump
+into the store (compression, completion line, gzip integrity, sha256 manifest, ``.failed`` on
+any problem), reading a stored dump back, and the comparison of row counts after a restore. The
+streams to and from the guest are :meth:`Transport.run_streaming`'s.
 
 Nothing is written to the guest's disk except, when credentials are configured, a 0600 option
 file that lives only as long as the client (created with umask 077 by the guest shell from bytes
@@ -15,19 +15,16 @@ the service window. zstd runs in the guest (``zstd`` CLI; no Python zstd module 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any
 
-from snapcoord import store
+from snapcoord import shell, store
 from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
 from snapcoord.guest import Transport
 from snapcoord.shell import Completed
@@ -38,6 +35,10 @@ COMPRESS_ON = {"gzip": "coordinator", "zstd": "guest", "none": "guest"}
 SUFFIXES = {"gzip": ".sql.gz", "zstd": ".sql.zst", "none": ".sql"}
 CHUNK = 1 << 20
 TAIL = 512
+# zstd decompresses locally, to check a dump: the command, and a bound for scanning one that
+# nothing else bounds (at hundreds of MB/s, an hour is far more than any dump needs).
+_UNZSTD = ["zstd", "-q", "-d", "-c"]
+SCAN_TIMEOUT = 3600.0
 
 
 class DumpFailed(GuestError):
@@ -110,135 +111,6 @@ def client_error(result: Completed) -> str:
         if ln.strip() and not ln.startswith("snapcoord-status")
     ]
     return lines[-1][:300] if lines else f"exit status {result.returncode}"
-
-
-# --------------------------------------------------------------------------------------------
-# Streams from and to the guest.
-
-
-def stream_from_guest(
-    transport: Transport,
-    argv: Sequence[str],
-    *,
-    sudo: bool,
-    timeout: float,
-    stdin: bytes | None,
-    consume: Callable[[bytes], None],
-) -> Completed:
-    """Run a guest command whose stdout is fed, chunk by chunk, to ``consume`` in a thread.
-    If ``consume`` raises (store full), the pipe is closed so the guest side dies of SIGPIPE
-    instead of streaming on; that exception is re-raised in preference to the command's."""
-    read_fd, write_fd = os.pipe()
-    failure: list[BaseException] = []
-
-    def pump() -> None:
-        try:
-            while chunk := os.read(read_fd, CHUNK):
-                consume(chunk)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            os.close(read_fd)
-
-    thread = threading.Thread(target=pump, name="snapcoord-stream", daemon=True)
-    thread.start()
-    writer = os.fdopen(write_fd, "wb", buffering=0)
-    try:
-        result = transport.run(argv, sudo=sudo, timeout=timeout, stdin=stdin, stdout=writer)
-    except GuestError:
-        writer.close()
-        thread.join(timeout=60)
-        if failure:
-            raise failure[0] from None
-        raise
-    writer.close()
-    thread.join(timeout=60)
-    if thread.is_alive():
-        raise GuestError("the guest stream did not end after the command exited")
-    if failure:
-        raise failure[0]
-    return result
-
-
-def stream_to_guest(
-    transport: Transport,
-    argv: Sequence[str],
-    *,
-    sudo: bool,
-    timeout: float,
-    prefix: bytes,
-    source: BinaryIO,
-) -> Completed:
-    """Run a guest command with ``prefix`` then the whole of ``source`` on its stdin.
-
-    ``Transport.run`` takes stdin as bytes; a dump can be large, so this builds the same
-    command line (``Transport.command_line``) and streams the file from a thread."""
-    line = transport.command_line(argv, sudo=sudo)
-    started = time.monotonic()
-    process = subprocess.Popen(
-        line,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert process.stdin is not None
-
-    def feed(pipe: IO[bytes]) -> None:
-        try:
-            pipe.write(prefix)
-            while chunk := source.read(CHUNK):
-                pipe.write(chunk)
-        except (BrokenPipeError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                pipe.close()
-
-    feeder = threading.Thread(target=feed, args=(process.stdin,), daemon=True)
-    feeder.start()
-    timed_out = False
-    try:
-        out, err = _communicate_without_stdin(process, timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill(process)
-        out, err = _communicate_without_stdin(process, None)
-    except BaseException:
-        _kill(process)
-        process.wait()
-        raise
-    feeder.join(timeout=10)
-    return Completed(tuple(line), process.returncode, out, err, time.monotonic() - started,
-                     timed_out)  # fmt: skip
-
-
-def _communicate_without_stdin(
-    process: subprocess.Popen[bytes], timeout: float | None
-) -> tuple[bytes, bytes]:
-    """Collect stdout/stderr while another thread owns stdin."""
-    assert process.stdout is not None and process.stderr is not None
-    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
-
-    def drain(name: str, pipe: IO[bytes]) -> None:
-        while data := pipe.read(65536):
-            chunks[name].append(data)
-
-    readers = [
-        threading.Thread(target=drain, args=("out", process.stdout), daemon=True),
-        threading.Thread(target=drain, args=("err", process.stderr), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    process.wait(timeout=timeout)
-    for reader in readers:
-        reader.join(timeout=30)
-    return b"".join(chunks["out"]), b"".join(chunks["err"])
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, 9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,19 +187,20 @@ class Inspector:
                 self.stream_error = "the gzip stream is truncated"
 
 
-def zstd_inspect(path: Path) -> tuple[int, bytes, str | None]:
+def zstd_inspect(path: Path, *, timeout: float) -> tuple[int, bytes, str | None]:
     """(sql bytes, tail, error) of a .zst file, decompressed locally."""
     tail = b""
     total = 0
-    with subprocess.Popen(["zstd", "-q", "-d", "-c", str(path)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc:  # fmt: skip
-        assert proc.stdout is not None and proc.stderr is not None
-        while chunk := proc.stdout.read(CHUNK):
-            total += len(chunk)
-            tail = (tail + chunk[-TAIL:])[-TAIL:]
-        err = proc.stderr.read().decode(errors="replace").strip()
-    if proc.returncode != 0:
-        return total, tail, f"zstd -d failed: {err or proc.returncode}"
+
+    def consume(chunk: bytes) -> None:
+        nonlocal tail, total
+        total += len(chunk)
+        tail = (tail + chunk[-TAIL:])[-TAIL:]
+
+    result = shell.stream([*_UNZSTD, str(path)], timeout=timeout, consume=consume)
+    if not result.ok:
+        error = "timed out" if result.timed_out else result.error_text()
+        return total, tail, f"zstd -d failed: {error}"
     return total, tail, None
 
 
@@ -420,8 +293,8 @@ def receive(
     problem: str | None = None
     result: Completed | None = None
     try:
-        result = stream_from_guest(
-            transport, argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=inspector
+        result = transport.run_streaming(
+            argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=inspector
         )
         inspector.finish()
     except OSError as exc:
@@ -442,7 +315,7 @@ def receive(
         except OSError as exc:
             problem = f"storing the dump failed: {exc}"
     if problem is None and compression == "zstd":
-        sql_bytes, tail, error = zstd_inspect(sink.final)
+        sql_bytes, tail, error = zstd_inspect(sink.final, timeout=timeout)
         inspector.sql_bytes, inspector.tail = sql_bytes, tail
         entry["sql_bytes"] = sql_bytes
         problem = error or (None if fmt.marker.search(tail) else fmt.no_marker)
@@ -538,8 +411,11 @@ class RestoreSource:
         return {str(k): int(v) for k, v in tables.items()} if isinstance(tables, dict) else None
 
 
-def open_sql(path: Path, compression: str) -> Iterator[bytes]:
-    """The SQL of a dump file, chunk by chunk; raises CorruptDump on a broken stream."""
+def read_sql(
+    path: Path, compression: str, consume: Callable[[bytes], None], *, timeout: float
+) -> None:
+    """Hand the SQL of a dump file to ``consume``, chunk by chunk; raises CorruptDump on a
+    broken stream."""
     if compression == "gzip":
         inflate = zlib.decompressobj(31)
         fed = False  # has the current gzip member received any bytes?
@@ -548,7 +424,7 @@ def open_sql(path: Path, compression: str) -> Iterator[bytes]:
                 try:
                     while chunk:
                         fed = True
-                        yield inflate.decompress(chunk)
+                        consume(inflate.decompress(chunk))
                         if not inflate.eof:
                             break
                         chunk = inflate.unused_data
@@ -558,21 +434,20 @@ def open_sql(path: Path, compression: str) -> Iterator[bytes]:
         if fed and not inflate.eof:
             raise CorruptDump(f"{path} is truncated (incomplete gzip stream)")
     elif compression == "zstd":
-        with subprocess.Popen(["zstd", "-q", "-d", "-c", str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL) as proc:  # fmt: skip
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(CHUNK):
-                yield chunk
-        if proc.returncode != 0:
+        if not shell.stream([*_UNZSTD, str(path)], timeout=timeout, consume=consume).ok:
             raise CorruptDump(f"{path} is not a valid zstd file")
     else:
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK):
-                yield chunk
+                consume(chunk)
 
 
 def scan(
-    path: Path, compression: str, find: Callable[[bytes], str | None]
+    path: Path,
+    compression: str,
+    find: Callable[[bytes], str | None],
+    *,
+    timeout: float = SCAN_TIMEOUT,
 ) -> tuple[list[str], bytes]:
     """The database names ``find`` recognises in the dump's lines, and its last bytes; one
     pass over the SQL. ``find`` sees every whole line (without its newline)."""
@@ -580,9 +455,11 @@ def scan(
     carry = b""
     tail = b""
     total = 0
-    for chunk in open_sql(path, compression):
+
+    def take(chunk: bytes) -> None:
+        nonlocal carry, tail, total
         if not chunk:
-            continue
+            return
         total += len(chunk)
         tail = (tail + chunk[-TAIL:])[-TAIL:]
         text = carry + chunk
@@ -592,6 +469,8 @@ def scan(
             name = find(line)
             if name is not None and name not in databases:
                 databases.append(name)
+
+    read_sql(path, compression, take, timeout=timeout)
     if total == 0:
         raise CorruptDump(f"{path} holds no SQL")
     return databases, tail

@@ -34,7 +34,6 @@ from snapcoord.hooks.databases.dumpfile import (
     compress_where,
     read_verified,
     receive,
-    stream_to_guest,
 )
 from snapcoord.secrets import Secret
 from snapcoord.settings import DumpConfig, GuestConfig
@@ -413,8 +412,8 @@ def load(
     mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[source.compression]
     argv, cnf = client.argv(mode, "mysql", [*client.connection, "--batch"])
     with open(source.file, "rb") as handle:
-        return stream_to_guest(
-            transport, argv, sudo=client.sudo, timeout=timeout, prefix=cnf, source=handle
+        return transport.run_streaming(
+            argv, sudo=client.sudo, timeout=timeout, stdin=cnf, source=handle
         )
 
 
@@ -439,11 +438,15 @@ def restore(
     timeout = guest.dump_timeout
     started = time.monotonic()
     drop_databases(transport, client, prepared.to_drop, timeout=timeout)
-    loaded = load(transport, client, prepared, timeout=timeout)
+    try:
+        loaded = load(transport, client, prepared, timeout=timeout)
+        problem = None if loaded.ok else client_error(loaded)
+    except GuestError as exc:  # the connection broke while the dump streamed in
+        problem = exc.message
     result.seconds = time.monotonic() - started
-    if not loaded.ok:
+    if problem is not None:
         raise RestoreFailed(
-            f"loading {prepared.file.name} failed: {client_error(loaded)}",
+            f"loading {prepared.file.name} failed: {problem}",
             vm=vm,
             hint=f"the databases {', '.join(prepared.to_drop)} may be incomplete: "
             "fix the cause and run restore-dump again",
