@@ -16,6 +16,7 @@ from typing import Any
 
 from snapcoord.errors import GuestError
 from snapcoord.guest import NoAnswer, Transport
+from snapcoord.hooks import databases
 from snapcoord.hooks.services import _LIB
 
 # $0 = marker (visible in ps), $1 = init, $2 = seconds; environment: SERVICES (in start order),
@@ -146,13 +147,11 @@ def arm(
     sudo: bool,
     timeout: float,
     triggers: str = "",
-    db_shell: str = "",
 ) -> Watchdog:
-    """Start the watchdog for ``services`` (in start order, database first); ``db_shell``: the
-    database kind's functions (:meth:`Services.db_shell`)."""
+    """Start the watchdog for ``services`` (in start order, database first)."""
     marker = f"{MARKER_PREFIX}{run_id}"
     armed_at = time.time()
-    script = f"BODY={shlex.quote(db_shell + _BODY)}\n{_ARM}"
+    script = f"BODY={shlex.quote(_db_shell(database) + _BODY)}\n{_ARM}"
     argv = [
         "sh",
         "-c",
@@ -180,7 +179,7 @@ def disarm(
     argv = [
         "sh",
         "-c",
-        env + _DISARM,
+        _db_shell(watchdog.database) + env + _DISARM,
         "sh",
         str(watchdog.pid),
         watchdog.marker,
@@ -196,6 +195,11 @@ def disarm(
     if words and words[0] == "down":
         return Disarmed(False, tuple(words[1:]))
     return Disarmed(words == ["disarmed"])
+
+
+def _db_shell(database: str | None) -> str:
+    """``db_alive`` for the database the watchdog guards: its kind follows from the service."""
+    return databases.for_service(database).SHELL if database else ""
 
 
 def running(transport: Transport, run_id: str, *, vm: str, sudo: bool, timeout: float) -> list[int]:

@@ -315,8 +315,7 @@ def test_tls_fingerprint_pin(double: PveApiDouble, cert: Cert, tmp_path: Path) -
     with ProxmoxAdapter("pve", wrong) as adapter, pytest.raises(HypervisorError, match="TLS"):
         adapter.find_vm("db1")
     # the ticket login goes through the pinned session too
-    pinned = ticket_settings(double, cert, thumbprint=cert.sha256)
-    del pinned["ca_file"]
+    pinned = ticket_settings(double, cert, thumbprint=cert.sha256, ca_file=None)
     with ProxmoxAdapter("pve", pinned) as adapter:
         assert adapter.find_vm("ct1").id == "101"
 

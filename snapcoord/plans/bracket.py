@@ -93,7 +93,6 @@ class Bracket:
             sudo=self.sudo,
             timeout=self.timeout,
             triggers=self.services.triggers_text(),
-            db_shell=self.services.db_shell(),
         )
 
     def disarm(self) -> None:
