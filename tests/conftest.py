@@ -50,7 +50,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import idoit_fixture, lab
+from tests import idoit_fixture, lab, pg_fixture
 
 
 def _require_guest_tools() -> None:
@@ -149,3 +149,34 @@ def scratch_mariadb(_scratch_server: lab.ScratchMariaDB) -> lab.ScratchMariaDB:
         pytest.fail(f"the scratch MariaDB died; see {_scratch_server.log_file}")
     _scratch_server.reset()
     return _scratch_server
+
+
+# -- PostgreSQL (not in the MariaDB tests' guest: these fixtures add it) ----------------------
+
+PG_GUEST_SERVICES = (lab.PG_SERVICE, "apache2", "cron")
+
+
+@pytest.fixture
+def pg_services() -> Iterator[lab.GuestServices]:
+    """PostgreSQL (loopback and socket only), apache2 and cron running before and after the
+    test, under the lab lock; MariaDB is left as it is."""
+    lab.require_root()
+    lab.require("service")
+    for cmd in ("pg_lsclusters", "psql", "pg_isready", "runuser"):
+        lab.require(cmd)
+    if not lab.init_script_exists(lab.PG_SERVICE):
+        lab.require(f"/etc/init.d/{lab.PG_SERVICE}", "postgresql")
+    services = lab.GuestServices(names=PG_GUEST_SERVICES)
+    with lab.lab_lock():
+        lab.ensure_postgresql()
+        services.ensure_running()
+        try:
+            yield services
+        finally:
+            services.ensure_running()
+
+
+@pytest.fixture
+def pg_shop(pg_services: lab.GuestServices) -> pg_fixture.PgShop:
+    """The PostgreSQL dataset (tests/pg_fixture.py), built fresh for the test."""
+    return pg_fixture.build()

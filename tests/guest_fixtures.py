@@ -122,6 +122,7 @@ def guest_state() -> dict[str, Any]:
         "mysqld": lab.mysqld_running(),
         "apache2": lab.service_running("apache2"),
         "cron": lab.service_running("cron"),
+        "postmaster": lab.postmaster_pid() if lab.which("pg_lsclusters") else None,
         "time": time.time(),
     }
 

@@ -106,10 +106,13 @@ class DatabaseKind(Protocol):
 
 
 def _registry() -> dict[str, DatabaseKind]:
-    from snapcoord.hooks.databases import mysql
+    """Every kind, in the order ``database = "auto"`` tries their services: MySQL/MariaDB
+    first, so a guest running both is taken as the MySQL guest it was before PostgreSQL
+    support (name the service to choose PostgreSQL there)."""
+    from snapcoord.hooks.databases import mysql, postgresql
 
-    kind: DatabaseKind = mysql
-    return {kind.NAME: kind}
+    kinds: list[DatabaseKind] = [mysql, postgresql]
+    return {kind.NAME: kind for kind in kinds}
 
 
 def names() -> list[str]:
