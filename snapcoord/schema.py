@@ -278,7 +278,11 @@ DUMP: dict[str, Key] = {
         + " ".join(DEFAULT_DUMP_OPTIONS["mysql"])
         + "; pg_dumpall none)",
     ),
-    "databases": Key("strlist", "dump only these databases (default: --all-databases)", default=[]),
+    "databases": Key(
+        "strlist",
+        "MySQL only: dump only these databases (default: --all-databases)",
+        default=[],
+    ),
     "compression": Key(
         "choice", "compression of the stored dump", default="gzip", choices=("gzip", "zstd", "none")
     ),
@@ -289,8 +293,15 @@ DUMP: dict[str, Key] = {
         default="coordinator",
         choices=("coordinator", "guest"),
     ),
-    "user": Key("str", "MySQL user (default: the guest's client config / socket auth)"),
-    "password": Key("secret", "MySQL password (passed via a 0600 defaults file, never argv)"),
+    "user": Key(
+        "str",
+        "MySQL: the database user (default: the guest's client config / socket auth); "
+        "PostgreSQL: the superuser's OS account pg_dumpall runs as (default: postgres)",
+    ),
+    "password": Key(
+        "secret",
+        "MySQL only: the user's password (passed via a 0600 option file, never argv)",
+    ),
     "on_dump_failure": Key(
         "choice",
         "abort: no snapshot, exit 4; continue: snapshot anyway",
