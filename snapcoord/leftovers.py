@@ -14,8 +14,8 @@ from typing import Any
 from snapcoord.config import Config
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import open_transport
-from snapcoord.hooks import watchdog
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import Services
 
 #: The journal's ``pending`` names this undo from just before a watchdog is armed.
 DISARM = "disarm guest watchdog"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from snapcoord.config import Config
 from snapcoord.errors import PreflightError, ServiceNotRestored
 from snapcoord.guest import open_transport
-from snapcoord.hooks import watchdog
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import Services
 from snapcoord.leftovers import DISARM, unfinished
 from snapcoord.naming import new_run_id
 from snapcoord.run import ServiceWindow

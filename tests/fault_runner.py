@@ -325,7 +325,7 @@ FaultyLibvirtAdapter: Any = None  # set by main(); the class needs libvirt
 def _install(injector: Injector) -> None:
     """Hook the injector into the run: reporter, watchdog arming, SSH control directories."""
     from snapcoord import run as engine_module
-    from snapcoord.hooks import watchdog
+    from snapcoord.hooks.guest import watchdog
 
     original_init: Callable[..., None] = engine_module.Engine.__init__
 

@@ -402,7 +402,7 @@ class CellRun:
         if armed:
             self.armed_at = float(armed[0]["t"])
             self.run_id = str(armed[0]["marker"]).removeprefix("snapcoord-watchdog-")
-        else:  # hooks.watchdog.arm was not seen (renamed?): fall back on the arm step
+        else:  # hooks.guest.watchdog.arm was not seen (renamed?): fall back on the arm step
             ended = [
                 e
                 for e in events

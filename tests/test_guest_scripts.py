@@ -1,4 +1,4 @@
-"""The guest-side shell library (``hooks/services.py`` ``_LIB``) under dash, Debian's
+"""The guest-side shell library (``hooks/guest/services.py`` ``_LIB``) under dash, Debian's
 ``/bin/sh``, and bash: what its functions do, independent of any service."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from snapcoord.hooks.services import _LIB
+from snapcoord.hooks.guest.services import _LIB
 
 SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
 
@@ -86,7 +86,7 @@ def test_svc_stops_and_starts_a_service_with_its_triggers_in_one_systemctl_call(
 
 
 def test_probe_triggers_keep_only_plain_unit_names() -> None:
-    from snapcoord.hooks.services import _probe_triggers
+    from snapcoord.hooks.guest.services import _probe_triggers
 
     text = (
         "init systemd\nsvc mariadb 1 1\ntrigger mariadb mariadb.socket\n"

@@ -19,7 +19,7 @@ import pytest
 from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
 from snapcoord.guest import ConnectionLost, ExecTransport, SshTransport, open_transport
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.guest.services import Services
 from snapcoord.settings import GuestConfig
 from snapcoord.shell import CHUNK
 from tests import lab

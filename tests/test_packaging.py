@@ -36,7 +36,7 @@ def test_wheel_installs_only_the_snapcoord_namespace(tmp_path: Path) -> None:
     assert {t for t in tops if not t.endswith(".dist-info")} == {"snapcoord"}
     assert "snapcoord/adapters/base.py" in names
     assert "snapcoord/adapters/libvirt_adapter.py" in names
-    assert "snapcoord/hooks/services.py" in names
+    assert "snapcoord/hooks/guest/services.py" in names
     # every module of the tree, subpackages included (a package missing from pyproject's list
     # would install without it)
     tree = {"snapcoord": "snapcoord", "adapters": "snapcoord/adapters", "hooks": "snapcoord/hooks"}
@@ -50,7 +50,7 @@ def test_wheel_installs_only_the_snapcoord_namespace(tmp_path: Path) -> None:
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True)
     probe = (
-        "import importlib.util, snapcoord.adapters.base, snapcoord.hooks.services\n"
+        "import importlib.util, snapcoord.adapters.base, snapcoord.hooks.guest.services\n"
         "assert importlib.util.find_spec('snapcoord.adapters.libvirt_adapter')\n"
         "for bare in ('adapters', 'hooks'):\n"
         "    assert importlib.util.find_spec(bare) is None, bare\n"

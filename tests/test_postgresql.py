@@ -19,7 +19,7 @@ from snapcoord.errors import PreflightError
 from snapcoord.guest import SshTransport, Transport, open_transport
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases import dumpfile, postgresql
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow
 from snapcoord.secrets import Secret
 from snapcoord.store import CorruptDump

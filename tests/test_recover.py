@@ -113,7 +113,7 @@ def test_the_journal_names_the_disarm_before_the_watchdog_is_armed(
     """A kill during the arm must leave a journal that makes the next run look for the
     watchdog: the pending disarm is written before the arm command is sent."""
     from snapcoord import cli
-    from snapcoord.hooks import watchdog
+    from snapcoord.hooks.guest import watchdog
     from snapcoord.leftovers import DISARM, unfinished
 
     config, _state = stand_in_guest(tmp_path, libvirt_node, guest={"watchdog_seconds": 300})

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from snapcoord.guest import SshTransport
-from snapcoord.hooks import watchdog
+from snapcoord.hooks.guest import watchdog
 from tests import lab
 from tests.cli_helpers import json_lines
 from tests.guest_fixtures import (

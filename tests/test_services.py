@@ -1,4 +1,4 @@
-"""hooks/services.py against the loopback guest's real init scripts, MariaDB, Apache and cron."""
+"""hooks/guest/services.py against the loopback guest's real init scripts, MariaDB, Apache, cron."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from snapcoord.config import load_config
 from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import ExecTransport, SshTransport
-from snapcoord.hooks.services import Services
+from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow
 from tests import lab
 from tests.cli_helpers import snapcoord, write_config

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from snapcoord.guest import SshTransport
-from snapcoord.hooks import watchdog
+from snapcoord.hooks.guest import watchdog
 from tests import lab
 from tests.cli_helpers import json_lines, snapcoord
 from tests.guest_fixtures import (

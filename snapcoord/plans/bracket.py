@@ -10,8 +10,8 @@ from snapcoord.errors import (
     GuestError,
     ServiceNotRestored,
 )
-from snapcoord.hooks import watchdog
-from snapcoord.hooks.services import GuestServices
+from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import GuestServices
 from snapcoord.plans.context import RunContext
 from snapcoord.reconnect import reconnecting
 from snapcoord.run import Step

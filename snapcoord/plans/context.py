@@ -12,8 +12,9 @@ from snapcoord.errors import (
     SnapcoordError,
 )
 from snapcoord.guest import Transport, open_transport
-from snapcoord.hooks import commands, watchdog
-from snapcoord.hooks.services import Services
+from snapcoord.hooks import commands
+from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow, Step
 from snapcoord.settings import Config, GuestConfig, VMConfig
 

@@ -18,7 +18,7 @@ from snapcoord.errors import (
     UsageError,
 )
 from snapcoord.guest import GuestUnreachable
-from snapcoord.hooks import watchdog
+from snapcoord.hooks.guest import watchdog
 from snapcoord.naming import description, snapshot_name
 from snapcoord.plans.context import RunContext, connect_steps
 from snapcoord.run import Step

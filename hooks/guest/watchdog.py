@@ -17,7 +17,7 @@ from typing import Any
 from snapcoord.errors import GuestError
 from snapcoord.guest import NoAnswer, Transport
 from snapcoord.hooks import databases
-from snapcoord.hooks.services import _LIB
+from snapcoord.hooks.guest.services import _LIB
 
 # $0 = marker (visible in ps), $1 = init, $2 = seconds; environment: SERVICES (in start order),
 # DATABASE, INIT, TRIGGERS (Services.triggers_text)
