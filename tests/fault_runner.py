@@ -72,7 +72,7 @@ POSITIONS: dict[str, Position] = {
         "stop services", False, "started", 0.3, "0.3 s into stopping apache2 and cron"
     ),
     "during_dump": Position(
-        "mysqldump to store", False, "started", 0.2, "0.2 s into the mysqldump to the store"
+        "dump to store", False, "started", 0.2, "0.2 s into the mysqldump to the store"
     ),
     "after_database_stop": Position(
         "stop database", False, "ended", 0.0, "right after MariaDB was stopped"

@@ -42,8 +42,8 @@ def test_snapshot_brackets_postgresql_and_restore_dump_is_exact(
     assert proc.returncode == 0, proc.stderr
     (run,) = json_lines(proc.stdout)
     names = [s["name"] for s in run["steps"] if not s["undo"]]
-    assert names.index("stop services") < names.index("pg_dumpall to store")
-    assert names.index("pg_dumpall to store") < names.index("stop database")
+    assert names.index("stop services") < names.index("dump to store")
+    assert names.index("dump to store") < names.index("stop database")
     (seen,) = [e for e in observed(observe) if e["event"] == "create_snapshot"]
     assert seen["postmaster"] is None  # PostgreSQL was down for the snapshot ...
     assert not seen["apache2"] and not seen["cron"]

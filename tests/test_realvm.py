@@ -202,7 +202,7 @@ def test_1_snapshot_of_stock_debian_with_socket_activated_mariadb(
     FIGURES.update(
         window_seconds=summary["window_seconds"],
         snapshot_call_seconds=step_seconds(summary, "hypervisor snapshot"),
-        dump_seconds=step_seconds(summary, "mysqldump to store"),
+        dump_seconds=step_seconds(summary, "dump to store"),
         snapshot_run_seconds=round(elapsed, 1),
         isys_obj_rows=objects,
     )

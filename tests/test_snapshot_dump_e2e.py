@@ -41,8 +41,8 @@ def test_snapshot_with_dump_stores_a_verified_dump_that_loads_identically(
     assert proc.returncode == 0, proc.stderr
     (run,) = json_lines(proc.stdout)
     names = [s["name"] for s in run["steps"] if not s["undo"]]
-    assert names.index("stop services") < names.index("mysqldump to store")
-    assert names.index("mysqldump to store") < names.index("stop database")
+    assert names.index("stop services") < names.index("dump to store")
+    assert names.index("dump to store") < names.index("stop database")
 
     folder = Path(run["store_folder"])
     assert folder == tmp_path / "store" / "db1" / run["snapshot"]

@@ -39,7 +39,7 @@ class Fallback:
         if not self.enabled:
             return []
         what = " and ".join(
-            w for w, on in ((self._program, self.want_dump), ("archive", self.paths)) if on
+            w for w, on in (("dump", self.want_dump), ("archive", self.paths)) if on
         )
         return [
             Step(
@@ -55,12 +55,16 @@ class Fallback:
         steps = []
         if self.want_dump:
             options = self.ctx.vm_cfg.dump
-            args = " ".join(self.kind.check_options(options, vm="-")) if self.kind else "..."
+            if self.kind:
+                args = " ".join(self.kind.check_options(options, vm=self.ctx.key))
+                what = f"{self.kind.FORMAT.program} {args}"
+            else:  # database = "auto": the probe picks the kind
+                what = "the dump program of the database found (mysqldump, pg_dumpall)"
             steps.append(
                 Step(
-                    f"{self._program} to store",
+                    "dump to store",
                     self._dump,
-                    describe=f"{self._program} {args} | {options.compression} > store",
+                    describe=f"{what} | {options.compression} > store",
                 )
             )
         if self.paths:
@@ -68,10 +72,6 @@ class Fallback:
                 Step("archive files to store", self._archive, describe=" ".join(self.paths))
             )
         return steps
-
-    @property
-    def _program(self) -> str:
-        return self.kind.FORMAT.program if self.kind else "dump"
 
     # -- actions ---------------------------------------------------------------------------
     def _preflight(self) -> None:
