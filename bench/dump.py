@@ -1,6 +1,6 @@
 """Benchmark: snapcoord's streamed, verified dump vs ``ssh guest 'mysqldump … | gzip -9' > file``.
 
-Runs against a private MariaDB server (tests/lab.py scratch server, so other work on this machine
+Runs against a private MariaDB server (the scratch server of tests/lab/mariadb.py, so other work
 is not disturbed) reached over the loopback lab sshd. Generates ROWS rows of i-doit-like data
 (about 128 bytes of SQL per row), then times, RUNS times each, alternating:
 

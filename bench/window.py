@@ -1,7 +1,7 @@
 """Service window benchmark: snapcoord vs. a plain shell script doing the same steps (issue 3).
 
 Both bracket a libvirt test-driver snapshot of ``web1`` with stopping apache2, cron and mariadb in
-the loopback guest (tests/lab.py: a private sshd on 127.0.0.1, the machine's real services) and
+the loopback guest (tests/lab/: a private sshd on 127.0.0.1, the machine's real services) and
 starting them again. The runs alternate (snapcoord, script, snapcoord, ...) so drift hits both.
 
 snapcoord's *own overhead inside the window* is the window minus what it cannot make faster:

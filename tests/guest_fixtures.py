@@ -113,7 +113,7 @@ def watchdog_pids(run: str) -> list[int]:
 
     Only this run's: other test processes on the machine may have their own watchdogs."""
     marker = f"snapcoord-watchdog-{run}"
-    return [pid for pid, _comm, args in lab._process_table() if marker in args.split()]
+    return [pid for pid, _comm, args in lab.process_table() if marker in args.split()]
 
 
 def guest_state() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Guest transports against a real OpenSSH server on 127.0.0.1 (tests/lab.py): strict host keys,
+"""Guest transports against a real OpenSSH server on 127.0.0.1 (tests/lab/): strict host keys,
 pinned fingerprints, first contact, sudo, ssh_config aliases, warm shells, and the exec transport.
 """
 
@@ -402,7 +402,7 @@ def test_close_leaves_no_ssh_processes(ssh_guest: lab.SshGuest) -> None:
     control_dir = transport._dir
     assert control_dir is not None
     transport.close()
-    leftovers = [pid for pid, _comm, args in lab._process_table() if control_dir in args]
+    leftovers = [pid for pid, _comm, args in lab.process_table() if control_dir in args]
     assert leftovers == []
     assert not Path(control_dir).exists()
 

@@ -217,7 +217,7 @@ def test_broken_service_fails_to_start_and_is_repaired(
     guest_services.break_start("cron")
     guest_services.stop("cron")
     # Debian's cron init script exits 0 even when cron did not start: check the status
-    lab.run(lab._service_argv("cron", "start"), check=False)
+    lab.run(lab.service_argv("cron", "start"), check=False)
     assert not guest_services.running("cron")
     assert lab.repair_service("cron")
     assert Path("/etc/default/cron").read_text() == before

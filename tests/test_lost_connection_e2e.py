@@ -36,7 +36,7 @@ SCRIPT_FRAGMENTS = ("wait_until", "svc-begin", "db_alive", "mysqladmin ping >/de
 
 def process_with_args(args: str) -> bool:
     wanted = args.split()
-    return any(a.split() == wanted for _pid, _comm, a in lab._process_table())
+    return any(a.split() == wanted for _pid, _comm, a in lab.process_table())
 
 
 def journal(tmp_path: Path) -> Path:

@@ -159,7 +159,7 @@ def test_the_ssh_transport_reconnects_after_the_server_side_died(ssh_guest: lab.
         control_dir = transport._dir
         transport.close()
     assert control_dir is not None
-    assert [p for p, _c, args in lab._process_table() if control_dir in args] == []
+    assert [p for p, _c, args in lab.process_table() if control_dir in args] == []
 
 
 @pytest.mark.real
