@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import subprocess
@@ -20,12 +19,10 @@ from snapcoord.config import Config, VMConfig, parse_config
 from snapcoord.errors import ExitCode, PreflightError
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks.databases import dumpfile, mysql
-from snapcoord.plans.restore import DumpSource, restore_dump
 from snapcoord.secrets import Secret
 from snapcoord.shell import Completed
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
-from tests.test_restore_dump import dumped  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
@@ -529,8 +526,6 @@ def test_archive_of_a_missing_path_fails_cleanly(
 # dumps are made from real ones.
 
 
-pytestmark = pytest.mark.real
-
 DATABASE = "snapcoord_gap_dump"
 
 # A mysqldump in the guest's PATH that cuts its output short and still exits 0 (a wrapper, a
@@ -587,26 +582,3 @@ def test_a_dump_that_exits_0_without_the_completion_line_is_refused(
         lab.mysql_exec(f"DROP DATABASE IF EXISTS {DATABASE}")
     assert store.list_dumps(root, "lab") == []  # never presented as a usable dump
     assert (root / "lab" / "snap-cut.failed").is_dir()
-
-
-def test_a_cut_short_dump_in_a_valid_gzip_is_refused_before_anything_is_dropped(
-    dumped: tuple[Any, Path],
-    idoit_db: IdoitDB,
-    guest_services: lab.GuestServices,
-    tmp_path: Path,
-) -> None:
-    config, folder = dumped
-    sql = gzip.decompress((folder / "mysql.sql.gz").read_bytes())
-    cut = sql.rfind(b"\n", 0, len(sql) // 2) + 1  # whole statements only: it would load
-    loose = tmp_path / "cut" / "idoit.sql.gz"
-    loose.parent.mkdir()
-    loose.write_bytes(gzip.compress(sql[:cut]))  # an intact gzip stream of half the SQL
-    idoit_db.mutate_data()
-    changed = idoit_db.current_checksums()
-
-    with pytest.raises(store.CorruptDump, match="Dump completed") as info:
-        restore_dump(config, "lab", source=DumpSource(file=loose))
-
-    assert info.value.exit_code == ExitCode.PREFLIGHT
-    assert idoit_db.current_checksums() == changed  # nothing dropped, nothing loaded
-    assert guest_services.all_running()

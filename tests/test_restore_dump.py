@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from collections.abc import Iterator
@@ -173,3 +174,27 @@ def test_missing_and_failed_dumps_are_named(dumped: tuple[Any, Path]) -> None:
     folder.rename(folder.with_name("snap-1.failed"))
     with pytest.raises(store.CorruptDump, match="failed when it was taken"):
         restore_dump(config, "lab", source=DumpSource(snapshot="snap-1"))
+
+
+# A restore refuses a dump cut short inside an intact gzip stream before anything is dropped.
+def test_a_cut_short_dump_in_a_valid_gzip_is_refused_before_anything_is_dropped(
+    dumped: tuple[Any, Path],
+    idoit_db: IdoitDB,
+    guest_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    config, folder = dumped
+    sql = gzip.decompress((folder / "mysql.sql.gz").read_bytes())
+    cut = sql.rfind(b"\n", 0, len(sql) // 2) + 1  # whole statements only: it would load
+    loose = tmp_path / "cut" / "idoit.sql.gz"
+    loose.parent.mkdir()
+    loose.write_bytes(gzip.compress(sql[:cut]))  # an intact gzip stream of half the SQL
+    idoit_db.mutate_data()
+    changed = idoit_db.current_checksums()
+
+    with pytest.raises(store.CorruptDump, match="Dump completed") as info:
+        restore_dump(config, "lab", source=DumpSource(file=loose))
+
+    assert info.value.exit_code == ExitCode.PREFLIGHT
+    assert idoit_db.current_checksums() == changed  # nothing dropped, nothing loaded
+    assert guest_services.all_running()
