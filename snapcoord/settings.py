@@ -144,11 +144,6 @@ class VMConfig:
     dump: DumpConfig
     archive: ArchiveConfig
 
-    def require_guest(self) -> GuestConfig:
-        if self.guest is None:
-            raise UsageError(f"{self.key}: no [vms.{self.key}.guest] table configured")
-        return self.guest
-
 
 @dataclass(frozen=True)
 class Config:

@@ -5,6 +5,8 @@ process and ask whether it answers (shell functions sourced into every service, 
 and watchdog script), and its logical dump: preflight, dump streamed off the guest, restore
 (drop first) with row counts compared. The core (services, watchdog, plans, fallback, restore)
 calls only this protocol. A new kind is one module here plus its tests (docs/architecture.md).
+Pausing writes instead of stopping the server (holding commits across the snapshot call) will
+be one more protocol function per kind.
 """
 
 from __future__ import annotations
