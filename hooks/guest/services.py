@@ -172,7 +172,6 @@ class GuestServices:
     services: list[str]  # configured non-database services that exist
     running: dict[str, bool] = field(default_factory=dict)  # state before the run
     stopped: list[str] = field(default_factory=list)  # what this run stopped (undo uses it)
-    kind: str | None = None  # the database's kind (hooks/databases), None without a database
     pidfile: str | None = None  # the database's PID file, found in preflight
     direct_status: bool = False  # `service` is the system's: init scripts may be asked directly
     #: service -> active systemd units that would start it again (mariadb -> mariadb.socket):
@@ -182,6 +181,11 @@ class GuestServices:
     def to_stop(self) -> list[str]:
         """Only services that were running: never touch what the admin had stopped."""
         return [s for s in self.services if self.running.get(s)]
+
+    @property
+    def kind(self) -> str | None:
+        """The name of the database's kind (hooks/databases), None without a database."""
+        return databases.for_service(self.database).NAME if self.database else None
 
     @property
     def database_running(self) -> bool:
@@ -211,8 +215,7 @@ class Services:
         candidates = databases.auto_candidates() if database == "auto" else []
         if database not in ("auto", "none"):
             candidates = [database]
-        kinds = list({databases.for_service(c).NAME: databases.for_service(c)
-                      for c in candidates}.values())  # fmt: skip
+        kinds = list({k.NAME: k for k in map(databases.for_service, candidates)}.values())
         result = self.transport.run(
             ["sh", "-c", _probe_script(kinds), "sh", *configured, *candidates],
             sudo=self.sudo,
@@ -256,7 +259,6 @@ class Services:
             running={
                 s: running.get(s, False) for s in [*configured, *([chosen] if chosen else [])]
             },
-            kind=kind.NAME if kind else None,
             pidfile=_probe_pidfile(text, kind.NAME) if kind else None,
             direct_status=_probe_value(text, "wrapper") in SYSTEM_SERVICE_WRAPPERS,
             triggers={s: t for s, t in _probe_triggers(text).items() if s in running},
