@@ -325,6 +325,10 @@ def _report(args: argparse.Namespace, key: str, result: RunResult, summary: dict
             parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
         elif window is not None:
             parts.append(f"service window {window:.2f} s")
+        elif summary.get("consistency") == "pause":
+            paused = summary.get("write_pause_seconds")
+            held = "" if paused is None else f"writes paused {paused:.2f} s, "
+            parts.append(f"{held}no service stopped")
         print(", ".join(parts))
     for failure in result.failures:
         print(f"snapcoord: error: {failure}", file=sys.stderr)

@@ -219,6 +219,29 @@ GUEST: dict[str, Key] = {
         default="auto",
         check=_service_name,
     ),
+    "consistency": Key(
+        "choice",
+        "'stop': stop the services and the database around the snapshot (a clean shutdown); "
+        "'pause': keep everything running and hold only commits for the snapshot call "
+        "(crash-consistent at a recorded commit point; MySQL/MariaDB only, docs/consistency.md)",
+        default="stop",
+        choices=("stop", "pause"),
+    ),
+    "pause_method": Key(
+        "choice",
+        "how 'pause' holds commits: 'auto' (BACKUP STAGE on MariaDB >= 10.4, else FLUSH TABLES "
+        "WITH READ LOCK), 'backup_stage' or 'ftwrl'",
+        default="auto",
+        choices=("auto", "backup_stage", "ftwrl"),
+    ),
+    "pause_timeout": Key(
+        "float",
+        "the longest commits may ever be held in 'pause' mode; the guest ends the lock session "
+        "after this even if snapcoord dies or the network goes",
+        default=60.0,
+        minimum=5,
+        maximum=3600,
+    ),
     "check_url": Key("str", "HTTP URL that must answer after the web server restarted"),
     "dump": Key(
         "bool",

@@ -93,6 +93,9 @@ class GuestConfig:
     services: tuple[str, ...]
     parallel_services: bool
     database: str
+    consistency: str
+    pause_method: str
+    pause_timeout: float
     check_url: str | None
     dump: bool
     watchdog_seconds: int

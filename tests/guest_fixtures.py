@@ -32,6 +32,7 @@ from tests.cli_helpers import REPO, write_config
 
 OBSERVE_ENV = "SNAPCOORD_TEST_OBSERVE"
 FAIL_ENV = "SNAPCOORD_TEST_FAIL_SNAPSHOT"
+DELAY_ENV = "SNAPCOORD_TEST_SNAPSHOT_SECONDS"  # a slow hypervisor: create_snapshot takes this long
 VM_NAME = "web1"  # a running domain of tests.libvirt_nodes.DEFAULT_DOMAINS
 
 
@@ -70,10 +71,14 @@ def observed(path: Path) -> list[dict[str, Any]]:
 
 
 def run_observed(
-    *args: str, observe: Path, fail_snapshot: bool = False, timeout: float = 180
+    *args: str,
+    observe: Path,
+    fail_snapshot: bool = False,
+    snapshot_seconds: float = 0,
+    timeout: float = 180,
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a child process with :class:`ObservingLibvirtAdapter` installed."""
-    env = {**os.environ, OBSERVE_ENV: str(observe)}
+    env = {**os.environ, OBSERVE_ENV: str(observe), DELAY_ENV: str(snapshot_seconds)}
     if fail_snapshot:
         env[FAIL_ENV] = "1"
     return subprocess.run(
@@ -86,8 +91,10 @@ def run_observed(
     )
 
 
-def popen_observed(*args: str, observe: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, OBSERVE_ENV: str(observe)}
+def popen_observed(
+    *args: str, observe: Path, snapshot_seconds: float = 0
+) -> subprocess.Popen[str]:
+    env = {**os.environ, OBSERVE_ENV: str(observe), DELAY_ENV: str(snapshot_seconds)}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.guest_fixtures", *args],
         stdout=subprocess.PIPE,
@@ -150,6 +157,7 @@ def _observing_class() -> type:
             timeout: float,
         ) -> Snapshot:
             self._record("create_snapshot", name=name, **guest_state())
+            time.sleep(float(os.environ.get(DELAY_ENV) or 0))
             if os.environ.get(FAIL_ENV):
                 raise HypervisorError("simulated failure: datastore full", vm=vm.name)
             return super().create_snapshot(

@@ -5,8 +5,9 @@ process and ask whether it answers (shell functions sourced into every service, 
 and watchdog script), and its logical dump: preflight, dump streamed off the guest, restore
 (drop first) with row counts compared. The core (services, watchdog, plans, fallback, restore)
 calls only this protocol. A new kind is one module here plus its tests (docs/architecture.md).
-Pausing writes instead of stopping the server (holding commits across the snapshot call) will
-be one more protocol function per kind.
+A kind may also pause writes instead of stopping the server (``consistency = "pause"``: hold
+commits across the snapshot call, hooks/databases/pause.py); a kind that cannot refuses it in
+``check_pause``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
         RestoreResult,
         RestoreSource,
     )
+    from snapcoord.hooks.databases.pause import PausePlan, WritePause
     from snapcoord.settings import DumpConfig, GuestConfig
     from snapcoord.store import RunDir
 
@@ -47,6 +49,10 @@ class DatabaseKind(Protocol):
     SECTION: str
     #: its dump's program, file name and completion line
     FORMAT: DumpFormat
+    #: how it can hold commits for ``consistency = "pause"``: method -> its SQL (empty: it cannot)
+    PAUSE_METHODS: dict[str, tuple[str, ...]]
+    #: dump options a dump taken while the application writes needs (pause mode adds them)
+    ONLINE_DUMP_OPTIONS: tuple[str, ...]
 
     def owns(self, service: str) -> bool:
         """Does ``service`` (a unit or init script name) run this kind of server?"""
@@ -104,6 +110,38 @@ class DatabaseKind(Protocol):
         dry_run: bool = False,
     ) -> RestoreResult:
         """Drop the databases the dump holds, load it, compare row counts with the manifest."""
+        ...
+
+    def check_pause(
+        self, transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+    ) -> PausePlan:
+        """Preflight of ``consistency = "pause"``: the method, what is recorded and synced;
+        a PreflightError when the kind (or this server) cannot hold commits."""
+        ...
+
+    def pause(
+        self,
+        transport: Transport,
+        *,
+        vm: str,
+        guest: GuestConfig,
+        options: DumpConfig,
+        plan: PausePlan,
+        run_id: str,
+    ) -> WritePause:
+        """The pause of one run (not yet holding): ``hold``, ``verify``, ``release``."""
+        ...
+
+    def position(
+        self, transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+    ) -> dict[str, str] | None:
+        """The commit position now (binary log / GTID), None when there is none."""
+        ...
+
+    def prove_writes(
+        self, transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig, run_id: str
+    ) -> None:
+        """Commit a test write (after a revert: no lock from the snapshot survives)."""
         ...
 
 

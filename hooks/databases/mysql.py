@@ -35,6 +35,7 @@ from snapcoord.hooks.databases.dumpfile import (
     read_verified,
     receive,
 )
+from snapcoord.hooks.databases.pause import PausePlan, WritePause
 from snapcoord.secrets import Secret
 from snapcoord.settings import DumpConfig, GuestConfig
 from snapcoord.shell import Completed
@@ -458,3 +459,65 @@ def restore(
         actual = row_counts(client, transport, dbs, timeout=timeout)
     compare_rows(result, expected, actual, vm=vm)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Pausing writes (hooks/databases/mysql_pause.py)
+
+#: method -> the statements that hold commits (each waits at most lock_wait_timeout), released
+#: by RELEASE[method]
+PAUSE_METHODS: dict[str, tuple[str, ...]] = {
+    "backup_stage": (
+        "BACKUP STAGE START",
+        "BACKUP STAGE FLUSH",
+        "BACKUP STAGE BLOCK_DDL",
+        "BACKUP STAGE BLOCK_COMMIT",
+    ),
+    "ftwrl": ("FLUSH NO_WRITE_TO_BINLOG TABLES", "FLUSH TABLES WITH READ LOCK"),
+}
+RELEASE: dict[str, tuple[str, ...]] = {
+    "backup_stage": ("BACKUP STAGE END",),
+    "ftwrl": ("UNLOCK TABLES",),
+}
+#: the dump in pause mode runs while the application writes: one consistent InnoDB snapshot
+ONLINE_DUMP_OPTIONS: tuple[str, ...] = ("--single-transaction",)
+
+
+def check_pause(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+) -> PausePlan:
+    from snapcoord.hooks.databases import mysql_pause
+
+    return mysql_pause.check_pause(transport, vm=vm, guest=guest, options=options)
+
+
+def pause(
+    transport: Transport,
+    *,
+    vm: str,
+    guest: GuestConfig,
+    options: DumpConfig,
+    plan: PausePlan,
+    run_id: str,
+) -> WritePause:
+    from snapcoord.hooks.databases import mysql_pause
+
+    return mysql_pause.MySQLPause(
+        transport, vm=vm, guest=guest, options=options, plan=plan, run_id=run_id
+    )
+
+
+def position(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+) -> dict[str, str] | None:
+    from snapcoord.hooks.databases import mysql_pause
+
+    return mysql_pause.position(transport, vm=vm, guest=guest, options=options)
+
+
+def prove_writes(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig, run_id: str
+) -> None:
+    from snapcoord.hooks.databases import mysql_pause
+
+    mysql_pause.prove_writes(transport, vm=vm, guest=guest, options=options, run_id=run_id)

@@ -53,6 +53,7 @@ from snapcoord.hooks.databases.dumpfile import (
     read_verified,
     receive,
 )
+from snapcoord.hooks.databases.pause import PausePlan, WritePause, refuse
 from snapcoord.settings import DumpConfig, GuestConfig
 from snapcoord.shell import Completed
 from snapcoord.store import RunDir
@@ -557,3 +558,43 @@ def _dumped_databases(prepared: RestoreSource) -> list[str]:
     listed = section.get("databases") if isinstance(section, dict) else None
     names = [str(d) for d in listed] if isinstance(listed, list) else []
     return names or list(prepared.to_drop)
+
+
+# --------------------------------------------------------------------------------------------
+# Pausing writes: PostgreSQL has no statement that holds every commit while the server keeps
+# running (no BACKUP STAGE, no global read lock), so consistency = "pause" is refused in
+# preflight, before anything is touched. Its dump (pg_dumpall) is consistent per database
+# while the application writes, so it needs no extra options.
+
+PAUSE_METHODS: dict[str, tuple[str, ...]] = {}
+ONLINE_DUMP_OPTIONS: tuple[str, ...] = ()
+
+
+def check_pause(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+) -> PausePlan:
+    raise refuse("PostgreSQL", vm=vm)
+
+
+def pause(
+    transport: Transport,
+    *,
+    vm: str,
+    guest: GuestConfig,
+    options: DumpConfig,
+    plan: PausePlan,
+    run_id: str,
+) -> WritePause:
+    raise refuse("PostgreSQL", vm=vm)
+
+
+def position(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig
+) -> dict[str, str] | None:
+    return None  # only recorded for pauses, which PostgreSQL refuses
+
+
+def prove_writes(
+    transport: Transport, *, vm: str, guest: GuestConfig, options: DumpConfig, run_id: str
+) -> None:
+    raise refuse("PostgreSQL", vm=vm)  # only called for kinds with PAUSE_METHODS

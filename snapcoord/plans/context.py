@@ -13,6 +13,7 @@ from snapcoord.errors import (
 )
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks import commands
+from snapcoord.hooks.databases.pause import WritePause
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow, Step
@@ -32,6 +33,7 @@ class RunContext:
     vm: VM | None = None
     watchdog: watchdog.Watchdog | None = None
     snapshot: Snapshot | None = None
+    pause: WritePause | None = None  # consistency = "pause": holding commits
     snapshot_name: str = ""
     notes: list[str] = field(default_factory=list)  # warnings shown at the end
     window: ServiceWindow = field(default_factory=ServiceWindow)

@@ -8,13 +8,16 @@ streamed; after the services are back the folder is committed (or kept as ``.fai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
 
-from snapcoord import store
+from snapcoord import schema, store
 from snapcoord.errors import PreflightError
 from snapcoord.hooks import archive, databases
 from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan
 from snapcoord.run import Step
+from snapcoord.settings import DumpConfig
 
 if TYPE_CHECKING:
     from snapcoord.plans.context import RunContext
@@ -30,6 +33,20 @@ class Fallback:
         #: the database kind, when [guest] database names one; else known after the probe
         self.kind = databases.configured(guest.database)
         self.run_dir: store.RunDir | None = None
+        self.pausing = guest.consistency == "pause"
+        self._dump_record: dict[str, Any] = {}  # pause mode: when and at what position
+
+    def options(self) -> DumpConfig:
+        """``[vms.X.dump]``; in pause mode with the options a dump taken while the application
+        writes needs (``--single-transaction`` for MySQL), added when missing."""
+        options = self.ctx.vm_cfg.dump
+        if not self.pausing or self.kind is None or not self.kind.ONLINE_DUMP_OPTIONS:
+            return options
+        base = options.options
+        if base is None:
+            base = schema.DEFAULT_DUMP_OPTIONS[self.kind.NAME]
+        missing = tuple(o for o in self.kind.ONLINE_DUMP_OPTIONS if o not in base)
+        return dataclasses.replace(options, options=(*base, *missing)) if missing else options
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +71,7 @@ class Fallback:
     def window_steps(self) -> list[Step]:
         steps = []
         if self.want_dump:
-            options = self.ctx.vm_cfg.dump
+            options = self.options()
             if self.kind:
                 args = " ".join(self.kind.check_options(options, vm=self.ctx.key))
                 what = f"{self.kind.FORMAT.program} {args}"
@@ -64,7 +81,8 @@ class Fallback:
                 Step(
                     "dump to store",
                     self._dump,
-                    describe=f"{what} | {options.compression} > store",
+                    describe=f"{what} | {options.compression} > store"
+                    + (", before the pause, while the application runs" if self.pausing else ""),
                 )
             )
         if self.paths:
@@ -91,7 +109,7 @@ class Fallback:
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
-                options=ctx.vm_cfg.dump,
+                options=self.options(),
                 store_root=root,
             )
         if self.paths:
@@ -108,12 +126,16 @@ class Fallback:
     def _dump(self) -> None:
         ctx = self.ctx
         assert ctx.transport is not None and self.run_dir is not None and self.kind is not None
+        if self.pausing:
+            self._dump_record["position_at_dump"] = self.kind.position(
+                ctx.transport, vm=ctx.key, guest=ctx.guest, options=ctx.vm_cfg.dump
+            )
         try:
             result = self.kind.dump(
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
-                options=ctx.vm_cfg.dump,
+                options=self.options(),
                 run_dir=self.run_dir,
                 plan=self.plan,
                 compress_on=ctx.vm_cfg.dump.compress_on,
@@ -124,6 +146,7 @@ class Fallback:
                 ctx.notes.append("the dump failed; snapshot taken anyway (on_dump_failure)")
                 return
             raise
+        self._dump_record["dump_ended"] = time.time()
         ctx.outputs["dump"] = {
             "file": result.path.name,
             "sha256": result.sha256,
@@ -156,4 +179,17 @@ class Fallback:
             run.discard()
             return
         run.sections["snapshot_taken"] = self.ctx.snapshot is not None
+        if self.pausing:
+            run.sections["consistency"] = self._pause_record()
         self.ctx.outputs["store_folder"] = str(run.commit())
+
+    def _pause_record(self) -> dict[str, Any]:
+        """In pause mode the dump precedes the snapshot: by how long, at which position."""
+        record: dict[str, Any] = {"mode": "pause", **self._dump_record}
+        pause = self.ctx.pause
+        held_from = pause.result.held_from if pause is not None else None
+        ended = self._dump_record.get("dump_ended")
+        if held_from is not None and ended is not None:
+            record["dump_precedes_snapshot_seconds"] = round(held_from - ended, 3)
+            record["snapshot_position"] = pause.result.position if pause else None
+        return record

@@ -18,6 +18,8 @@ from snapcoord.errors import (
     UsageError,
 )
 from snapcoord.guest import GuestUnreachable
+from snapcoord.hooks import databases
+from snapcoord.hooks.databases import pause
 from snapcoord.hooks.guest import watchdog
 from snapcoord.naming import description, snapshot_name
 from snapcoord.plans.context import RunContext, connect_steps
@@ -124,6 +126,14 @@ def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
                 f"stopped {len(killed)} snapcoord watchdog(s) that the revert brought back "
                 f"(pid {', '.join(map(str, killed))}): the snapshot's memory held them"
             )
+        stale = pause.kill_sessions(
+            ctx.transport, vm=ctx.key, sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
+        )
+        if stale:
+            ctx.notes.append(
+                f"ended {len(stale)} snapcoord lock session process(es) that the revert brought "
+                f"back (pid {', '.join(map(str, stale))}): the snapshot's memory held them"
+            )
         clock = guest_clock.sync_after_revert(
             ctx.adapter,
             ctx.require_vm(),
@@ -142,8 +152,24 @@ def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
         down = [s for s in state.services if not state.running.get(s)]
         state.stopped.extend(down)
         ctx.services.start(down, window)
+        snapshot = found.require_snapshot()
+        kind = databases.get(state.kind) if state.kind else None
+        if kind and kind.PAUSE_METHODS and (stale or snapshot.memory or _paused(snapshot)):
+            kind.prove_writes(
+                ctx.transport,
+                vm=ctx.key,
+                guest=ctx.guest,
+                options=ctx.vm_cfg.dump,
+                run_id=ctx.run_id,
+            )
+            ctx.notes.append("a test write committed: no lock from the snapshot is held")
     finally:
         ctx.transport.close()
+
+
+def _paused(snapshot: Snapshot) -> bool:
+    """Was ``snapshot`` taken with writes paused (its description says so)?"""
+    return "consistency=pause" in snapshot.description.split()
 
 
 def _wait_for_guest(ctx: RunContext) -> None:
