@@ -278,7 +278,10 @@ HOOKS: dict[str, Key] = {
         "strlist", "guest shell commands before anything stops (failure: abort)", default=[]
     ),
     "frozen": Key(
-        "strlist", "guest commands after the database stopped, before the snapshot", default=[]
+        "strlist",
+        "guest commands right before the snapshot: after the database stopped, or while its "
+        "commits are held (consistency = 'pause')",
+        default=[],
     ),
     "after": Key(
         "strlist", "guest commands after everything is back (failure: reported)", default=[]

@@ -91,9 +91,7 @@ def run_observed(
     )
 
 
-def popen_observed(
-    *args: str, observe: Path, snapshot_seconds: float = 0
-) -> subprocess.Popen[str]:
+def popen_observed(*args: str, observe: Path, snapshot_seconds: float = 0) -> subprocess.Popen[str]:
     env = {**os.environ, OBSERVE_ENV: str(observe), DELAY_ENV: str(snapshot_seconds)}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.guest_fixtures", *args],

@@ -91,7 +91,8 @@ class Load:
     """The writer and the reader; ``with Load() as load:`` runs them."""
 
     def __init__(self) -> None:
-        self.writer = _Client(f"INSERT INTO {SCHEMA}.w (v) VALUES ({{n}}); SELECT {{n}}, @@last_gtid;")
+        insert = f"INSERT INTO {SCHEMA}.w (v) VALUES ({{n}});"
+        self.writer = _Client(insert + " SELECT {n}, @@last_gtid;")
         self.reader = _Client(f"SELECT COUNT(*) FROM {SCHEMA}.w;")
 
     def __enter__(self) -> Load:

@@ -277,9 +277,11 @@ class MySQLPause:
         too, and the guest's time limit is the last resort."""
         if self.session.alive and self._held:
             self.result.release_sent = time.time()
+            # Past the guest's time limit the session is gone: do not wait for its answer.
+            timeout = max(1.0, min(self.guest.command_timeout, self.remaining() + 2))
             for statement in RELEASE[self.plan.method]:
                 try:
-                    self._q(statement, timeout=self.guest.command_timeout)
+                    self._q(statement, timeout=timeout)
                 except LockLost:
                     break  # the session is gone: so is its lock
         if self._held and self.result.held_from is not None and self.result.released_at is None:
