@@ -94,3 +94,22 @@ def test_a_failing_pg_dumpall_aborts_and_continue_snapshots_anyway(
         assert pg_services.all_running() and lab.postmaster_pid() is not None
     store = tmp_path / "store" / VM_NAME
     assert sorted(p.name.endswith(".failed") for p in store.iterdir()) == [True, True]
+
+
+def test_pause_is_refused_for_postgresql_before_anything_is_touched(
+    tmp_path: Path, libvirt_node: str, ssh_guest: lab.SshGuest, pg_services: lab.GuestServices
+) -> None:
+    guest = ssh_guest.guest_table(database="postgresql", consistency="pause")
+    config = guest_config(tmp_path, libvirt_node, guest)
+    before = lab.postmaster_pid()
+
+    proc = run_observed("-c", str(config), "snapshot", VM_NAME, "--json",
+                        observe=tmp_path / "o.jsonl")  # fmt: skip
+
+    assert proc.returncode == 4, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not possible with PostgreSQL" in lines[0], lines
+    assert "consistency = 'stop'" in lines[0]
+    (run,) = json_lines(proc.stdout)
+    assert "hypervisor snapshot" not in [s["name"] for s in run["steps"]]
+    assert lab.postmaster_pid() == before and pg_services.all_running()

@@ -267,6 +267,33 @@ def test_guest_bracketed_snapshot_over_ssh(
 
 
 @pytest.mark.real
+def test_pause_holds_commits_around_the_proxmox_snapshot(
+    run: Callable[..., Any],
+    double: PveApiDouble,
+    cert: Cert,
+    ssh_guest: lab.SshGuest,
+    guest_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    guest = ssh_guest.guest_table(consistency="pause", pause_timeout=20.0)
+    config = pve_config(tmp_path / "pause.toml", double, cert, guest=guest)
+    server = lab.mysqld_pids()
+
+    proc = run("snapshot", "db", "--json", config=config)
+
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert result["consistency"] == "pause" and result["window_seconds"] is None
+    assert result["write_pause_seconds"] > 0
+    names = [s["name"] for s in result["steps"]]
+    snap_at = names.index("hypervisor snapshot")
+    assert "pause writes" in names[:snap_at] and "resume writes" in names[snap_at + 1 :]
+    assert not {"stop services", "stop database"} & set(names)
+    assert lab.mysqld_pids() == server  # never restarted
+    assert [s["name"] for s in snapshots(run, "db")] == [result["snapshot"]]
+
+
+@pytest.mark.real
 def test_locked_vm_stops_nothing(
     run: Callable[..., Any],
     double: PveApiDouble,

@@ -351,7 +351,47 @@ def test_5_connection_cut_inside_the_window_is_reconnected(
     assert _journal(cfg) is None
 
 
-def test_6_figures(real_guest: RealGuest) -> None:
+def test_6_pause_keeps_everything_running_and_a_revert_ends_the_resumed_lock(
+    real_guest: RealGuest,
+    config: Path,
+) -> None:
+    """consistency = "pause" on stock Debian: nothing restarts, commits are held for the RAM
+    snapshot. Reverting to that snapshot resumes the guest with the lock session still holding
+    BLOCK_COMMIT: snapcoord ends it and proves a write commits."""
+    guest = real_guest
+    server = guest.ssh("pgrep -x mariadbd").stdout.split()
+    uptime = mariadb_uptime(guest)
+    cfg = config_with(config, "pause", consistency="pause", pause_timeout=300.0, dump=True)
+    started = time.monotonic()
+    code, summary, stderr = run(cfg, "snapshot", "guest")
+    elapsed = time.monotonic() - started
+    assert code == 0, stderr
+    assert summary["consistency"] == "pause" and summary["window_seconds"] is None
+    assert summary["pause"]["method"] == "backup_stage"
+    assert guest.ssh("pgrep -x mariadbd").stdout.split() == server
+    assert mariadb_uptime(guest) >= uptime + int(elapsed) - 1  # never restarted
+    assert all_active(guest)
+    assert guest.ssh("pgrep -f snapcoord-pause: || true").stdout.strip() == ""
+    # Revert to it: the guest resumes with the lock session that held the commits.
+    code, reverted, stderr = run(cfg, "revert", "guest", "--to", summary["snapshot"], "--yes")
+    assert code == 0, stderr
+    notes = " ".join(reverted["notes"])
+    assert "lock session process(es) that the revert brought back" in notes, notes
+    assert "a test write committed" in notes, notes
+    guest_sql(
+        guest,
+        "SET SESSION lock_wait_timeout = 5; CREATE TABLE idoit_data.pause_probe (i INT);"
+        "INSERT INTO idoit_data.pause_probe VALUES (1); DROP TABLE idoit_data.pause_probe;",
+        timeout=60,
+    )
+    assert all_active(guest)
+    FIGURES.update(
+        write_pause_seconds=summary["write_pause_seconds"],
+        pause_snapshot_call_seconds=step_seconds(summary, "hypervisor snapshot"),
+    )
+
+
+def test_7_figures(real_guest: RealGuest) -> None:
     """Print the figures for docs/testing.md (run with -s to see them)."""
     FIGURES["boot_to_ssh_seconds"] = round(real_guest.boot_seconds, 1)
     print("\nrealvm figures: " + json.dumps(FIGURES, sort_keys=True))

@@ -231,3 +231,48 @@ def test_failing_snapshot_restores_guest_services(
     assert result["services_down"] == []
     assert "InvalidPowerState" in proc.stderr
     assert guest_services.all_running()
+
+
+# -- consistency = "pause": commits held around the vSphere snapshot, nothing stopped ---------
+
+
+@pytest.fixture
+def pause_config(
+    vcsim: VCSim, ssh_guest: lab.SshGuest, guest_services: lab.GuestServices, tmp_path: Path
+) -> Path:
+    guest = ssh_guest.guest_table(consistency="pause", pause_timeout=20.0)
+    return vc_config(tmp_path / "pause.toml", vcsim, guest=guest)
+
+
+def test_pause_holds_commits_around_the_vsphere_snapshot(
+    run: Callable[..., Any], pause_config: Path, guest_services: lab.GuestServices
+) -> None:
+    server = lab.mysqld_pids()
+
+    proc = run("snapshot", "db", "--json", config=pause_config)
+
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert result["consistency"] == "pause" and result["window_seconds"] is None
+    assert result["write_pause_seconds"] > 0
+    names = [s["name"] for s in result["steps"]]
+    snap_at = names.index("hypervisor snapshot")
+    assert "pause writes" in names[:snap_at] and "resume writes" in names[snap_at + 1 :]
+    assert not {"stop services", "stop database"} & set(names)
+    assert lab.mysqld_pids() == server  # never restarted
+    assert snapshot_names(run, "db") == [result["snapshot"]]
+
+
+def test_pause_failing_snapshot_releases_commits(
+    run: Callable[..., Any], pause_config: Path, guest_services: lab.GuestServices
+) -> None:
+    proc = run("snapshot", "bad", "--json", config=pause_config)
+
+    assert proc.returncode == 5, proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert "resume writes" in [s["name"] for s in result["steps"] if s["ok"]]
+    lab.mysql_exec(
+        "SET SESSION lock_wait_timeout = 2; CREATE DATABASE snapcoord_vs_probe;"
+        "DROP DATABASE snapcoord_vs_probe;",
+        timeout=30,
+    )  # DDL commits: nothing is held any more
