@@ -213,6 +213,22 @@ def test_sigkill_while_held_releases_the_lock(
     assert service_pids() == before
 
 
+def test_sigterm_while_held_releases_the_lock_and_exits_130(
+    ssh_guest: lab.SshGuest, paused_lab: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    config = pause_config(tmp_path, libvirt_node, ssh_guest.guest_table())
+
+    _load, proc, resumed, stdout = _hold_then(
+        config, tmp_path, lambda p: p.send_signal(signal.SIGTERM), snapshot_seconds=5
+    )
+
+    assert proc.returncode == 130, stdout
+    assert resumed < 10  # the unwind released it (the snapshot call was let finish first)
+    (summary,) = json_lines(stdout)
+    assert "resume writes" in [s["name"] for s in summary["steps"] if s["ok"]]
+    assert summary["write_pause_seconds"] > 0
+
+
 def test_ssh_connection_cut_while_held_releases_the_lock(
     ssh_guest: lab.SshGuest, paused_lab: lab.GuestServices, tmp_path: Path, libvirt_node: str
 ) -> None:
