@@ -211,6 +211,10 @@ def test_sigkill_while_held_releases_the_lock(
     assert resumed < 20  # within the guest-side limit (pause_timeout = 20 s); EOF ends it sooner
     wait_for(lambda: not lock_sessions(), 25, "the lock session to end")
     assert service_pids() == before
+    # The next run finds nothing stopped, clears the killed run's journal and succeeds.
+    code, summary, stderr = run_snapshot(config, tmp_path)
+    assert code == 0, stderr
+    assert summary["consistency"] == "pause"
 
 
 def test_sigterm_while_held_releases_the_lock_and_exits_130(
@@ -385,3 +389,19 @@ def test_dry_run_shows_the_sql_plan(tmp_path: Path) -> None:
     assert "FLUSH TABLES WITH READ LOCK" in out  # auto: the method is chosen by the version
     assert "resume writes" in out
     assert "stop services" not in out and "arm guest watchdog" not in out
+
+
+def test_pause_without_a_database_is_refused_in_preflight(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+) -> None:
+    guest = ssh_guest.guest_table(database="none")
+    config = pause_config(tmp_path, libvirt_node, guest)
+    before = service_pids()
+
+    code, summary, stderr = run_snapshot(config, tmp_path)
+
+    assert code == 4, stderr
+    (line,) = stderr.strip().splitlines()
+    assert "web1: consistency = 'pause' needs a database" in line and "consistency = 'stop'" in line
+    assert "hypervisor snapshot" not in [s["name"] for s in summary["steps"]]
+    assert service_pids() == before

@@ -371,7 +371,7 @@ def test_6_pause_keeps_everything_running_and_a_revert_ends_the_resumed_lock(
     assert guest.ssh("pgrep -x mariadbd").stdout.split() == server
     assert mariadb_uptime(guest) >= uptime + int(elapsed) - 1  # never restarted
     assert all_active(guest)
-    assert guest.ssh("pgrep -f snapcoord-pause: || true").stdout.strip() == ""
+    assert guest.ssh("pgrep -f snapcoord-[p]ause: || true").stdout.strip() == ""
     # Revert to it: the guest resumes with the lock session that held the commits.
     code, reverted, stderr = run(cfg, "revert", "guest", "--to", summary["snapshot"], "--yes")
     assert code == 0, stderr
@@ -380,8 +380,9 @@ def test_6_pause_keeps_everything_running_and_a_revert_ends_the_resumed_lock(
     assert "a test write committed" in notes, notes
     guest_sql(
         guest,
-        "SET SESSION lock_wait_timeout = 5; CREATE TABLE idoit_data.pause_probe (i INT);"
-        "INSERT INTO idoit_data.pause_probe VALUES (1); DROP TABLE idoit_data.pause_probe;",
+        "SET SESSION lock_wait_timeout = 5; CREATE DATABASE pause_probe;"
+        "CREATE TABLE pause_probe.t (i INT) ENGINE=InnoDB; INSERT INTO pause_probe.t VALUES (1);"
+        "DROP DATABASE pause_probe;",
         timeout=60,
     )
     assert all_active(guest)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -154,15 +155,13 @@ class LockSession:
                 str(self.limit), *client_argv]  # fmt: skip
         self._command = transport.command_line(argv, sudo=sudo)
         self._option_file = option_file
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[bytes] = []
         self._marks = 0
         self.started: float | None = None  # monotonic: the guest's time limit counts from here
 
     def start(self) -> None:
-        import subprocess
-
         self.started = time.monotonic()
         self._process = spawn(
             self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -172,15 +171,18 @@ class LockSession:
         self._write(self._option_file)
 
     def _read_stdout(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
         for raw in self._process.stdout:
             self._lines.put(raw.rstrip(b"\n").decode("utf-8", errors="replace"))
         self._lines.put(None)
 
     def _read_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
         for raw in self._process.stderr:
             self._stderr.append(raw)
 
     def _write(self, data: bytes) -> None:
+        assert self._process is not None and self._process.stdin is not None
         try:
             self._process.stdin.write(data)
             self._process.stdin.flush()
@@ -246,7 +248,8 @@ class LockSession:
         if process is None:
             return
         with contextlib.suppress(OSError):
-            process.stdin.close()
+            if process.stdin is not None:
+                process.stdin.close()
         try:
             process.wait(timeout=wait)
         except Exception:
