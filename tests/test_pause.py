@@ -142,6 +142,7 @@ def test_check_pause_reads_the_server(server: lab.ScratchMariaDB) -> None:
     server.sql("CREATE TABLE t.m (i INT) ENGINE=MyISAM")
     plan = mysql_pause.check_pause(transport, vm="db1", guest=guest(), options=dump_options(server))
     assert "1 MyISAM table(s)" in plan.sync
+    assert plan.extra["non_transactional_tables"] == {"MyISAM": 1}
 
 
 # -- pure parts --------------------------------------------------------------------------------

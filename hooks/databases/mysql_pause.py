@@ -111,7 +111,8 @@ def check_pause(
     sync = []
     if flush != "1":
         sync.append(f"innodb_flush_log_at_trx_commit = {flush}")
-    sync += [f"{count} {engine} table(s)" for engine, count in (r[:2] for r in rows[1:])]
+    engines_found = {r[0]: int(r[1]) for r in rows[1:] if len(r) >= 2}
+    sync += [f"{count} {engine} table(s)" for engine, count in engines_found.items()]
     wait = lock_wait(guest)
     return PausePlan(
         method=method,
@@ -127,6 +128,7 @@ def check_pause(
             *HOLD[method],
         ],
         release=list(RELEASE[method]),
+        extra={"non_transactional_tables": engines_found},
     )
 
 
@@ -207,7 +209,7 @@ class MySQLPause:
         busy = long_statements(
             self.session,
             method=plan.method,
-            non_transactional=any("table" in s for s in plan.sync),
+            non_transactional=bool(plan.extra.get("non_transactional_tables")),
             timeout=self.guest.command_timeout,
         )
         if busy:

@@ -82,7 +82,7 @@ class PausePlan:
     datadir: str | None = None
     statements: list[str] = field(default_factory=list)  # the SQL that holds (for --dry-run)
     release: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # what the kind adds (libcloud-style)
 
 
 @dataclass
