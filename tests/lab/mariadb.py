@@ -21,6 +21,7 @@ from tests.lab.common import (
     free_port,
     process_table,
     run,
+    stat_fields,
     stop_pid,
     wait_for_banner,
     which,
@@ -41,11 +42,14 @@ def mysqld_pids(datadir: str = GUEST_DATADIR) -> list[int]:
     """PIDs of the guest's MariaDB/MySQL server: mariadbd/mysqld processes on ``datadir``.
 
     Other servers on this machine (scratch servers, other people's) have their own --datadir
-    and are ignored; a server started without --datadir counts as the guest's.
+    and are ignored; a server started without --datadir counts as the guest's. A zombie (a
+    server that exited, not yet reaped by its parent) is no server: it has no arguments left.
     """
     pids = []
     for pid, comm, args in process_table():
         if comm not in ("mariadbd", "mysqld"):
+            continue
+        if stat_fields(pid)[:1] in (["Z"], []):  # a zombie (or gone): no server, no datadir
             continue
         dirs = [a.split("=", 1)[1] for a in args.split() if a.startswith("--datadir=")]
         if not dirs or dirs[-1].rstrip("/") == datadir.rstrip("/"):
