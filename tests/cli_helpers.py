@@ -92,3 +92,20 @@ def stand_in_guest(
 
 def running_stand_ins(state: Path) -> set[str]:
     return {p.name.removesuffix(".running") for p in state.glob("*.running")}
+
+
+def assert_paused_not_stopped(
+    proc: subprocess.CompletedProcess[str], *, server_before: list[int], server_after: list[int]
+) -> dict[str, Any]:
+    """A ``snapshot --json`` run in pause mode: ok, commits held around the hypervisor call,
+    nothing stopped, the database server never restarted (same PIDs). Returns its summary."""
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert result["consistency"] == "pause" and result["window_seconds"] is None
+    assert result["write_pause_seconds"] > 0
+    names = [s["name"] for s in result["steps"]]
+    snap_at = names.index("hypervisor snapshot")
+    assert "pause writes" in names[:snap_at] and "resume writes" in names[snap_at + 1 :]
+    assert not {"stop services", "stop database"} & set(names)
+    assert server_after == server_before  # never restarted
+    return result

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests import lab
-from tests.cli_helpers import json_lines, snapcoord, write_config
+from tests.cli_helpers import assert_paused_not_stopped, json_lines, snapcoord, write_config
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import (
     PASSWORD,
@@ -281,15 +281,7 @@ def test_pause_holds_commits_around_the_proxmox_snapshot(
 
     proc = run("snapshot", "db", "--json", config=config)
 
-    assert proc.returncode == 0, proc.stderr
-    (result,) = json_lines(proc.stdout)
-    assert result["consistency"] == "pause" and result["window_seconds"] is None
-    assert result["write_pause_seconds"] > 0
-    names = [s["name"] for s in result["steps"]]
-    snap_at = names.index("hypervisor snapshot")
-    assert "pause writes" in names[:snap_at] and "resume writes" in names[snap_at + 1 :]
-    assert not {"stop services", "stop database"} & set(names)
-    assert lab.mysqld_pids() == server  # never restarted
+    result = assert_paused_not_stopped(proc, server_before=server, server_after=lab.mysqld_pids())
     assert [s["name"] for s in snapshots(run, "db")] == [result["snapshot"]]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests import lab
-from tests.cli_helpers import json_lines, snapcoord, write_config
+from tests.cli_helpers import assert_paused_not_stopped, json_lines, snapcoord, write_config
 from tests.vcsim_fixture import (  # noqa: F401 - fixtures
     CLUSTER_VM,
     FAIL_VM,
@@ -251,15 +251,7 @@ def test_pause_holds_commits_around_the_vsphere_snapshot(
 
     proc = run("snapshot", "db", "--json", config=pause_config)
 
-    assert proc.returncode == 0, proc.stderr
-    (result,) = json_lines(proc.stdout)
-    assert result["consistency"] == "pause" and result["window_seconds"] is None
-    assert result["write_pause_seconds"] > 0
-    names = [s["name"] for s in result["steps"]]
-    snap_at = names.index("hypervisor snapshot")
-    assert "pause writes" in names[:snap_at] and "resume writes" in names[snap_at + 1 :]
-    assert not {"stop services", "stop database"} & set(names)
-    assert lab.mysqld_pids() == server  # never restarted
+    result = assert_paused_not_stopped(proc, server_before=server, server_after=lab.mysqld_pids())
     assert snapshot_names(run, "db") == [result["snapshot"]]
 
 

@@ -113,20 +113,13 @@ def check_pause(
         sync.append(f"innodb_flush_log_at_trx_commit = {flush}")
     engines_found = {r[0]: int(r[1]) for r in rows[1:] if len(r) >= 2}
     sync += [f"{count} {engine} table(s)" for engine, count in engines_found.items()]
-    wait = lock_wait(guest)
     return PausePlan(
         method=method,
         server_version=version,
         binlog=log_bin == "1",
         sync=sync,
         datadir=datadir,
-        statements=[
-            f"SET SESSION lock_wait_timeout = {wait}",
-            "check: no long DDL"
-            + (" or non-transactional write" if method == "backup_stage" else " or statement")
-            + f" running >= {LONG_STATEMENT_SECONDS} s",
-            *HOLD[method],
-        ],
+        statements=list(HOLD[method]),
         release=list(RELEASE[method]),
         extra={"non_transactional_tables": engines_found},
     )
@@ -221,7 +214,7 @@ class MySQLPause:
                 "block readers too); run again when it has finished, or use consistency = 'stop'",
             )
         self._held = True  # from the first stage on, something may be held
-        for statement in HOLD[plan.method]:
+        for statement in plan.statements:
             self._q(statement, timeout=self.wait + 5)
         self.result.held_from = time.time()
         if plan.binlog:
@@ -254,8 +247,12 @@ class MySQLPause:
 
     def verify(self) -> None:
         """After the snapshot: the same session still holds and no commit slipped through."""
+        # One round trip while commits are still held: the session's id, then the position.
+        sql = "SELECT 'connection', CONNECTION_ID()"
+        if self.plan.binlog:
+            sql += "; " + position_sql(self.plan.server_version)
         try:
-            rows = self._q("SELECT CONNECTION_ID()", timeout=max(1.0, self.remaining()))
+            rows = self._q(sql, timeout=max(1.0, self.remaining()))
         except LockLost as exc:
             raise LockLost(
                 f"{exc.message}; the lock may have been released during the snapshot, which is "
@@ -263,10 +260,10 @@ class MySQLPause:
                 vm=self.vm,
                 hint="raise pause_timeout above the snapshot call's duration",
             ) from exc
-        if int(rows[0][0]) != self.result.connection_id:
+        if int(rows[0][1]) != self.result.connection_id:
             raise LockLost("the lock session reconnected: the lock was lost", vm=self.vm)
         if self.plan.binlog:
-            after = _position(self._q(position_sql(self.plan.server_version)))
+            after = _position(rows[1:])
             if after != self.result.position:
                 raise SnapshotFailed(
                     f"the commit position moved while writes were held ({self.result.position} "
@@ -281,7 +278,7 @@ class MySQLPause:
             self.result.release_sent = time.time()
             # Past the guest's time limit the session is gone: do not wait for its answer.
             timeout = max(1.0, min(self.guest.command_timeout, self.remaining() + 2))
-            for statement in RELEASE[self.plan.method]:
+            for statement in self.plan.release:
                 try:
                     self._q(statement, timeout=timeout)
                 except LockLost:

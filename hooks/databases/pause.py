@@ -80,8 +80,8 @@ class PausePlan:
     binlog: bool  # the binary log is on: a commit position is recorded and checked
     sync: list[str] = field(default_factory=list)  # why the datadir is synced (empty: not)
     datadir: str | None = None
-    statements: list[str] = field(default_factory=list)  # the SQL that holds (for --dry-run)
-    release: list[str] = field(default_factory=list)
+    statements: list[str] = field(default_factory=list)  # the SQL that holds, in order
+    release: list[str] = field(default_factory=list)  # the SQL that releases
     extra: dict[str, Any] = field(default_factory=dict)  # what the kind adds (libcloud-style)
 
 
