@@ -30,6 +30,7 @@ from snapcoord.settings import (
     GuestConfig,
     HooksConfig,
     HypervisorSettings,
+    NotifyConfig,
     VMConfig,
     build,
 )
@@ -235,11 +236,12 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(["the configuration must be a table"], source=source)
     for name in raw:
-        if name not in ("defaults", "hypervisors", "vms"):
+        if name not in ("defaults", "hypervisors", "vms", "notify"):
             check.problems.append(
-                f"{_key(name)}: unknown table (known: defaults, hypervisors, vms)"
+                f"{_key(name)}: unknown table (known: defaults, hypervisors, vms, notify)"
             )
     defaults = build(Defaults, check.table(raw.get("defaults", {}), schema.DEFAULTS, "defaults"))
+    notify = check.table(raw.get("notify", {}), schema.NOTIFY, "notify")
 
     hypervisors: dict[str, HypervisorSettings | None] = {
         name: _parse_hypervisor(table, f"hypervisors.{_key(name)}", check)
@@ -248,14 +250,14 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
 
     vms: dict[str, VMConfig] = {}
     for name, table in _named_tables(raw, "vms", check).items():
-        vm = _parse_vm(name, table, defaults, hypervisors, check)
+        vm = _parse_vm(name, table, defaults, notify, hypervisors, check)
         if vm is not None:
             vms[name] = vm
 
     if check.problems:
         raise ConfigError(check.problems, source=source)
     typed = {name: settings for name, settings in hypervisors.items() if settings is not None}
-    return Config(source, defaults, typed, vms, tuple(check.warnings))
+    return Config(source, defaults, typed, vms, tuple(check.warnings), build(NotifyConfig, notify))
 
 
 T = TypeVar("T")
@@ -342,6 +344,7 @@ def _parse_vm(
     name: str,
     table: Any,
     defaults: Defaults,
+    notify: dict[str, Any],
     hypervisors: dict[str, HypervisorSettings | None],
     check: _Validator,
 ) -> VMConfig | None:
@@ -395,4 +398,9 @@ def _parse_vm(
         hooks=build(HooksConfig, subs["hooks"]),
         dump=build(DumpConfig, subs["dump"]),
         archive=build(ArchiveConfig, subs["archive"]),
+        notify=build(NotifyConfig, {**notify, **subs["notify"]}),
+        **{
+            name: settings[name] if name in settings else getattr(defaults, name)
+            for name in schema.RETENTION
+        },
     )

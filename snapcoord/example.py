@@ -62,6 +62,7 @@ def example_config() -> str:
         "",
     ]
     _table(lines, "defaults", schema.DEFAULTS, "defaults")
+    _table(lines, "notify", schema.NOTIFY, "notify")
     for name, kind in (("lab", "libvirt"), ("vcenter", "vsphere"), ("pve", "proxmox")):
         keys = {**schema.HYPERVISOR_COMMON, **schema.HYPERVISOR_TYPES[kind]}
         _EXAMPLE_VALUES[f"hypervisors.{name}.type"] = kind
@@ -74,7 +75,10 @@ def example_config() -> str:
 
 def reference_markdown() -> str:
     """The key reference embedded in docs/configuration.md (a test keeps the two equal)."""
-    sections: list[tuple[str, dict[str, Key]]] = [("[defaults]", schema.DEFAULTS)]
+    sections: list[tuple[str, dict[str, Key]]] = [
+        ("[defaults]", schema.DEFAULTS),
+        ("[notify]", schema.NOTIFY),
+    ]
     for kind, keys in schema.HYPERVISOR_TYPES.items():
         sections.append((f'[hypervisors.NAME] type = "{kind}"', keys))
     sections.append(("[vms.NAME]", schema.VM))

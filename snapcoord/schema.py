@@ -67,6 +67,22 @@ def _abs_paths(value: list[str]) -> str | None:
     return None
 
 
+def _tags(value: list[str]) -> str | None:
+    for tag in value:
+        if not TABLE_KEY_RE.match(tag):
+            return (
+                f"tag {tag!r}: use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+    return None
+
+
+def _http_url(value: str) -> str | None:
+    if not re.match(r"^https?://[^/\s]+", value) or any(c.isspace() for c in value):
+        return "must be an http:// or https:// URL without spaces"
+    return None
+
+
 def _thumbprint(value: str) -> str | None:
     if not re.fullmatch(r"sha256:([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}", value):
         return 'must be "sha256:" followed by 32 hex bytes (colons optional)'
@@ -95,6 +111,68 @@ DEFAULTS: dict[str, Key] = {
     ),
 }
 
+# Retention (sanoid/borg semantics, docs/retention.md): in [defaults], overridden per VM.
+RETENTION: dict[str, Key] = {
+    "keep_last": Key(
+        "int",
+        "keep this many newest snapcoord snapshots per VM and label",
+        minimum=0,
+        maximum=10000,
+    ),
+    "keep_hourly": Key(
+        "int", "keep the newest snapshot of each of the last N hours", minimum=0, maximum=10000
+    ),
+    "keep_daily": Key(
+        "int", "keep the newest snapshot of each of the last N days", minimum=0, maximum=10000
+    ),
+    "keep_weekly": Key(
+        "int", "keep the newest snapshot of each of the last N ISO weeks", minimum=0, maximum=10000
+    ),
+    "keep_monthly": Key(
+        "int", "keep the newest snapshot of each of the last N months", minimum=0, maximum=10000
+    ),
+}
+
+DEFAULTS.update(
+    {
+        "metrics_file": Key(
+            "str",
+            "Prometheus textfile-collector file, rewritten atomically after every command",
+            check=_abs_path,
+        ),
+        **RETENTION,
+    }
+)
+
+# The [notify] table; [vms.X.notify] overrides it key by key (VM_NOTIFY: the same keys, unset).
+NOTIFY: dict[str, Key] = {
+    "ping_url": Key(
+        "str",
+        "healthchecks-style URL: /start when a run begins, the URL on success, /fail on failure",
+        check=_http_url,
+    ),
+    "webhook_url": Key(
+        "str", "POST the run's JSON summary here when the run ended", check=_http_url
+    ),
+    "timeout": Key(
+        "float",
+        "seconds per notification attempt (one retry)",
+        default=10.0,
+        minimum=0.1,
+        maximum=300,
+    ),
+}
+VM_NOTIFY: dict[str, Key] = {
+    name: Key(
+        key.kind,
+        key.doc + " (default: [notify])" if name == "timeout" else key.doc,
+        minimum=key.minimum,
+        maximum=key.maximum,
+        check=key.check,
+    )
+    for name, key in NOTIFY.items()
+}
+
 # Keys every hypervisor table has, then the keys of each type.
 HYPERVISOR_COMMON: dict[str, Key] = {
     "type": Key(
@@ -103,6 +181,13 @@ HYPERVISOR_COMMON: dict[str, Key] = {
         default=REQUIRED,
         example="libvirt",
         choices=("libvirt", "vsphere", "proxmox"),
+    ),
+    "max_parallel": Key(
+        "int",
+        "at most this many VMs of this hypervisor are worked on at once (snapshot --parallel)",
+        default=4,
+        minimum=1,
+        maximum=1000,
     ),
 }
 
@@ -179,6 +264,13 @@ VM: dict[str, Key] = {
     "safety_snapshot": Key(
         "bool", "take a snapshot of the current state before a revert", default=True
     ),
+    "tags": Key(
+        "strlist", "tags for selecting VMs (--tag)", default=[], example=["prod"], check=_tags
+    ),
+    **{
+        name: Key(key.kind, key.doc + " (default: [defaults])", minimum=0, maximum=10000)
+        for name, key in RETENTION.items()
+    },
 }
 
 GUEST: dict[str, Key] = {
@@ -350,4 +442,5 @@ VM_SUBTABLES: dict[str, dict[str, Key]] = {
     "hooks": HOOKS,
     "dump": DUMP,
     "archive": ARCHIVE,
+    "notify": VM_NOTIFY,
 }

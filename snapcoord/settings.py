@@ -25,6 +25,35 @@ class Defaults:
     store: str
     label: str
     snapshot_timeout: float
+    metrics_file: str | None
+    keep_last: int | None
+    keep_hourly: int | None
+    keep_daily: int | None
+    keep_weekly: int | None
+    keep_monthly: int | None
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How many snapcoord snapshots a VM keeps, per label (docs/retention.md); 0 = rule off."""
+
+    keep_last: int = 0
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    @property
+    def configured(self) -> bool:
+        """A policy with every rule off prunes nothing (it would otherwise delete all but one)."""
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    ping_url: str | None
+    webhook_url: str | None
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -32,6 +61,9 @@ class HypervisorSettings:
     """Base of every ``[hypervisors.X]`` table; ``type`` picks the subclass."""
 
     type: str
+    max_parallel: int = dataclasses.field(
+        default=schema.HYPERVISOR_COMMON["max_parallel"].default, kw_only=True
+    )
 
 
 @dataclass(frozen=True)
@@ -142,10 +174,25 @@ class VMConfig:
     label: str  # defaults.label when the VM sets none
     snapshot_timeout: float  # defaults.snapshot_timeout when the VM sets none
     safety_snapshot: bool
+    tags: tuple[str, ...]
+    keep_last: int | None  # each keep_*: the VM's own value, else defaults', else None
+    keep_hourly: int | None
+    keep_daily: int | None
+    keep_weekly: int | None
+    keep_monthly: int | None
     guest: GuestConfig | None  # None: no [vms.X.guest] table, snapshots only
     hooks: HooksConfig
     dump: DumpConfig
     archive: ArchiveConfig
+    notify: NotifyConfig  # [vms.X.notify] over [notify], key by key
+
+    @property
+    def retention(self) -> RetentionPolicy | None:
+        """The VM's retention policy; None when no rule is on (nothing is ever pruned)."""
+        policy = RetentionPolicy(
+            **{name: getattr(self, name) or 0 for name in schema.RETENTION},
+        )
+        return policy if policy.configured else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +202,7 @@ class Config:
     hypervisors: dict[str, HypervisorSettings]
     vms: dict[str, VMConfig]
     warnings: tuple[str, ...] = ()
+    notify: NotifyConfig = NotifyConfig(None, None, schema.NOTIFY["timeout"].default)
 
     @property
     def store(self) -> Path:
@@ -186,6 +234,7 @@ SCHEMA_OF: dict[type[Any], dict[str, Key]] = {
     HooksConfig: schema.HOOKS,
     DumpConfig: schema.DUMP,
     ArchiveConfig: schema.ARCHIVE,
+    NotifyConfig: schema.NOTIFY,
     **{
         cls: {**schema.HYPERVISOR_COMMON, **schema.HYPERVISOR_TYPES[kind]}
         for kind, cls in HYPERVISOR_SETTINGS.items()

@@ -139,7 +139,10 @@ def hypervisor_keys(kind: str | None) -> dict[str, Key]:
 def schema_tables(config: dict[str, Any]) -> list[tuple[tuple[str, ...], dict[str, Key]]]:
     """Every table the schema describes that this configuration has or could have (a VM's
     subtables and [defaults] may be absent), with its keys."""
-    found: list[tuple[tuple[str, ...], dict[str, Key]]] = [(("defaults",), schema.DEFAULTS)]
+    found: list[tuple[tuple[str, ...], dict[str, Key]]] = [
+        (("defaults",), schema.DEFAULTS),
+        (("notify",), schema.NOTIFY),
+    ]
     for name, table in config.get("hypervisors", {}).items():
         found.append((("hypervisors", name), hypervisor_keys(table.get("type"))))
     for name in config.get("vms", {}):
@@ -150,6 +153,7 @@ def schema_tables(config: dict[str, Any]) -> list[tuple[tuple[str, ...], dict[st
 
 def every_key() -> Iterator[tuple[str, Key]]:
     yield from schema.DEFAULTS.items()
+    yield from schema.NOTIFY.items()
     for kind in HYPERVISOR_KINDS:
         yield from hypervisor_keys(kind).items()
     yield from schema.VM.items()
@@ -185,6 +189,7 @@ SAMPLES = [
     "db1.example.org",
     "sha256:" + ":".join(["ab"] * 32),
     "sha256:" + "CD" * 32,
+    "https://hc-ping.com/5f0c1d2e",
 ]
 
 CHARS = st.characters(codec="utf-8")  # what a TOML file can hold: no surrogates
@@ -259,6 +264,8 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if draw(st.booleans()):
         config["defaults"] = draw(table_of(schema.DEFAULTS))
+    if draw(st.booleans()):
+        config["notify"] = draw(table_of(schema.NOTIFY))
     names = draw(st.lists(VALID_NAMES, max_size=3, unique=True))
     if names:
         config["hypervisors"] = {}
