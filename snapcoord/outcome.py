@@ -1,0 +1,24 @@
+"""What one command did on one VM: the value every per-VM job returns, so a fleet of them can be
+run in parallel, printed as they finish, summarised, and reported to monitoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Outcome:
+    vm: str
+    exit_code: int
+    #: the VM's ``--json`` object (``vm``, ``ok``, ``exit_code``, ``command`` and the command's own
+    #: fields); notifications and metrics read it too
+    summary: dict[str, Any]
+    #: human lines for stdout, printed when the VM finished (e.g. ``db1: prune: keep ...``)
+    lines: list[str] = field(default_factory=list)
+    #: one-line errors for stderr (``snapcoord: error: `` is prefixed when printed)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
