@@ -16,6 +16,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, TypeVar
 
+from snapcoord import cancel
 from snapcoord.errors import SnapshotNotFound, TaskTimeout
 from snapcoord.settings import HypervisorSettings
 
@@ -161,11 +162,12 @@ def poll_until(
     deadline = time.monotonic() + timeout
     interval = first_interval
     while True:
+        cancel.check()
         result = check()
         if result is not None:
             return result
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TaskTimeout(f"{what} did not finish within {timeout:g} s", vm=vm)
-        time.sleep(min(interval, remaining))
+        cancel.sleep(min(interval, remaining))
         interval = min(interval * 2, max_interval)

@@ -26,6 +26,7 @@ from proxmoxer.core import ProxmoxResource, ResourceException
 from requests.adapters import HTTPAdapter
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from snapcoord import cancel
 from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
 from snapcoord.errors import (
     HypervisorError,
@@ -593,7 +594,7 @@ class ProxmoxAdapter(Adapter):
             status: dict[str, Any] = self._request("get", path, vm=vm.name)
             return status if status.get("status") == "stopped" else None
 
-        time.sleep(FIRST_POLL)
+        cancel.sleep(FIRST_POLL)
         return poll_until(
             check,
             timeout=max(timeout - FIRST_POLL, 0.0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,11 @@ from snapcoord import __version__
 from snapcoord.config import Config, load_config
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError, UsageError
 from snapcoord.example import example_config
+from snapcoord.fleet import FleetRun, Job
+from snapcoord.fleet import summary as fleet_summary
 from snapcoord.naming import new_run_id
-from snapcoord.output import HumanReporter, LogHandler, print_json, run_summary
+from snapcoord.outcome import Outcome
+from snapcoord.output import LogHandler, print_json, run_summary
 from snapcoord.plans import (
     RunContext,
     WatchdogKeptArmed,
@@ -24,8 +28,10 @@ from snapcoord.plans import (
     revert_steps,
     snapshot_steps,
 )
-from snapcoord.run import RunResult, SilentReporter, Step
+from snapcoord.run import Reporter, RunResult, Step
+from snapcoord.selection import Selection, select
 from snapcoord.session import Session
+from snapcoord.views import JsonView, StepLinesView, pick_view
 
 log = logging.getLogger("snapcoord")
 
@@ -49,10 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("snapshot", help="stop services, snapshot, restart: for each VM")
-    p.add_argument("vms", nargs="+", metavar="VM")
+    _add_selection(p)
     p.add_argument("--label", help="label in the snapshot name (default: from the config)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, touch nothing")
-    p.add_argument("--json", action="store_true", help="one JSON object per VM on stdout")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per VM on stdout, then a summary"
+    )
+
+    p = sub.add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
+    _add_selection(p)
+    p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="last run, unfinished runs and snapshots of each VM")
+    _add_selection(p, default_all=True)
+    p.add_argument(
+        "--offline", action="store_true", help="from the store only, do not ask the hypervisor"
+    )
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", help="list a VM's snapshots")
     p.add_argument("vm", metavar="VM")
@@ -98,6 +118,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a number 1-1000, got {text!r}")
+    return value
+
+
+def _add_selection(p: argparse.ArgumentParser, *, default_all: bool = False) -> None:
+    what = "VMs (default: all)" if default_all else "VMs"
+    p.add_argument("vms", nargs="*", metavar="VM", help=f"configured {what}")
+    p.add_argument("--all", action="store_true", help="every configured VM")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="TAG", help="VMs with this tag (repeatable)"
+    )
+    p.add_argument(
+        "--hypervisor",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="VMs on this [hypervisors.NAME] (repeatable)",
+    )
+    p.add_argument("--exclude", action="append", default=[], metavar="VM", help="leave this VM out")
+    p.add_argument(
+        "--parallel",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="work on up to N VMs at once (default 4; [hypervisors.X] max_parallel applies too)",
+    )
+    p.set_defaults(default_all=default_all)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,8 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[handler],
     )
     try:
-        return int(COMMANDS[args.command](args))
+        code = int(COMMANDS[args.command](args))
+        _write_metrics(args)
+        return code
     except SnapcoordError as exc:
+        _write_metrics(args)
         if args.debug:
             traceback.print_exc()
         if isinstance(exc, ConfigError):
@@ -128,7 +186,84 @@ def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     for warning in config.warnings:
         print(f"snapcoord: warning: {warning}", file=sys.stderr)
+    args.loaded_config = config
     return config
+
+
+def _write_metrics(args: argparse.Namespace) -> None:
+    """After every command that read the configuration (``[defaults] metrics_file``)."""
+    config: Config | None = getattr(args, "loaded_config", None)
+    if config is None or config.defaults.metrics_file is None or args.command == "config":
+        return
+    from snapcoord.metrics import write_metrics
+
+    try:
+        write_metrics(config)
+    except OSError as exc:
+        print(
+            f"snapcoord: warning: cannot write {config.defaults.metrics_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
+
+
+def _selected(args: argparse.Namespace, config: Config) -> tuple[list[str], Selection]:
+    selection = Selection(
+        names=tuple(args.vms),
+        all=args.all or (args.default_all and not (args.vms or args.tag or args.hypervisor)),
+        tags=tuple(args.tag),
+        hypervisors=tuple(args.hypervisor),
+        exclude=tuple(args.exclude),
+    )
+    return select(config, selection), selection
+
+
+def _fleet(
+    args: argparse.Namespace,
+    config: Config,
+    job: Job,
+    *,
+    command: str,
+    notify: bool = False,
+) -> int:
+    """Run ``job`` for every selected VM (in parallel up to the limits) and report."""
+    keys, selection = _selected(args, config)
+    parallel = 1 if getattr(args, "dry_run", False) else args.parallel
+    view = pick_view(json=args.json, concurrent=parallel > 1 and len(keys) > 1)
+    notifier = None
+    wanted = any(config.vm(k).notify.ping_url or config.vm(k).notify.webhook_url for k in keys)
+    if notify and wanted and not getattr(args, "dry_run", False):
+        from snapcoord.notify import Notifier
+
+        notifier = Notifier(config, keys)
+        _warn(notifier.start())
+    started = time.monotonic()
+    run = FleetRun(
+        keys,
+        {key: config.vm(key).hypervisor for key in keys},
+        {name: hv.max_parallel for name, hv in config.hypervisors.items()},
+        parallel,
+        view,
+    )
+    try:
+        outcomes = run.run(job)
+    finally:
+        view.close()
+    totals = fleet_summary(outcomes, command=command, seconds=time.monotonic() - started)
+    totals["peak_parallel"] = run.peak
+    if selection.is_fleet:
+        if args.json:
+            print_json({"summary": totals})
+        else:
+            counts = ", ".join(f"{n} {name}" for name, n in totals["outcomes"].items())
+            print(f"{command}: {len(outcomes)} VMs: {counts} (exit {totals['exit_code']})")
+    if notifier is not None:
+        _warn(notifier.finish(outcomes, command))
+    return int(totals["exit_code"])
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"snapcoord: warning: {warning}", file=sys.stderr)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -145,19 +280,55 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     config = _load(args)
-    for key in args.vms:
-        config.vm(key)  # every name must exist before the first run starts
-    exit_code = ExitCode.OK
-    for key in args.vms:
+
+    def job(key: str, reporter: Reporter) -> Outcome:
         label = args.label or config.vm(key).label
 
-        def build(ctx: RunContext, label: str = label) -> list[Step]:
+        def build(ctx: RunContext) -> list[Step]:
             return snapshot_steps(ctx, label=label)
 
-        code = _run(args, config, key, build, title="snapshot")
-        if exit_code == ExitCode.OK:
-            exit_code = ExitCode(code)
-    return exit_code
+        return _run_plan(
+            args, config, key, build, title="snapshot", reporter=reporter, after=_after_snapshot
+        )
+
+    return _fleet(args, config, job, command="snapshot", notify=True)
+
+
+def _after_snapshot(ctx: RunContext, result: RunResult) -> None:
+    """Once the services are back and the snapshot is taken: retention, the inventory. A
+    problem here is a warning, never a failed snapshot."""
+    if not result.ok or not ctx.snapshot_name:
+        return
+    from snapcoord.prune import after_snapshot
+
+    report = after_snapshot(ctx)
+    ctx.outputs["prune"] = report
+    if report.get("error"):
+        ctx.notes.append(f"prune after the snapshot failed: {report['error']}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from snapcoord.prune import prune_vm
+
+    config = _load(args)
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: prune_vm(config, key, dry_run=args.dry_run),
+        command="prune",
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from snapcoord.status import status_vm
+
+    config = _load(args)
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: status_vm(config, key, offline=args.offline),
+        command="status",
+    )
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
@@ -249,6 +420,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "snapshot": cmd_snapshot,
+    "prune": cmd_prune,
+    "status": cmd_status,
     "list": cmd_list,
     "revert": cmd_revert,
     "delete": cmd_delete,
@@ -279,19 +452,40 @@ def _run(
     *,
     title: str,
 ) -> int:
-    """Run one plan for one VM under its lock and journal; print and return its exit code."""
+    """One plan on one VM (revert, delete, restore-dump): printed as it runs."""
+    view = JsonView() if args.json else StepLinesView()
+    outcome = _run_plan(args, config, key, build, title=title, reporter=view.reporter(key))
+    view.finished(outcome)
+    return outcome.exit_code
+
+
+def _run_plan(
+    args: argparse.Namespace,
+    config: Config,
+    key: str,
+    build: Callable[[RunContext], list[Step]],
+    *,
+    title: str,
+    reporter: Reporter,
+    after: Callable[[RunContext, RunResult], None] | None = None,
+) -> Outcome:
+    """Run one plan for one VM under its lock and journal. ``after`` runs once the plan has
+    ended (services back), still under the lock."""
     run_id = new_run_id()
     ctx = RunContext.create(config, key, run_id)
     steps = build(ctx)
     if args.dry_run:
-        _print_plan(key, steps, ctx)
-        return ExitCode.OK
-    reporter = SilentReporter() if args.json else HumanReporter(key)
+        plan = _plan_lines(key, steps, ctx)
+        return Outcome(
+            key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0, "plan": plan}, plan
+        )
     result = RunResult(window=ctx.window)
     session = Session(config, key, run_id)
     try:
         with session:
             result = session.execute(ctx, steps, reporter)
+            if after is not None:
+                after(ctx, result)
     except SnapcoordError as exc:
         result.failures.append(exc)
     summary = run_summary(
@@ -306,56 +500,55 @@ def _run(
     if ctx.watchdog is not None:  # left armed: something it guards was down
         summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
     session.finish(ctx, result, summary)
-    _report(args, key, result, summary)
-    return result.exit_code
+    lines, errors = _report_lines(key, result, summary)
+    return Outcome(key, result.exit_code, summary, lines, errors)
 
 
-def _report(args: argparse.Namespace, key: str, result: RunResult, summary: dict[str, Any]) -> None:
-    if args.json:
-        print_json(summary)
-    else:
-        window = summary["window_seconds"]
-        for note in summary["notes"]:
-            print(f"{key}: note: {note}")
-        status = "ok" if result.ok else f"FAILED (exit {result.exit_code})"
-        parts = [f"{key}: {summary['command']} {status}"]
-        if summary.get("snapshot"):
-            parts.append(f"snapshot {summary['snapshot']}")
-        if summary["services_down"]:
-            parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
-        elif window is not None:
-            parts.append(f"service window {window:.2f} s")
-        elif summary.get("consistency") == "pause":
-            paused = summary.get("write_pause_seconds")
-            held = "" if paused is None else f"writes paused {paused:.2f} s, "
-            parts.append(f"{held}no service stopped")
-        print(", ".join(parts))
-    for failure in result.failures:
-        print(f"snapcoord: error: {failure}", file=sys.stderr)
-    for bug in result.bugs:
-        traceback.print_exception(bug, file=sys.stderr)
+def _report_lines(
+    key: str, result: RunResult, summary: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The human result of one run: notes and a status line; error lines for stderr."""
+    lines = [f"{key}: note: {note}" for note in summary["notes"]]
+    window = summary["window_seconds"]
+    status = "ok" if result.ok else f"FAILED (exit {result.exit_code})"
+    parts = [f"{key}: {summary['command']} {status}"]
+    if summary.get("snapshot"):
+        parts.append(f"snapshot {summary['snapshot']}")
+    if summary["services_down"]:
+        parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
+    elif window is not None:
+        parts.append(f"service window {window:.2f} s")
+    elif summary.get("consistency") == "pause":
+        paused = summary.get("write_pause_seconds")
+        held = "" if paused is None else f"writes paused {paused:.2f} s, "
+        parts.append(f"{held}no service stopped")
+    pruned = summary.get("prune") or {}
+    if pruned.get("deleted"):
+        parts.append(f"pruned {len(pruned['deleted'])}")
+    lines.append(", ".join(parts))
+    errors = [str(failure) for failure in result.failures]
+    errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
     said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
     if result.window.still_down and not said:
-        print(
-            f"snapcoord: error: {key}: still stopped: {', '.join(result.window.still_down)}",
-            file=sys.stderr,
-        )
+        errors.append(f"{key}: still stopped: {', '.join(result.window.still_down)}")
+    return lines, errors
 
 
-def _print_plan(key: str, steps: list[Step], ctx: RunContext) -> None:
-    print(f"{key}: plan (dry run, nothing is touched):")
+def _plan_lines(key: str, steps: list[Step], ctx: RunContext) -> list[str]:
+    lines = [f"{key}: plan (dry run, nothing is touched):"]
     undos = []
     for number, step in enumerate(steps, 1):
         if step.do is not None:
-            print(f"  {number:2}. {step.name}" + (f": {step.describe}" if step.describe else ""))
+            lines.append(
+                f"  {number:2}. {step.name}" + (f": {step.describe}" if step.describe else "")
+            )
         if step.undo is not None:
             undos.append(step.undo_name or f"undo {step.name}")
     if undos:
-        print("  then, always, in this order:")
-        for name in reversed(undos):
-            print(f"      - {name}")
-    for note in ctx.notes:
-        print(f"  note: {note}")
+        lines.append("  then, always, in this order:")
+        lines += [f"      - {name}" for name in reversed(undos)]
+    lines += [f"  note: {note}" for note in ctx.notes]
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+from snapcoord import cancel
 from snapcoord.errors import ExitCode, Interrupted, ServiceNotRestored, SnapcoordError
 
 log = logging.getLogger("snapcoord.run")
@@ -179,6 +180,8 @@ class Engine:
         return self.result
 
     def _run_step(self, step: Step) -> None:
+        with cancel.interruptible():
+            cancel.check()  # a parallel run was cancelled: start no further step
         if step.undo is not None and step.undo_first:
             self._push(step)
         if step.do is not None:
@@ -186,7 +189,8 @@ class Engine:
             self.result.records.append(record)
             self.reporter.step_started(record)
             try:
-                step.do()
+                with cancel.interruptible():
+                    step.do()
             except BaseException as exc:
                 failure = _as_failure(exc)
                 record.ended, record.ok, record.error = time.time(), False, str(failure)
