@@ -526,12 +526,18 @@ def _report_lines(
     if pruned.get("deleted"):
         parts.append(f"pruned {len(pruned['deleted'])}")
     lines.append(", ".join(parts))
-    errors = [str(failure) for failure in result.failures]
+    bugs = result.bugs
+    # every error line names the VM by its config key (an adapter names it as the hypervisor does)
+    errors = [_naming(key, str(failure)) for failure in result.failures if failure not in bugs]
     errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
     said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
     if result.window.still_down and not said:
         errors.append(f"{key}: still stopped: {', '.join(result.window.still_down)}")
     return lines, errors
+
+
+def _naming(key: str, line: str) -> str:
+    return line if line.startswith(f"{key}:") else f"{key}: {line}"
 
 
 def _plan_lines(key: str, steps: list[Step], ctx: RunContext) -> list[str]:
