@@ -119,7 +119,7 @@ def test_a_fleet_runs_within_both_limits_and_failures_stay_local(
     assert "gone" in proc.stderr and "no-such-vm" in proc.stderr
 
     # what the hypervisors saw: one snapshot per good VM, never more at once than allowed
-    for name, double in clusters.items():
+    for double in clusters.values():
         names = [
             s.name
             for guest in double.cluster.guests.values()
@@ -178,8 +178,10 @@ def test_sigterm_cancels_the_running_vms_and_starts_no_new_one(
     config = fleet_config(tmp_path / "snapcoord.toml", clusters, cert, {"pa": 2, "pb": 2})
     env = {**os.environ, TOKEN_ENV: TOKEN_SECRET}
     child = subprocess.Popen(
-        [sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "--hypervisor", "pa"]
-        + ["--exclude", "gone", "--parallel", "2", "--json"],
+        [
+            *(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot"),
+            *("--hypervisor", "pa", "--exclude", "gone", "--parallel", "2", "--json"),
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
