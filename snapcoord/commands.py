@@ -1,0 +1,407 @@
+"""The commands behind the command line: each takes the parsed arguments, runs, prints its
+result and returns its exit code. Imported only once the arguments were parsed, so ``--help``
+and usage errors never load the engine, the plans or an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from snapcoord.config import Config, load_config
+from snapcoord.errors import ExitCode, SnapcoordError, UsageError
+from snapcoord.example import example_config
+from snapcoord.fleet import FleetRun, Job
+from snapcoord.fleet import summary as fleet_summary
+from snapcoord.naming import new_run_id
+from snapcoord.outcome import Outcome
+from snapcoord.output import print_json, run_summary
+from snapcoord.plans import (
+    RunContext,
+    WatchdogKeptArmed,
+    delete_steps,
+    revert_steps,
+    snapshot_steps,
+)
+from snapcoord.run import Reporter, RunResult, Step
+from snapcoord.selection import Selection, select
+from snapcoord.session import Session
+from snapcoord.views import JsonView, StepLinesView, pick_view
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    for warning in config.warnings:
+        print(f"snapcoord: warning: {warning}", file=sys.stderr)
+    args.loaded_config = config
+    return config
+
+
+def write_metrics_file(args: argparse.Namespace) -> None:
+    """After every command that read the configuration (``[defaults] metrics_file``)."""
+    config: Config | None = getattr(args, "loaded_config", None)
+    if config is None or config.defaults.metrics_file is None or args.command == "config":
+        return
+    from snapcoord.metrics import write_metrics
+
+    try:
+        write_metrics(config)
+    except OSError as exc:
+        print(
+            f"snapcoord: warning: cannot write {config.defaults.metrics_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
+
+
+def _selected(args: argparse.Namespace, config: Config) -> tuple[list[str], Selection]:
+    selection = Selection(
+        names=tuple(args.vms),
+        all=args.all or (args.default_all and not (args.vms or args.tag or args.hypervisor)),
+        tags=tuple(args.tag),
+        hypervisors=tuple(args.hypervisor),
+        exclude=tuple(args.exclude),
+    )
+    return select(config, selection), selection
+
+
+def _fleet(
+    args: argparse.Namespace,
+    config: Config,
+    job: Job,
+    *,
+    command: str,
+    notify: bool = False,
+) -> int:
+    """Run ``job`` for every selected VM (in parallel up to the limits) and report."""
+    keys, selection = _selected(args, config)
+    parallel = 1 if getattr(args, "dry_run", False) else args.parallel
+    view = pick_view(json=args.json, concurrent=parallel > 1 and len(keys) > 1)
+    notifier = None
+    wanted = any(config.vm(k).notify.ping_url or config.vm(k).notify.webhook_url for k in keys)
+    if notify and wanted and not getattr(args, "dry_run", False):
+        from snapcoord.notify import Notifier
+
+        notifier = Notifier(config, keys)
+        _warn(notifier.start())
+    started = time.monotonic()
+    run = FleetRun(
+        keys,
+        {key: config.vm(key).hypervisor for key in keys},
+        {name: hv.max_parallel for name, hv in config.hypervisors.items()},
+        parallel,
+        view,
+    )
+    try:
+        outcomes = run.run(job)
+    finally:
+        view.close()
+    totals = fleet_summary(outcomes, command=command, seconds=time.monotonic() - started)
+    totals["peak_parallel"] = run.peak
+    if selection.is_fleet:
+        if args.json:
+            print_json({"summary": totals})
+        else:
+            counts = ", ".join(f"{n} {name}" for name, n in totals["outcomes"].items())
+            print(f"{command}: {len(outcomes)} VMs: {counts} (exit {totals['exit_code']})")
+    if notifier is not None:
+        _warn(notifier.finish(outcomes, command))
+    return int(totals["exit_code"])
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"snapcoord: warning: {warning}", file=sys.stderr)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "example":
+        print(example_config())
+        return ExitCode.OK
+    config = _load(args)
+    print(f"{config.source}: ok ({len(config.hypervisors)} hypervisors, {len(config.vms)} VMs)")
+    return ExitCode.OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    def job(key: str, reporter: Reporter) -> Outcome:
+        label = args.label or config.vm(key).label
+
+        def build(ctx: RunContext) -> list[Step]:
+            return snapshot_steps(ctx, label=label)
+
+        return _run_plan(
+            args, config, key, build, title="snapshot", reporter=reporter, after=_after_snapshot
+        )
+
+    return _fleet(args, config, job, command="snapshot", notify=True)
+
+
+def _after_snapshot(ctx: RunContext, result: RunResult) -> None:
+    """Once the services are back and the snapshot is taken: retention, the inventory. A
+    problem here is a warning, never a failed snapshot."""
+    if not result.ok or not ctx.snapshot_name:
+        return
+    from snapcoord.prune import after_snapshot
+
+    report = after_snapshot(ctx)
+    ctx.outputs["prune"] = report
+    if report.get("error"):
+        ctx.notes.append(f"prune after the snapshot failed: {report['error']}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from snapcoord.prune import prune_vm
+
+    config = _load(args)
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: prune_vm(config, key, dry_run=args.dry_run),
+        command="prune",
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from snapcoord.status import status_vm
+
+    config = _load(args)
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: status_vm(config, key, offline=args.offline),
+        command="status",
+    )
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    config = _load(args)
+    vm_cfg = config.vm(args.vm)
+    if not args.dry_run:
+        _confirm(
+            args,
+            f"revert {args.vm} to {args.to or 'its newest snapcoord snapshot'}? "
+            "Everything written since is lost.",
+        )
+    safety = vm_cfg.safety_snapshot and not args.no_safety_snapshot
+    return _run(
+        args,
+        config,
+        args.vm,
+        lambda ctx: revert_steps(ctx, target=args.to, safety=safety),
+        title="revert",
+    )
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    config = _load(args)
+    config.vm(args.vm)
+    _confirm(args, f"delete snapshot {args.name} of {args.vm}?")
+    args.dry_run = False
+    return _run(
+        args, config, args.vm, lambda ctx: delete_steps(ctx, name=args.name), title="delete"
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = _load(args)
+    ctx = RunContext.create(config, args.vm, new_run_id())
+    with ctx.adapter:
+        vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
+        snapshots = ctx.adapter.list_snapshots(vm)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "id": s.id,
+            "created": s.created.isoformat() if s.created else None,
+            "description": s.description,
+            "parent": s.parent,
+            "memory": s.memory,
+            "current": s.current,
+            "snapcoord": s.is_snapcoord,
+        }
+        for s in snapshots
+    ]
+    if args.json:
+        print_json({"vm": args.vm, "snapshots": rows})
+        return ExitCode.OK
+    if not rows:
+        print(f"{args.vm}: no snapshots")
+    for row in rows:
+        flags = ("*" if row["current"] else " ") + ("s" if row["snapcoord"] else " ")
+        created = (row["created"] or "?")[:19]
+        print(f"{flags} {created}  {row['name']}")
+    return ExitCode.OK
+
+
+def cmd_restore_dump(args: argparse.Namespace) -> int:
+    from snapcoord.plans.restore import DumpSource, restore_dump_steps
+
+    config = _load(args)
+    config.vm(args.vm)
+    source = DumpSource(snapshot=args.from_snapshot, file=args.file)
+    if not args.dry_run:
+        what = args.from_snapshot or args.file or "the newest dump"
+        _confirm(args, f"drop the databases of {args.vm} and restore {what}?")
+    return _run(
+        args,
+        config,
+        args.vm,
+        lambda ctx: restore_dump_steps(ctx, source=source),
+        title="restore-dump",
+    )
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from snapcoord.recover import recover
+
+    config = _load(args)
+    for line in recover(config, args.vm):
+        print(f"{args.vm}: {line}")
+    return ExitCode.OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "snapshot": cmd_snapshot,
+    "prune": cmd_prune,
+    "status": cmd_status,
+    "list": cmd_list,
+    "revert": cmd_revert,
+    "delete": cmd_delete,
+    "restore-dump": cmd_restore_dump,
+    "recover": cmd_recover,
+    "config": cmd_config,
+}
+
+
+# -- running a plan ---------------------------------------------------------------------------
+
+
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question.split('?')[0]}: refusing without --yes (no terminal to ask)")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise UsageError("cancelled")
+
+
+def _run(
+    args: argparse.Namespace,
+    config: Config,
+    key: str,
+    build: Callable[[RunContext], list[Step]],
+    *,
+    title: str,
+) -> int:
+    """One plan on one VM (revert, delete, restore-dump): printed as it runs."""
+    view = JsonView() if args.json else StepLinesView()
+    outcome = _run_plan(args, config, key, build, title=title, reporter=view.reporter(key))
+    view.finished(outcome)
+    return outcome.exit_code
+
+
+def _run_plan(
+    args: argparse.Namespace,
+    config: Config,
+    key: str,
+    build: Callable[[RunContext], list[Step]],
+    *,
+    title: str,
+    reporter: Reporter,
+    after: Callable[[RunContext, RunResult], None] | None = None,
+) -> Outcome:
+    """Run one plan for one VM under its lock and journal. ``after`` runs once the plan has
+    ended (services back), still under the lock."""
+    run_id = new_run_id()
+    ctx = RunContext.create(config, key, run_id)
+    steps = build(ctx)
+    if args.dry_run:
+        plan = _plan_lines(key, steps, ctx)
+        return Outcome(
+            key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0, "plan": plan}, plan
+        )
+    result = RunResult(window=ctx.window)
+    session = Session(config, key, run_id)
+    try:
+        with session:
+            result = session.execute(ctx, steps, reporter)
+            if after is not None:
+                after(ctx, result)
+    except SnapcoordError as exc:
+        result.failures.append(exc)
+    summary = run_summary(
+        key,
+        result,
+        run=run_id,
+        command=title,
+        snapshot=ctx.snapshot_name or None,
+        notes=ctx.notes,
+        **ctx.outputs,
+    )
+    if ctx.watchdog is not None:  # left armed: something it guards was down
+        summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
+    session.finish(ctx, result, summary)
+    lines, errors = _report_lines(key, result, summary)
+    return Outcome(key, result.exit_code, summary, lines, errors)
+
+
+def _report_lines(
+    key: str, result: RunResult, summary: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The human result of one run: notes and a status line; error lines for stderr."""
+    lines = [f"{key}: note: {note}" for note in summary["notes"]]
+    window = summary["window_seconds"]
+    status = "ok" if result.ok else f"FAILED (exit {result.exit_code})"
+    parts = [f"{key}: {summary['command']} {status}"]
+    if summary.get("snapshot"):
+        parts.append(f"snapshot {summary['snapshot']}")
+    if summary["services_down"]:
+        parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
+    elif window is not None:
+        parts.append(f"service window {window:.2f} s")
+    elif summary.get("consistency") == "pause":
+        paused = summary.get("write_pause_seconds")
+        held = "" if paused is None else f"writes paused {paused:.2f} s, "
+        parts.append(f"{held}no service stopped")
+    pruned = summary.get("prune") or {}
+    if pruned.get("deleted"):
+        parts.append(f"pruned {len(pruned['deleted'])}")
+    lines.append(", ".join(parts))
+    bugs = result.bugs
+    # every error line names the VM by its config key (an adapter names it as the hypervisor does)
+    errors = [_naming(key, str(failure)) for failure in result.failures if failure not in bugs]
+    errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
+    said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
+    if result.window.still_down and not said:
+        errors.append(f"{key}: still stopped: {', '.join(result.window.still_down)}")
+    return lines, errors
+
+
+def _naming(key: str, line: str) -> str:
+    return line if line.startswith(f"{key}:") else f"{key}: {line}"
+
+
+def _plan_lines(key: str, steps: list[Step], ctx: RunContext) -> list[str]:
+    lines = [f"{key}: plan (dry run, nothing is touched):"]
+    undos = []
+    for number, step in enumerate(steps, 1):
+        if step.do is not None:
+            lines.append(
+                f"  {number:2}. {step.name}" + (f": {step.describe}" if step.describe else "")
+            )
+        if step.undo is not None:
+            undos.append(step.undo_name or f"undo {step.name}")
+    if undos:
+        lines.append("  then, always, in this order:")
+        lines += [f"      - {name}" for name in reversed(undos)]
+    lines += [f"  note: {note}" for note in ctx.notes]
+    return lines
