@@ -5,9 +5,9 @@ The selected VMs are grouped by their (ping_url, webhook_url): a fleet sharing t
 pings once per command, a VM with its own URL pings its own. Ping protocol (healthchecks.io):
 ``<url>/start`` before the runs, ``<url>`` on success, ``<url>/fail`` with the errors as the body
 on failure; start and finish carry the same ``rid`` so the service pairs them. Each request has
-the configured timeout and one retry. A failed notification is a warning — logged and returned,
-never raised — and never fails a run. URLs may carry secrets (check UUIDs, tokens): messages
-name only ``scheme://host``.
+the configured timeout and one retry. A failed notification is a warning — returned for the
+caller to show (and logged at info level), never raised — and never fails a run. URLs may carry
+secrets (check UUIDs, tokens): messages name only ``scheme://host``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapcoord import __version__
+from snapcoord import __version__, fleet
 from snapcoord.config import Config
 from snapcoord.outcome import Outcome
 
@@ -35,9 +35,6 @@ RETRY_DELAY = 0.5  # seconds between the attempt and its one retry
 MAX_BODY = 100_000  # healthchecks.io keeps the first 100 kB of a ping body
 MAX_WORKERS = 8  # groups notified at once
 USER_AGENT = f"snapcoord/{__version__}"
-
-#: the order of severity for a group's exit code when the caller gives none (the worst first)
-SEVERITY = (6, 130, 1, 5, 3, 4, 75, 2)
 
 
 @dataclass
@@ -56,6 +53,7 @@ class Notifier:
     is done. Both return warnings (empty when every notification went out)."""
 
     def __init__(self, config: Config, keys: Sequence[str]) -> None:
+        self.started = time.monotonic()
         self.groups: list[Group] = []
         by_urls: dict[tuple[str | None, str | None], Group] = {}
         for key in keys:
@@ -72,6 +70,7 @@ class Notifier:
 
     def start(self) -> list[str]:
         """``<ping_url>/start`` once per group that has a ping URL."""
+        self.started = time.monotonic()
         requests = [
             _Request("start ping", _ping_url(g.ping_url, "start", g.rid), g.timeout)
             for g in self.groups
@@ -84,7 +83,8 @@ class Notifier:
     ) -> list[str]:
         """Per group: the success or ``/fail`` ping and the webhook. A VM of the group without
         an outcome (never run) counts as failed. ``exit_code``: the command's, for the webhook
-        summary (default: the worst of the group's)."""
+        summary (default: the most severe of the group's, :func:`snapcoord.fleet.most_severe`)."""
+        seconds = time.monotonic() - self.started
         by_vm = {o.vm: o for o in outcomes}
         requests: list[_Request] = []
         for group in self.groups:
@@ -93,7 +93,7 @@ class Notifier:
             if group.ping_url:
                 requests.append(_finish_ping(group, mine, missing, command))
             if group.webhook_url:
-                body = webhook_body(command, mine, missing, exit_code=exit_code)
+                body = webhook_body(command, mine, missing, seconds=seconds, exit_code=exit_code)
                 requests.append(
                     _Request(
                         "webhook",
@@ -133,35 +133,21 @@ def webhook_body(
     outcomes: Sequence[Outcome],
     missing: Sequence[str] = (),
     *,
+    seconds: float = 0.0,
     exit_code: int | None = None,
 ) -> dict[str, Any]:
-    """``{"command", "vms": [each --json summary], "summary": {counts, exit_code}}``."""
-    codes = [o.exit_code for o in outcomes]
-    by_code: dict[str, int] = {}
-    for code in codes:
-        by_code[str(code)] = by_code.get(str(code), 0) + 1
-    return {
-        "command": command,
-        "vms": [o.summary for o in outcomes],
-        "summary": {
-            "vms": len(codes) + len(missing),
-            "ok": sum(1 for c in codes if c == 0),
-            "failed": sum(1 for c in codes if c != 0),
-            "not_run": list(missing),
-            "exit_codes": by_code,
-            "exit_code": worst(codes) if exit_code is None else exit_code,
-        },
-    }
-
-
-def worst(codes: Sequence[int]) -> int:
-    """The most severe of ``codes`` by :data:`SEVERITY` (an unknown code after those); 0 if
-    all are 0."""
-    failing = [c for c in codes if c != 0]
-    if not failing:
-        return 0
-    rank = {code: i for i, code in enumerate(SEVERITY)}
-    return min(failing, key=lambda c: rank.get(c, len(SEVERITY)))
+    """``{"command", "vms": [each --json summary], "summary": ...}``: the summary is the one
+    ``--json`` prints for a fleet (counts per outcome, exit code), plus the VMs not run."""
+    totals = fleet.summary(list(outcomes), command=command, seconds=seconds)
+    totals.pop("command")
+    if missing:
+        totals["vms"] += len(missing)
+        totals["failed"] += len(missing)
+        totals["outcomes"]["not_run"] = len(missing)
+        totals["not_run"] = list(missing)
+    if exit_code is not None:
+        totals["exit_code"] = exit_code
+    return {"command": command, "vms": [o.summary for o in outcomes], "summary": totals}
 
 
 # -- URLs ----------------------------------------------------------------------------------------
@@ -232,7 +218,7 @@ def _send(request: _Request) -> str | None:
         if attempt == 1:
             time.sleep(RETRY_DELAY)
     warning = f"notification: {request.what} to {redact(request.url)} failed: {error}"
-    log.warning("%s", warning)
+    log.info("%s", warning)  # the caller shows the returned warnings (CLI: once, on stderr)
     return warning
 
 
