@@ -115,8 +115,3 @@ def decide_snapshots(
 ) -> list[Decision]:
     """The decisions on a VM's own snapshots, oldest first (foreign ones are never in it)."""
     return decide_groups(own_snapshots(snapshots), policy, tz=tz)
-
-
-def describe(policy: RetentionPolicy) -> dict[str, int]:
-    """The rules that are on, for --json and messages."""
-    return {name: value for name, value in vars(policy).items() if value}

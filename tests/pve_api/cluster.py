@@ -159,6 +159,18 @@ class Cluster:
             self.guests[vmid].lock = None
             self.guests[vmid].lock_until = None
 
+    def add_snapshot(
+        self, vmid: int, name: str, snaptime: int, description: str = "", *, vmstate: bool = False
+    ) -> Snap:
+        """A finished snapshot as if taken at ``snaptime`` (epoch seconds): its parent is the
+        one the guest ran from, and the guest now runs from it (seed them oldest first)."""
+        with self.lock:
+            guest = self.guests[vmid]
+            snap = Snap(name, snaptime, description, vmstate=vmstate, parent=guest.parent)
+            guest.snapshots[name] = snap
+            guest.parent = name
+            return snap
+
     def set_status(self, vmid: int, status: str) -> None:
         with self.lock:
             self.guests[vmid].status = status
