@@ -25,7 +25,7 @@ from snapcoord.naming import parse_name, snapshot_name
 from snapcoord.plans import RunContext
 from snapcoord.prune import after_snapshot, prune_snapshots, prune_vm
 from snapcoord.settings import Config
-from tests.cli_helpers import write_config
+from tests.cli_helpers import json_lines, snapcoord, write_config
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
 
@@ -378,3 +378,35 @@ def test_after_snapshot_never_raises(
     result = after_snapshot(ctx)
     assert set(result) == {"error"} and result["error"].startswith("db: ")
     assert "\n" not in result["error"]
+
+
+# -- through the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_prune_dry_run_then_prune_json(
+    setup: Callable[..., Config], double: PveApiDouble, tmp_path: Path
+) -> None:
+    config = setup()
+    env = {TOKEN_ENV: TOKEN_SECRET, "TZ": "UTC"}
+    args = ("-c", config.source, "prune")
+    dry = snapcoord(*args, "db", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"db: would delete {DELETED[0]}" in dry.stdout.splitlines()
+    assert f"db: keep {CURRENT} (current)" in dry.stdout.splitlines()
+    assert remaining(double) == set(NIGHTLY) | set(MANUAL) | set(FOREIGN)
+
+    proc = snapcoord(*args, "--all", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    objects = json_lines(proc.stdout)
+    by_vm = {o["vm"]: o for o in objects if "vm" in o}
+    assert by_vm["db"]["ok"] is True and by_vm["db"]["command"] == "prune"
+    assert by_vm["db"]["deleted"] == DELETED
+    assert {k["name"]: k["reasons"] for k in by_vm["db"]["kept"]} == KEPT
+    assert by_vm["web"]["policy"] is None and by_vm["web"]["deleted"] == []
+    assert any("summary" in o for o in objects)
+    assert remaining(double) == set(KEPT) | set(FOREIGN)
+    assert folders(config.store) == AFTER_FOLDERS
+
+    again = snapcoord(*args, "db", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == f"db: prune ok, kept {len(KEPT)}, deleted 0"
