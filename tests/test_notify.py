@@ -23,7 +23,10 @@ from snapcoord import notify
 from snapcoord.config import Config, load_config
 from snapcoord.notify import Notifier, redact
 from snapcoord.outcome import Outcome
-from tests.cli_helpers import write_config
+from tests.cli_helpers import json_lines, write_config
+from tests.pve_api import PveApiDouble
+from tests.pve_api.testing import Cert, make_cert, start_double
+from tests.test_status import cli, pve_tables
 
 SECRET_UUID = "5f0c1e2d-aaaa-4bbb-8ccc-1234567890ab"
 SECRET_TOKEN = "tok-9f8e7d6c5b4a"
@@ -73,7 +76,7 @@ def server() -> Iterator[Recorder]:
                     dict(urllib.parse.parse_qsl(url.query)),
                     body,
                     dict(self.headers),
-                    time.monotonic(),
+                    time.time(),
                 )
             )
             answer = recorder.answers.pop(0) if recorder.answers else 200
@@ -341,3 +344,81 @@ def test_webhook_summary_counts_vms_not_run_and_the_worst_code() -> None:
         "service_not_restored": 1,
     }
     assert totals["not_run"] == ["d"] and totals["exit_code"] == 6
+
+
+# -- through the CLI, on the Proxmox API double ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    return make_cert(tmp_path_factory.mktemp("notify-tls"))
+
+
+@pytest.fixture
+def double(cert: Cert) -> Iterator[PveApiDouble]:
+    api = start_double(cert, task_seconds=0.05)
+    yield api
+    api.stop()
+
+
+def fleet_config(tmp_path: Path, double: PveApiDouble, cert: Cert, notify_table: Any) -> Path:
+    tables = pve_tables(tmp_path, double.port, cert)
+    tables["notify"] = notify_table
+    return write_config(tmp_path / "c.toml", tables)
+
+
+def test_cli_pings_start_before_the_snapshot_and_success_after(
+    server: Recorder, double: PveApiDouble, cert: Cert, tmp_path: Path
+) -> None:
+    ping = f"{server.base}/ping/{SECRET_UUID}"
+    config = fleet_config(
+        tmp_path, double, cert, {"ping_url": ping, "webhook_url": f"{server.base}/hook"}
+    )
+    proc = cli(config, "snapshot", "db", "ct", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr
+    runs = [line for line in json_lines(proc.stdout) if "vm" in line]
+    assert {r["vm"] for r in runs} == {"db", "ct"}
+    first_step = min(r["steps"][0]["started"] for r in runs)
+    last_step = max(r["steps"][-1]["ended"] for r in runs)
+    start, *finish = server.hits
+    assert start.path == f"/ping/{SECRET_UUID}/start" and start.at < first_step
+    assert sorted(h.path for h in finish) == ["/hook", f"/ping/{SECRET_UUID}"]
+    assert all(h.at > last_step for h in finish)
+    (hook,) = [h for h in finish if h.path == "/hook"]
+    body = json.loads(hook.body)
+    assert body["command"] == "snapshot"
+    assert sorted(body["vms"], key=lambda v: v["vm"]) == sorted(runs, key=lambda r: r["vm"])
+    assert body["summary"]["ok"] == 2 and body["summary"]["exit_code"] == 0
+
+
+def test_cli_failure_pings_fail_with_the_error(
+    server: Recorder, double: PveApiDouble, cert: Cert, tmp_path: Path
+) -> None:
+    config = fleet_config(tmp_path, double, cert, {"ping_url": f"{server.base}/ping/f"})
+    double.cluster.lock_guest(201, "backup")
+    proc = cli(config, "snapshot", "db", "remote")
+    assert proc.returncode == 3, proc.stderr
+    assert server.paths() == ["/ping/f/start", "/ping/f/fail"]
+    body = server.hits[1].body.decode()
+    assert body.startswith("remote: snapshot failed (exit 3)\n")
+    assert "locked" in body and "db:" not in body
+
+
+def test_cli_a_failed_notification_is_a_warning_not_a_failure(
+    double: PveApiDouble, cert: Cert, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/ping/{SECRET_UUID}"
+    config = fleet_config(tmp_path, double, cert, {"ping_url": url, "timeout": 1})
+    proc = cli(config, "snapshot", "db")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "notification" in line]
+    assert warnings == [
+        f"snapcoord: warning: notification: {what} ping to http://127.0.0.1:{port} failed: "
+        "Connection refused"
+        for what in ("start", "success")
+    ]
+    assert SECRET_UUID not in proc.stderr + proc.stdout
