@@ -281,3 +281,28 @@ def test_human_bytes(size: int, text: str) -> None:
 
 def test_ages() -> None:
     assert [status._ago(s) for s in (5, 200, 7200, 6 * DAY)] == ["5 s", "3 min", "2 h", "6 d"]
+
+
+def test_status_through_the_cli(double: PveApiDouble, cert: Cert, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", pve_tables(tmp_path, double.port, cert))
+    assert cli(path, "snapshot", "db").returncode == 0
+    proc = cli(path, "status")  # every VM by default
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    (db,) = [line for line in lines if line.startswith("db: ")]
+    assert db.startswith("db: last snapshot ok ") and "; 1 snapshot, newest " in db
+    assert any(line.startswith("ct: no run recorded; 0 snapshots") for line in lines)
+
+    proc = cli(path, "status", "db", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (summary,) = [o for o in json_lines(proc.stdout) if o.get("vm") == "db"]
+    assert summary["command"] == "status" and summary["snapshots"]["count"] == 1
+
+    double.stop()
+    proc = cli(path, "status", "db")
+    assert proc.returncode == 3
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--offline" in errors[0] and "Traceback" not in proc.stderr
+    proc = cli(path, "status", "db", "--offline")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 snapshot as seen at " in proc.stdout
