@@ -410,3 +410,24 @@ def test_cli_prune_dry_run_then_prune_json(
     again = snapcoord(*args, "db", env=env)
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[-1] == f"db: prune ok, kept {len(KEPT)}, deleted 0"
+
+
+def test_cli_snapshot_prunes_after_the_run(
+    setup: Callable[..., Config], double: PveApiDouble
+) -> None:
+    """``snapshot`` prunes once the run ended; the new snapshot (its own label) is kept, and the
+    VM now runs from it, so the one it ran from before is no longer kept as current."""
+    config = setup()
+    env = {TOKEN_ENV: TOKEN_SECRET, "TZ": "UTC"}
+    proc = snapcoord("-c", config.source, "snapshot", "db", "--label", "cli", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [o for o in json_lines(proc.stdout) if o.get("vm") == "db"]
+    new = result["snapshot"]
+    pruned = result["prune"]
+    assert "error" not in pruned
+    assert pruned["deleted"] == sorted([*DELETED, CURRENT], key=lambda n: n[-16:])
+    kept = {k["name"]: k["reasons"] for k in pruned["kept"]}
+    assert kept[new][0] == "newest" and kept.keys() - {new} == KEPT.keys() - {CURRENT}
+    assert remaining(double) == set(KEPT) - {CURRENT} | set(FOREIGN) | {new}
+    assert folders(config.store) == AFTER_FOLDERS
+    assert inventory.read(config.store, "db") == pruned["inventory"]
