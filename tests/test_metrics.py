@@ -19,7 +19,7 @@ from snapcoord import metrics
 from snapcoord.config import Config, load_config
 from snapcoord.metrics import Family, escape_label, write_metrics
 from tests import lab
-from tests.cli_helpers import json_lines, write_config
+from tests.cli_helpers import REPO, json_lines, write_config
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import Cert, make_cert, start_double
 from tests.test_status import DAY, add_snapshot, cli, pve_tables, realistic_run, write_last_run
@@ -234,3 +234,9 @@ def test_values_are_written_exactly(offline_config: Config) -> None:
     text = metrics.render(offline_config, now=1_800_000_100.0)
     assert 'snapcoord_last_run_timestamp_seconds{vm="db1",command="snapshot"} 1800000000.25' in text
     assert 'snapcoord_last_run_exit_code{vm="db1",command="snapshot"} 0\n' in text
+
+
+def test_docs_list_every_metric() -> None:
+    text = (REPO / "docs" / "monitoring.md").read_text()
+    documented = set(re.findall(r"^\| `(snapcoord_\w+)` \|", text, re.M))
+    assert documented == {family.name for family in metrics._families().values()}
