@@ -331,6 +331,7 @@ def _run_plan(
         )
     result = RunResult(window=ctx.window)
     session = Session(config, key, run_id)
+    ctx.keep_connection = after is not None
     try:
         with session:
             result = session.execute(ctx, steps, reporter)
@@ -338,6 +339,9 @@ def _run_plan(
                 after(ctx, result)
     except SnapcoordError as exc:
         result.failures.append(exc)
+    finally:
+        if ctx.keep_connection:
+            ctx.adapter.close()
     summary = run_summary(
         key,
         result,

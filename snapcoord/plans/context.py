@@ -39,6 +39,9 @@ class RunContext:
     window: ServiceWindow = field(default_factory=ServiceWindow)
     outputs: dict[str, Any] = field(default_factory=dict)  # dump/archive results for --json
     soft_failures: list[SnapcoordError] = field(default_factory=list)  # reported, not fatal
+    #: the plan's end leaves the hypervisor session open for work after the run (retention,
+    #: inventory); whoever sets it closes the adapter
+    keep_connection: bool = False
 
     @classmethod
     def create(cls, config: Config, vm_key: str, run_id: str) -> RunContext:
@@ -89,7 +92,7 @@ def connect_steps(ctx: RunContext) -> list[Step]:
         Step(
             f"connect to hypervisor {hv}",
             ctx.adapter.connect,
-            ctx.adapter.close,
+            lambda: None if ctx.keep_connection else ctx.adapter.close(),
             undo_name=f"disconnect from hypervisor {hv}",
             describe=f"{ctx.config.hypervisors[hv].type} session to {hv}",
         ),
