@@ -15,7 +15,8 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapcoord import inventory, store
+from snapcoord import inventory
+from snapcoord import store as runs
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import VM, Adapter, Snapshot
 from snapcoord.config import Config
@@ -53,9 +54,9 @@ def _delete(adapter: Adapter, vm: VM, snapshot: Snapshot, vm_cfg: VMConfig) -> s
     return None
 
 
-def _run_folders(store_dir: Path, key: str) -> set[str]:
+def _run_folders(store: Path, key: str) -> set[str]:
     """Snapshot names that have a run folder (complete or failed) in the store."""
-    return {info.snapshot for info in store.list_dumps(store_dir, key, include_failed=True)}
+    return {info.snapshot for info in runs.list_dumps(store, key, include_failed=True)}
 
 
 def _orphans_to_delete(
@@ -88,7 +89,7 @@ def prune_snapshots(
     adapter: Adapter,
     vm: VM,
     vm_cfg: VMConfig,
-    store_dir: Path,
+    store: Path,
     *,
     dry_run: bool,
     now: datetime | None = None,
@@ -107,7 +108,7 @@ def prune_snapshots(
     snapshots = adapter.list_snapshots(vm)
     by_name = {s.name: s for s in snapshots}
     decisions = decide_groups(own_snapshots(snapshots), policy, tz=tz)
-    folders = _run_folders(store_dir, key)
+    folders = _run_folders(store, key)
     result: dict[str, Any] = {
         "kept": [{"name": d.name, "reasons": list(d.reasons)} for d in decisions if d.keep],
         "deleted": [],
@@ -125,13 +126,13 @@ def prune_snapshots(
             continue
         result["deleted"].append(name)
         gone.add(name)
-        _drop_folder(result, store_dir, key, name, present=name in folders, dry_run=dry_run)
+        _drop_folder(result, store, key, name, present=name in folders, dry_run=dry_run)
     remaining = [s for s in snapshots if s.name not in gone]
     for name in _orphans_to_delete(folders - gone, remaining, policy, tz):
-        _drop_folder(result, store_dir, key, name, present=True, dry_run=dry_run)
+        _drop_folder(result, store, key, name, present=True, dry_run=dry_run)
     listed = snapshots if dry_run or not (gone or result["failed"]) else _relist(adapter, vm)
     after = listed if listed is not None else remaining
-    result["inventory"] = inventory.record(store_dir, key, after, now=now)
+    result["inventory"] = inventory.record(store, key, after, now=now)
     return result
 
 
@@ -145,7 +146,7 @@ def _relist(adapter: Adapter, vm: VM) -> list[Snapshot] | None:
 
 
 def _drop_folder(
-    result: dict[str, Any], store_dir: Path, key: str, name: str, *, present: bool, dry_run: bool
+    result: dict[str, Any], store: Path, key: str, name: str, *, present: bool, dry_run: bool
 ) -> None:
     """Remove the run folders of ``name`` (complete, failed, partial) and note it in ``result``."""
     if dry_run:
@@ -153,7 +154,7 @@ def _drop_folder(
             result["folders_deleted"].append(name)
         return
     try:
-        removed = store.remove_run(store_dir, key, name)
+        removed = runs.remove_run(store, key, name)
     except (OSError, SnapcoordError) as exc:
         text = _message(exc) if isinstance(exc, SnapcoordError) else str(exc)
         error = f"cannot remove its run folder: {text}"
