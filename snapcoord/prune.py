@@ -252,26 +252,33 @@ def after_snapshot(ctx: RunContext) -> dict[str, Any]:
     """Prune the VM of a snapshot run that has ended (services back; the caller still holds the
     VM lock), when it has a policy, and record its snapshot inventory either way.
 
-    ``ctx`` is the run's :class:`snapcoord.plans.RunContext`; a fresh adapter session is opened
-    (the run's is closed). Never raises: any problem comes back as ``{"error": "<vm>: ..."}``
-    (a warning for the caller, never a failed snapshot); deletes that failed are in ``failed``
-    and summed up in ``error`` too."""
+    ``ctx`` is the run's :class:`snapcoord.plans.RunContext`. Its hypervisor session is used when
+    the run left it open (``ctx.keep_connection``, the VM found); otherwise a fresh one is opened
+    and closed here. Never raises: any problem comes back as ``{"error": "<vm>: ..."}`` (a
+    warning for the caller, never a failed snapshot); deletes that failed are in ``failed`` and
+    summed up in ``error`` too."""
     vm_cfg, config = ctx.vm_cfg, ctx.config
     key = vm_cfg.key
     try:
-        settings = config.hypervisors[vm_cfg.hypervisor]
-        with open_adapter(vm_cfg.hypervisor, settings) as adapter:
-            vm = adapter.find_vm(vm_cfg.ref)
-            if vm_cfg.retention is None:
-                listed = adapter.list_snapshots(vm)
-                return {"policy": None, "inventory": inventory.record(config.store, key, listed)}
-            result = prune_snapshots(adapter, vm, vm_cfg, config.store, dry_run=False)
+        if ctx.keep_connection and ctx.vm is not None:
+            result = _after(ctx.adapter, ctx.vm, vm_cfg, config.store)
+        else:
+            settings = config.hypervisors[vm_cfg.hypervisor]
+            with open_adapter(vm_cfg.hypervisor, settings) as adapter:
+                result = _after(adapter, adapter.find_vm(vm_cfg.ref), vm_cfg, config.store)
     except SnapcoordError as exc:
         return {"error": _line(key, exc)}
     except Exception as exc:  # a prune problem never fails the snapshot run
         log.debug("%s: prune after snapshot failed", key, exc_info=True)
         return {"error": f"{key}: prune failed: {type(exc).__name__}: {exc}"}
-    if result["failed"]:
+    if result.get("failed"):
         problems = "; ".join(f"{f['name']}: {f['error']}" for f in result["failed"])
         result["error"] = f"{key}: prune: {len(result['failed'])} not deleted: {problems}"
     return result
+
+
+def _after(adapter: Adapter, vm: VM, vm_cfg: VMConfig, store: Path) -> dict[str, Any]:
+    if vm_cfg.retention is None:
+        listed = adapter.list_snapshots(vm)
+        return {"policy": None, "inventory": inventory.record(store, vm_cfg.key, listed)}
+    return prune_snapshots(adapter, vm, vm_cfg, store, dry_run=False)

@@ -352,6 +352,21 @@ def test_after_snapshot_prunes_and_records_the_inventory(
     assert result["inventory"]["count"] == len(KEPT) + 1
 
 
+def test_after_snapshot_uses_the_session_the_run_left_open(
+    setup: Callable[..., Config], double: PveApiDouble
+) -> None:
+    config = setup()
+    ctx = RunContext.create(config, "db", "the-run")
+    with ctx.adapter:
+        ctx.vm = ctx.adapter.find_vm("db1")
+        ctx.keep_connection = True
+        logins = len(double.log)
+        result = after_snapshot(ctx)
+        paths = [entry.path for entry in double.log[logins:]]
+    assert result["deleted"] == DELETED
+    assert not [p for p in paths if "/access/" in p or p.endswith("/resources")], paths
+
+
 def test_after_snapshot_without_policy_only_records(
     setup: Callable[..., Config], double: PveApiDouble
 ) -> None:
