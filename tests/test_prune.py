@@ -360,6 +360,11 @@ def test_after_snapshot_uses_the_session_the_run_left_open(
     with ctx.adapter:
         ctx.vm = ctx.adapter.find_vm("db1")
         ctx.keep_connection = True
+        # the double logs a request just after answering it: wait for find_vm's entry
+        deadline = time.monotonic() + 5
+        while not any(e.path.endswith("/resources") for e in double.log):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         logins = len(double.log)
         result = after_snapshot(ctx)
         paths = [entry.path for entry in double.log[logins:]]
