@@ -6,6 +6,8 @@ most severe one; the JSON stream ends with a summary; SIGTERM cancels the fleet.
 from __future__ import annotations
 
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -206,3 +208,44 @@ def test_sigterm_cancels_the_running_vms_and_starts_no_new_one(
     not_started = [item for item in per_vm if "not started" in " ".join(item["errors"])]
     assert len(not_started) == PER_CLUSTER - 2
     assert len(task_intervals(clusters["pa"])) == 2  # no snapshot was started after the signal
+
+
+def test_on_a_terminal_running_vms_are_a_live_block_redrawn_in_place(
+    clusters: dict[str, PveApiDouble], cert: Cert, tmp_path: Path
+) -> None:
+    config = fleet_config(tmp_path / "snapcoord.toml", clusters, cert, {"pa": 3, "pb": 3})
+    primary, secondary = pty.openpty()
+    child = subprocess.Popen(
+        [*(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "--hypervisor"),
+         *("pa", "--exclude", "gone", "--parallel", "3")],
+        cwd=REPO,
+        env={**os.environ, TOKEN_ENV: TOKEN_SECRET},
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(secondary)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+        assert child.wait(timeout=60) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        os.close(primary)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    text = screen.decode()
+    # running VMs are drawn as "  <vm>: <step> ... <n> s" and erased in place ("\x1b[<n>F\x1b[J")
+    assert re.search(r"  pa-\d\d: [a-z].* \.\.\. \d+ s", text)
+    assert re.search(r"\x1b\[[1-3]F\x1b\[J", text)
+    finished = re.findall(r"^(pa-\d\d): snapshot ok, ", text, re.MULTILINE)
+    assert sorted(finished) == [f"pa-{i:02}" for i in range(PER_CLUSTER)]
+    assert " -> " not in text  # no step lines: the live block replaces them
+    assert text.rstrip().endswith(f"snapshot: {PER_CLUSTER} VMs: {PER_CLUSTER} ok (exit 0)")
