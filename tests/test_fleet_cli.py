@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import REPO, json_lines, snapcoord, write_config
+from tests.cli_helpers import (
+    DEMO_BIN,
+    REPO,
+    STAND_IN_SERVICES,
+    json_lines,
+    running_stand_ins,
+    snapcoord,
+    write_config,
+)
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
 
@@ -249,3 +257,87 @@ def test_on_a_terminal_running_vms_are_a_live_block_redrawn_in_place(
     assert sorted(finished) == [f"pa-{i:02}" for i in range(PER_CLUSTER)]
     assert " -> " not in text  # no step lines: the live block replaces them
     assert text.rstrip().endswith(f"snapshot: {PER_CLUSTER} VMs: {PER_CLUSTER} ok (exit 0)")
+
+
+def guest_fleet_config(
+    path: Path, double: PveApiDouble, cert: Cert, count: int
+) -> tuple[Path, dict[str, Path]]:
+    """``count`` VMs on one double, each with its own stand-in guest (the demo's service
+    commands through the exec transport, one state folder per VM)."""
+    tables: dict[str, dict[str, Any]] = {
+        "defaults": {"store": str(path.parent / "store"), "label": "nightly"},
+        "hypervisors.pa": {
+            "type": "proxmox",
+            "host": "127.0.0.1",
+            "port": double.port,
+            "token_id": TOKEN_ID,
+            "token_secret": {"env": TOKEN_ENV},
+            "ca_file": str(cert.cert),
+            "max_parallel": 3,
+        },
+    }
+    states = {}
+    for i in range(count):
+        key = f"db{i}"
+        state = path.parent / f"state-{key}"
+        state.mkdir()
+        for name in STAND_IN_SERVICES:
+            (state / f"{name}.running").touch()
+        states[key] = state
+        tables[f"vms.{key}"] = {"hypervisor": "pa", "vmid": 1000 + i}
+        tables[f"vms.{key}.guest"] = {
+            "transport": "exec",
+            "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+            "database": "mariadb",
+        }
+    return write_config(path, tables), states
+
+
+def test_guests_in_parallel_each_get_their_window_and_all_run_after(
+    clusters: dict[str, PveApiDouble], cert: Cert, tmp_path: Path
+) -> None:
+    config, states = guest_fleet_config(tmp_path / "c.toml", clusters["pa"], cert, 6)
+    proc = run_cli(config, "snapshot", "--all", "--parallel", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    *per_vm, last = json_lines(proc.stdout)
+    assert sorted(r["vm"] for r in per_vm) == sorted(states)
+    assert all(r["window_seconds"] > 0 and r["services_down"] == [] for r in per_vm)
+    assert last["summary"]["peak_parallel"] == 3
+    for state in states.values():
+        assert running_stand_ins(state) == STAND_IN_SERVICES
+
+
+def test_sigterm_while_guests_are_down_brings_every_service_back(
+    clusters: dict[str, PveApiDouble], cert: Cert, tmp_path: Path
+) -> None:
+    double = clusters["pa"]
+    double.cluster.task_durations["qmsnapshot"] = 30.0
+    config, states = guest_fleet_config(tmp_path / "c.toml", double, cert, 5)
+    child = subprocess.Popen(
+        [*(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "--all"),
+         *("--parallel", "3", "--json")],
+        cwd=REPO,
+        env={**os.environ, TOKEN_ENV: TOKEN_SECRET},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(task_intervals(double)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # three VMs are inside their window: their services are down right now
+        down = [key for key, state in states.items() if not running_stand_ins(state)]
+        assert len(down) == 3, {k: running_stand_ins(s) for k, s in states.items()}
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err
+    for state in states.values():  # every service that ran before runs again
+        assert running_stand_ins(state) == STAND_IN_SERVICES
+    *per_vm, _ = json_lines(out)
+    interrupted = {r["vm"] for r in per_vm if r.get("window_seconds")}
+    assert interrupted == set(down)  # the two never started were never touched
