@@ -15,7 +15,10 @@ median duration of one VM's run (first step started to last step ended) in a sin
 Finally one run with ``[hypervisors.pve] max_parallel = 4`` and ``--parallel 64`` shows the cap.
 
 Usage: ``PYTHONPATH=. .venv/bin/python bench/fleet.py [--vms 200] [--serial-vms 50]
-[--parallel 1,4,16,64] [--repeat 3] [--task-seconds 1] [--cap-vms 200] [--markdown]``
+[--parallel 1,4,16,64] [--repeat 3] [--task-seconds 1] [--cap-vms 200] [--backlog 128]
+[--keep DIR] [--markdown]``. ``--backlog`` is the double's listen backlog: Python's socketserver
+default of 5 overflows when 64 clients connect at once, and each overflowed connect waits for the
+client's SYN retransmission (1 s): an artifact of the stand-in, not of snapcoord.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Double:
 
 
 @contextmanager
-def double(folder: Path, *, guests: int, task_seconds: float) -> Iterator[Double]:
+def double(
+    folder: Path, *, guests: int, task_seconds: float, backlog: int | None
+) -> Iterator[Double]:
     """A fresh standalone double with ``guests`` extra qemu VMs fleet0001...; stopped after."""
     cert, key = folder / "pve.crt", folder / "pve.key"
     port_file = folder / "port"
@@ -74,6 +79,8 @@ def double(folder: Path, *, guests: int, task_seconds: float) -> Iterator[Double
     command += ["--port-file", str(port_file), "--tls-cert", str(cert), "--tls-key", str(key)]
     command += ["--token-file", str(folder / "double-tokens"), "--task-seconds", str(task_seconds)]
     command += ["--guests", str(guests), "--guest-prefix", PREFIX]
+    if backlog is not None:
+        command += ["--backlog", str(backlog)]
     with open(folder / "double.log", "ab") as log:
         proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -127,10 +134,17 @@ class Run:
 
 
 def snapshot_run(
-    folder: Path, *, vms: int, guests: int, parallel: int, max_parallel: int, task_seconds: float
+    folder: Path,
+    *,
+    vms: int,
+    guests: int,
+    parallel: int,
+    max_parallel: int,
+    task_seconds: float,
+    backlog: int | None,
 ) -> Run:
     (folder / "store").mkdir(exist_ok=True)
-    with double(folder, guests=guests, task_seconds=task_seconds) as server:
+    with double(folder, guests=guests, task_seconds=task_seconds, backlog=backlog) as server:
         config = write_config(folder, server.port, vms, max_parallel)
         args = [str(SNAPCOORD), "-c", str(config), "snapshot"]
         args += ["--all", "--parallel", str(parallel)] if vms > 1 else [f"{PREFIX}0001"]
@@ -186,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-vms", type=int, default=200, help="VMs in the max_parallel run")
     parser.add_argument("--cap", type=int, default=4, help="max_parallel of the capped run")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=128,
+        help="the double's listen backlog (socketserver's default 5 is overflowed by 64 connects)",
+    )
     parser.add_argument("--keep", type=Path, help="keep every run's folder (output, logs) here")
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.parallel.split(",") if n]
@@ -209,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir()
             for name in ("pve.crt", "pve.key", "token-secret", "double-tokens"):
                 (folder / name).symlink_to(top / name)
-            return snapshot_run(folder, guests=guests, task_seconds=args.task_seconds, **kw)
+            return snapshot_run(
+                folder, guests=guests, task_seconds=args.task_seconds, backlog=args.backlog, **kw
+            )
 
         singles = [run(vms=1, parallel=1, max_parallel=1000) for _ in range(max(args.repeat, 3))]
         per_vm = median([r.vm_seconds[0] for r in singles])

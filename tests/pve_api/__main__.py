@@ -68,13 +68,16 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
 class StandaloneDouble(PveApiDouble):
     """The double plus the test-only stats endpoint (outside /api2, so the API stays as PVE's)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, backlog: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timeline = TaskTimeline(self.cluster)
+        self.backlog = backlog
 
     def bind(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().bind(host, port)
         assert self._httpd is not None
+        if self.backlog is not None:  # Linux takes a second listen() as the new backlog
+            self._httpd.socket.listen(self.backlog)
         api_handler: Any = self._httpd.RequestHandlerClass
         timeline = self.timeline
 
@@ -135,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.pve_api", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:8006", help="HOST:PORT (port 0: any)")
     parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        help="listen backlog (default: socketserver's 5; more concurrent connects than this "
+        "overflow it and wait for the client's SYN retransmission, about 1 s)",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--task-seconds", type=float, default=0.5, help="duration of a task")
@@ -194,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         auth_fail_delay=args.auth_delay,
+        backlog=args.backlog,
     )
     add_guests(double.cluster, args.guests, args.guest_prefix)
     for spec in args.snapshot:
