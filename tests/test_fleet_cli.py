@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,37 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return snapcoord("-c", str(config), *args, env={TOKEN_ENV: TOKEN_SECRET})
 
 
+def start_cli(config: Path, *args: str, **popen: Any) -> subprocess.Popen[str]:
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "snapcoord", "-c", str(config), *args],
+        cwd=REPO,
+        env={**os.environ, TOKEN_ENV: TOKEN_SECRET},
+        text=True,
+        **popen,
+    )
+
+
+def sigterm_when(
+    child: subprocess.Popen[str], ready: Callable[[], bool], *, then: Callable[[], None]
+) -> tuple[str, str]:
+    """Wait until ``ready()``, call ``then()`` (assertions on the state right now), send
+    SIGTERM; the child's output. The child never outlives the call."""
+    try:
+        deadline = time.monotonic() + 30
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready()
+        then()
+        child.send_signal(signal.SIGTERM)
+        return child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def test_a_fleet_runs_within_both_limits_and_failures_stay_local(
     clusters: dict[str, PveApiDouble], cert: Cert, tmp_path: Path
 ) -> None:
@@ -186,29 +217,12 @@ def test_sigterm_cancels_the_running_vms_and_starts_no_new_one(
     for double in clusters.values():
         double.cluster.task_durations["qmsnapshot"] = 30.0  # long enough to be cut
     config = fleet_config(tmp_path / "snapcoord.toml", clusters, cert, {"pa": 2, "pb": 2})
-    env = {**os.environ, TOKEN_ENV: TOKEN_SECRET}
-    child = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot"),
-            *("--hypervisor", "pa", "--exclude", "gone", "--parallel", "2", "--json"),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    child = start_cli(
+        config, "snapshot", "--hypervisor", "pa", "--exclude", "gone", "--parallel", "2", "--json"
     )
-    try:
-        deadline = time.monotonic() + 30
-        while len(task_intervals(clusters["pa"])) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(task_intervals(clusters["pa"])) == 2
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    out, err = sigterm_when(
+        child, lambda: len(task_intervals(clusters["pa"])) == 2, then=lambda: None
+    )
     assert child.returncode == 130, err
     *per_vm, last = json_lines(out)
     assert len(per_vm) == PER_CLUSTER and all(item["exit_code"] == 130 for item in per_vm)
@@ -223,14 +237,9 @@ def test_on_a_terminal_running_vms_are_a_live_block_redrawn_in_place(
 ) -> None:
     config = fleet_config(tmp_path / "snapcoord.toml", clusters, cert, {"pa": 3, "pb": 3})
     primary, secondary = pty.openpty()
-    child = subprocess.Popen(
-        [*(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "--hypervisor"),
-         *("pa", "--exclude", "gone", "--parallel", "3")],
-        cwd=REPO,
-        env={**os.environ, TOKEN_ENV: TOKEN_SECRET},
-        stdin=subprocess.DEVNULL,
-        stdout=secondary,
-        stderr=subprocess.PIPE,
+    child = start_cli(
+        config, "snapshot", "--hypervisor", "pa", "--exclude", "gone", "--parallel", "3",
+        stdin=subprocess.DEVNULL, stdout=secondary,
     )  # fmt: skip
     os.close(secondary)
     screen = b""
@@ -313,28 +322,14 @@ def test_sigterm_while_guests_are_down_brings_every_service_back(
     double = clusters["pa"]
     double.cluster.task_durations["qmsnapshot"] = 30.0
     config, states = guest_fleet_config(tmp_path / "c.toml", double, cert, 5)
-    child = subprocess.Popen(
-        [*(sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "--all"),
-         *("--parallel", "3", "--json")],
-        cwd=REPO,
-        env={**os.environ, TOKEN_ENV: TOKEN_SECRET},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while len(task_intervals(double)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # three VMs are inside their window: their services are down right now
-        down = [key for key, state in states.items() if not running_stand_ins(state)]
+    child = start_cli(config, "snapshot", "--all", "--parallel", "3", "--json")
+    down: list[str] = []
+
+    def three_are_down() -> None:  # inside their window: their services are down right now
+        down.extend(key for key, state in states.items() if not running_stand_ins(state))
         assert len(down) == 3, {k: running_stand_ins(s) for k, s in states.items()}
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+
+    out, err = sigterm_when(child, lambda: len(task_intervals(double)) >= 3, then=three_are_down)
     assert child.returncode == 130, err
     for state in states.values():  # every service that ran before runs again
         assert running_stand_ins(state) == STAND_IN_SERVICES
