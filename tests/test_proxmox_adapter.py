@@ -357,3 +357,20 @@ def test_a_failed_snapshot_task_raises_with_the_task_error(
     assert not isinstance(info.value, SnapshotExists | SnapshotNotFound)
     assert info.value.vm == "golden"
     assert adapter.list_snapshots(vm) == []
+
+
+def test_proxy_settings_of_the_environment_are_honoured(
+    double: PveApiDouble, cert: Cert, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read once per session (not on every request), but still obeyed: a proxy that is not
+    there fails the connection; NO_PROXY for the host bypasses it."""
+    for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    unreachable = ProxmoxAdapter("pve", token_settings(double, cert))
+    with pytest.raises(HypervisorError, match="cannot reach"), unreachable:
+        unreachable.find_vm("db1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+        assert adapter.find_vm("db1").extra["vmid"] == 100
+        assert adapter._session is not None and adapter._session.trust_env is False
