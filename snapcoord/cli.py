@@ -43,6 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object per VM on stdout, then a summary"
     )
 
+    p = sub.add_parser(
+        "freeze", help="quiesce each VM for another tool's snapshot, until thaw (or the limit)"
+    )
+    _add_selection(p)
+    p.add_argument(
+        "--max-seconds",
+        type=_seconds,
+        metavar="N",
+        help="put everything back after N s if no thaw comes (default: freeze_max_seconds)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("thaw", help="put frozen VMs back and check that everything runs")
+    _add_selection(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "vzdump-hook",
+        help="hook script for Proxmox vzdump (--script): quiesce at pre-stop, thaw after",
+        description="Called by vzdump as '<phase>' or '<phase> <mode> <vmid>'; the "
+        "configuration comes from $SNAPCOORD_CONFIG or the default paths (docs/scheduling.md).",
+    )
+    p.add_argument("phase")
+    p.add_argument("rest", nargs="*", metavar="MODE VMID")
+    p.set_defaults(dry_run=False)
+
     p = sub.add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
     _add_selection(p)
     p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")
@@ -106,6 +132,16 @@ def _positive(text: str) -> int:
         value = 0
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError(f"must be a number 1-1000, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 10 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds 10-86400, got {text!r}")
     return value
 
 

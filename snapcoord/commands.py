@@ -268,7 +268,103 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _guarded(key: str, command: str, job: Callable[[], Outcome]) -> Outcome:
+    """``job``'s outcome; a refusal before it started (locked, bad input) as one too."""
+    try:
+        return job()
+    except SnapcoordError as exc:
+        code = int(exc.exit_code)
+        summary = {"vm": key, "ok": False, "exit_code": code, "command": command}
+        line = _naming(key, str(exc))
+        return Outcome(key, code, {**summary, "errors": [line]}, errors=[line])
+
+
+def _freeze_limit(config: Config, key: str, requested: int | None) -> int:
+    guest = config.vm(key).guest
+    return requested or (guest.freeze_max_seconds if guest else 0)
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    from snapcoord.freeze import freeze_vm
+
+    config = _load(args)
+
+    def job(key: str, reporter: Reporter) -> Outcome:
+        limit = _freeze_limit(config, key, args.max_seconds)
+        return _guarded(
+            key, "freeze", lambda: freeze_vm(config, key, max_seconds=limit, reporter=reporter)
+        )
+
+    return _fleet(args, config, job, command="freeze")
+
+
+def cmd_thaw(args: argparse.Namespace) -> int:
+    from snapcoord.freeze import thaw_vm
+
+    config = _load(args)
+
+    def job(key: str, reporter: Reporter) -> Outcome:
+        return _guarded(key, "thaw", lambda: thaw_vm(config, key, reporter=reporter))
+
+    return _fleet(args, config, job, command="thaw")
+
+
+def cmd_vzdump_hook(args: argparse.Namespace) -> int:
+    import os
+
+    from snapcoord.freeze import freeze_vm, thaw_vm
+    from snapcoord.plans.freeze import dump_steps
+    from snapcoord.vzdump import Actions, HookCall, run_hook
+
+    call = HookCall.parse([args.phase, *args.rest], os.environ)
+    config = _load(args)
+    view = StepLinesView()
+    where = " ".join(str(x) for x in (call.phase, call.mode, call.vmid) if x is not None)
+
+    def freeze(key: str, vmid: int) -> Outcome:
+        limit = _freeze_limit(config, key, None)
+        return _guarded(
+            key,
+            "freeze",
+            lambda: freeze_vm(
+                config,
+                key,
+                max_seconds=limit,
+                reporter=view.reporter(key),
+                source="vzdump",
+                vmid=vmid,
+            ),
+        )
+
+    def thaw(key: str) -> Outcome:
+        return _guarded(key, "thaw", lambda: thaw_vm(config, key, reporter=view.reporter(key)))
+
+    def dump(key: str) -> Outcome:
+        vm_cfg = config.vm(key)
+        if vm_cfg.guest is None or not (vm_cfg.guest.dump or vm_cfg.archive.paths):
+            line = f"{key}: mode stop: vzdump shuts the guest down itself; no dump configured"
+            return Outcome(key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0}, [line])
+        return _run_plan(
+            args,
+            config,
+            key,
+            lambda ctx: dump_steps(ctx, label="vzdump"),
+            title="dump",
+            reporter=view.reporter(key),
+        )
+
+    code, outcomes, line = run_hook(config, call, Actions(freeze=freeze, thaw=thaw, dump=dump))
+    for outcome in outcomes:
+        view.finished(outcome)
+    if line:
+        print(f"snapcoord: vzdump-hook {where}: {line}")
+    return code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "freeze": cmd_freeze,
+    "thaw": cmd_thaw,
+    "vzdump-hook": cmd_vzdump_hook,
     "snapshot": cmd_snapshot,
     "prune": cmd_prune,
     "status": cmd_status,

@@ -250,6 +250,12 @@ VM: dict[str, Key] = {
     "hypervisor": Key("str", "key of the [hypervisors.X] table", default=REQUIRED, example="lab"),
     "name": Key("str", "name (or vSphere path/uuid:/moref:) on the hypervisor; default: table key"),
     "vmid": Key("int", "Proxmox VMID (instead of name)", minimum=100, maximum=999999999),
+    "vzdump_vmid": Key(
+        "int",
+        "the vzdump hook: the VMID vzdump passes for this VM, when neither vmid nor name give it",
+        minimum=100,
+        maximum=999999999,
+    ),
     "memory": Key("bool", "include RAM state in the snapshot", default=False),
     "quiesce": Key(
         "bool", "ask the hypervisor's guest agent to freeze file systems", default=False
@@ -347,6 +353,14 @@ GUEST: dict[str, Key] = {
         default=600,
         minimum=10,
         maximum=MAX_SECONDS,
+    ),
+    "freeze_max_seconds": Key(
+        "int",
+        "freeze and the vzdump hook: the longest the guest stays quiesced when no thaw comes "
+        "(freeze --max-seconds overrides it)",
+        default=300,
+        minimum=10,
+        maximum=86400,
     ),
     "connect_timeout": Key(
         "float", "seconds to open the connection", default=15.0, minimum=1, maximum=MAX_SECONDS

@@ -131,6 +131,7 @@ class GuestConfig:
     check_url: str | None
     dump: bool
     watchdog_seconds: int
+    freeze_max_seconds: int
     connect_timeout: float
     command_timeout: float
     stop_timeout: float
@@ -169,6 +170,7 @@ class VMConfig:
     hypervisor: str
     name: str | None
     vmid: int | None
+    vzdump_vmid: int | None
     memory: bool
     quiesce: bool
     label: str  # defaults.label when the VM sets none

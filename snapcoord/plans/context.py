@@ -35,6 +35,7 @@ class RunContext:
     snapshot: Snapshot | None = None
     pause: WritePause | None = None  # consistency = "pause": holding commits
     snapshot_name: str = ""
+    run_folder: str = ""  # the store folder of a dump when there is no snapshot name (freeze)
     notes: list[str] = field(default_factory=list)  # warnings shown at the end
     window: ServiceWindow = field(default_factory=ServiceWindow)
     outputs: dict[str, Any] = field(default_factory=dict)  # dump/archive results for --json
@@ -42,6 +43,8 @@ class RunContext:
     #: the plan's end leaves the hypervisor session open for work after the run (retention,
     #: inventory); whoever sets it closes the adapter
     keep_connection: bool = False
+    #: ``freeze``: when it froze, until when at most, who asked (snapcoord/freeze.py)
+    freeze: dict[str, Any] | None = None
 
     @classmethod
     def create(cls, config: Config, vm_key: str, run_id: str) -> RunContext:
@@ -80,6 +83,7 @@ class RunContext:
             "database": state.database if state else None,
             "init": state.init if state else None,
             "watchdog": self.watchdog.as_dict() if self.watchdog else None,
+            **({"freeze": self.freeze} if self.freeze else {}),
         }
 
 

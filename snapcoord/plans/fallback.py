@@ -121,7 +121,7 @@ class Fallback:
                 timeout=ctx.guest.command_timeout,
                 store_root=root,
             )
-        self.run_dir = store.RunDir.begin(root, ctx.key, ctx.snapshot_name)
+        self.run_dir = store.RunDir.begin(root, ctx.key, ctx.run_folder or ctx.snapshot_name)
 
     def _dump(self) -> None:
         ctx = self.ctx

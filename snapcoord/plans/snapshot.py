@@ -1,4 +1,4 @@
-"""The snapshot run: preflight, the bracket with the dump inside, the hypervisor snapshot."""
+"""The snapshot run: preflight, the quiesced guest (plans/quiesce.py), the hypervisor snapshot."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from snapcoord.errors import (
     SnapshotFailed,
 )
 from snapcoord.naming import description, snapshot_name
-from snapcoord.plans.bracket import Bracket
-from snapcoord.plans.context import RunContext, connect_steps, guest_connect_steps, hook_step
-from snapcoord.plans.fallback import Fallback
-from snapcoord.plans.pausing import Pause
+from snapcoord.plans.context import RunContext, connect_steps, guest_connect_steps
+from snapcoord.plans.quiesce import quiesce_steps
 from snapcoord.run import Step
 
 
@@ -30,28 +28,8 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
     )
     steps += guest_connect_steps(ctx)
     if ctx.services is not None:
-        ctx.outputs["consistency"] = ctx.guest.consistency
-    if ctx.services is not None and ctx.guest.consistency == "pause":
-        before, after_snapshot = _pause_steps(ctx)
+        before, after_snapshot = quiesce_steps(ctx)
         steps += before
-    elif ctx.services is not None:
-        fallback = Fallback(ctx)
-        steps += fallback.preflight_steps()
-        arm, stop_services, stop_database = Bracket(ctx).steps(database=True)
-        hooks = {phase: hook_step(ctx, phase) for phase in ("after", "before", "frozen")}
-        steps += [
-            *_present(hooks["after"], hooks["before"]),
-            arm,
-            stop_services,
-            *fallback.window_steps(),  # services are quiet, the database still answers
-            stop_database,
-            *_present(hooks["frozen"]),
-            Step(
-                "check services still stopped",
-                ctx.services.still_stopped,
-                describe="nothing this run stopped runs again (one round trip)",
-            ),
-        ]
     else:
         ctx.notes.append("no [guest] table: the snapshot is crash-consistent only")
     steps.append(
@@ -65,33 +43,12 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
     return steps + after_snapshot
 
 
-def _pause_steps(ctx: RunContext) -> tuple[list[Step], list[Step]]:
-    """Nothing stops: the dump runs first (while the application writes), then commits are held
-    for the frozen hooks and the snapshot call; checked after it, released always."""
-    fallback = Fallback(ctx)
-    pause = Pause(ctx)
-    hooks = {phase: hook_step(ctx, phase) for phase in ("after", "before", "frozen")}
-    before = [
-        *fallback.preflight_steps(),
-        pause.preflight_step(),
-        *_present(hooks["after"], hooks["before"]),
-        *fallback.window_steps(),
-        pause.hold_step(),
-        *_present(hooks["frozen"]),
-    ]
-    return before, [pause.verify_step()]
-
-
 def _check_snapshot_possible(ctx: RunContext) -> None:
     vm = ctx.require_vm()
     cfg = ctx.vm_cfg
     ctx.adapter.check_snapshot_ready(vm, memory=cfg.memory, quiesce=cfg.quiesce)
     if any(s.name == ctx.snapshot_name for s in ctx.adapter.list_snapshots(vm)):
         raise SnapshotExists(f"a snapshot named {ctx.snapshot_name!r} exists already", vm=ctx.key)
-
-
-def _present(*steps: Step | None) -> list[Step]:
-    return [s for s in steps if s is not None]
 
 
 def _create_snapshot(ctx: RunContext, label: str) -> None:

@@ -1,0 +1,329 @@
+"""``freeze`` / ``thaw``: quiesce a guest for somebody else's snapshot (a backup product, vzdump)
+and put it back when told.
+
+``freeze`` cannot simply exit with the guest quiesced: holding commits needs a live database
+session, and the guest must come back even if ``thaw`` never comes. So ``freeze`` starts a
+*holder* (snapcoord/holder.py): a detached snapcoord process that runs the freeze plan under the
+VM's lock and run journal, says "frozen" (``freeze`` then exits 0) and waits on a Unix socket
+for ``thaw``. A thaw makes the plan unwind (services started, commits released, the watchdog
+disarmed); the holder streams the step lines and the outcome back to ``thaw``.
+
+If no thaw comes, the holder restores at ``max_seconds``. If the holder is gone (SIGKILL, the
+host rebooted), the guest restores itself: the lock session ends at ``max_seconds`` (``timeout -s
+KILL`` in the guest), the watchdog fires shortly after; ``thaw`` then works from the journal,
+like ``recover``. docs/scheduling.md tells the story for users.
+
+The holder talks JSON lines: to ``freeze`` on its stdout until it is frozen, to ``thaw`` on the
+socket connection. Events: ``step_started``/``step_ended`` (a step record), ``note``, ``frozen``
+(the freeze's state) and ``outcome`` (the last one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from snapcoord.config import Config
+from snapcoord.errors import ExitCode, Locked, SnapcoordError, SnapshotFailed
+from snapcoord.journal import Journal
+from snapcoord.outcome import Outcome
+from snapcoord.run import Reporter, StepRecord
+from snapcoord.shell import spawn
+
+#: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
+_MAX_SOCKET_PATH = 100
+#: how long thaw waits for a holder that is restoring by itself (the limit was reached)
+_LOCK_WAIT = 300.0
+
+
+class ThawTimeout(SnapshotFailed):
+    """No thaw came within the limit: the holder put the guest back by itself."""
+
+
+# -- the wire --------------------------------------------------------------------------------
+
+
+def socket_path(config: Config, key: str) -> Path:
+    """Where VM ``key``'s holder listens: in the store, or (a long store path) in a private
+    directory under the temporary directory, named by a hash of the store path."""
+    path = config.store / "freeze" / f"{key}.sock"
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"snapcoord-{os.getuid()}" / f"{digest}.sock"
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (0700) or check that an existing one is ours and private."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
+
+
+def record_dict(record: StepRecord) -> dict[str, Any]:
+    return record.as_dict()
+
+
+def outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "vm": outcome.vm,
+        "exit_code": outcome.exit_code,
+        "summary": outcome.summary,
+        "lines": outcome.lines,
+        "errors": outcome.errors,
+    }
+
+
+def outcome_from(data: dict[str, Any]) -> Outcome:
+    return Outcome(
+        str(data["vm"]),
+        int(data["exit_code"]),
+        dict(data["summary"]),
+        [str(x) for x in data.get("lines", [])],
+        [str(x) for x in data.get("errors", [])],
+    )
+
+
+def events(stream: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    for raw in stream:
+        with contextlib.suppress(ValueError):
+            event = json.loads(raw)
+            if isinstance(event, dict):
+                yield event
+
+
+class Relay:
+    """Replays a holder's step events on a local reporter (the records keep their identity,
+    which the step-line view relies on)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.records: dict[int, StepRecord] = {}
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ("step_started", "step_ended"):
+            data = event["record"]
+            record = self.records.setdefault(
+                int(event["id"]), StepRecord(str(data["name"]), float(data["started"]))
+            )
+            record.undo = bool(data.get("undo"))
+            record.ended, record.ok, record.error = data.get("ended"), data["ok"], data["error"]
+            if kind == "step_started":
+                self.reporter.step_started(record)
+            else:
+                self.reporter.step_ended(record)
+        elif kind == "note":
+            self.reporter.note(str(event["text"]))
+
+
+# -- freeze -----------------------------------------------------------------------------------
+
+
+def holder_state(config: Config, key: str) -> dict[str, Any] | None:
+    """The live holder's freeze state, or None when no holder answers."""
+    try:
+        with _connect(socket_path(config, key)) as conn:
+            conn.sendall(b"status\n")
+            for event in events(conn.makefile("rb")):
+                if event.get("event") == "frozen":
+                    return event
+    except OSError:
+        return None
+    return None
+
+
+def freeze_vm(
+    config: Config,
+    key: str,
+    *,
+    max_seconds: int,
+    reporter: Reporter,
+    source: str = "freeze",
+    vmid: int | None = None,
+) -> Outcome:
+    """Start the holder for ``key`` and wait until it is frozen or has given up."""
+    from snapcoord.plans.freeze import frozen_config
+
+    frozen_config(config, key, max_seconds)  # a VM without a guest is refused here
+    state = holder_state(config, key)
+    if state is not None:
+        raise Locked(
+            f"already frozen since {_clock(state['since'])} (until {_clock(state['until'])} at "
+            f"the latest, by {state.get('source', 'freeze')})",
+            vm=key,
+            hint=f"run snapcoord thaw {key} first",
+        )
+    logs = config.store / "freeze"
+    private_dir(logs)
+    argv = [sys.executable, "-m", "snapcoord.holder", "--config", config.source]
+    argv += ["--max-seconds", str(max_seconds), "--source", source]
+    argv += ["--vmid", str(vmid)] if vmid is not None else []
+    with open(logs / f"{key}.log", "ab") as log:
+        os.chmod(log.name, 0o600)
+        holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=log)  # fmt: skip
+    assert holder.stdout is not None
+    relay = Relay(reporter)
+    for event in events(holder.stdout):
+        if event.get("event") == "frozen":
+            holder.stdout.close()  # the holder goes on alone
+            return _frozen_outcome(key, event)
+        if event.get("event") == "outcome":
+            holder.wait()
+            return outcome_from(event)
+        relay.handle(event)
+    code = holder.wait()
+    return Outcome(
+        key,
+        ExitCode.BUG,
+        {"vm": key, "ok": False, "exit_code": int(ExitCode.BUG), "command": "freeze"},
+        errors=[f"{key}: the freeze holder ended without a result (exit {code}); see {log.name}"],
+    )
+
+
+def _frozen_outcome(key: str, state: dict[str, Any]) -> Outcome:
+    what = "commits held" if state.get("consistency") == "pause" else "services stopped"
+    summary = {"vm": key, "ok": True, "exit_code": 0, "command": "freeze", **state}
+    summary.pop("event", None)
+    line = (
+        f"{key}: frozen ({what}) until {_clock(state['until'])} at the latest; "
+        f"run: snapcoord thaw {key}"
+    )
+    return Outcome(key, ExitCode.OK, summary, [line])
+
+
+def _clock(epoch: Any) -> str:
+    try:
+        return datetime.fromtimestamp(float(epoch)).strftime("%H:%M:%S")
+    except (TypeError, ValueError):
+        return "?"
+
+
+# -- thaw -------------------------------------------------------------------------------------
+
+
+def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
+    """Tell the holder to put the guest back and relay what it did; without a holder, put back
+    what the journal says (the holder died) or say there was nothing frozen."""
+    config.vm(key)
+    try:
+        conn = _connect(socket_path(config, key))
+    except OSError:
+        return _thaw_without_holder(config, key)
+    relay = Relay(reporter)
+    with conn:
+        conn.sendall(b"thaw\n")
+        for event in events(conn.makefile("rb")):
+            if event.get("event") == "outcome":
+                return outcome_from(event)
+            relay.handle(event)
+    return _thaw_without_holder(config, key)  # the holder died while restoring
+
+
+def _connect(path: Path) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _thaw_without_holder(config: Config, key: str) -> Outcome:
+    from snapcoord.recover import recover
+
+    journal = Journal(config.store, key)
+    data = journal.read()
+    if data is None:
+        return _after_the_fact(config, key, journal)
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:  # a holder that reached its limit holds the lock while it restores
+        try:
+            lines = recover(config, key)
+            break
+        except Locked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            if journal.read() is None:
+                return _after_the_fact(config, key, journal)
+    lines += _end_lock_sessions(config, key, data)
+    summary = {"vm": key, "ok": True, "exit_code": 0, "command": "thaw", "recovered": lines}
+    shown = [f"{key}: thaw: {line}" for line in lines]
+    freeze = data.get("freeze") or {}
+    if freeze.get("consistency") == "pause":
+        # the lock session ends with its holder (EOF on its stdin) or at the guest's limit
+        error = (
+            f"{key}: the freeze holder (pid {freeze.get('pid')}) ended before thaw, and the "
+            "commits it held were released with it: a snapshot taken after that is not "
+            "consistent"
+        )
+        summary.update(ok=False, exit_code=int(ExitCode.SNAPSHOT_FAILED), errors=[error])
+        return Outcome(key, ExitCode.SNAPSHOT_FAILED, summary, shown, [error])
+    return Outcome(key, ExitCode.OK, summary, shown)
+
+
+def _end_lock_sessions(config: Config, key: str, data: dict[str, Any]) -> list[str]:
+    """A pause's lock session outlives a killed holder until the guest's time limit: end it."""
+    guest = config.vm(key).guest
+    if guest is None or guest.consistency != "pause" or not data.get("freeze"):
+        return []
+    from snapcoord.guest import open_transport
+    from snapcoord.hooks.databases.pause import kill_sessions
+
+    transport = open_transport(guest, vm=key)
+    transport.open()
+    try:
+        pids = kill_sessions(transport, vm=key, sudo=guest.sudo, timeout=guest.command_timeout)
+    finally:
+        transport.close()
+    return [f"ended the lock session (pid {', '.join(map(str, pids))})"] if pids else []
+
+
+def _after_the_fact(config: Config, key: str, journal: Journal) -> Outcome:
+    """No holder and no journal: nothing is frozen. If the last freeze ended at its limit, the
+    backup that thaw closes may not be consistent: say so, once."""
+    last = _read_json(journal.last)
+    summary: dict[str, Any] = {"vm": key, "ok": True, "exit_code": 0, "command": "thaw"}
+    if (
+        last.get("command") == "freeze"
+        and last.get("ended_by") == "limit"
+        and not last.get("thaw_reported")
+    ):
+        journal.finish({**last, "thaw_reported": True})
+        ended = _clock(last.get("ended_at"))
+        error = (
+            f"{key}: the freeze reached its limit before thaw and the guest was put back at "
+            f"{ended}: a snapshot taken after that is not consistent"
+        )
+        summary.update(ok=False, exit_code=int(ExitCode.SNAPSHOT_FAILED), errors=[error])
+        return Outcome(key, ExitCode.SNAPSHOT_FAILED, summary, errors=[error])
+    summary["note"] = "nothing was frozen"
+    return Outcome(key, ExitCode.OK, summary, [f"{key}: note: nothing was frozen: nothing to thaw"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_line(stream: IO[bytes], event: dict[str, Any]) -> None:
+    stream.write(json.dumps(event, default=str).encode() + b"\n")
+    stream.flush()

@@ -1,0 +1,64 @@
+"""The freeze run: the guest quiesced as for a snapshot (plans/quiesce.py), held until a thaw
+arrives or the limit is reached, then put back by the usual undos. No hypervisor call: the
+snapshot is somebody else's (a backup product, vzdump)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from snapcoord.errors import UsageError
+from snapcoord.naming import snapshot_name
+from snapcoord.plans.context import RunContext, guest_connect_steps
+from snapcoord.plans.quiesce import quiesce_steps
+from snapcoord.run import Step
+from snapcoord.settings import Config
+
+#: the guest watchdog fires this long after the limit: the holder restores first, at the limit
+WATCHDOG_GRACE = 20
+
+
+def frozen_config(config: Config, key: str, max_seconds: int) -> Config:
+    """``config`` with VM ``key``'s guest limits fitted to a freeze of ``max_seconds``: the
+    lock session of a pause is ended by the guest at the limit, the watchdog shortly after."""
+    vm_cfg = config.vm(key)
+    if vm_cfg.guest is None:
+        raise UsageError(
+            f"{key}: freeze needs a [vms.{key}.guest] table: there is nothing to quiesce",
+        )
+    guest = dataclasses.replace(
+        vm_cfg.guest,
+        pause_timeout=float(max_seconds),
+        watchdog_seconds=max_seconds + WATCHDOG_GRACE,
+    )
+    vms = {**config.vms, key: dataclasses.replace(vm_cfg, guest=guest)}
+    return dataclasses.replace(config, vms=vms)
+
+
+def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "freeze") -> list[Step]:
+    """``wait`` returns when the thaw arrives (or raises at the limit)."""
+    ctx.run_folder = snapshot_name(label)  # the store folder of a dump
+    before, after = quiesce_steps(ctx)
+    held = "commits held" if ctx.guest.consistency == "pause" else "services stopped"
+    return [
+        *guest_connect_steps(ctx),
+        *before,
+        Step(
+            "frozen: wait for thaw",
+            wait,
+            describe=f"{held} until snapcoord thaw, at most {ctx.guest.pause_timeout:g} s",
+        ),
+        *after,
+    ]
+
+
+def dump_steps(ctx: RunContext, *, label: str) -> list[Step]:
+    """The dump (and archives) alone, while everything runs: before vzdump stops or suspends
+    the guest itself. Empty when the VM has neither."""
+    from snapcoord.plans.fallback import Fallback
+
+    fallback = Fallback(ctx)
+    if not fallback.enabled:
+        return []
+    ctx.run_folder = snapshot_name(label)
+    return [*guest_connect_steps(ctx), *fallback.preflight_steps(), *fallback.window_steps()]

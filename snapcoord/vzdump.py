@@ -1,0 +1,183 @@
+"""``snapcoord vzdump-hook``: the hook script of Proxmox VE's vzdump (``--script``, or
+``script:`` in /etc/vzdump.conf). vzdump calls it once per phase, each call a new process:
+``<phase>`` for the job, ``<phase> <mode> <vmid>`` for each guest (docs/scheduling.md has the
+sequences of pve-manager's PVE/VZDump.pm that this follows).
+
+What each call does:
+
+- ``pre-stop``, mode ``snapshot`` or ``suspend``: freeze the VM (snapcoord/freeze.py) for at most
+  its ``freeze_max_seconds``; exit non-zero only when it could not be quiesced (vzdump then
+  aborts that guest's backup).
+- ``pre-stop``, mode ``stop``: vzdump shuts the guest down itself (a clean database shutdown);
+  only the dump runs, when the VM has one.
+- ``pre-restart``, mode ``snapshot`` of a QEMU VM: thaw (the backup has started from the
+  snapshot point). In ``suspend`` mode, and for containers, the guest is still suspended then:
+  the thaw waits for ``post-restart``.
+- ``post-restart``, ``backup-abort``: thaw if still frozen (idempotent).
+- ``job-end``, ``job-abort``: thaw every VM a vzdump hook froze and nobody thawed.
+- Every other phase, and guests not in the configuration: nothing, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from snapcoord.adapters import open_adapter
+from snapcoord.config import Config
+from snapcoord.errors import ExitCode, HypervisorError, UsageError, VMNotFound
+from snapcoord.outcome import Outcome
+
+JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
+GUEST_PHASES = (
+    "backup-start",
+    "pre-stop",
+    "pre-restart",
+    "post-restart",
+    "backup-end",
+    "backup-abort",
+    "log-end",
+)
+MODES = ("snapshot", "suspend", "stop")
+
+
+@dataclass(frozen=True)
+class HookCall:
+    phase: str
+    mode: str | None = None
+    vmid: int | None = None
+    vmtype: str | None = None  # $VMTYPE: qemu or lxc
+
+    @classmethod
+    def parse(cls, argv: Sequence[str], environ: Mapping[str, str]) -> HookCall:
+        if not argv:
+            raise UsageError("vzdump-hook: no phase given (vzdump passes it as the first argument)")
+        phase, rest = argv[0], list(argv[1:])
+        if phase in GUEST_PHASES:
+            if len(rest) != 2 or rest[0] not in MODES or not rest[1].isdigit():
+                raise UsageError(
+                    f"vzdump-hook {phase}: expected '<mode> <vmid>' (mode: {', '.join(MODES)}), "
+                    f"got {' '.join(rest) or 'nothing'}"
+                )
+            return cls(phase, rest[0], int(rest[1]), environ.get("VMTYPE"))
+        return cls(phase)
+
+
+def vm_for_vmid(config: Config, vmid: int) -> str | None:
+    """The configured VM vzdump means by ``vmid``: an explicit ``vzdump_vmid``, else a Proxmox
+    VM configured by that ``vmid``, else one configured by name whose name the Proxmox API
+    resolves to it. None: not ours."""
+    vms = config.vms
+
+    def proxmox(key: str) -> bool:
+        return config.hypervisors[vms[key].hypervisor].type == "proxmox"
+
+    for found in (
+        [k for k, v in vms.items() if v.vzdump_vmid == vmid],
+        [k for k, v in vms.items() if v.vmid == vmid and v.vzdump_vmid is None and proxmox(k)],
+    ):
+        if found:
+            return _only(found, vmid)
+    by_name = [k for k, v in vms.items() if v.vmid is None and v.vzdump_vmid is None and proxmox(k)]
+    return _only(_resolve_names(config, by_name, vmid), vmid) if by_name else None
+
+
+def _resolve_names(config: Config, keys: list[str], vmid: int) -> list[str]:
+    found = []
+    by_hypervisor: dict[str, list[str]] = {}
+    for key in keys:
+        by_hypervisor.setdefault(config.vms[key].hypervisor, []).append(key)
+    for name, members in by_hypervisor.items():
+        try:
+            with open_adapter(name, config.hypervisors[name]) as adapter:
+                for key in members:
+                    try:
+                        vm = adapter.find_vm(config.vms[key].ref)
+                    except VMNotFound:
+                        continue
+                    if vm.id == str(vmid):
+                        found.append(key)
+        except HypervisorError as exc:
+            raise HypervisorError(
+                f"vmid {vmid}: cannot tell whether it is one of {', '.join(members)} "
+                f"(configured by name): {exc.message}",
+                hint="set [vms.X] vzdump_vmid (or vmid) so the hook needs no API call",
+            ) from exc
+    return found
+
+
+def _only(keys: list[str], vmid: int) -> str:
+    if len(keys) > 1:
+        raise UsageError(
+            f"vmid {vmid} matches several configured VMs: {', '.join(sorted(keys))}",
+            hint="set vzdump_vmid on the one vzdump backs up",
+        )
+    return keys[0]
+
+
+def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
+    """VMs whose run journal says a vzdump hook froze them (for ``vmid``, or any)."""
+    keys = []
+    for path in sorted((config.store / "journal").glob("*.json")):
+        if path.name.endswith(".last-run.json"):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        freeze = data.get("freeze") if isinstance(data, dict) else None
+        if not isinstance(freeze, dict) or freeze.get("source") != "vzdump":
+            continue
+        if vmid is None or freeze.get("vmid") == vmid:
+            key = str(data.get("vm") or path.stem)
+            if key in config.vms:
+                keys.append(key)
+    return keys
+
+
+Freeze = Callable[[str, int], Outcome]  # (vm key, vmid)
+Thaw = Callable[[str], Outcome]
+Dump = Callable[[str], Outcome]
+
+
+@dataclass
+class Actions:
+    """What a phase may do; the CLI wires them to the real commands, tests may observe them."""
+
+    freeze: Freeze
+    thaw: Thaw
+    dump: Dump
+
+
+def run_hook(config: Config, call: HookCall, actions: Actions) -> tuple[int, list[Outcome], str]:
+    """Do what ``call``'s phase asks. Returns the exit code, the outcomes, and a line to log
+    when nothing was done on purpose ('' otherwise)."""
+    phase, vmid = call.phase, call.vmid
+    if phase in ("job-end", "job-abort"):
+        outcomes = [actions.thaw(key) for key in frozen_by_vzdump(config)]
+        return _worst(outcomes), outcomes, ""
+    if phase not in GUEST_PHASES or vmid is None:
+        return ExitCode.OK, [], ""
+    if phase == "pre-stop":
+        key = vm_for_vmid(config, vmid)
+        if key is None:
+            return ExitCode.OK, [], f"vmid {vmid} is not in {config.source}: left alone"
+        if call.mode == "stop":
+            outcome = actions.dump(key)
+            return outcome.exit_code, [outcome], ""
+        outcome = actions.freeze(key, vmid)
+        return outcome.exit_code, [outcome], ""
+    thaw_now = phase in ("post-restart", "backup-abort") or (
+        phase == "pre-restart" and call.mode == "snapshot" and call.vmtype != "lxc"
+    )
+    if not thaw_now:
+        return ExitCode.OK, [], ""
+    outcomes = [actions.thaw(key) for key in frozen_by_vzdump(config, vmid)]
+    return _worst(outcomes), outcomes, ""
+
+
+def _worst(outcomes: list[Outcome]) -> int:
+    from snapcoord.fleet import most_severe
+
+    return most_severe([o.exit_code for o in outcomes])
