@@ -108,7 +108,7 @@ def test_no_thaw_the_holder_restores_at_the_limit_and_thaw_reports_it(
     stop_config: Path, lab_services: lab.GuestServices, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    assert snapcoord("-c", str(stop_config), "freeze", "web1", "--max-seconds", "10").returncode == 0
+    assert snapcoord("-c", str(stop_config), "freeze", "web1", "--max-seconds=10").returncode == 0
     assert all_down(lab_services)
     wait_for(lab_services.all_running, 30, "the holder to restore at the limit")
     assert time.monotonic() - started >= 7, "restored only near the limit"
@@ -143,7 +143,7 @@ def test_holder_killed_and_no_thaw_the_guest_watchdog_restores(
     stop_config: Path, lab_services: lab.GuestServices, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    assert snapcoord("-c", str(stop_config), "freeze", "web1", "--max-seconds", "10").returncode == 0
+    assert snapcoord("-c", str(stop_config), "freeze", "web1", "--max-seconds=10").returncode == 0
     [holder] = holder_pids()
     os.kill(holder, signal.SIGKILL)
     assert all_down(lab_services)
