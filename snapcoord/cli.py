@@ -159,6 +159,13 @@ def _add_selection(p: argparse.ArgumentParser, *, default_all: bool = False) -> 
         metavar="NAME",
         help="VMs on this [hypervisors.NAME] (repeatable)",
     )
+    p.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the VM NAME, or every VM with tag NAME (repeatable; for systemd's %%i)",
+    )
     p.add_argument("--exclude", action="append", default=[], metavar="VM", help="leave this VM out")
     p.add_argument(
         "--parallel",

@@ -59,10 +59,12 @@ def write_metrics_file(args: argparse.Namespace) -> None:
 def _selected(args: argparse.Namespace, config: Config) -> tuple[list[str], Selection]:
     selection = Selection(
         names=tuple(args.vms),
-        all=args.all or (args.default_all and not (args.vms or args.tag or args.hypervisor)),
+        all=args.all
+        or (args.default_all and not (args.vms or args.tag or args.hypervisor or args.select)),
         tags=tuple(args.tag),
         hypervisors=tuple(args.hypervisor),
         exclude=tuple(args.exclude),
+        either=tuple(args.select),
     )
     return select(config, selection), selection
 

@@ -200,6 +200,7 @@ def hold(
             "max_seconds": max_seconds,
             "consistency": ctx.guest.consistency,
         }
+        ctx.outputs["freeze"] = ctx.freeze  # the last run keeps it (vzdump-hook reads it)
         waiter.ctx = ctx
         label = "vzdump" if source == "vzdump" else "freeze"
         return [

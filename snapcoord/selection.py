@@ -1,9 +1,10 @@
-"""Which VMs a command works on: named VMs, ``--all``, ``--tag``, ``--hypervisor``, less
-``--exclude``. Unknown names, tags and hypervisors are errors (a typo must not silently select
-nothing, or everything but one)."""
+"""Which VMs a command works on: named VMs, ``--all``, ``--tag``, ``--hypervisor``, ``--select``
+(a VM or a tag: what a systemd template's ``%i`` names), less ``--exclude``. Unknown names, tags
+and hypervisors are errors (a typo must not silently select nothing, or everything but one)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from snapcoord.errors import UsageError
@@ -17,6 +18,7 @@ class Selection:
     tags: tuple[str, ...] = ()
     hypervisors: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    either: tuple[str, ...] = ()  # each a VM key or a tag
 
     @property
     def is_fleet(self) -> bool:
@@ -26,6 +28,8 @@ class Selection:
 
 def select(config: Config, selection: Selection) -> list[str]:
     """The selected VM keys in configuration order, each once."""
+    if selection.either:
+        selection = _resolve_either(config, selection)
     for name in (*selection.names, *selection.exclude):
         config.vm(name)  # raises with the list of configured VMs
     known_tags = sorted({tag for vm in config.vms.values() for tag in vm.tags})
@@ -56,3 +60,25 @@ def select(config: Config, selection: Selection) -> list[str]:
     if not result:
         raise UsageError("the selection is empty once --exclude is applied")
     return result
+
+
+def _resolve_either(config: Config, selection: Selection) -> Selection:
+    """``--select NAME``: the VM of that key, or the VMs with that tag; never both."""
+    names, tags = list(selection.names), list(selection.tags)
+    known_tags = {tag for vm in config.vms.values() for tag in vm.tags}
+    for name in selection.either:
+        if name in config.vms and name in known_tags:
+            raise UsageError(
+                f"--select {name}: {name!r} is both a VM and a tag",
+                hint=f"use the VM's name alone, or --tag {name}",
+            )
+        if name in config.vms:
+            names.append(name)
+        elif name in known_tags:
+            tags.append(name)
+        else:
+            raise UsageError(
+                f"--select {name}: no VM and no tag {name!r} in {config.source}",
+                hint="name a [vms.NAME] table, or a tag of tags = [...]",
+            )
+    return dataclasses.replace(selection, names=tuple(names), tags=tuple(tags), either=())

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
@@ -80,7 +82,8 @@ def vm_for_vmid(config: Config, vmid: int) -> str | None:
         if found:
             return _only(found, vmid)
     by_name = [k for k, v in vms.items() if v.vmid is None and v.vzdump_vmid is None and proxmox(k)]
-    return _only(_resolve_names(config, by_name, vmid), vmid) if by_name else None
+    resolved = _resolve_names(config, by_name, vmid) if by_name else []
+    return _only(resolved, vmid) if resolved else None
 
 
 def _resolve_names(config: Config, keys: list[str], vmid: int) -> list[str]:
@@ -117,23 +120,32 @@ def _only(keys: list[str], vmid: int) -> str:
 
 
 def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
-    """VMs whose run journal says a vzdump hook froze them (for ``vmid``, or any)."""
+    """VMs a vzdump hook froze (for ``vmid``, or any) that no thaw has closed yet: frozen now
+    (the run journal), or put back at the limit before the thaw came (the last run)."""
     keys = []
-    for path in sorted((config.store / "journal").glob("*.json")):
-        if path.name.endswith(".last-run.json"):
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        freeze = data.get("freeze") if isinstance(data, dict) else None
-        if not isinstance(freeze, dict) or freeze.get("source") != "vzdump":
-            continue
-        if vmid is None or freeze.get("vmid") == vmid:
-            key = str(data.get("vm") or path.stem)
-            if key in config.vms:
+    journals = config.store / "journal"
+    for key in config.vms:
+        for path, open_run in ((journals / f"{key}.json", True),
+                               (journals / f"{key}.last-run.json", False)):  # fmt: skip
+            data = _read(path)
+            freeze = data.get("freeze")
+            if not isinstance(freeze, dict) or freeze.get("source") != "vzdump":
+                continue
+            if vmid is not None and freeze.get("vmid") != vmid:
+                continue
+            unreported = data.get("ended_by") == "limit" and not data.get("thaw_reported")
+            if open_run or unreported:
                 keys.append(key)
+                break
     return keys
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 Freeze = Callable[[str, int], Outcome]  # (vm key, vmid)
