@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapcoord.config import Config
-from snapcoord.errors import ExitCode, Locked, SnapcoordError, SnapshotFailed
+from snapcoord.errors import ExitCode, Locked, PreflightError, SnapcoordError, SnapshotFailed
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
@@ -171,7 +171,7 @@ def freeze_vm(
     argv = [sys.executable, "-m", "snapcoord.holder", "--config", config.source]
     argv += ["--max-seconds", str(max_seconds), "--source", source]
     argv += ["--vmid", str(vmid)] if vmid is not None else []
-    with open(logs / f"{key}.log", "ab") as log:
+    with open(logs / f"{key}.log", "wb") as log:  # the last freeze's log
         os.chmod(log.name, 0o600)
         holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=log)  # fmt: skip
@@ -219,10 +219,17 @@ def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
     """Tell the holder to put the guest back and relay what it did; without a holder, put back
     what the journal says (the holder died) or say there was nothing frozen."""
     config.vm(key)
+    path = socket_path(config, key)
     try:
-        conn = _connect(socket_path(config, key))
-    except OSError:
+        conn = _connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
         return _thaw_without_holder(config, key)
+    except OSError as exc:
+        raise PreflightError(
+            f"cannot reach the freeze holder at {path}: {exc.strerror}",
+            vm=key,
+            hint="run thaw as the user who ran freeze",
+        ) from None
     relay = Relay(reporter)
     with conn:
         conn.sendall(b"thaw\n")

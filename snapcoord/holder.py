@@ -100,6 +100,10 @@ class ThawWaiter:
         self.ctx: RunContext | None = None
         self._server: socket.socket | None = None
         self.ended_by = ""
+        # the limit counts from the start: the watchdog and the lock session are started later,
+        # with the same limit, so the holder always acts first
+        self.started = time.monotonic()
+        self.until = round(time.time() + max_seconds, 3)
 
     def listen(self) -> None:
         private_dir(self.path.parent)
@@ -121,14 +125,14 @@ class ThawWaiter:
         ctx = self.ctx
         assert ctx is not None and ctx.freeze is not None and self._server is not None
         state = ctx.freeze
-        state["until"] = round(time.time() + self.max_seconds, 3)
+        state["until"] = self.until
         if not self.channel.send({"event": "frozen", **state}):
             raise Interrupted(
                 "freeze ended before it heard that the guest is quiesced: putting it back",
                 vm=ctx.key,
             )
         self.channel.switch(None)
-        deadline = time.monotonic() + self.max_seconds - _MARGIN
+        deadline = self.started + self.max_seconds - _MARGIN
         try:
             while True:
                 left = deadline - time.monotonic()

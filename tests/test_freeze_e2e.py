@@ -83,6 +83,18 @@ def test_freeze_stops_everything_until_thaw_in_another_process(
     assert last["ok"] and last["ended_by"] == "thaw" and last["window_seconds"] > 1
 
 
+def test_a_service_started_behind_the_freeze_makes_thaw_fail_and_everything_runs(
+    stop_config: Path, lab_services: lab.GuestServices
+) -> None:
+    assert snapcoord("-c", str(stop_config), "freeze", "web1").returncode == 0
+    lab_services.start("cron")  # a timer, a socket, an admin: the freeze no longer holds
+    thawed = snapcoord("-c", str(stop_config), "thaw", "web1")
+    assert thawed.returncode == 5, thawed.stdout + thawed.stderr
+    assert "cron runs again although this run stopped it" in thawed.stderr
+    assert "a snapshot taken while frozen is not consistent" in thawed.stderr
+    assert lab_services.all_running(), lab_services.states()
+
+
 def test_freeze_twice_is_refused_and_thaw_without_freeze_is_a_note(
     stop_config: Path, lab_services: lab.GuestServices, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
-from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
+from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored, SnapcoordError
 from snapcoord.guest import GuestUnreachable, NoAnswer, Transport
 from snapcoord.hooks import databases
 from snapcoord.reconnect import ReconnectBudget, reconnecting
@@ -400,7 +400,11 @@ class Services:
         triggers = self.state.triggers if self.state else {}
         return "\n".join(f"{name} {' '.join(units)}" for name, units in triggers.items() if units)
 
-    def still_stopped(self) -> None:
+    def still_stopped(
+        self,
+        consequence: str = "the snapshot would not be consistent, so none was taken",
+        error: type[SnapcoordError] = GuestError,
+    ) -> None:
         """Right before the hypervisor call: everything this run stopped is still down. A service
         that came back (a socket, a timer, another run's watchdog) makes the snapshot
         inconsistent, so the run fails instead of reporting ok."""
@@ -422,9 +426,9 @@ class Services:
         up = [line.split()[1] for line in result.stdout.decode().splitlines()
               if line.startswith("up ") and len(line.split()) == 2]  # fmt: skip
         if up:
-            raise GuestError(
+            raise error(
                 f"{', '.join(up)} {'runs' if len(up) == 1 else 'run'} again although this run "
-                "stopped it; the snapshot would not be consistent, so none was taken",
+                f"stopped it; {consequence}",
                 vm=self.vm,
                 hint="look for what starts it (a socket or timer unit, a cron job, another "
                 "run's watchdog)",

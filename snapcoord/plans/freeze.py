@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from snapcoord.errors import UsageError
+from snapcoord.errors import SnapshotFailed, UsageError
 from snapcoord.naming import snapshot_name
 from snapcoord.plans.context import RunContext, guest_connect_steps
 from snapcoord.plans.quiesce import quiesce_steps
@@ -40,13 +40,28 @@ def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "fre
     ctx.run_folder = snapshot_name(label)  # the store folder of a dump
     before, after = quiesce_steps(ctx)
     held = "commits held" if ctx.guest.consistency == "pause" else "services stopped"
+    services = ctx.services
+    if ctx.guest.consistency == "stop" and services is not None:
+        # something may have started a service meanwhile (a timer, socket activation): the
+        # other product's snapshot would then not be consistent, and thaw must say so
+        after = [
+            Step(
+                "check services stayed stopped",
+                lambda: services.still_stopped(
+                    "a snapshot taken while frozen is not consistent", SnapshotFailed
+                ),
+                describe="nothing this run stopped ran again while frozen (one round trip)",
+            ),
+            *after,
+        ]
     return [
         *guest_connect_steps(ctx),
         *before,
         Step(
             "frozen: wait for thaw",
             wait,
-            describe=f"{held} until snapcoord thaw, at most {ctx.guest.pause_timeout:g} s",
+            describe=f"{held} until snapcoord thaw, at most {ctx.guest.pause_timeout:g} s "
+            "from the start of freeze",
         ),
         *after,
     ]
