@@ -16,6 +16,7 @@ import pytest
 
 from tests import lab, pause_load
 from tests.cli_helpers import json_lines, snapcoord
+from tests.faultproxy import FaultProxy, known_hosts_for
 from tests.guest_fixtures import (
     guest_config,
     lab_services,  # noqa: F401 - fixture
@@ -285,3 +286,65 @@ def test_pause_holder_killed_releases_at_once_and_thaw_says_so(
     assert "ended before thaw" in thawed.stderr
     assert journal(tmp_path) is None
     assert snapcoord("-c", str(config), "thaw", "web1").returncode == 0
+
+
+# -- faults on the wire while frozen -----------------------------------------------------------
+
+
+@pytest.fixture
+def proxied(ssh_guest: lab.SshGuest, tmp_path: Path) -> Any:
+    """The guest reached through tests/faultproxy.py: ``(proxy, guest table)``."""
+    proxy = FaultProxy((ssh_guest.host, ssh_guest.port)).start()
+    known = known_hosts_for(
+        ssh_guest.workdir / "host_ed25519.pub", proxy.port, tmp_path / "known_hosts.proxy"
+    )
+    yield proxy, ssh_guest.guest_table(port=proxy.port, known_hosts=str(known))
+    proxy.stop()
+
+
+def test_connection_cut_while_frozen_thaw_reconnects_and_restores(
+    proxied: Any, lab_services: lab.GuestServices, tmp_path: Path
+) -> None:
+    proxy, guest = proxied
+    config = guest_config(tmp_path, URI, guest)
+    assert snapcoord("-c", str(config), "freeze", "web1").returncode == 0
+    assert proxy.cut() >= 1, "the holder's connection went through the proxy"
+    assert all_down(lab_services)
+    thawed = snapcoord("-c", str(config), "thaw", "web1")
+    assert thawed.returncode == 0, thawed.stdout + thawed.stderr
+    assert lab_services.all_running(), lab_services.states()
+    assert proxy.stats()["accepted"] >= 2, "the holder reconnected"
+
+
+def test_guest_unreachable_at_thaw_the_watchdog_restores_and_a_later_thaw_clears(
+    proxied: Any, lab_services: lab.GuestServices, tmp_path: Path
+) -> None:
+    proxy, guest = proxied
+    config = guest_config(tmp_path, URI, {**guest, "start_timeout": 5.0})
+    assert snapcoord("-c", str(config), "freeze", "web1", "--max-seconds=10").returncode == 0
+    proxy.refuse(300)
+    thawed = snapcoord("-c", str(config), "thaw", "web1")
+    assert thawed.returncode == 6, thawed.stdout + thawed.stderr
+    assert "the guest watchdog will start" in thawed.stderr
+    # the watchdog in the guest does not need the connection
+    wait_for(lab_services.all_running, 60, "the guest watchdog to start everything")
+    proxy.resume()
+    again = snapcoord("-c", str(config), "thaw", "web1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert journal(tmp_path) is None
+
+
+def test_pause_connection_cut_while_frozen_releases_and_thaw_says_so(
+    proxied: Any, paused_lab: lab.GuestServices, tmp_path: Path
+) -> None:
+    proxy, guest = proxied
+    config = guest_config(tmp_path, URI, {**guest, "consistency": "pause"})
+    assert snapcoord("-c", str(config), "freeze", "web1", "--max-seconds=120").returncode == 0
+    assert _commit_blocked()
+    proxy.cut()
+    wait_for(lambda: lock_sessions() == [], 15, "the lock session to end with its connection")
+    assert _insert(10).returncode == 0
+    thawed = snapcoord("-c", str(config), "thaw", "web1")
+    assert thawed.returncode == 5, thawed.stdout + thawed.stderr
+    assert "database session" in thawed.stderr
+    assert _insert(10).returncode == 0

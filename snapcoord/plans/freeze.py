@@ -47,9 +47,7 @@ def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "fre
         after = [
             Step(
                 "check services stayed stopped",
-                lambda: services.still_stopped(
-                    "a snapshot taken while frozen is not consistent", SnapshotFailed
-                ),
+                lambda: _stayed_stopped(ctx),
                 describe="nothing this run stopped ran again while frozen (one round trip)",
             ),
             *after,
@@ -77,3 +75,19 @@ def dump_steps(ctx: RunContext, *, label: str) -> list[Step]:
         return []
     ctx.run_folder = snapshot_name(label)
     return [*guest_connect_steps(ctx), *fallback.preflight_steps(), *fallback.window_steps()]
+
+
+def _stayed_stopped(ctx: RunContext) -> None:
+    """After a long freeze the connection may have dropped: reconnect (within the budget)."""
+    from snapcoord.reconnect import reconnecting
+
+    services, transport = ctx.services, ctx.transport
+    assert services is not None and transport is not None
+    reconnecting(
+        transport,
+        lambda: services.still_stopped(
+            "a snapshot taken while frozen is not consistent", SnapshotFailed
+        ),
+        what=f"{ctx.key}: checking that the services stayed stopped",
+        budget=services.budget,
+    )
