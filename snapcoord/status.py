@@ -122,6 +122,7 @@ def read_unfinished(store: Path, key: str) -> dict[str, Any] | None:
         "pid_alive": pid is not None and pid_alive(pid),
         "snapshot": _str_or_none(data.get("snapshot")),
         "stopped": [str(s) for s in data.get("stopped") or []],
+        "freeze": data.get("freeze") if isinstance(data.get("freeze"), dict) else None,
     }
 
 
@@ -262,8 +263,18 @@ def _snapshots_text(snapshots: dict[str, Any], now: float) -> str:
 
 def _unfinished_text(key: str, unfinished: dict[str, Any]) -> str:
     run = unfinished["run"] or "?"
+    freeze = unfinished.get("freeze")
+    if unfinished["pid_alive"] and freeze:
+        until = freeze.get("until")
+        when = time.strftime("%H:%M:%S", time.localtime(until)) if until else "?"
+        return (
+            f"frozen by {freeze.get('source', 'freeze')} (run {run}, holder pid "
+            f"{unfinished['pid']}) until {when} at the latest: `snapcoord thaw {key}`"
+        )
     if unfinished["pid_alive"]:
         return f"run {run} in progress (pid {unfinished['pid']})"
+    if freeze:
+        return f"frozen by run {run}, but its holder is gone: `snapcoord thaw {key}`"
     pid = unfinished["pid"]
     gone = f"pid {pid} gone" if pid is not None else "no process"
     down = unfinished["stopped"]

@@ -69,6 +69,9 @@ def test_freeze_stops_everything_until_thaw_in_another_process(
     assert data is not None and data["freeze"]["pid"] == holder
     assert set(data["stopped"]) == {"apache2", "cron", "mariadb"}
     assert watchdog_pids(data["run"]), "the guest watchdog guards the freeze"
+    status = snapcoord("-c", str(stop_config), "status", "web1", "--offline")
+    assert f"frozen by freeze (run {data['run']}, holder pid {holder})" in status.stdout
+    assert "`snapcoord thaw web1`" in status.stdout
     time.sleep(1)
     assert all_down(lab_services), "nothing came back by itself before thaw"
 

@@ -241,6 +241,7 @@ def test_a_run_in_progress(offline_config: Config) -> None:
         "pid_alive": True,
         "snapshot": None,
         "stopped": ["apache2"],
+        "freeze": None,
     }
     assert outcome.lines[-1] == f"db1: run r2 in progress (pid {os.getpid()})"
 
