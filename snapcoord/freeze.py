@@ -168,11 +168,12 @@ def freeze_vm(
         )
     logs = config.store / "freeze"
     private_dir(logs)
-    argv = [sys.executable, "-m", "snapcoord.holder", "--config", config.source]
+    source_path = str(Path(config.source).resolve())
+    argv = [sys.executable, "-m", "snapcoord.holder", "--config", source_path]
     argv += ["--max-seconds", str(max_seconds), "--source", source]
     argv += ["--vmid", str(vmid)] if vmid is not None else []
-    with open(logs / f"{key}.log", "wb") as log:  # the last freeze's log
-        os.chmod(log.name, 0o600)
+    log_path = logs / f"{key}.log"  # the last freeze's log
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log:
         holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=log)  # fmt: skip
     assert holder.stdout is not None
@@ -190,7 +191,7 @@ def freeze_vm(
         key,
         ExitCode.BUG,
         {"vm": key, "ok": False, "exit_code": int(ExitCode.BUG), "command": "freeze"},
-        errors=[f"{key}: the freeze holder ended without a result (exit {code}); see {log.name}"],
+        errors=[f"{key}: the freeze holder ended without a result (exit {code}); see {log_path}"],
     )
 
 
@@ -263,8 +264,8 @@ def _thaw_without_holder(config: Config, key: str) -> Outcome:
             lines = recover(config, key)
             break
         except Locked:
-            if time.monotonic() > deadline:
-                raise
+            if not data.get("freeze") or time.monotonic() > deadline:
+                raise  # another command's run, not a holder restoring at its limit
             time.sleep(0.2)
             if journal.read() is None:
                 return _after_the_fact(config, key, journal)
