@@ -99,6 +99,25 @@ def test_a_service_started_behind_the_freeze_makes_thaw_fail_and_everything_runs
     assert lab_services.all_running(), lab_services.states()
 
 
+def test_freeze_with_dump_stores_it_and_thaw_commits_it(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path
+) -> None:
+    config = guest_config(tmp_path, URI, ssh_guest.guest_table(dump=True))
+    frozen = snapcoord("-c", str(config), "freeze", "web1")
+    assert frozen.returncode == 0, frozen.stderr
+    assert "-> dump to store" in frozen.stdout
+    assert all_down(lab_services)
+    thawed = snapcoord("-c", str(config), "thaw", "web1")
+    assert thawed.returncode == 0, thawed.stderr
+    assert "<- commit dump to store" in thawed.stdout
+    [folder] = (tmp_path / "store" / "web1").glob("snapcoord-freeze-*")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["snapshot_by"] == "freeze"
+    assert manifest["snapshot_taken"] is False
+    assert (folder / "mysql.sql.gz").stat().st_size > 1000
+    assert lab_services.all_running()
+
+
 def test_freeze_twice_is_refused_and_thaw_without_freeze_is_a_note(
     stop_config: Path, lab_services: lab.GuestServices, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ phases. The sequences are pve-manager's PVE/VZDump.pm (docs/scheduling.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def test_stop_mode_only_dumps_and_leaves_the_shutdown_to_vzdump(
     [folder] = (tmp_path / "store" / "db").glob("snapcoord-vzdump-*")
     dumps = list(folder.glob("*.sql.gz"))
     assert dumps and dumps[0].stat().st_size > 1000
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["snapshot_by"] == "vzdump"
     # vzdump shuts the guest down and starts it again: the restart phases find nothing frozen
     vzdump.ok("pre-restart", "stop", DB_VMID)
     vzdump.ok("post-restart", "stop", DB_VMID)

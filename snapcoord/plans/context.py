@@ -36,6 +36,7 @@ class RunContext:
     pause: WritePause | None = None  # consistency = "pause": holding commits
     snapshot_name: str = ""
     run_folder: str = ""  # the store folder of a dump when there is no snapshot name (freeze)
+    snapshot_by: str | None = None  # who takes the snapshot when snapcoord does not (vzdump)
     notes: list[str] = field(default_factory=list)  # warnings shown at the end
     window: ServiceWindow = field(default_factory=ServiceWindow)
     outputs: dict[str, Any] = field(default_factory=dict)  # dump/archive results for --json

@@ -179,6 +179,8 @@ class Fallback:
             run.discard()
             return
         run.sections["snapshot_taken"] = self.ctx.snapshot is not None
+        if self.ctx.snapshot_by:  # the snapshot is another tool's
+            run.sections["snapshot_by"] = self.ctx.snapshot_by
         if self.pausing:
             run.sections["consistency"] = self._pause_record()
         self.ctx.outputs["store_folder"] = str(run.commit())

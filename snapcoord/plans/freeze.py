@@ -38,6 +38,7 @@ def frozen_config(config: Config, key: str, max_seconds: int) -> Config:
 def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "freeze") -> list[Step]:
     """``wait`` returns when the thaw arrives (or raises at the limit)."""
     ctx.run_folder = snapshot_name(label)  # the store folder of a dump
+    ctx.snapshot_by = label
     before, after = quiesce_steps(ctx)
     held = "commits held" if ctx.guest.consistency == "pause" else "services stopped"
     services = ctx.services
@@ -74,6 +75,7 @@ def dump_steps(ctx: RunContext, *, label: str) -> list[Step]:
     if not fallback.enabled:
         return []
     ctx.run_folder = snapshot_name(label)
+    ctx.snapshot_by = label
     return [*guest_connect_steps(ctx), *fallback.preflight_steps(), *fallback.window_steps()]
 
 
