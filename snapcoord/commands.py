@@ -421,6 +421,7 @@ def _run_plan(
     ended (services back), still under the lock."""
     run_id = new_run_id()
     ctx = RunContext.create(config, key, run_id)
+    ctx.keep_connection = after is not None
     steps = build(ctx)
     if args.dry_run:
         plan = _plan_lines(key, steps, ctx)
@@ -429,7 +430,6 @@ def _run_plan(
         )
     result = RunResult(window=ctx.window)
     session = Session(config, key, run_id)
-    ctx.keep_connection = after is not None
     try:
         with session:
             result = session.execute(ctx, steps, reporter)

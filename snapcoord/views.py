@@ -21,7 +21,8 @@ from snapcoord.run import Reporter, SilentReporter, StepRecord
 
 
 class _Printer:
-    """Prints finished VMs' lines; shared by every view."""
+    """Prints finished VMs' lines; shared by every view. A view that draws nothing between
+    events keeps the no-op ``tick`` and ``close``."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.out = out or sys.stdout
@@ -32,9 +33,18 @@ class _Printer:
         for line in outcome.lines:
             self.out.write(line + "\n")
         self.out.flush()
+        self.errors(outcome)
+
+    def errors(self, outcome: Outcome) -> None:
         for line in outcome.errors:
             self.err.write(f"snapcoord: error: {line}\n")
         self.err.flush()
+
+    def tick(self) -> None:
+        """Nothing to redraw."""
+
+    def close(self) -> None:
+        """Nothing on screen to clean up."""
 
 
 class StepLinesView(_Printer):
@@ -46,12 +56,6 @@ class StepLinesView(_Printer):
     def finished(self, outcome: Outcome) -> None:
         self.outcome(outcome)
 
-    def tick(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 class JsonView(_Printer):
     def reporter(self, vm: str) -> Reporter:
@@ -61,15 +65,7 @@ class JsonView(_Printer):
         with self.lock:
             print_json(outcome.summary, self.out)
             self.out.flush()
-            for line in outcome.errors:
-                self.err.write(f"snapcoord: error: {line}\n")
-            self.err.flush()
-
-    def tick(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+            self.errors(outcome)
 
 
 class _LineReporter:
@@ -105,12 +101,6 @@ class PlainView(_Printer):
     def finished(self, outcome: Outcome) -> None:
         with self.lock:
             self.outcome(outcome)
-
-    def tick(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _LiveReporter:

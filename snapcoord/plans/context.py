@@ -97,7 +97,8 @@ def connect_steps(ctx: RunContext) -> list[Step]:
         Step(
             f"connect to hypervisor {hv}",
             ctx.adapter.connect,
-            lambda: None if ctx.keep_connection else ctx.adapter.close(),
+            # a session kept for the work after the run is closed by whoever kept it
+            None if ctx.keep_connection else ctx.adapter.close,
             undo_name=f"disconnect from hypervisor {hv}",
             describe=f"{ctx.config.hypervisors[hv].type} session to {hv}",
         ),
