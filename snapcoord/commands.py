@@ -275,10 +275,7 @@ def _guarded(key: str, command: str, job: Callable[[], Outcome]) -> Outcome:
     try:
         return job()
     except SnapcoordError as exc:
-        code = int(exc.exit_code)
-        summary = {"vm": key, "ok": False, "exit_code": code, "command": command}
-        line = _naming(key, str(exc))
-        return Outcome(key, code, {**summary, "errors": [line]}, errors=[line])
+        return Outcome.refused(key, command, exc)
 
 
 def _freeze_limit(config: Config, key: str, requested: int | None) -> int:
@@ -315,6 +312,7 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
     import os
 
     from snapcoord.freeze import freeze_vm, thaw_vm
+    from snapcoord.plans.fallback import Fallback
     from snapcoord.plans.freeze import dump_steps
     from snapcoord.vzdump import Actions, HookCall, run_hook
 
@@ -342,8 +340,7 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
         return _guarded(key, "thaw", lambda: thaw_vm(config, key, reporter=view.reporter(key)))
 
     def dump(key: str) -> Outcome:
-        vm_cfg = config.vm(key)
-        if vm_cfg.guest is None or not (vm_cfg.guest.dump or vm_cfg.archive.paths):
+        if not Fallback.wanted(config.vm(key)):
             line = f"{key}: mode stop: vzdump shuts the guest down itself; no dump configured"
             return Outcome(key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0}, [line])
         return _run_plan(

@@ -72,10 +72,6 @@ def private_dir(path: Path) -> None:
         raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
 
 
-def record_dict(record: StepRecord) -> dict[str, Any]:
-    return record.as_dict()
-
-
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:
     return {
         "vm": outcome.vm,
@@ -305,7 +301,7 @@ def _end_lock_sessions(config: Config, key: str, data: dict[str, Any]) -> list[s
 def _after_the_fact(config: Config, key: str, journal: Journal) -> Outcome:
     """No holder and no journal: nothing is frozen. If the last freeze ended at its limit, the
     backup that thaw closes may not be consistent: say so, once."""
-    last = _read_json(journal.last)
+    last = journal.read_last()
     summary: dict[str, Any] = {"vm": key, "ok": True, "exit_code": 0, "command": "thaw"}
     if (
         last.get("command") == "freeze"
@@ -322,14 +318,6 @@ def _after_the_fact(config: Config, key: str, journal: Journal) -> Outcome:
         return Outcome(key, ExitCode.SNAPSHOT_FAILED, summary, errors=[error])
     summary["note"] = "nothing was frozen"
     return Outcome(key, ExitCode.OK, summary, [f"{key}: note: nothing was frozen: nothing to thaw"])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def write_line(stream: IO[bytes], event: dict[str, Any]) -> None:

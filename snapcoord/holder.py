@@ -22,7 +22,6 @@ from snapcoord.freeze import (
     ThawTimeout,
     outcome_dict,
     private_dir,
-    record_dict,
     socket_path,
     write_line,
 )
@@ -87,7 +86,7 @@ class Channel:
 
     def _step(self, event: str, record: StepRecord) -> None:
         number = self._ids.setdefault(id(record), len(self._ids))
-        self.send({"event": event, "id": number, "record": record_dict(record)})
+        self.send({"event": event, "id": number, "record": record.as_dict()})
 
 
 class ThawWaiter:
@@ -255,12 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channel=channel,
         )
     except SnapcoordError as exc:
-        outcome = Outcome(
-            args.vm,
-            int(exc.exit_code),
-            {"vm": args.vm, "ok": False, "exit_code": int(exc.exit_code), "command": "freeze"},
-            errors=[str(exc) if str(exc).startswith(f"{args.vm}:") else f"{args.vm}: {exc}"],
-        )
+        outcome = Outcome.refused(args.vm, "freeze", exc)
     for line in [*outcome.lines, *outcome.errors]:
         log.info("%s", line)
     if not channel.send({"event": "outcome", **outcome_dict(outcome)}):

@@ -27,6 +27,14 @@ class Journal:
             return None
         return data if isinstance(data, dict) else None
 
+    def read_last(self) -> dict[str, Any]:
+        """The last finished run's summary; empty when there is none or it cannot be read."""
+        try:
+            data = json.loads(self.last.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def finish(self, summary: dict[str, Any], *, keep_journal: bool = False) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _atomic_write(self.last, summary)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapcoord.errors import SnapcoordError
+
 
 @dataclass
 class Outcome:
@@ -22,3 +24,12 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    @classmethod
+    def refused(cls, vm: str, command: str, error: SnapcoordError) -> Outcome:
+        """A command that ended before its run (locked, bad input, no guest) as an outcome."""
+        line = str(error)
+        line = line if line.startswith(f"{vm}:") else f"{vm}: {line}"
+        code = int(error.exit_code)
+        summary = {"vm": vm, "ok": False, "exit_code": code, "command": command, "errors": [line]}
+        return cls(vm, code, summary, errors=[line])

@@ -20,15 +20,13 @@ What each call does:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, HypervisorError, UsageError, VMNotFound
+from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
@@ -123,11 +121,13 @@ def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
     """VMs a vzdump hook froze (for ``vmid``, or any) that no thaw has closed yet: frozen now
     (the run journal), or put back at the limit before the thaw came (the last run)."""
     keys = []
-    journals = config.store / "journal"
     for key in config.vms:
-        for path, open_run in ((journals / f"{key}.json", True),
-                               (journals / f"{key}.last-run.json", False)):  # fmt: skip
-            data = _read(path)
+        journal = Journal(config.store, key)
+        try:
+            current = journal.read() or {}
+        except ValueError:  # half-written by hand: not a hook's freeze
+            current = {}
+        for data, open_run in ((current, True), (journal.read_last(), False)):
             freeze = data.get("freeze")
             if not isinstance(freeze, dict) or freeze.get("source") != "vzdump":
                 continue
@@ -138,14 +138,6 @@ def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
                 keys.append(key)
                 break
     return keys
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 Freeze = Callable[[str, int], Outcome]  # (vm key, vmid)

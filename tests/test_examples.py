@@ -35,7 +35,14 @@ from tests.guest_fixtures import (
     wait_for,
 )
 from tests.pve_api import PveApiDouble
-from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
+from tests.pve_api.testing import (
+    TOKEN_ENV,
+    TOKEN_SECRET,
+    Cert,
+    hypervisor_table,
+    make_cert,
+    start_double,
+)
 
 EXAMPLES = REPO / "examples"
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, where pip put snapcoord
@@ -47,7 +54,6 @@ SCRIPTS = (
     "veeam/post-thaw.sh",
     "vzdump/snapcoord-vzdump-hook",
 )
-TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 URI = "test:///default"  # freeze and thaw never call the hypervisor
 
 
@@ -172,15 +178,7 @@ def pve_config(
 ) -> Path:
     tables: dict[str, dict[str, Any]] = {
         "defaults": {"store": str(tmp_path / "store"), "label": "scheduled"},
-        "hypervisors.pve": {
-            "type": "proxmox",
-            "host": "127.0.0.1",
-            "port": double.port,
-            "token_id": TOKEN_ID,
-            "token_secret": {"env": TOKEN_ENV},
-            "ca_file": str(cert.cert),
-            "lock_wait_seconds": 0.5,
-        },
+        "hypervisors.pve": hypervisor_table(double, cert, lock_wait_seconds=0.5),
         "vms.db": {"hypervisor": "pve", "name": "db1", "tags": ["nightly"]},
         "vms.web": {"hypervisor": "pve", "vmid": 102, "tags": ["nightly", "prod"]},
         "vms.other": {"hypervisor": "pve", "vmid": 202},

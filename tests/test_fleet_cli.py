@@ -28,9 +28,16 @@ from tests.cli_helpers import (
     write_config,
 )
 from tests.pve_api import PveApiDouble
-from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
+from tests.pve_api.testing import (
+    TOKEN_ENV,
+    TOKEN_ID,
+    TOKEN_SECRET,
+    Cert,
+    hypervisor_table,
+    make_cert,
+    start_double,
+)
 
-TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 TASK_SECONDS = 0.4
 PER_CLUSTER = 12
 
@@ -58,16 +65,9 @@ def fleet_config(
         "defaults": {"store": str(path.parent / "store"), "label": "nightly"},
     }
     for name, double in clusters.items():
-        tables[f"hypervisors.{name}"] = {
-            "type": "proxmox",
-            "host": "127.0.0.1",
-            "port": double.port,
-            "token_id": TOKEN_ID,
-            "token_secret": {"env": TOKEN_ENV},
-            "ca_file": str(cert.cert),
-            "max_parallel": limits[name],
-            "lock_wait_seconds": 0.5,
-        }
+        tables[f"hypervisors.{name}"] = hypervisor_table(
+            double, cert, max_parallel=limits[name], lock_wait_seconds=0.5
+        )
         for i in range(PER_CLUSTER):
             tags = ["prod"] if i % 2 else ["test"]
             tables[f"vms.{name}-{i:02}"] = {"hypervisor": name, "vmid": 1000 + i, "tags": tags}

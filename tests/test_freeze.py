@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -167,11 +166,24 @@ def test_waiter_answers_status_then_returns_on_thaw(tmp_path: Path) -> None:
 
 
 def test_waiter_raises_at_the_limit_counted_from_the_start(tmp_path: Path) -> None:
-    waiter, parent = _waiter(tmp_path, 3)
-    started = time.monotonic()
-    with pytest.raises(ThawTimeout, match="no thaw within 3 s"):
-        waiter.wait()
-    assert time.monotonic() - started < 3
+    """Started 100 s ago with a 60 s limit: the wait ends at once (counted from the wait it
+    would block for a minute, and the join below would give up)."""
+    waiter, parent = _waiter(tmp_path, 60)
+    waiter.started -= 100
+    box: dict[str, BaseException] = {}
+
+    def wait() -> None:
+        try:
+            waiter.wait()
+        except BaseException as exc:  # handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the limit was counted from the wait, not from the start"
+    assert isinstance(box.get("error"), ThawTimeout)
+    assert "no thaw within 60 s" in str(box["error"])
     assert waiter.ended_by == "limit"
     assert waiter.ctx is not None and waiter.ctx.outputs["ended_by"] == "limit"
     parent.close()

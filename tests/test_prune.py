@@ -27,9 +27,15 @@ from snapcoord.prune import after_snapshot, prune_snapshots, prune_vm
 from snapcoord.settings import Config
 from tests.cli_helpers import json_lines, snapcoord, write_config
 from tests.pve_api import PveApiDouble
-from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
+from tests.pve_api.testing import (
+    TOKEN_ENV,
+    TOKEN_SECRET,
+    Cert,
+    hypervisor_table,
+    make_cert,
+    start_double,
+)
 
-TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 VMID = 100  # "db1" on pve1, the VM key is "db"
 POLICY = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 3}
 DESCRIPTION = f"{MARKER} label=nightly run=seeded"
@@ -142,15 +148,7 @@ def config_file(
                 "store": str(tmp_path / "store"),
                 **(POLICY if defaults is None else defaults),
             },
-            "hypervisors.pve": {
-                "type": "proxmox",
-                "host": "127.0.0.1",
-                "port": double.port,
-                "token_id": TOKEN_ID,
-                "token_secret": {"env": TOKEN_ENV},
-                "ca_file": str(cert.cert),
-                "lock_wait_seconds": 0.2,
-            },
+            "hypervisors.pve": hypervisor_table(double, cert, lock_wait_seconds=0.2),
             "vms.db": {"hypervisor": "pve", "name": "db1"},
             "vms.web": {"hypervisor": "pve", "name": "web1", **dict.fromkeys(POLICY, 0)},
         },

@@ -392,6 +392,29 @@ def test_6_pause_keeps_everything_running_and_a_revert_ends_the_resumed_lock(
     )
 
 
+def test_6b_freeze_and_thaw_in_separate_processes_stop_the_socket_too(
+    real_guest: RealGuest,
+    config: Path,
+) -> None:
+    """freeze/thaw (issue 14) on stock Debian: between the two commands MariaDB, its socket,
+    Apache and cron are all inactive, and a client connecting does not wake MariaDB."""
+    guest = real_guest
+    assert all_active(guest)
+    cfg = config_with(config, "freeze", dump=False)
+    frozen = snapcoord("-c", str(cfg), "freeze", "guest", "--max-seconds", "600", timeout=600)
+    assert frozen.returncode == 0, frozen.stdout + frozen.stderr
+    states = unit_states(guest, *ALL_UNITS)
+    assert set(states.values()) == {"inactive"}, states
+    assert guest.ssh("mysqladmin ping").returncode != 0
+    assert unit_states(guest, "mariadb.service")["mariadb.service"] == "inactive"
+    assert len(watchdogs_in_guest(guest)) == 1
+    thawed = snapcoord("-c", str(cfg), "thaw", "guest", timeout=600)
+    assert thawed.returncode == 0, thawed.stdout + thawed.stderr
+    assert "guest: thaw ok" in thawed.stdout
+    assert all_active(guest)
+    assert watchdogs_in_guest(guest) == []
+
+
 def test_7_figures(real_guest: RealGuest) -> None:
     """Print the figures for docs/testing.md (run with -s to see them)."""
     FIGURES["boot_to_ssh_seconds"] = round(real_guest.boot_seconds, 1)

@@ -23,10 +23,16 @@ from tests.guest_fixtures import (
     wait_for,
 )
 from tests.pve_api import PveApiDouble
-from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
+from tests.pve_api.testing import (
+    TOKEN_ENV,
+    TOKEN_SECRET,
+    Cert,
+    hypervisor_table,
+    make_cert,
+    start_double,
+)
 from tests.test_freeze_e2e import _commit_blocked, _insert, holder_pids, lock_sessions
 
-TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 DB_VMID = 100  # "db1" on the double's pve1: configured by name, resolved through the API
 
 
@@ -52,14 +58,7 @@ def hook_config(
 ) -> Path:
     tables: dict[str, dict[str, Any]] = {
         "defaults": {"store": str(tmp_path / "store"), "label": "test"},
-        "hypervisors.pve": {
-            "type": "proxmox",
-            "host": "127.0.0.1",
-            "port": double.port,
-            "token_id": TOKEN_ID,
-            "token_secret": {"env": TOKEN_ENV},
-            "ca_file": str(cert.cert),
-        },
+        "hypervisors.pve": hypervisor_table(double, cert),
         "vms.db": {"hypervisor": "pve", **(vm if vm is not None else {"name": "db1"})},
         "vms.db.guest": guest,
         "vms.web": {"hypervisor": "pve", "vmid": 102},  # no guest: nothing to quiesce

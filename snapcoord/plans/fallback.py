@@ -17,7 +17,7 @@ from snapcoord.errors import PreflightError
 from snapcoord.hooks import archive, databases
 from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan
 from snapcoord.run import Step
-from snapcoord.settings import DumpConfig
+from snapcoord.settings import DumpConfig, VMConfig
 
 if TYPE_CHECKING:
     from snapcoord.plans.context import RunContext
@@ -50,7 +50,12 @@ class Fallback:
 
     @property
     def enabled(self) -> bool:
-        return self.want_dump or bool(self.paths)
+        return self.wanted(self.ctx.vm_cfg)
+
+    @staticmethod
+    def wanted(vm_cfg: VMConfig) -> bool:
+        """Whether a run of ``vm_cfg`` stores anything: a dump or file archives."""
+        return vm_cfg.guest is not None and (vm_cfg.guest.dump or bool(vm_cfg.archive.paths))
 
     def preflight_steps(self) -> list[Step]:
         if not self.enabled:

@@ -68,12 +68,10 @@ def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "fre
 
 def dump_steps(ctx: RunContext, *, label: str) -> list[Step]:
     """The dump (and archives) alone, while everything runs: before vzdump stops or suspends
-    the guest itself. Empty when the VM has neither."""
+    the guest itself. Only for a VM that has one (``Fallback.wanted``)."""
     from snapcoord.plans.fallback import Fallback
 
     fallback = Fallback(ctx)
-    if not fallback.enabled:
-        return []
     ctx.run_folder = snapshot_name(label)
     ctx.snapshot_by = label
     return [*guest_connect_steps(ctx), *fallback.preflight_steps(), *fallback.window_steps()]

@@ -19,6 +19,8 @@ TOKEN_ID = "snapcoord@pve!snap"
 TOKEN_SECRET = "5e6f7a8b-1c2d-4e3f-8a9b-0c1d2e3f4a5b"
 USER = "backup@pve"
 PASSWORD = "correct horse battery staple"
+#: the environment variable the tests' configurations read the token secret from
+TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,17 @@ def _settings(
     table = {"type": "proxmox", "host": "127.0.0.1", "port": double.port, **auth}
     settings = parse_table(ProxmoxSettings, {**table, "ca_file": str(cert.cert)}, path="pve")
     return replace(settings, **extra)
+
+
+def hypervisor_table(double: PveApiDouble, cert: Cert, **extra: Any) -> dict[str, Any]:
+    """A ``[hypervisors.X]`` table for ``double``: token auth (the secret from $TOKEN_ENV), the
+    certificate verified through ``ca_file``; ``extra`` adds or replaces keys."""
+    return {
+        "type": "proxmox",
+        "host": "127.0.0.1",
+        "port": double.port,
+        "token_id": TOKEN_ID,
+        "token_secret": {"env": TOKEN_ENV},
+        "ca_file": str(cert.cert),
+        **extra,
+    }
