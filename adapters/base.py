@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from snapcoord import cancel
-from snapcoord.errors import SnapshotNotFound, TaskTimeout
+from snapcoord.errors import SnapshotNotFound, TaskTimeout, UnsupportedOperation
 from snapcoord.settings import HypervisorSettings
 
 T = TypeVar("T")
@@ -136,6 +136,21 @@ class Adapter(ABC):
     def set_guest_time(self, vm: VM, epoch: float) -> bool:
         """Set the guest's clock through the hypervisor (its guest agent or tools); ``False``
         when this hypervisor cannot (the caller then sets it from inside the guest)."""
+        return False
+
+    def check_backup_freeze(self, vm: VM) -> None:
+        """Preflight of the guest-side freeze hook: raise (one line, with the fix) unless this
+        hypervisor's backup will call the guest agent's fs-freeze for ``vm`` and the agent
+        answers. Only QEMU hypervisors have a guest agent freeze to hook into."""
+        raise UnsupportedOperation(
+            f"{self.type_name or 'this'} hypervisor has no guest-agent freeze for backups",
+            vm=vm.name,
+            hint="the freeze hook brackets backups of QEMU VMs on Proxmox VE or libvirt",
+        )
+
+    def thaw_filesystems(self, vm: VM) -> bool:
+        """Thaw the guest's file systems through the guest agent if they are frozen (after a
+        revert to a snapshot taken while frozen); ``True`` when something was thawed."""
         return False
 
     def find_snapshot(self, vm: VM, name: str) -> Snapshot:

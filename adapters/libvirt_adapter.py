@@ -417,6 +417,45 @@ class LibvirtAdapter(Adapter):
                 ) from None
             raise self._fail(err, f"create snapshot {name!r}", vm.name) from err
 
+    def check_backup_freeze(self, vm: VM) -> None:
+        """libvirt's freeze is the agent's (``virsh domfsfreeze``, ``snapshot-create
+        --quiesce``): the domain needs the agent's channel, connected."""
+        dom = self._domain(vm, "check the guest agent")
+        try:
+            state = agent_state(dom.XMLDesc(0))
+        except libvirt.libvirtError as err:
+            raise self._fail(err, "check the guest agent", vm.name) from err
+        if state is None:
+            raise UnsupportedOperation(
+                f"the domain has no {AGENT_CHANNEL} channel: no guest agent freeze will come",
+                vm=vm.name,
+                hint="add the guest agent channel and run qemu-guest-agent in the guest",
+            )
+        if state == "disconnected":
+            raise UnsupportedOperation(
+                "the guest agent is not connected: its freeze would fail",
+                vm=vm.name,
+                hint="start qemu-guest-agent in the guest",
+            )
+
+    def thaw_filesystems(self, vm: VM) -> bool:
+        dom = self._domain(vm, "thaw file systems")
+        try:
+            if agent_state(dom.XMLDesc(0)) != "connected":
+                return False
+            import libvirt_qemu
+
+            reply = libvirt_qemu.qemuAgentCommand(
+                dom, '{"execute": "guest-fsfreeze-status"}', 10, 0
+            )
+            if '"frozen"' not in (reply or ""):
+                return False
+            dom.fsThaw(None, 0)
+        except libvirt.libvirtError as err:
+            log.info("%s: file systems not thawed through the guest agent: %s", vm.name, err)
+            return False
+        return True
+
     def set_guest_time(self, vm: VM, epoch: float) -> bool:
         """virDomainSetTime through the QEMU guest agent; ``False`` without an agent (or on a
         driver that has no such call)."""

@@ -152,6 +152,28 @@ def _agent_enabled(value: Any) -> bool:
     return False
 
 
+def _agent_option(value: Any, key: str, default: str) -> str:
+    """One key of the qemu ``agent`` property string (the first bare value is ``enabled``)."""
+    for index, part in enumerate(str(value or "").split(",")):
+        name, sep, val = part.partition("=")
+        if not sep and index == 0:
+            name, val = "enabled", name
+        if name.strip() == key:
+            return val.strip()
+    return default
+
+
+def _backup_freezes(value: Any) -> bool:
+    """Whether vzdump's archive step calls the agent's fs-freeze: the agent is enabled and
+    ``freeze-fs-on-backup`` (named ``freeze-fs`` in newer qemu-server) is not off."""
+    if not _agent_enabled(value):
+        return False
+    for key in ("freeze-fs", "freeze-fs-on-backup", "guest-fsfreeze"):
+        if _agent_option(value, key, "1").lower() in ("0", "off", "no", "false"):
+            return False
+    return True
+
+
 class ProxmoxAdapter(Adapter):
     type_name = "proxmox"
 
@@ -420,6 +442,47 @@ class ProxmoxAdapter(Adapter):
                 vm=vm.name,
                 hint="start qemu-guest-agent in the guest, or set quiesce = false",
             ) from None
+
+    def check_backup_freeze(self, vm: VM) -> None:
+        kind, vmid = vm.extra["type"], vm.id
+        if kind != "qemu":
+            raise UnsupportedOperation(
+                "containers have no guest agent: vzdump snapshots them between pre-stop and "
+                "pre-restart, which the hook's freeze and thaw bracket",
+                vm=vm.name,
+            )
+        config: dict[str, Any] = self._request("get", f"{self._base(vm)}/config", vm=vm.name)
+        agent = config.get("agent")
+        if not _backup_freezes(agent):
+            off = "not enabled" if not _agent_enabled(agent) else "set not to freeze on backup"
+            raise UnsupportedOperation(
+                f"VM {vmid}'s guest agent is {off} (agent: {agent or 'unset'}): vzdump would "
+                "take the backup without the freeze that snapcoord's hook stops the services at",
+                vm=vm.name,
+                hint=f"qm set {vmid} --agent enabled=1,freeze-fs-on-backup=1 and restart the VM",
+            )
+        try:
+            self._request("post", f"{self._base(vm)}/agent/ping", vm=vm.name)
+        except HypervisorError as exc:
+            raise UnsupportedOperation(
+                f"the guest agent does not answer ({exc.message}): vzdump's freeze would fail",
+                vm=vm.name,
+                hint="start qemu-guest-agent in the guest",
+            ) from None
+
+    def thaw_filesystems(self, vm: VM) -> bool:
+        if vm.extra["type"] != "qemu":
+            return False
+        base = self._base(vm)
+        try:
+            status = self._request("post", f"{base}/agent/fsfreeze-status", vm=vm.name)
+        except HypervisorError:
+            return False  # no agent, or not running: nothing it could have frozen answers
+        result = status.get("result") if isinstance(status, dict) else status
+        if result != "frozen":
+            return False
+        self._request("post", f"{base}/agent/fsfreeze-thaw", vm=vm.name)
+        return True
 
     def _wait_unlocked(self, vm: VM) -> dict[str, Any]:
         """The guest config, once no ``lock`` is set (waiting up to lock_wait_seconds)."""

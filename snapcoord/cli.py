@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="MODE VMID")
     p.set_defaults(dry_run=False)
 
+    p = sub.add_parser(
+        "freeze-hook",
+        help="install, check or remove the guest-side freeze hook (QEMU guest agent, VMware Tools)",
+        description="The hook quiesces the guest at its agent's fs-freeze: what Proxmox backups "
+        "of QEMU VMs need (docs/fsfreeze-hook.md).",
+    )
+    p.add_argument("action", choices=("install", "status", "uninstall"))
+    _add_selection(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(dry_run=False)
+
     p = sub.add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
     _add_selection(p)
     p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")

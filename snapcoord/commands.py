@@ -312,6 +312,7 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
     import os
 
     from snapcoord.freeze import freeze_vm, thaw_vm
+    from snapcoord.plans import hook
     from snapcoord.plans.fallback import Fallback
     from snapcoord.plans.freeze import dump_steps
     from snapcoord.vzdump import Actions, HookCall, run_hook
@@ -352,7 +353,26 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
             reporter=view.reporter(key),
         )
 
-    code, outcomes, line = run_hook(config, call, Actions(freeze=freeze, thaw=thaw, dump=dump))
+    def hook_plan(key: str, build: Callable[[RunContext], list[Step]], title: str) -> Outcome:
+        return _guarded(
+            key,
+            title,
+            lambda: _run_plan(args, config, key, build, title=title, reporter=view.reporter(key)),
+        )
+
+    def prepare(key: str, vmid: int) -> Outcome:
+        return hook_plan(key, lambda ctx: hook.prepare_steps(ctx, vmid), "vzdump pre-stop")
+
+    def verify(key: str) -> Outcome:
+        return hook_plan(key, hook.verify_steps, "vzdump backup-end")
+
+    def restore(key: str) -> Outcome:
+        return hook_plan(key, hook.restore_steps, "vzdump abort")
+
+    actions = Actions(
+        freeze=freeze, thaw=thaw, dump=dump, prepare=prepare, verify=verify, restore=restore
+    )
+    code, outcomes, line = run_hook(config, call, actions)
     for outcome in outcomes:
         view.finished(outcome)
     if line:
@@ -360,7 +380,30 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_freeze_hook(args: argparse.Namespace) -> int:
+    from snapcoord.plans import hook
+
+    config = _load(args)
+    build = {
+        "install": hook.install_steps,
+        "status": hook.status_steps,
+        "uninstall": hook.uninstall_steps,
+    }[args.action]
+
+    def job(key: str, reporter: Reporter) -> Outcome:
+        return _guarded(
+            key,
+            f"freeze-hook {args.action}",
+            lambda: _run_plan(
+                args, config, key, build, title=f"freeze-hook {args.action}", reporter=reporter
+            ),
+        )
+
+    return _fleet(args, config, job, command=f"freeze-hook {args.action}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "freeze-hook": cmd_freeze_hook,
     "freeze": cmd_freeze,
     "thaw": cmd_thaw,
     "vzdump-hook": cmd_vzdump_hook,

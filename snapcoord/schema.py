@@ -362,6 +362,15 @@ GUEST: dict[str, Key] = {
         minimum=10,
         maximum=86400,
     ),
+    "freeze_hook_max_seconds": Key(
+        "int",
+        "the guest-side freeze hook (snapcoord freeze-hook install): the longest the guest stays "
+        "quiesced after the guest agent's freeze when no thaw comes; the hook's own watchdog then "
+        "restores everything",
+        default=300,
+        minimum=10,
+        maximum=86400,
+    ),
     "connect_timeout": Key(
         "float", "seconds to open the connection", default=15.0, minimum=1, maximum=MAX_SECONDS
     ),

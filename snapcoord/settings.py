@@ -132,6 +132,7 @@ class GuestConfig:
     dump: bool
     watchdog_seconds: int
     freeze_max_seconds: int
+    freeze_hook_max_seconds: int
     connect_timeout: float
     command_timeout: float
     stop_timeout: float

@@ -3,19 +3,30 @@
 ``<phase>`` for the job, ``<phase> <mode> <vmid>`` for each guest (docs/scheduling.md has the
 sequences of pve-manager's PVE/VZDump.pm that this follows).
 
-What each call does:
+Where the backup's point in time is decides what each call does. For a **QEMU VM in snapshot
+mode** it is inside vzdump's archive step, after ``pre-restart`` and ``post-restart``: the guest
+agent's fs-freeze, then QMP ``backup``, then the thaw (qemu-server
+``src/PVE/VZDump/QemuServer.pm``, e6352be). No bracket of hook phases covers it, so the guest
+quiesces itself from its freeze hook (``snapcoord freeze-hook install``; hooks/guest/fsfreeze.py):
 
-- ``pre-stop``, mode ``snapshot`` or ``suspend``: freeze the VM (snapcoord/freeze.py) for at most
-  its ``freeze_max_seconds``; exit non-zero only when it could not be quiesced (vzdump then
-  aborts that guest's backup).
-- ``pre-stop``, mode ``stop``: vzdump shuts the guest down itself (a clean database shutdown);
-  only the dump runs, when the VM has one.
-- ``pre-restart``, mode ``snapshot`` of a QEMU VM: thaw (the backup has started from the
-  snapshot point). In ``suspend`` mode, and for containers, the guest is still suspended then:
-  the thaw waits for ``post-restart``.
+- ``pre-stop``: check that it can work (the VM's agent freezes on backup and answers, the hook
+  is installed, current and enabled, the database answers), run the dump if the VM has one,
+  then mark this backup in the hook's log. Exit non-zero: vzdump aborts this guest's backup.
+- ``backup-end``: read the hook's log after the mark: exit 0 only when the services were stopped
+  (or commits held) across the agent's freeze and everything runs again; else exit 5, so vzdump
+  marks the backup failed.
+- ``backup-abort``, ``job-abort``: the hook puts back whatever it still holds.
+
+For **containers** (snapshot mode) and **suspend** mode the point in time falls between
+``pre-stop`` and ``pre-restart``/``post-restart`` (pve-container ``src/PVE/VZDump/LXC.pm``,
+94f5585), so the hook brackets it itself:
+
+- ``pre-stop``: freeze the VM (snapcoord/freeze.py) for at most its ``freeze_max_seconds``.
 - ``post-restart``, ``backup-abort``: thaw if still frozen (idempotent).
-- ``job-end``, ``job-abort``: thaw every VM a vzdump hook froze and nobody thawed.
-- Every other phase, and guests not in the configuration: nothing, exit 0.
+
+In **stop** mode vzdump shuts the guest down itself: ``pre-stop`` only runs the dump.
+``job-end``/``job-abort`` thaw every VM a vzdump hook froze and nobody thawed. Every other phase,
+and guests not in the configuration: nothing, exit 0.
 """
 
 from __future__ import annotations
@@ -48,6 +59,12 @@ class HookCall:
     mode: str | None = None
     vmid: int | None = None
     vmtype: str | None = None  # $VMTYPE: qemu or lxc
+
+    @property
+    def agent_bracket(self) -> bool:
+        """A QEMU VM in snapshot mode: its point in time is the guest agent's freeze, inside
+        vzdump's archive step, after every phase but backup-end."""
+        return self.mode == "snapshot" and self.vmtype != "lxc"
 
     @classmethod
     def parse(cls, argv: Sequence[str], environ: Mapping[str, str]) -> HookCall:
@@ -152,6 +169,24 @@ class Actions:
     freeze: Freeze
     thaw: Thaw
     dump: Dump
+    #: the freeze hook's path (QEMU, snapshot mode): prepare at pre-stop, verify at backup-end,
+    #: restore after an abort
+    prepare: Freeze
+    verify: Thaw
+    restore: Thaw
+
+
+def armed_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
+    """VMs whose freeze hook a vzdump pre-stop prepared (for ``vmid``, or any) and no
+    backup-end or abort has closed."""
+    from snapcoord.freeze_hook import read_armed
+
+    keys = []
+    for key in config.vms:
+        armed = read_armed(config.store, key)
+        if armed is not None and (vmid is None or armed.vmid == vmid):
+            keys.append(key)
+    return keys
 
 
 def run_hook(config: Config, call: HookCall, actions: Actions) -> tuple[int, list[Outcome], str]:
@@ -160,6 +195,8 @@ def run_hook(config: Config, call: HookCall, actions: Actions) -> tuple[int, lis
     phase, vmid = call.phase, call.vmid
     if phase in ("job-end", "job-abort"):
         outcomes = [actions.thaw(key) for key in frozen_by_vzdump(config)]
+        # a backup-end that never came: whatever a freeze hook still holds is put back
+        outcomes += [actions.restore(key) for key in armed_by_vzdump(config)]
         return _worst(outcomes), outcomes, ""
     if phase not in GUEST_PHASES or vmid is None:
         return ExitCode.OK, [], ""
@@ -169,13 +206,18 @@ def run_hook(config: Config, call: HookCall, actions: Actions) -> tuple[int, lis
             return ExitCode.OK, [], f"vmid {vmid} is not in {config.source}: left alone"
         if call.mode == "stop":
             outcome = actions.dump(key)
-            return outcome.exit_code, [outcome], ""
-        outcome = actions.freeze(key, vmid)
+        elif call.agent_bracket:
+            outcome = actions.prepare(key, vmid)
+        else:
+            outcome = actions.freeze(key, vmid)
         return outcome.exit_code, [outcome], ""
-    thaw_now = phase in ("post-restart", "backup-abort") or (
-        phase == "pre-restart" and call.mode == "snapshot" and call.vmtype != "lxc"
-    )
-    if not thaw_now:
+    if phase in ("backup-end", "backup-abort") and call.agent_bracket:
+        act = actions.verify if phase == "backup-end" else actions.restore
+        outcomes = [act(key) for key in armed_by_vzdump(config, vmid)]
+        if phase == "backup-abort":
+            outcomes += [actions.thaw(key) for key in frozen_by_vzdump(config, vmid)]
+        return _worst(outcomes), outcomes, ""
+    if phase not in ("post-restart", "backup-abort"):
         return ExitCode.OK, [], ""
     outcomes = [actions.thaw(key) for key in frozen_by_vzdump(config, vmid)]
     return _worst(outcomes), outcomes, ""

@@ -113,6 +113,13 @@ def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
         ctx.notes.append("the VM was not running before the revert: services not checked")
         return
     assert ctx.transport is not None and ctx.services is not None
+    if ctx.adapter.thaw_filesystems(ctx.require_vm()):
+        # a snapshot taken inside a guest agent freeze (a backup's): the guest came back
+        # frozen; the thaw also runs its freeze hook, which restarts what the hook stopped
+        ctx.notes.append(
+            "the snapshot was taken while the guest's file systems were frozen: thawed them "
+            "through the guest agent"
+        )
     _wait_for_guest(ctx)
     try:
         killed = watchdog.kill_all(
