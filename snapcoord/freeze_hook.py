@@ -452,16 +452,26 @@ def read_log(ctx: RunContext) -> list[LogEvent]:
         [hook_path(caller(ctx)), "log"], sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
     )
     if not result.ok:
-        raise GuestError(f"reading the freeze hook's log failed: {result.error_text()}", vm=ctx.key)
+        raise NotApplicationConsistent(
+            f"backup is not application-consistent: the freeze hook's log cannot be read "
+            f"({result.error_text()})",
+            vm=ctx.key,
+            hint=f"snapcoord freeze-hook status {ctx.key}",
+        )
     return parse_log(result.stdout.decode(errors="replace"))
 
 
 def verify(ctx: RunContext) -> Verdict:
+    ctx.outputs["application_consistent"] = False  # until the log says otherwise
     armed = read_armed(ctx.config.store, ctx.key)
     if armed is None:
         verdict = Verdict(False, "no freeze was prepared for this backup at pre-stop")
     else:
-        verdict = judge(since(read_log(ctx), armed.token), ctx.guest.consistency)
+        try:
+            events = read_log(ctx)
+        finally:
+            disarm(ctx.config.store, ctx.key)
+        verdict = judge(since(events, armed.token), ctx.guest.consistency)
     ctx.outputs["application_consistent"] = verdict.consistent
     ctx.outputs["freeze_hook"] = {
         "reason": verdict.reason,

@@ -211,11 +211,16 @@ def run_hook(config: Config, call: HookCall, actions: Actions) -> tuple[int, lis
         else:
             outcome = actions.freeze(key, vmid)
         return outcome.exit_code, [outcome], ""
-    if phase in ("backup-end", "backup-abort") and call.agent_bracket:
-        act = actions.verify if phase == "backup-end" else actions.restore
-        outcomes = [act(key) for key in armed_by_vzdump(config, vmid)]
-        if phase == "backup-abort":
-            outcomes += [actions.thaw(key) for key in frozen_by_vzdump(config, vmid)]
+    if phase == "backup-end" and call.agent_bracket:
+        # every QEMU snapshot-mode backup of a configured guest is judged, prepared or not
+        key = vm_for_vmid(config, vmid)
+        if key is None or config.vm(key).guest is None:
+            return ExitCode.OK, [], ""
+        outcome = actions.verify(key)
+        return outcome.exit_code, [outcome], ""
+    if phase == "backup-abort" and call.agent_bracket:
+        outcomes = [actions.restore(key) for key in armed_by_vzdump(config, vmid)]
+        outcomes += [actions.thaw(key) for key in frozen_by_vzdump(config, vmid)]
         return _worst(outcomes), outcomes, ""
     if phase not in ("post-restart", "backup-abort"):
         return ExitCode.OK, [], ""

@@ -120,29 +120,145 @@ def stop_guest(ssh_guest: lab.SshGuest) -> dict[str, Any]:
     return ssh_guest.guest_table()
 
 
-def test_snapshot_mode_down_exactly_from_pre_stop_to_pre_restart(
+CT_VMID = 101  # the double's container "ct1" on pve1
+
+
+def ct_config(tmp_path: Path, double: PveApiDouble, cert: Cert, guest: dict[str, Any]) -> Path:
+    return hook_config(tmp_path, double, cert, guest, vm={"vmid": CT_VMID})
+
+
+def test_qemu_snapshot_mode_without_the_freeze_hook_fails_pre_stop_and_touches_nothing(
     double: PveApiDouble,
     cert: Cert,
     stop_guest: dict[str, Any],
     lab_services: lab.GuestServices,
     tmp_path: Path,
 ) -> None:
+    """A QEMU VM's backup takes its point in time at the guest agent's freeze, after
+    pre-restart and post-restart (qemu-server src/PVE/VZDump/QemuServer.pm, e6352be): no
+    bracket of phases covers it. Without the guest-side hook pre-stop refuses, so vzdump
+    aborts this guest's backup instead of reporting a consistent one."""
     vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    mysqld = min(lab.mysqld_pids())
     vzdump.ok("job-init")
     vzdump.ok("job-start")
     vzdump.ok("backup-start", "snapshot", DB_VMID)
+    refused = vzdump("pre-stop", "snapshot", DB_VMID)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("snapcoord: error:")]
+    assert errors == [
+        "snapcoord: error: db: the freeze hook is not installed "
+        "(run: snapcoord freeze-hook install db)"
+    ], refused.stderr
+    assert lab_services.all_running() and min(lab.mysqld_pids()) == mysqld
+    assert holder_pids("db") == []
+    # vzdump's error path: backup-abort, log-end, job-end; nothing was prepared, nothing to do
+    vzdump.ok("backup-abort", "snapshot", DB_VMID)
+    vzdump.ok("log-end", "snapshot", DB_VMID, LOGFILE="/var/lib/vz/dump/vzdump-qemu-100.log")
+    vzdump.ok("job-end")
+    assert lab_services.all_running() and min(lab.mysqld_pids()) == mysqld
+
+
+@pytest.mark.parametrize(
+    ("agent", "says"),
+    [
+        ("0", "guest agent is not enabled"),
+        ("enabled=1,freeze-fs-on-backup=0", "set not to freeze on backup"),
+        ("1,freeze-fs=0", "set not to freeze on backup"),
+    ],
+)
+def test_qemu_snapshot_mode_with_the_agent_freeze_off_fails_pre_stop(
+    double: PveApiDouble,
+    cert: Cert,
+    stop_guest: dict[str, Any],
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+    agent: str,
+    says: str,
+) -> None:
+    double.cluster.guests[DB_VMID].agent = agent
+    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    refused = vzdump("pre-stop", "snapshot", DB_VMID)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("snapcoord: error:")]
+    assert len(errors) == 1 and says in errors[0], refused.stderr
+    assert "qm set 100 --agent enabled=1,freeze-fs-on-backup=1" in errors[0]
+    assert lab_services.all_running()
+
+
+def test_qemu_agent_not_answering_fails_pre_stop(
+    double: PveApiDouble,
+    cert: Cert,
+    stop_guest: dict[str, Any],
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    double.cluster.guests[DB_VMID].agent_running = False
+    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    refused = vzdump("pre-stop", "snapshot", DB_VMID)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "the guest agent does not answer" in refused.stderr
+    assert lab_services.all_running()
+
+
+def test_backup_end_without_a_prepared_freeze_fails(
+    double: PveApiDouble,
+    cert: Cert,
+    stop_guest: dict[str, Any],
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    """A backup-end with nothing prepared (a hook added to vzdump.conf mid-job, a corrupt
+    record) or nothing to read: the backup is not known to be consistent, so vzdump must mark
+    it failed (exit 5)."""
+    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    (tmp_path / "store" / "vzdump").mkdir(parents=True)
+    (tmp_path / "store" / "vzdump" / "db.json").write_text(
+        json.dumps({"vm": "db", "vmid": DB_VMID, "token": "not a token!", "armed_at": 1})
+    )
+    ended = vzdump("backup-end", "snapshot", DB_VMID)  # a corrupt record is no record
+    assert ended.returncode == 5, ended.stdout + ended.stderr
+    assert "Traceback" not in ended.stderr
+    assert "not application-consistent: no freeze was prepared" in ended.stderr
+    (tmp_path / "store" / "vzdump" / "db.json").write_text(
+        json.dumps({"vm": "db", "vmid": DB_VMID, "token": "vzdump-100-0123456789ab", "armed_at": 1})
+    )
+    ended = vzdump("backup-end", "snapshot", DB_VMID)  # armed, but the guest has no hook
+    assert ended.returncode == 5, ended.stdout + ended.stderr
+    assert "not application-consistent: the freeze hook's log cannot be read" in ended.stderr
+    assert not (tmp_path / "store" / "vzdump" / "db.json").exists(), "judged once"
+    assert lab_services.all_running()
+    last = json.loads((tmp_path / "store" / "journal" / "db.last-run.json").read_text())
+    assert last["application_consistent"] is False and last["exit_code"] == 5
+
+
+def test_container_snapshot_mode_down_across_the_storage_snapshot(
+    double: PveApiDouble,
+    cert: Cert,
+    stop_guest: dict[str, Any],
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    """Containers: pve-container src/PVE/VZDump/LXC.pm (94f5585) creates the storage snapshot
+    in snapshot(), which pve-manager calls between pre-stop and pre-restart: the bracket from
+    pre-stop to post-restart covers it."""
+    vzdump = Vzdump(ct_config(tmp_path, double, cert, stop_guest), vmtype="lxc")
+    vzdump.ok("job-init")
+    vzdump.ok("job-start")
+    vzdump.ok("backup-start", "snapshot", CT_VMID)
     assert lab_services.all_running(), "backup-start changes nothing"
-    frozen = vzdump.ok("pre-stop", "snapshot", DB_VMID)
+    frozen = vzdump.ok("pre-stop", "snapshot", CT_VMID)
     assert "db: frozen (services stopped)" in frozen.stdout
     assert all_down(lab_services), lab_services.states()
-    # vzdump takes its snapshot here (for QEMU: starts the live backup)
-    thawed = vzdump.ok("pre-restart", "snapshot", DB_VMID)
+    # LXC.pm's snapshot(): the storage snapshot 'vzdump' is created here
+    vzdump.ok("pre-restart", "snapshot", CT_VMID)
+    assert all_down(lab_services), "still down: the container may still be suspended"
+    thawed = vzdump.ok("post-restart", "snapshot", CT_VMID)
     assert lab_services.all_running(), lab_services.states()
     assert "db: thaw ok" in thawed.stdout
     mysqld = min(lab.mysqld_pids())
-    vzdump.ok("post-restart", "snapshot", DB_VMID)
-    vzdump.ok("backup-end", "snapshot", DB_VMID, TARGET="/var/lib/vz/dump/vzdump-qemu-100.vma")
-    vzdump.ok("log-end", "snapshot", DB_VMID, LOGFILE="/var/lib/vz/dump/vzdump-qemu-100.log")
+    vzdump.ok("backup-end", "snapshot", CT_VMID, TARGET="/var/lib/vz/dump/vzdump-lxc-101.tar")
+    vzdump.ok("log-end", "snapshot", CT_VMID, LOGFILE="/var/lib/vz/dump/vzdump-lxc-101.log")
     vzdump.ok("job-end")
     assert lab_services.all_running() and min(lab.mysqld_pids()) == mysqld
     assert holder_pids("db") == []
@@ -156,19 +272,19 @@ def test_backup_abort_restores_and_the_cleanup_phases_are_idempotent(
     lab_services: lab.GuestServices,
     tmp_path: Path,
 ) -> None:
-    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    vzdump = Vzdump(ct_config(tmp_path, double, cert, stop_guest), vmtype="lxc")
     vzdump.ok("job-start")
-    vzdump.ok("backup-start", "snapshot", DB_VMID)
-    vzdump.ok("pre-stop", "snapshot", DB_VMID)
+    vzdump.ok("backup-start", "snapshot", CT_VMID)
+    vzdump.ok("pre-stop", "snapshot", CT_VMID)
     assert all_down(lab_services)
     # the snapshot failed: vzdump's error path runs backup-abort (no pre-restart first)
-    vzdump.ok("backup-abort", "snapshot", DB_VMID)
+    vzdump.ok("backup-abort", "snapshot", CT_VMID)
     assert lab_services.all_running(), lab_services.states()
     mysqld = min(lab.mysqld_pids())
     # a cleanup path that runs pre-restart/post-restart again, then backup-abort once more
     for phase in ("pre-restart", "post-restart", "backup-abort"):
-        vzdump.ok(phase, "snapshot", DB_VMID)
-    vzdump.ok("log-end", "snapshot", DB_VMID)
+        vzdump.ok(phase, "snapshot", CT_VMID)
+    vzdump.ok("log-end", "snapshot", CT_VMID)
     vzdump.ok("job-end")
     assert lab_services.all_running() and min(lab.mysqld_pids()) == mysqld, "nothing restarted"
 
@@ -180,10 +296,10 @@ def test_job_abort_restores_what_is_still_frozen(
     lab_services: lab.GuestServices,
     tmp_path: Path,
 ) -> None:
-    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    vzdump = Vzdump(ct_config(tmp_path, double, cert, stop_guest), vmtype="lxc")
     vzdump.ok("job-start")
-    vzdump.ok("backup-start", "snapshot", DB_VMID)
-    vzdump.ok("pre-stop", "snapshot", DB_VMID)
+    vzdump.ok("backup-start", "snapshot", CT_VMID)
+    vzdump.ok("pre-stop", "snapshot", CT_VMID)
     assert all_down(lab_services)
     aborted = vzdump.ok("job-abort")
     assert lab_services.all_running(), lab_services.states()
@@ -207,23 +323,6 @@ def test_suspend_mode_thaws_after_the_guest_is_resumed(
     assert all_down(lab_services)
     vzdump.ok("post-restart", "suspend", DB_VMID)
     assert lab_services.all_running(), lab_services.states()
-
-
-def test_lxc_snapshot_mode_thaws_at_post_restart(
-    double: PveApiDouble,
-    cert: Cert,
-    stop_guest: dict[str, Any],
-    lab_services: lab.GuestServices,
-    tmp_path: Path,
-) -> None:
-    config = hook_config(tmp_path, double, cert, stop_guest, vm={"vmid": 101})
-    vzdump = Vzdump(config, vmtype="lxc")
-    vzdump.ok("pre-stop", "snapshot", 101)
-    assert all_down(lab_services)
-    vzdump.ok("pre-restart", "snapshot", 101)  # a container may still be frozen by vzdump here
-    assert all_down(lab_services)
-    vzdump.ok("post-restart", "snapshot", 101)
-    assert lab_services.all_running()
 
 
 def test_stop_mode_only_dumps_and_leaves_the_shutdown_to_vzdump(
@@ -270,7 +369,7 @@ def test_an_unknown_vmid_and_a_vm_without_guest_are_left_alone(
     assert lab_services.all_running() and min(lab.mysqld_pids()) == mysqld
     no_guest = vzdump("pre-stop", "snapshot", 102)  # configured, but without [guest]
     assert no_guest.returncode == 2, no_guest.stderr
-    assert "web: freeze needs a [vms.web.guest] table" in no_guest.stderr
+    assert "web: the freeze hook needs a [vms.web.guest] table" in no_guest.stderr
 
 
 def test_a_guest_that_cannot_be_quiesced_fails_pre_stop_with_one_line(
@@ -291,7 +390,7 @@ def test_a_guest_that_cannot_be_quiesced_fails_pre_stop_with_one_line(
     vzdump.ok("backup-abort", "snapshot", DB_VMID)  # vzdump's error path: nothing to do
 
 
-def test_no_pre_restart_the_limit_restores_and_pre_restart_then_fails(
+def test_no_post_restart_the_limit_restores_and_post_restart_then_fails(
     double: PveApiDouble,
     cert: Cert,
     ssh_guest: lab.SshGuest,
@@ -299,14 +398,14 @@ def test_no_pre_restart_the_limit_restores_and_pre_restart_then_fails(
     tmp_path: Path,
 ) -> None:
     """The limit between the phases is the VM's freeze_max_seconds: a backup that does not
-    reach pre-restart in time gets its guest back, and is told it is not consistent."""
+    reach post-restart in time gets its guest back, and is told it is not consistent."""
     guest = ssh_guest.guest_table(freeze_max_seconds=10)
-    vzdump = Vzdump(hook_config(tmp_path, double, cert, guest))
-    vzdump.ok("pre-stop", "snapshot", DB_VMID)
+    vzdump = Vzdump(ct_config(tmp_path, double, cert, guest), vmtype="lxc")
+    vzdump.ok("pre-stop", "snapshot", CT_VMID)
     assert all_down(lab_services)
     wait_for(lab_services.all_running, 30, "the freeze limit to restore the guest")
     wait_for(lambda: holder_pids("db") == [], 15, "the holder to exit")
-    late = vzdump("pre-restart", "snapshot", DB_VMID)
+    late = vzdump("post-restart", "snapshot", CT_VMID)
     assert late.returncode == 5, late.stdout + late.stderr
     assert "reached its limit before thaw" in late.stderr
 
@@ -327,14 +426,15 @@ def test_explicit_vzdump_vmid_needs_no_api_and_names_need_it(
         )
     )
     double.stop()  # the API is gone
-    failed = by_name("pre-stop", "snapshot", DB_VMID)
+    failed = by_name("pre-stop", "suspend", DB_VMID)
     assert failed.returncode == 3, failed.stdout + failed.stderr
     assert "cannot tell whether it is one of db (configured by name)" in failed.stderr
     assert "vzdump_vmid" in failed.stderr
     assert lab_services.all_running()
-    explicit.ok("pre-stop", "snapshot", DB_VMID)
+    # suspend mode: the freeze is snapcoord's own bracket, no API call needed
+    explicit.ok("pre-stop", "suspend", DB_VMID)
     assert all_down(lab_services)
-    explicit.ok("pre-restart", "snapshot", DB_VMID)
+    explicit.ok("post-restart", "suspend", DB_VMID)
     assert lab_services.all_running()
 
 
@@ -347,7 +447,7 @@ def paused_lab(lab_services: lab.GuestServices) -> Iterator[lab.GuestServices]:
     pause_load.drop_schema()
 
 
-def test_pause_mode_holds_commits_from_pre_stop_to_pre_restart(
+def test_pause_mode_holds_commits_from_pre_stop_to_post_restart(
     double: PveApiDouble,
     cert: Cert,
     ssh_guest: lab.SshGuest,
@@ -357,14 +457,15 @@ def test_pause_mode_holds_commits_from_pre_stop_to_pre_restart(
     guest = ssh_guest.guest_table(consistency="pause")
     vzdump = Vzdump(hook_config(tmp_path, double, cert, guest))
     mysqld = min(lab.mysqld_pids())
-    vzdump.ok("backup-start", "snapshot", DB_VMID)
+    vzdump.ok("backup-start", "suspend", DB_VMID)
     assert not _commit_blocked()
-    frozen = vzdump.ok("pre-stop", "snapshot", DB_VMID)
+    frozen = vzdump.ok("pre-stop", "suspend", DB_VMID)
     assert "frozen (commits held)" in frozen.stdout
     assert paused_lab.all_running(), "nothing stops in pause mode"
-    assert _commit_blocked(), "a commit went through between pre-stop and pre-restart"
-    vzdump.ok("pre-restart", "snapshot", DB_VMID)
+    assert _commit_blocked(), "a commit went through between pre-stop and post-restart"
+    vzdump.ok("pre-restart", "suspend", DB_VMID)
+    assert _commit_blocked(), "suspend mode: the guest is still suspended at pre-restart"
+    vzdump.ok("post-restart", "suspend", DB_VMID)
     assert _insert(10).returncode == 0
-    vzdump.ok("post-restart", "snapshot", DB_VMID)
     vzdump.ok("job-end")
     assert min(lab.mysqld_pids()) == mysqld
