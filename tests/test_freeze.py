@@ -32,7 +32,14 @@ from snapcoord.plans.freeze import WATCHDOG_GRACE, frozen_config
 from snapcoord.run import StepRecord
 from snapcoord.selection import Selection, select
 from snapcoord.settings import Config
-from snapcoord.vzdump import Actions, HookCall, frozen_by_vzdump, run_hook, vm_for_vmid
+from snapcoord.vzdump import (
+    Actions,
+    HookCall,
+    armed_by_vzdump,
+    frozen_by_vzdump,
+    run_hook,
+    vm_for_vmid,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +259,9 @@ class Calls:
             freeze=lambda key, vmid: record("freeze", key),
             thaw=lambda key: record("thaw", key),
             dump=lambda key: record("dump", key),
+            prepare=lambda key, vmid: record("prepare", key),
+            verify=lambda key: record("verify", key),
+            restore=lambda key: record("restore", key),
         )
 
 
@@ -264,15 +274,22 @@ def _journal(store: Path, key: str, name: str, **data: Any) -> None:
     ("phase", "mode", "vmtype", "expected"),
     [
         ("backup-start", "snapshot", "qemu", []),
-        ("pre-stop", "snapshot", "qemu", [("freeze", "db")]),
-        ("pre-stop", "suspend", "qemu", [("freeze", "db")]),
-        ("pre-stop", "stop", "qemu", [("dump", "db")]),
-        ("pre-restart", "snapshot", "qemu", [("thaw", "db")]),
+        # QEMU, snapshot mode: the point in time is the agent's freeze inside archive()
+        ("pre-stop", "snapshot", "qemu", [("prepare", "db")]),
+        ("pre-restart", "snapshot", "qemu", []),
+        ("post-restart", "snapshot", "qemu", [("thaw", "db")]),  # a holder left: idempotent
+        ("backup-end", "snapshot", "qemu", [("verify", "db")]),
+        ("backup-abort", "snapshot", "qemu", [("thaw", "db")]),
+        # containers and suspend mode: snapcoord's own bracket
+        ("pre-stop", "snapshot", "lxc", [("freeze", "db")]),
         ("pre-restart", "snapshot", "lxc", []),
+        ("post-restart", "snapshot", "lxc", [("thaw", "db")]),
+        ("backup-end", "snapshot", "lxc", []),
+        ("pre-stop", "suspend", "qemu", [("freeze", "db")]),
         ("pre-restart", "suspend", "qemu", []),
         ("post-restart", "suspend", "qemu", [("thaw", "db")]),
-        ("backup-abort", "snapshot", "qemu", [("thaw", "db")]),
-        ("backup-end", "snapshot", "qemu", []),
+        ("backup-abort", "snapshot", "lxc", [("thaw", "db")]),
+        ("pre-stop", "stop", "qemu", [("dump", "db")]),
         ("log-end", "snapshot", "qemu", []),
     ],
 )
@@ -311,6 +328,38 @@ def test_job_phases_thaw_only_what_a_vzdump_hook_froze(tmp_path: Path) -> None:
     for phase in ("job-init", "job-start", "a-new-phase"):
         calls = Calls()
         assert run_hook(cfg, HookCall(phase), calls.actions())[0] == 0 and calls.made == []
+
+
+def test_armed_freeze_hooks_are_restored_after_an_abort(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path,
+        db={"hypervisor": "pve", "vmid": 101, "guest": GUEST},
+        other={"hypervisor": "pve", "vmid": 102, "guest": GUEST},
+        broken={"hypervisor": "pve", "vmid": 103, "guest": GUEST},
+    )
+    (tmp_path / "vzdump").mkdir()
+    for key, vmid in (("db", 101), ("other", 102)):
+        record = {"vm": key, "vmid": vmid, "token": f"vzdump-{vmid}-00aa11bb22cc", "armed_at": 1}
+        (tmp_path / "vzdump" / f"{key}.json").write_text(json.dumps(record))
+    (tmp_path / "vzdump" / "broken.json").write_text("[1, 2")
+    assert armed_by_vzdump(cfg) == ["db", "other"]
+    assert armed_by_vzdump(cfg, 102) == ["other"]
+    calls = Calls()
+    run_hook(cfg, HookCall("backup-abort", "snapshot", 102, "qemu"), calls.actions())
+    assert calls.made == [("restore", "other")]
+    calls = Calls()
+    code, _, _ = run_hook(cfg, HookCall("job-abort"), calls.actions(code=6))
+    assert calls.made == [("restore", "db"), ("restore", "other")] and code == 6
+
+
+def test_backup_end_of_a_guest_not_configured_or_without_guest_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path, web={"hypervisor": "pve", "vmid": 101})
+    for vmid in (101, 999):
+        calls = Calls()
+        result = run_hook(cfg, HookCall("backup-end", "snapshot", vmid, "qemu"), calls.actions())
+        assert result == (0, [], "") and calls.made == []
 
 
 def test_pre_stop_of_a_guest_not_configured_is_left_alone_in_one_line(tmp_path: Path) -> None:

@@ -117,21 +117,21 @@ running() {  # running NAME: is what detach started still there
 }
 stop_service() {  # stop_service NAME: stop it (with its triggers) and verify
   echo "svc $1" >> "$STATE"
-  timeout -s KILL "$STEP" "$SELF" _svc "$1" stop "$TRIGGERS" >/dev/null 2>&1
+  timeout -s KILL "$STEP" "$SELF" _svc "$1" stop "$TRIGGERS" >/dev/null 2>&1 8>&-
   wait_until "$STEP" not is_up "$1" || { say stop-failed "$1 still runs"; return 1; }
   say stopped "$1"
 }
 stop_database() {
   db_pid; p=$pid
   echo "db $DATABASE" >> "$STATE"
-  timeout -s KILL "$STEP" "$SELF" _svc "$DATABASE" stop "$TRIGGERS" >/dev/null 2>&1
+  timeout -s KILL "$STEP" "$SELF" _svc "$DATABASE" stop "$TRIGGERS" >/dev/null 2>&1 8>&-
   wait_until "$STEP" pid_gone "$p" ||
     { say stop-failed "$DATABASE process $p still there"; return 1; }
   wait_until "$STEP" not db_alive || { say stop-failed "$DATABASE still answers"; return 1; }
   say stopped "$DATABASE"
 }
 start_service() {
-  timeout -s KILL "$STEP" "$SELF" _svc "$1" start "$TRIGGERS" >/dev/null 2>&1
+  timeout -s KILL "$STEP" "$SELF" _svc "$1" start "$TRIGGERS" >/dev/null 2>&1 8>&-
 }
 hold() {  # pause: a detached session that holds commits until released (or DEADLINE)
   rm -f "$DIR/lock.out"
@@ -182,7 +182,9 @@ persist() {  # the cycle, to the persistent log (the file systems are thawed by 
   ( umask 077; sed -n "/ freeze-begin /,\$p" "$LOG" | tail -n 200 >> "$PERSISTENT_LOG" ) 2>/dev/null
   return 0
 }
-exclusive() { exec 8>>"$DIR/lock"; flock -w "$1" 8; }
+exclusive() {  # one freeze, thaw or deadline at a time
+  exec 8>>"$DIR/lock"; command -v flock >/dev/null 2>&1 || return 0; flock -w "$1" 8
+}
 
 do_freeze() {
   exclusive "$STEP" ||
@@ -245,7 +247,7 @@ case ${1:-} in
   thaw|freezeFail) do_thaw "$1" ;;
   deadline) do_deadline ;;
   recover) do_thaw recover ;;
-  arm) case ${2:-} in *[!A-Za-z0-9-]*|'') exit 64 ;; esac
+  arm) case ${2:-} in -*|*[!A-Za-z0-9-]*|'') exit 64 ;; esac
        if [ -f "$LOG" ] && [ "$(wc -c < "$LOG")" -gt 1000000 ]; then
          tail -n 2000 "$LOG" > "$LOG.new"; mv "$LOG.new" "$LOG"
        fi
