@@ -375,9 +375,22 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
     code, outcomes, line = run_hook(config, call, actions)
     for outcome in outcomes:
         view.finished(outcome)
+    if call.phase == "backup-end" and outcomes:
+        # the end of this guest's backup: whether it is application-consistent goes out (the
+        # metrics file is rewritten after every command)
+        _notify_end(config, outcomes, "vzdump backup-end")
     if line:
         print(f"snapcoord: vzdump-hook {where}: {line}")
     return code
+
+
+def _notify_end(config: Config, outcomes: list[Outcome], command: str) -> None:
+    keys = [o.vm for o in outcomes]
+    if not any(config.vm(k).notify.ping_url or config.vm(k).notify.webhook_url for k in keys):
+        return
+    from snapcoord.notify import Notifier
+
+    _warn(Notifier(config, keys).finish(outcomes, command))
 
 
 def cmd_freeze_hook(args: argparse.Namespace) -> int:

@@ -46,6 +46,11 @@ def _families() -> dict[str, Family]:
             "again (absent when no service was stopped or one may still be down).",
         ),
         ("last_run_dump_bytes", "Size of the database dump the VM's last run stored."),
+        (
+            "last_backup_application_consistent",
+            "vzdump backup-end of a QEMU VM: 1 if its services were stopped (or commits held) "
+            "across the guest agent's freeze, else 0 (docs/fsfreeze-hook.md).",
+        ),
         ("snapshots", "Number of snapcoord's own snapshots of the VM, as last seen."),
         (
             "snapshots_seen_timestamp_seconds",
@@ -90,6 +95,10 @@ def _add_last_run(families: dict[str, Family], vm: dict[str, str], last: LastRun
     families["last_run_duration_seconds"].add(labels, last.duration_seconds)
     families["last_run_service_window_seconds"].add(labels, last.window_seconds)
     families["last_run_dump_bytes"].add(labels, last.dump_bytes)
+    if last.application_consistent is not None:
+        families["last_backup_application_consistent"].add(
+            vm, 1 if last.application_consistent else 0
+        )
 
 
 def _add_inventory(

@@ -38,6 +38,8 @@ class LastRun:
     dump_bytes: int | None
     snapshot: str | None
     errors: tuple[str, ...]
+    #: vzdump backup-end of a QEMU VM: whether the freeze hook bracketed the agent's freeze
+    application_consistent: bool | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -56,6 +58,11 @@ class LastRun:
             "dump_bytes": self.dump_bytes,
             "snapshot": self.snapshot,
             "errors": list(self.errors),
+            **(
+                {"application_consistent": self.application_consistent}
+                if self.application_consistent is not None
+                else {}
+            ),
         }
 
 
@@ -88,6 +95,11 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
         dump_bytes=int(dump_bytes) if isinstance(dump_bytes, int | float) else None,
         snapshot=_str_or_none(data.get("snapshot")),
         errors=tuple(str(e) for e in data.get("errors") or []),
+        application_consistent=(
+            data["application_consistent"]
+            if isinstance(data.get("application_consistent"), bool)
+            else None
+        ),
     )
 
 

@@ -32,6 +32,7 @@ from tests.pve_api.testing import (
     start_double,
 )
 from tests.test_freeze_e2e import _commit_blocked, _insert, holder_pids, lock_sessions
+from tests.test_notify import Recorder, server  # noqa: F401 - fixture
 
 DB_VMID = 100  # "db1" on the double's pve1: configured by name, resolved through the API
 
@@ -55,9 +56,12 @@ def hook_config(
     guest: dict[str, Any],
     *,
     vm: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    notify: dict[str, Any] | None = None,
 ) -> Path:
     tables: dict[str, dict[str, Any]] = {
-        "defaults": {"store": str(tmp_path / "store"), "label": "test"},
+        "defaults": {"store": str(tmp_path / "store"), "label": "test", **(defaults or {})},
+        **({"notify": notify} if notify else {}),
         "hypervisors.pve": hypervisor_table(double, cert),
         "vms.db": {"hypervisor": "pve", **(vm if vm is not None else {"name": "db1"})},
         "vms.db.guest": guest,
@@ -206,12 +210,22 @@ def test_backup_end_without_a_prepared_freeze_fails(
     cert: Cert,
     stop_guest: dict[str, Any],
     lab_services: lab.GuestServices,
+    server: Recorder,
     tmp_path: Path,
 ) -> None:
     """A backup-end with nothing prepared (a hook added to vzdump.conf mid-job, a corrupt
     record) or nothing to read: the backup is not known to be consistent, so vzdump must mark
     it failed (exit 5)."""
-    vzdump = Vzdump(hook_config(tmp_path, double, cert, stop_guest))
+    metrics = tmp_path / "snapcoord.prom"
+    config = hook_config(
+        tmp_path,
+        double,
+        cert,
+        stop_guest,
+        defaults={"metrics_file": str(metrics)},
+        notify={"webhook_url": f"{server.base}/hook"},
+    )
+    vzdump = Vzdump(config)
     (tmp_path / "store" / "vzdump").mkdir(parents=True)
     (tmp_path / "store" / "vzdump" / "db.json").write_text(
         json.dumps({"vm": "db", "vmid": DB_VMID, "token": "not a token!", "armed_at": 1})
@@ -230,6 +244,11 @@ def test_backup_end_without_a_prepared_freeze_fails(
     assert lab_services.all_running()
     last = json.loads((tmp_path / "store" / "journal" / "db.last-run.json").read_text())
     assert last["application_consistent"] is False and last["exit_code"] == 5
+    assert 'snapcoord_last_backup_application_consistent{vm="db"} 0' in metrics.read_text()
+    [*_, hit] = [h for h in server.hits if h.path == "/hook"]
+    body = json.loads(hit.body)
+    assert body["command"] == "vzdump backup-end"
+    assert body["vms"][0]["application_consistent"] is False
 
 
 def test_container_snapshot_mode_down_across_the_storage_snapshot(
