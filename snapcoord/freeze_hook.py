@@ -353,7 +353,7 @@ def arm(ctx: RunContext, vmid: int) -> Armed:
     record = Armed(ctx.key, vmid, f"vzdump-{vmid}-{secrets.token_hex(6)}", time.time())
     path = hook_path(caller(ctx))
     result = ctx.transport.run(
-        [path, "arm", record.token], sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
+        ["sh", path, "arm", record.token], sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
     )
     if not result.ok:
         raise GuestError(
@@ -449,7 +449,9 @@ def judge(events: list[LogEvent] | None, consistency: str) -> Verdict:
 def read_log(ctx: RunContext) -> list[LogEvent]:
     assert ctx.transport is not None
     result = ctx.transport.run(
-        [hook_path(caller(ctx)), "log"], sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
+        ["sh", hook_path(caller(ctx)), "log"],
+        sudo=ctx.guest.sudo,
+        timeout=ctx.guest.command_timeout,
     )
     if not result.ok:
         raise NotApplicationConsistent(
@@ -494,7 +496,7 @@ def recover(ctx: RunContext) -> None:
     """After an aborted backup: whatever the hook still holds is put back (idempotent)."""
     assert ctx.transport is not None
     result = ctx.transport.run(
-        [hook_path(caller(ctx)), "recover"],
+        ["sh", hook_path(caller(ctx)), "recover"],
         sudo=ctx.guest.sudo,
         timeout=ctx.guest.command_timeout + 2 * ctx.guest.start_timeout,
     )

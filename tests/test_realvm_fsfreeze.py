@@ -19,6 +19,7 @@ and leave the guest running with everything up and the hook uninstalled.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ def vzdump_snapshot_mode(
 
 
 def test_1_install_status_and_an_outdated_hook(real_guest: RealGuest, tmp: Path) -> None:
-    config = _config(real_guest, tmp, "stop", freeze_hook_max_seconds=120)
+    config = _config(real_guest, tmp, "stop", freeze_hook_max_seconds=120, dump=True)
     code, out = hook(config, "pre-stop")
     assert code == 4 and "the freeze hook is not installed" in out, out
     assert "snapcoord freeze-hook install guest" in out
@@ -210,6 +211,10 @@ def test_2_stop_mode_mariadb_is_down_across_the_agent_freeze(real_guest: RealGue
     rows = stop_writer(real_guest)
     assert code == 0, STATE["backup_end"]
     assert "application-consistent" in STATE["backup_end"]
+    # dump = true: pre-stop stored a verified dump off the guest, while everything ran
+    [folder] = (config.parent / "store" / "guest").glob("snapcoord-vzdump-*")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["snapshot_by"] == "vzdump"
     # while frozen: everything down, the socket too
     assert set(STATE["while_frozen"].values()) == {"inactive"}, STATE["while_frozen"]
     events = hook_log(real_guest)
@@ -221,6 +226,21 @@ def test_2_stop_mode_mariadb_is_down_across_the_agent_freeze(real_guest: RealGue
     assert not inside, f"commits while the hook held MariaDB stopped: {inside}"
     assert all_up(real_guest)
     assert real_guest.ssh("systemctl list-units --no-legend 'snapcoord-fsfreeze-*'").stdout == ""
+
+
+def test_2b_backup_abort_restores_what_the_hook_holds(real_guest: RealGuest) -> None:
+    """The hook quiesced the guest but its thaw never ran (the agent was restarted inside the
+    window, say): vzdump's error path calls backup-abort, which puts everything back."""
+    config = STATE["stop"]
+    assert hook(config, "backup-start")[0] == 0
+    assert hook(config, "pre-stop")[0] == 0
+    real_guest.ssh("/etc/qemu/fsfreeze-hook.d/snapcoord freeze", check=True)
+    assert set(units(real_guest).values()) == {"inactive"}
+    code, out = hook(config, "backup-abort")
+    assert code == 0, out
+    assert all_up(real_guest)
+    assert not (config.parent / "store" / "vzdump" / "guest.json").exists()
+    assert [name for _, name, _ in hook_log(real_guest)][-1] == "thaw-ok"
 
 
 def test_3_pause_mode_commits_are_held_across_the_freeze(real_guest: RealGuest, tmp: Path) -> None:

@@ -14,7 +14,9 @@ waits for it without a timeout; VMware Tools runs ``/etc/vmware-tools/backupScri
   session that holds commits (BACKUP STAGE or FTWRL) and returns once the lock is held. It arms a
   detached watchdog that restores everything after ``DEADLINE`` seconds if no thaw comes. The
   whole freeze is bounded by ``FREEZE_LIMIT``: past it, or on any failure, it restores what it
-  did and exits 1, so the agent's freeze fails instead of waiting.
+  did and exits 1 (VMware Tools then aborts the quiesce; qemu-ga would fail the freeze, but
+  Debian's stock ``/etc/qemu/fsfreeze-hook`` dispatcher ignores its scripts' status, so the
+  coordinator reads the failure from the log at ``backup-end``).
 * ``thaw`` / ``freezeFail``: disarm the watchdog, check that what was stopped stayed stopped (or
   that the lock was still held), restore, verify; exit 0 only when everything runs.
 * ``arm TOKEN``, ``log``, ``status``, ``version``: for the coordinator.
