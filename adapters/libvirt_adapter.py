@@ -117,6 +117,23 @@ def translate(err: libvirt.libvirtError, *, action: str, vm: str, uri: str) -> S
     return HypervisorError(f"{action} failed: {text}", vm=vm)
 
 
+def _require_agent(vm: VM, domain_xml: str, purpose: str, or_else: str = "") -> None:
+    """Raise unless the domain has the guest agent channel and the agent is connected."""
+    state = agent_state(domain_xml)
+    if state is None:
+        raise UnsupportedOperation(
+            f"{purpose} needs the QEMU guest agent, but the domain has no {AGENT_CHANNEL} channel",
+            vm=vm.name,
+            hint=f"add the channel, run qemu-guest-agent in the guest{or_else}",
+        )
+    if state == "disconnected":
+        raise UnsupportedOperation(
+            f"{purpose} needs the QEMU guest agent, but it is not connected",
+            vm=vm.name,
+            hint=f"start qemu-guest-agent in the guest{or_else}",
+        )
+
+
 def agent_state(domain_xml: str) -> str | None:
     """The guest agent channel's state: 'connected', 'disconnected', '' (not reported) or None
     when the domain has no guest agent channel at all."""
@@ -347,20 +364,7 @@ class LibvirtAdapter(Adapter):
                 vm=vm.name,
                 hint="set quiesce = false: the database is stopped before the snapshot anyway",
             )
-        state = agent_state(domain_xml)
-        if state is None:
-            raise UnsupportedOperation(
-                f"quiesce needs the QEMU guest agent, but the domain has no {AGENT_CHANNEL} "
-                "channel",
-                vm=vm.name,
-                hint="add the channel, run qemu-guest-agent in the guest, or set quiesce = false",
-            )
-        if state == "disconnected":
-            raise UnsupportedOperation(
-                "quiesce needs the QEMU guest agent, but it is not connected",
-                vm=vm.name,
-                hint="start qemu-guest-agent in the guest or set quiesce = false",
-            )
+        _require_agent(vm, domain_xml, "quiesce", or_else=" or set quiesce = false")
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -422,21 +426,10 @@ class LibvirtAdapter(Adapter):
         --quiesce``): the domain needs the agent's channel, connected."""
         dom = self._domain(vm, "check the guest agent")
         try:
-            state = agent_state(dom.XMLDesc(0))
+            domain_xml = dom.XMLDesc(0)
         except libvirt.libvirtError as err:
             raise self._fail(err, "check the guest agent", vm.name) from err
-        if state is None:
-            raise UnsupportedOperation(
-                f"the domain has no {AGENT_CHANNEL} channel: no guest agent freeze will come",
-                vm=vm.name,
-                hint="add the guest agent channel and run qemu-guest-agent in the guest",
-            )
-        if state == "disconnected":
-            raise UnsupportedOperation(
-                "the guest agent is not connected: its freeze would fail",
-                vm=vm.name,
-                hint="start qemu-guest-agent in the guest",
-            )
+        _require_agent(vm, domain_xml, "the backup's freeze")
 
     def thaw_filesystems(self, vm: VM) -> bool:
         dom = self._domain(vm, "thaw file systems")

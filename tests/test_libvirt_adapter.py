@@ -604,3 +604,15 @@ def test_demo_node_loads() -> None:
         assert old.is_snapcoord
         assert old.created == datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
         adapter.check_snapshot_ready(db, memory=False, quiesce=False)
+
+
+# -- the guest agent freeze of backups (the freeze hook's preflight) ---------------------------
+
+
+def test_a_domain_without_the_agent_channel_has_no_backup_freeze(adapter: LibvirtAdapter) -> None:
+    vm = adapter.find_vm("web1")
+    with pytest.raises(UnsupportedOperation) as caught:
+        adapter.check_backup_freeze(vm)
+    assert caught.value.exit_code == 3
+    assert "no org.qemu.guest_agent.0 channel" in caught.value.message
+    assert adapter.thaw_filesystems(vm) is False, "nothing to thaw without an agent"

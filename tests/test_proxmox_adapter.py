@@ -374,3 +374,23 @@ def test_proxy_settings_of_the_environment_are_honoured(
     with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
         assert adapter.find_vm("db1").extra["vmid"] == 100
         assert adapter._session is not None and adapter._session.trust_env is False
+
+
+# -- the guest agent freeze of backups (the freeze hook) ---------------------------------------
+
+
+def test_backup_freeze_preflight_and_the_thaw_after_a_revert(
+    double: PveApiDouble, adapter: ProxmoxAdapter
+) -> None:
+    db1 = adapter.find_vm("db1")
+    adapter.check_backup_freeze(db1)  # agent "1": freeze-fs defaults to on
+    with pytest.raises(UnsupportedOperation, match="containers have no guest agent"):
+        adapter.check_backup_freeze(adapter.find_vm("ct1"))
+    with pytest.raises(UnsupportedOperation, match="not enabled"):
+        adapter.check_backup_freeze(adapter.find_vm("noagent"))
+    # a guest that came back frozen (a snapshot taken inside the agent's freeze)
+    assert adapter.thaw_filesystems(db1) is False, "thawed already: nothing to do"
+    double.cluster.guests[100].fs_frozen = True
+    assert adapter.thaw_filesystems(db1) is True
+    assert double.cluster.guests[100].fs_frozen is False
+    assert adapter.thaw_filesystems(adapter.find_vm("noagent")) is False

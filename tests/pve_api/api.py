@@ -381,20 +381,19 @@ def agent_ping(req: Request) -> dict[str, Any]:
 
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/fsfreeze-freeze")
 def agent_freeze(req: Request) -> dict[str, Any]:
-    _agent(req)
+    _agent(req).fs_frozen = True
     return {"result": 1}
 
 
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/fsfreeze-thaw")
 def agent_thaw(req: Request) -> dict[str, Any]:
-    _agent(req)
+    _agent(req).fs_frozen = False
     return {"result": 1}
 
 
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/fsfreeze-status")
 def agent_status(req: Request) -> dict[str, Any]:
-    _agent(req)
-    return {"result": "thawed"}
+    return {"result": "frozen" if _agent(req).fs_frozen else "thawed"}
 
 
 # -- tasks ---------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class Guest:
     parent: str | None = None
     snapshots: dict[str, Snap] = field(default_factory=dict)
     frozen_snapshots: list[str] = field(default_factory=list)  # taken with a guest fs freeze
+    fs_frozen: bool = False  # the guest agent's fsfreeze-freeze came, no thaw yet
 
     @property
     def word(self) -> str:
