@@ -6,6 +6,11 @@ through a real CONNECT proxy on loopback (tests/connect_proxy.py) against the Pr
 double; the "impostor" is a second double with another certificate, to which a hijacking proxy
 sends every tunnel. It knows the same token and password, so anything that reached it would be
 in its request log: the log must stay empty.
+
+vSphere (pyVmomi over http.client) reads no proxy from the environment at all: it tunnels only
+when given ``httpProxyHost``, which snapcoord never passes. The tests at the end show that with
+``https_proxy`` set the adapter goes straight to the server (the proxy sees no CONNECT) and
+that its pin refuses an impostor before the SOAP login (user and password) is sent.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import pytest
 
 from snapcoord.adapters.proxmox import ProxmoxAdapter
+from snapcoord.adapters.vsphere import VSphereAdapter
 from snapcoord.errors import HypervisorError
 from tests.cli_helpers import snapcoord, write_config
 from tests.connect_proxy import ConnectProxy
@@ -32,6 +38,13 @@ from tests.pve_api.testing import (
     start_double,
     ticket_settings,
     token_settings,
+)
+from tests.vcsim_fixture import (  # noqa: F401 - fixtures
+    HOST_VM,
+    VCSim,
+    vcsim,
+    vcsim_binary,
+    vcsim_factory,
 )
 
 PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
@@ -249,3 +262,52 @@ def test_a_pool_without_the_pin_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     request = requests.Request("GET", "https://127.0.0.1:8006/api2/json/version").prepare()
     with pytest.raises(requests.exceptions.SSLError, match="pin not applied"):
         _PinnedAdapter("ab" * 32).get_connection_with_tls_context(request, False)
+
+
+# -- vSphere: pyVmomi ignores the environment's proxies; the pin holds ----------------------------
+
+
+def proxy_everywhere(monkeypatch: pytest.MonkeyPatch, proxy: ConnectProxy) -> None:
+    for name in PROXY_VARS:
+        if "no_proxy" not in name.lower():
+            monkeypatch.setenv(name, proxy.url)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("trust", ["thumbprint", "ca_file"])
+def test_vsphere_goes_direct_with_https_proxy_set(
+    trust: str,
+    proxy: ConnectProxy,
+    impostor: PveApiDouble,
+    vcsim: VCSim,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even a proxy that would hand the tunnel to an impostor is never asked: pyVmomi does not
+    read https_proxy (and were it to start, the PinnedContext checks every socket it wraps)."""
+    proxy_everywhere(monkeypatch, proxy)
+    proxy.hijack = ("127.0.0.1", impostor.port)
+    extra = {"ca_file": None, "thumbprint": vcsim.thumbprint} if trust == "thumbprint" else {}
+    with VSphereAdapter("lab", vcsim.settings(**extra)) as opened:
+        assert opened.find_vm(HOST_VM).name == HOST_VM
+    assert proxy.connects == [] and proxy.upstream_bytes == 0
+    assert impostor.calls() == []
+
+
+@pytest.mark.real
+def test_vsphere_pin_refuses_an_impostor_before_the_login(
+    proxy: ConnectProxy,
+    impostor: PveApiDouble,
+    vcsim: VCSim,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An impostor at the configured address (another certificate) gets the TLS handshake and
+    nothing else: no SOAP request, so neither the user nor the password."""
+    proxy_everywhere(monkeypatch, proxy)
+    settings = vcsim.settings(ca_file=None, thumbprint=vcsim.thumbprint, port=impostor.port)
+    with pytest.raises(HypervisorError, match="not trusted") as info:
+        VSphereAdapter("lab", settings).connect()
+    assert info.value.exit_code == 3
+    assert "does not match the pinned one" in str(info.value)
+    assert vcsim.password not in str(info.value)
+    assert impostor.calls() == []  # not even the RetrieveServiceContent before the login
+    assert proxy.connects == []
