@@ -11,8 +11,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -69,7 +70,16 @@ class _GuestLocked(Exception):
 
 
 class _PinnedAdapter(HTTPAdapter):
-    """Accept exactly the server certificate with this SHA-256 fingerprint (hex, no colons)."""
+    """Accept exactly the server certificate with this SHA-256 fingerprint (hex, no colons).
+
+    Chain verification is off (``verify=False``) because the pin replaces it, so the pin must
+    reach every connection pool this adapter hands out: the direct pool manager's, and the
+    proxy managers' that requests builds in :meth:`proxy_manager_for` when ``https_proxy``
+    applies (these never see ``init_poolmanager``'s arguments). The pin is set on every path
+    (pool manager, proxy managers, each request's pool key) and checked on the pool actually
+    chosen, so a path requests adds later fails closed instead of sending the credentials
+    unpinned. urllib3 compares the fingerprint right after the TLS handshake, before any byte
+    of the request (API token, ``username=…&password=…``) is written."""
 
     def __init__(self, fingerprint: str) -> None:
         self._fingerprint = fingerprint
@@ -78,6 +88,32 @@ class _PinnedAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["assert_fingerprint"] = self._fingerprint
         super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        proxy_kwargs["assert_fingerprint"] = self._fingerprint
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
+    ) -> tuple[Any, Any]:
+        host_params, typed = super().build_connection_pool_key_attributes(request, verify, cert)
+        pool_kwargs = cast(dict[str, Any], typed)  # the stubs' TypedDict lacks the key
+        pool_kwargs["assert_fingerprint"] = self._fingerprint
+        return host_params, pool_kwargs
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> Any:
+        pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        if getattr(pool, "assert_fingerprint", None) != self._fingerprint:
+            raise requests.exceptions.SSLError(
+                "certificate pin not applied to this connection: refused", request=request
+            )
+        return pool
 
 
 class _TicketAuth(ProxmoxHTTPAuth):  # type: ignore[misc]
@@ -338,10 +374,14 @@ class ProxmoxAdapter(Adapter):
         self, exc: requests.RequestException, vm: str | None = None
     ) -> HypervisorError:
         if isinstance(exc, requests.exceptions.SSLError):
+            hint = "set ca_file (the cluster CA: /etc/pve/pve-root-ca.pem) or thumbprint"
+            if self.settings.thumbprint:
+                hint = (
+                    "the certificate is not the pinned thumbprint: renewed, or someone between "
+                    "(check https_proxy); nothing was sent"
+                )
             return HypervisorError(
-                f"TLS certificate of {self.where} not accepted: {_short(exc)}",
-                vm=vm,
-                hint="set ca_file (the cluster CA: /etc/pve/pve-root-ca.pem) or thumbprint",
+                f"TLS certificate of {self.where} not accepted: {_short(exc)}", vm=vm, hint=hint
             )
         if isinstance(exc, requests.exceptions.Timeout):
             return HypervisorError(f"{self.where} did not answer within {HTTP_TIMEOUT:g} s", vm=vm)

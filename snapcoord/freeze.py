@@ -26,7 +26,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -39,7 +38,7 @@ from snapcoord.errors import ExitCode, Locked, PreflightError, SnapcoordError, S
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
-from snapcoord.shell import spawn
+from snapcoord.shell import python_module, spawn
 
 #: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
@@ -165,13 +164,15 @@ def freeze_vm(
     logs = config.store / "freeze"
     private_dir(logs)
     source_path = str(Path(config.source).resolve())
-    argv = [sys.executable, "-m", "snapcoord.holder", "--config", source_path]
+    # isolated (-I) and in "/": a snapcoord/holder.py in the caller's directory must not run
+    # as root. The config file's path is resolved above; the schema takes absolute paths only.
+    argv = [*python_module("snapcoord.holder"), "--config", source_path]
     argv += ["--max-seconds", str(max_seconds), "--source", source]
     argv += ["--vmid", str(vmid)] if vmid is not None else []
     log_path = logs / f"{key}.log"  # the last freeze's log
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log:
         holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=log)  # fmt: skip
+                       stderr=log, cwd="/")  # fmt: skip
     assert holder.stdout is not None
     relay = Relay(reporter)
     for event in events(holder.stdout):

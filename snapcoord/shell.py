@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -68,6 +69,17 @@ def display(argv: Sequence[str], secrets: Iterable[str] = ()) -> str:
     return text
 
 
+def python_module(module: str) -> list[str]:
+    """The argv prefix for a child Python interpreter running ``module``: this interpreter in
+    isolated mode (``-I``: neither the working directory nor the script's directory on
+    sys.path, no PYTHON* variables, no user site directory), so a ``snapcoord/`` planted in
+    the caller's directory is never imported by a process that runs as root. The installed
+    snapcoord (site-packages, an editable install's finder) is found as usual; start such a
+    child with ``cwd="/"`` (:func:`spawn`) so nothing else is looked up relative to the caller.
+    """
+    return [sys.executable, "-I", "-m", module]
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -75,6 +87,7 @@ def spawn(
     stdout: int | IO[bytes] | None,
     stderr: int | IO[bytes] | None = subprocess.PIPE,
     env: dict[str, str] | None = None,
+    cwd: str | None = None,
     secrets: Iterable[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (never through a local shell) in a new session, so that it has its own
@@ -82,7 +95,13 @@ def spawn(
     does not reach it. The caller waits for it or kills it."""
     log.debug("run: %s", display(argv, secrets))
     return subprocess.Popen(
-        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env, start_new_session=True
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
     )
 
 
