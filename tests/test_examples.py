@@ -499,20 +499,22 @@ def test_veeam_post_thaw_passes_a_late_thaw_through_as_5(
 VZDUMP_VMID = 4242
 
 
-def test_vzdump_wrapper_freezes_at_pre_stop_and_thaws_at_pre_restart(
+def test_vzdump_wrapper_freezes_at_pre_stop_and_thaws_at_post_restart(
     ssh_guest: lab.SshGuest,
     lab_services: lab.GuestServices,
     tmp_path: Path,
     thaw_after: list[Path],
 ) -> None:
-    """The phases of one snapshot-mode backup of a QEMU VM, as vzdump calls the hook."""
+    """The phases of one snapshot-mode backup of a container, as vzdump calls the hook (its
+    storage snapshot falls between pre-stop and pre-restart); a QEMU VM's pre-stop through the
+    same wrapper refuses without the guest agent and the freeze hook."""
     config = guest_config(tmp_path, URI, ssh_guest.guest_table())
     text = config.read_text().replace(
         f"[vms.{VM_NAME}]\n", f"[vms.{VM_NAME}]\nvzdump_vmid = {VZDUMP_VMID}\n", 1
     )
     config.write_text(text)
     thaw_after.append(config)
-    env = script_env(config, VMTYPE="qemu")
+    env = script_env(config, VMTYPE="lxc")
     hook = "vzdump/snapcoord-vzdump-hook"
     vmid = str(VZDUMP_VMID)
 
@@ -527,15 +529,22 @@ def test_vzdump_wrapper_freezes_at_pre_stop_and_thaws_at_pre_restart(
     assert all_down(lab_services), lab_services.states()
     assert len(holder_pids()) == 1
 
-    thawed = run_example(hook, "pre-restart", "snapshot", vmid, env=env)
+    still = run_example(hook, "pre-restart", "snapshot", vmid, env=env)
+    assert still.returncode == 0, still.stdout + still.stderr
+    assert all_down(lab_services), lab_services.states()
+    thawed = run_example(hook, "post-restart", "snapshot", vmid, env=env)
     assert thawed.returncode == 0, thawed.stdout + thawed.stderr
     assert lab_services.all_running(), lab_services.states()
     wait_for(lambda: holder_pids() == [], 10, "the holder to exit")
-    for phase in ("post-restart", "backup-end"):
-        ran = run_example(hook, phase, "snapshot", vmid, env=env)
-        assert ran.returncode == 0, ran.stdout + ran.stderr
+    ran = run_example(hook, "backup-end", "snapshot", vmid, env=env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
     assert run_example(hook, "job-end", env=env).returncode == 0
     assert lab_services.all_running()
+
+    qemu = run_example(hook, "pre-stop", "snapshot", vmid, env=script_env(config, VMTYPE="qemu"))
+    assert qemu.returncode == 3, qemu.stdout + qemu.stderr
+    assert "needs the QEMU guest agent" in qemu.stderr
+    assert lab_services.all_running() and holder_pids() == []
 
 
 def stand_in_snapcoord(tmp_path: Path, exit_code: int) -> tuple[Path, Path]:
