@@ -9,6 +9,7 @@ status could be read, and the hypervisor's error code when its snapshots could n
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -80,21 +81,23 @@ def read_last_run(store: Path, key: str) -> LastRun | None:
 
 
 def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
+    """The one place a last-run file becomes a record: every field is checked for its type and
+    range (a hand-edited or corrupt file gives None fields, never an exception)."""
     started, ended = _times(data)
     dump = data.get("dump")
-    dump_bytes = dump.get("bytes") if isinstance(dump, dict) else None
-    window = data.get("window_seconds")
+    dump_bytes = _number(dump.get("bytes"), 0, MAX_BYTES) if isinstance(dump, dict) else None
+    errors = data.get("errors")
     return LastRun(
         run=_str_or_none(data.get("run")),
         command=str(data.get("command") or "unknown"),
-        ok=bool(data.get("ok")),
-        exit_code=_int(data.get("exit_code"), 0 if data.get("ok") else int(ExitCode.BUG)),
+        ok=data.get("ok") is True,
+        exit_code=_int(data.get("exit_code"), 0 if data.get("ok") is True else int(ExitCode.BUG)),
         started=started,
         ended=ended if ended is not None else mtime,
-        window_seconds=float(window) if isinstance(window, int | float) else None,
-        dump_bytes=int(dump_bytes) if isinstance(dump_bytes, int | float) else None,
+        window_seconds=_number(data.get("window_seconds"), 0, MAX_SECONDS),
+        dump_bytes=int(dump_bytes) if dump_bytes is not None else None,
         snapshot=_str_or_none(data.get("snapshot")),
-        errors=tuple(str(e) for e in data.get("errors") or []),
+        errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (),
         application_consistent=(
             data["application_consistent"]
             if isinstance(data.get("application_consistent"), bool)
@@ -103,17 +106,33 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
     )
 
 
+#: bounds of what a last-run file may say (larger is corrupt): epoch seconds until the year
+#: 5138, a run of a year, a dump of an exabyte
+MAX_EPOCH = 1e11
+MAX_SECONDS = 366 * 86400.0
+MAX_BYTES = 1e18
+
+
+def _number(value: Any, low: float, high: float) -> float | None:
+    """``value`` as a float when it is a finite number within [low, high], else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and low <= number <= high else None
+
+
 def _times(data: dict[str, Any]) -> tuple[float | None, float | None]:
     """(start, end) in epoch seconds: ``started``/``ended`` if the summary has them, else from
     the steps."""
-    steps = [s for s in data.get("steps") or [] if isinstance(s, dict)]
-    starts = [s["started"] for s in steps if isinstance(s.get("started"), int | float)]
-    ends = [s["ended"] for s in steps if isinstance(s.get("ended"), int | float)]
-    started = data.get("started", min(starts, default=None))
-    ended = data.get("ended", max(ends + starts, default=None))
+    raw_steps = data.get("steps")
+    steps = [s for s in raw_steps if isinstance(s, dict)] if isinstance(raw_steps, list) else []
+    starts = [t for s in steps if (t := _number(s.get("started"), 0, MAX_EPOCH)) is not None]
+    ends = [t for s in steps if (t := _number(s.get("ended"), 0, MAX_EPOCH)) is not None]
+    started = _number(data.get("started"), 0, MAX_EPOCH) if "started" in data else None
+    ended = _number(data.get("ended"), 0, MAX_EPOCH) if "ended" in data else None
     return (
-        float(started) if isinstance(started, int | float) else None,
-        float(ended) if isinstance(ended, int | float) else None,
+        started if started is not None else min(starts, default=None),
+        ended if ended is not None else max(ends + starts, default=None),
     )
 
 
@@ -336,7 +355,9 @@ def _round(value: float | None) -> float | None:
 
 
 def _int(value: Any, default: int) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    """An exit code: an integer 0..255, else ``default``."""
+    number = _number(value, 0, 255)
+    return int(number) if number is not None and number == int(number) else default
 
 
 def _str_or_none(value: Any) -> str | None:
