@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -153,9 +154,13 @@ def write_metrics(config: Config, *, now: float | None = None) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``text`` to ``path`` through an unpredictable temporary file created exclusively
+    in the same folder (``mkstemp``: ``O_EXCL``, so it never opens a link someone planted in a
+    folder others may write, such as node_exporter's), then rename it into place (a rename
+    replaces a link at ``path`` instead of writing through it)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as handle:
             os.fchmod(handle.fileno(), 0o644)  # readable by node_exporter whatever the umask
             handle.write(text)

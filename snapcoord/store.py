@@ -366,8 +366,18 @@ def verify(run_dir: Path, *, vm: str | None = None) -> dict[str, Any]:
     if not isinstance(files, dict) or not files:
         raise CorruptDump(f"{run_dir}: the manifest lists no files", vm=vm)
     for name, entry in files.items():
+        if not _MEMBER_RE.fullmatch(name) or not isinstance(entry, dict):
+            raise CorruptDump(
+                f"{run_dir}: the manifest names {name!r}, which is not a file of its run folder: "
+                "refusing to use it",
+                vm=vm,
+            )
         verify_file(run_dir / name, entry, vm=vm)
     return manifest
+
+
+#: a file a manifest may list: a plain name inside its run folder (no path, no dot file)
+_MEMBER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")
 
 
 def verify_file(path: Path, entry: dict[str, Any], *, vm: str | None = None) -> None:
