@@ -5,9 +5,16 @@ removed when the run ends (the last run's summary stays in ``last-run.json``).""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from snapcoord.errors import PreflightError
+from snapcoord.hooks.guest.watchdog import Watchdog
 
 
 class Journal:
@@ -53,3 +60,97 @@ def _atomic_write(path: Path, data: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+# -- the run journal as a record ------------------------------------------------------------
+
+#: ``naming.new_run_id``: 20261206T152236Z-9fb132
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+#: the largest PID Linux hands out (pid_max's ceiling)
+PID_MAX = 4194304
+
+
+class CorruptJournal(PreflightError):
+    """A run journal that is not what snapcoord wrote: nothing in it is acted on."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``recover``, ``thaw`` and the next run act on, checked field by field: only
+    services this VM's configuration names, a watchdog whose PID and marker are its own."""
+
+    run: str
+    stopped: tuple[str, ...]
+    database: str | None
+    watchdog: Watchdog | None
+    pending: tuple[str, ...]
+    freeze: Mapping[str, Any] | None
+
+    @classmethod
+    def parse(cls, data: Any, *, services: frozenset[str], vm: str, path: Path) -> RunRecord:
+        def bad(what: str) -> CorruptJournal:
+            return CorruptJournal(
+                f"the run journal {path} is corrupt ({what}): nothing in it was acted on",
+                vm=vm,
+                hint="check the guest's services by hand, then remove the file",
+            )
+
+        if not isinstance(data, dict):
+            raise bad("not an object")
+        run = data.get("run")
+        if not isinstance(run, str) or not RUN_ID.fullmatch(run):
+            raise bad("run id")
+        stopped = _names(data.get("stopped", []), services)
+        if stopped is None:
+            raise bad("stopped names a service that is not configured")
+        database = data.get("database")
+        if database is not None and (not isinstance(database, str) or database not in services):
+            raise bad("database")
+        pending = data.get("pending", [])
+        if not isinstance(pending, list) or not all(isinstance(p, str) for p in pending):
+            raise bad("pending")
+        freeze = data.get("freeze")
+        if freeze is not None and not isinstance(freeze, dict):
+            raise bad("freeze")
+        dog = data.get("watchdog")
+        return cls(
+            run,
+            stopped,
+            database,
+            None if dog is None else _watchdog(dog, services, bad),
+            tuple(pending),
+            freeze,
+        )
+
+
+def _names(value: Any, allowed: frozenset[str]) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in allowed for v in value):
+        return None
+    return tuple(value)
+
+
+def _watchdog(data: Any, services: frozenset[str], bad: Any) -> Watchdog:
+    if not isinstance(data, dict):
+        raise bad("watchdog")
+    pid, marker, seconds = data.get("pid"), data.get("marker"), data.get("seconds")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 1 < pid <= PID_MAX:
+        raise bad("watchdog pid")
+    prefix = "snapcoord-watchdog-"
+    if not isinstance(marker, str) or not marker.startswith(prefix):
+        raise bad("watchdog marker")
+    if not RUN_ID.fullmatch(marker.removeprefix(prefix)):
+        raise bad("watchdog marker")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= 10**6:
+        raise bad("watchdog seconds")
+    guarded = _names(data.get("services", []), services)
+    if guarded is None:
+        raise bad("watchdog services")
+    database = data.get("database")
+    if database is not None and (not isinstance(database, str) or database not in services):
+        raise bad("watchdog database")
+    armed_at = data.get("armed_at") or 0.0
+    if not isinstance(armed_at, int | float) or isinstance(armed_at, bool):
+        raise bad("watchdog armed_at")
+    if not math.isfinite(float(armed_at)):
+        raise bad("watchdog armed_at")
+    return Watchdog(pid, marker, seconds, guarded, database, float(armed_at))

@@ -9,29 +9,61 @@ and the run goes on, so one network blip does not stall a nightly schedule. Othe
 
 from __future__ import annotations
 
-from typing import Any
+import json
 
 from snapcoord.config import Config
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import open_transport
+from snapcoord.hooks import databases
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
+from snapcoord.journal import Journal, RunRecord
 
 #: The journal's ``pending`` names this undo from just before a watchdog is armed.
 DISARM = "disarm guest watchdog"
 
 
-def unfinished(data: dict[str, Any]) -> bool:
+def read_record(config: Config, vm_key: str) -> RunRecord | None:
+    """The VM's run journal as a checked record; None without one. A journal that is not what
+    snapcoord wrote (a service the configuration does not name, a foreign PID or marker)
+    raises :class:`snapcoord.journal.CorruptJournal` (exit 4) and nothing in it is acted on."""
+    journal = Journal(config.store, vm_key)
+    try:
+        text = journal.path.read_text()
+    except FileNotFoundError:
+        return None
+    data: object
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = "unreadable JSON"
+    return RunRecord.parse(data, services=services_of(config, vm_key), vm=vm_key, path=journal.path)
+
+
+def services_of(config: Config, vm_key: str) -> frozenset[str]:
+    """Every service a run of this VM may stop: the configured ones and its database's."""
+    guest = config.vm(vm_key).guest
+    if guest is None:
+        return frozenset()
+    names = set(guest.services)
+    if guest.database == "auto":
+        names.update(databases.auto_candidates())
+    elif guest.database != "none":
+        names.add(guest.database)
+    return frozenset(names)
+
+
+def unfinished(record: RunRecord) -> bool:
     """Whether a journal's run may have left something behind in the guest."""
-    return bool(data.get("stopped") or data.get("watchdog") or DISARM in data.get("pending", []))
+    return bool(record.stopped or record.watchdog or DISARM in record.pending)
 
 
-def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> str:
-    """Look in the guest whether the unfinished run ``data`` left anything behind. Returns the
-    note to show when nothing is left; raises :class:`PreflightError` otherwise."""
-    run = data.get("run")
-    stopped = [str(s) for s in data.get("stopped") or []]
-    dog = watchdog.Watchdog.from_dict(data["watchdog"]) if data.get("watchdog") else None
+def check_unfinished_run(config: Config, vm_key: str, record: RunRecord) -> str:
+    """Look in the guest whether the unfinished run ``record`` left anything behind. Returns
+    the note to show when nothing is left; raises :class:`PreflightError` otherwise."""
+    run = record.run
+    stopped = list(record.stopped)
+    dog = record.watchdog
     hint = f"run: snapcoord recover {vm_key}"
     refuse = (
         f"run {run} did not finish and may have left {', '.join(stopped) or 'services'} stopped"
@@ -46,7 +78,7 @@ def check_unfinished_run(config: Config, vm_key: str, data: dict[str, Any]) -> s
         state = services.probe(warm=False)
         down = [s for s in stopped if not state.running.get(s)]
         left = []
-        if dog is not None or DISARM in data.get("pending", []):
+        if dog is not None or DISARM in record.pending:
             left = watchdog.running(
                 transport,
                 watchdog.run_id_of(dog.marker) if dog else str(run),

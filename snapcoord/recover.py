@@ -8,7 +8,7 @@ from snapcoord.errors import PreflightError, ServiceNotRestored
 from snapcoord.guest import open_transport
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
-from snapcoord.leftovers import DISARM, unfinished
+from snapcoord.leftovers import DISARM, read_record, unfinished
 from snapcoord.naming import new_run_id
 from snapcoord.run import ServiceWindow
 from snapcoord.session import Session
@@ -18,13 +18,13 @@ def recover(config: Config, vm_key: str) -> list[str]:
     vm_cfg = config.vm(vm_key)
     with Session(config, vm_key, new_run_id()) as session:  # a live run holds it: exit 75
         journal = session.journal
-        data = journal.read()
-        if data is None:
+        record = read_record(config, vm_key)
+        if record is None:
             return ["nothing to recover: no unfinished run"]
-        stopped = [str(s) for s in data.get("stopped") or []]
-        if not unfinished(data):
+        stopped = list(record.stopped)
+        if not unfinished(record):
             journal.clear()
-            return [f"run {data.get('run')} left nothing stopped"]
+            return [f"run {record.run} left nothing stopped"]
         if vm_cfg.guest is None:
             raise PreflightError(
                 "the journal names guest services but the VM has no [guest]", vm=vm_key
@@ -37,7 +37,7 @@ def recover(config: Config, vm_key: str) -> list[str]:
             state = services.probe()
             state.stopped = list(stopped)
             window = ServiceWindow()
-            database = data.get("database")
+            database = record.database
             if database and database in stopped:
                 services.start_database(window)
                 lines.append(f"started {database}")
@@ -45,13 +45,13 @@ def recover(config: Config, vm_key: str) -> list[str]:
             if others:
                 services.start(others, window)
                 lines.append(f"started {', '.join(others)}")
-            dogs = [watchdog.Watchdog.from_dict(data["watchdog"])] if data.get("watchdog") else []
-            if not dogs and DISARM in data.get("pending", []):  # killed while arming it
+            dogs = [record.watchdog] if record.watchdog else []
+            if not dogs and DISARM in record.pending:  # killed while arming it
                 sudo, timeout = (
                     vm_cfg.guest.sudo,
                     vm_cfg.guest.command_timeout,
                 )
-                run = str(data.get("run"))
+                run = record.run
                 pids = watchdog.running(transport, run, vm=vm_key, sudo=sudo, timeout=timeout)
                 dogs = [watchdog.Watchdog(pid, watchdog.MARKER_PREFIX + run, 0, ()) for pid in pids]
             for dog in dogs:

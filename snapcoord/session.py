@@ -14,7 +14,7 @@ from typing import Any
 
 from snapcoord.config import Config
 from snapcoord.journal import Journal
-from snapcoord.leftovers import DISARM, check_unfinished_run, unfinished
+from snapcoord.leftovers import DISARM, check_unfinished_run, read_record, unfinished
 from snapcoord.lock import VMLock
 from snapcoord.plans import RunContext
 from snapcoord.run import Engine, Reporter, RunResult, Step
@@ -42,7 +42,7 @@ class Session:
     def execute(self, ctx: RunContext, steps: list[Step], reporter: Reporter) -> RunResult:
         """Check what an unfinished earlier run left (refuse, or clear it with a note), then
         run ``steps``, saving the journal whenever what ``recover`` reads changes."""
-        previous = self.journal.read()
+        previous = read_record(self.config, self.key)
         if previous is not None and unfinished(previous):
             ctx.notes.append(check_unfinished_run(self.config, self.key, previous))
         self.journal.clear()
