@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c",
         "--config",
-        help="configuration file (default: $SNAPCOORD_CONFIG, "
-        "./snapcoord.toml, ~/.config/snapcoord/config.toml, /etc/snapcoord/config.toml)",
+        help="configuration file (default: $SNAPCOORD_CONFIG, ~/.config/snapcoord/config.toml, "
+        "/etc/snapcoord/config.toml; never the current directory). Used only if no one but "
+        "root and you can change it (docs/configuration.md)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -34,11 +33,13 @@ from snapcoord.settings import (
     VMConfig,
     build,
 )
+from snapcoord.trust import UnsafeFile, read_trusted
 
 __all__ = ["Config", "VMConfig", "load_config", "parse_config", "parse_table"]
 
+# Never the current directory: a file someone else left there would be code for root (hooks,
+# exec_prefix, ssh_options). ssh reads no configuration from the current directory either.
 SEARCH_PATH = (
-    "./snapcoord.toml",
     "~/.config/snapcoord/config.toml",
     "/etc/snapcoord/config.toml",
 )
@@ -54,18 +55,21 @@ def find_config_file(explicit: str | None) -> Path:
         path = Path(candidate).expanduser()
         if path.is_file():
             return path
-    raise UsageError(
-        "no configuration found",
-        hint="pass --config, set SNAPCOORD_CONFIG, or create ./snapcoord.toml "
-        "(snapcoord config example > snapcoord.toml)",
+    hint = (
+        "pass --config FILE, set SNAPCOORD_CONFIG, or create /etc/snapcoord/config.toml or "
+        "~/.config/snapcoord/config.toml; snapcoord config example prints one"
     )
+    if Path("snapcoord.toml").is_file():
+        hint = "the current directory is not searched: pass --config ./snapcoord.toml to use it"
+    raise UsageError("no configuration found", hint=hint)
 
 
 def load_config(explicit: str | None = None) -> Config:
     path = find_config_file(explicit)
     try:
-        with path.open("rb") as handle:
-            data = handle.read()
+        data = read_trusted(str(path))
+    except UnsafeFile as exc:
+        raise ConfigError([f"not used: this file {exc}"], source=str(path)) from None
     except FileNotFoundError:
         raise UsageError(f"configuration file {str(path)!r} does not exist") from None
     except OSError as exc:
@@ -145,7 +149,7 @@ class _Validator:
             return value  # resolved already (parse_table from code; TOML never holds one)
         error = _type_error(value, key)
         if error is None and key.kind == "secret":
-            secret, error, warning = _secret(value)
+            secret, error, warning = resolve_secret(value)
             if warning:
                 self.warnings.append(f"{path}: {warning}")
             value = secret
@@ -210,25 +214,6 @@ def _type_error(value: Any, key: Key) -> str | None:
         if not _text(next(iter(value.values()))):
             return _ENV_OR_FILE + " with a non-empty string"
     return None
-
-
-def _secret(spec: dict[str, str]) -> tuple[Any, str | None, str | None]:
-    """resolve_secret for a table _type_error accepted; what it does not catch becomes a problem:
-    a secret file that is not a regular file (a FIFO or a device would block or never end) or
-    not UTF-8 text."""
-    path = spec.get("file")
-    if path is not None:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            pass  # resolve_secret reports it
-        else:
-            if not stat.S_ISREG(mode):
-                return None, f"secret file {_show(path)} is not a regular file", None
-    try:
-        return resolve_secret(spec)
-    except UnicodeDecodeError:
-        return None, f"secret file {_show(str(path))} is not UTF-8 text", None
 
 
 def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:

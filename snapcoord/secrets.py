@@ -6,8 +6,9 @@ Revealed only where used, masked everywhere else.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
+
+from snapcoord.trust import UnsafeFile, read_trusted
 
 MASK = "********"
 
@@ -30,7 +31,9 @@ class Secret:
 
 
 def resolve_secret(spec: dict[str, str]) -> tuple[Secret | None, str | None, str | None]:
-    """Resolve a secret table. Returns ``(secret, error, warning)``; never raises."""
+    """Resolve a secret table. Returns ``(secret, error, warning)``; never raises (``spec`` holds
+    non-empty strings without NUL). A secret file is read only if it is private to root or the
+    running user (snapcoord.trust): one that others can read or change is an error."""
     if set(spec) == {"env"}:
         name = spec["env"]
         if name not in os.environ:
@@ -39,13 +42,14 @@ def resolve_secret(spec: dict[str, str]) -> tuple[Secret | None, str | None, str
     if set(spec) == {"file"}:
         path = spec["file"]
         try:
-            with open(path, encoding="utf-8") as handle:
-                value = handle.read().rstrip("\n")
-            mode = os.stat(path).st_mode
+            data = read_trusted(path, private=True)
+        except UnsafeFile as exc:
+            return None, f"secret file {path!r} not used: it {exc}", None
         except OSError as exc:
             return None, f"cannot read secret file {path!r}: {exc.strerror}", None
-        warning = None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            warning = f"secret file {path!r} is readable by others (chmod 600 it)"
-        return Secret(f"file:{path}", value), None, warning
+        try:
+            value = data.decode("utf-8").rstrip("\n")
+        except UnicodeDecodeError:
+            return None, f"secret file {path!r} is not UTF-8 text", None
+        return Secret(f"file:{path}", value), None, None
     return None, 'must be { env = "NAME" } or { file = "/path" }', None

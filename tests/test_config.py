@@ -106,7 +106,7 @@ def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PW", "from-env")
     secret_file = tmp_path / "pw"
     secret_file.write_text("from-file\n")
-    secret_file.chmod(0o644)
+    secret_file.chmod(0o600)
     raw = {
         "hypervisors": {
             "a": {"type": "vsphere", "host": "h", "user": "u", "password": {"env": "PW"}},
@@ -125,7 +125,10 @@ def test_secrets_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isinstance(first, Secret) and first.reveal() == "from-env"
     assert second.reveal() == "from-file"
     assert "from-env" not in repr(config.hypervisors) and "from-file" not in str(second)
-    assert any("readable by others" in w for w in config.warnings)
+    assert config.warnings == ()
+    secret_file.chmod(0o644)  # others could read it: refused, as ssh refuses such a private key
+    with pytest.raises(ConfigError, match="readable by group and others"):
+        parse_config(raw)
 
 
 def test_missing_secret_env_is_a_problem() -> None:
@@ -274,7 +277,13 @@ def test_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(UsageError):
             find_config_file(None)
     write_config(tmp_path / "snapcoord.toml", {"defaults": {}})
-    assert find_config_file(None) == Path("./snapcoord.toml")
+    if not Path("/etc/snapcoord/config.toml").exists():
+        with pytest.raises(UsageError, match="current directory is not searched"):
+            find_config_file(None)  # never the current directory (issue 23, finding 3)
+    user = tmp_path / "home" / ".config" / "snapcoord" / "config.toml"
+    user.parent.mkdir(parents=True)
+    write_config(user, {"defaults": {}})
+    assert find_config_file(None) == user
     monkeypatch.setenv("SNAPCOORD_CONFIG", "/elsewhere.toml")
     assert find_config_file(None) == Path("/elsewhere.toml")
     assert find_config_file("/explicit.toml") == Path("/explicit.toml")
