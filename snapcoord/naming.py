@@ -22,7 +22,7 @@ MAX_LENGTH = 40
 
 
 def snapshot_name(label: str, when: datetime | None = None) -> str:
-    if not LABEL_RE.match(label):
+    if not LABEL_RE.fullmatch(label):
         raise UsageError(
             f"label {label!r} is invalid",
             hint="use 1-13 letters, digits or '_', starting with a letter or digit",

@@ -81,7 +81,6 @@ _FORBIDDEN_SHORT = re.compile(r"^-(?:r|T|p|X|[A-Za-z]*p).*")
 # Options of mysqldump that also tell the mysql client where the server is.
 _CONNECTION = ("--host=", "--port=", "--socket=", "--protocol=", "--ssl", "--default-auth=",
                "--plugin-dir=", "--defaults-group-suffix=", "--user=")  # fmt: skip
-_DB_NAME_RE = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}$")
 
 
 def dump_options_of(options: DumpConfig) -> list[str]:
@@ -198,7 +197,7 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
             raise PreflightError(f"mysqldump option {option!r} must start with '-'", vm=vm)
     databases = list(options.databases)
     for name in databases:
-        if not _DB_NAME_RE.match(name):
+        if not schema.DATABASE_RE.fullmatch(name):  # the schema checks it too
             raise PreflightError(f"database name {name!r} is not supported", vm=vm)
     if databases:
         return [*args, "--databases", *databases]

@@ -120,7 +120,7 @@ _FORBIDDEN = frozenset({
 })  # fmt: skip
 #: options that also tell psql where the server is
 _CONNECTION = ("--host=", "--port=")
-_OS_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_OS_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # fullmatch: "$" accepts "postgres\n"
 #: psql's error lines that a restore onto the same server expects (pg_dumpall's documentation)
 _HARMLESS = re.compile(r'ERROR:\s+(?:role|tablespace) "(?:[^"]|"")+" already exists$')
 _ERROR_LINE = re.compile(r"\b(?:ERROR|FATAL|PANIC):\s")
@@ -228,7 +228,7 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
             vm=vm,
             hint="pg_dumpall dumps roles, tablespaces and every database: remove databases",
         )
-    if not _OS_USER_RE.match(_os_user(options)):
+    if not _OS_USER_RE.fullmatch(_os_user(options)):
         raise PreflightError(f"[vms.X.dump] user {_os_user(options)!r} is no OS user name", vm=vm)
     args = _options_of(options)
     for option in args:
