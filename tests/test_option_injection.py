@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from snapcoord import guest as guest_module
+from snapcoord import naming, store
 from snapcoord.config import parse_config, parse_table
 from snapcoord.errors import ConfigError, PreflightError
 from snapcoord.guest import SshTransport
@@ -274,3 +275,15 @@ def test_check_url_reaches_curl_and_wget_after_the_end_of_options(
     args = record.read_text().splitlines()
     assert args[-2:] == ["--", url], args
     assert os.path.exists(record)
+
+
+# -- finding 16: name checks that accepted a trailing newline -------------------------------
+
+
+def test_a_trailing_newline_is_no_snapcoord_snapshot_name_nor_store_folder(tmp_path: Path) -> None:
+    name = "snapcoord-nightly-20240101T000000Z"
+    assert naming.parse_name(name) is not None
+    assert naming.parse_name(name + "\n") is None  # prune must never take it for one of ours
+    assert store.vm_dir(tmp_path, "db1") == tmp_path / "db1"
+    with pytest.raises(store.StoreError):
+        store.vm_dir(tmp_path, "db1\n")
