@@ -42,7 +42,7 @@ T = TypeVar("T")
 # libvirt prints every error on stderr by default; we translate them instead.
 libvirt.registerErrorHandler(lambda *_args: None, None)
 
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 #: Drivers whose QUIESCE flag only works with external disk-only snapshots.
@@ -262,7 +262,7 @@ class LibvirtAdapter(Adapter):
             try:
                 dom = self.conn.lookupByName(ref)
             except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN or not UUID_RE.match(ref):
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN or not UUID_RE.fullmatch(ref):
                     raise
                 dom = self.conn.lookupByUUIDString(ref)
             return VM(

@@ -49,8 +49,8 @@ FIRST_POLL = 0.05  # first task status poll after this many seconds ...
 POLL_INTERVAL = 0.1  # ... then this, doubling up to ...
 MAX_POLL_INTERVAL = 0.5  # a finished task is seen at most this late (inside the window)
 
-SNAPNAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{1,39}$")  # pve-configid, maxLength 40
-TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+)!([A-Za-z][A-Za-z0-9.\-_]+)$")
+SNAPNAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{1,39}")  # pve-configid, maxLength 40
+TOKEN_ID_RE = re.compile(r"([^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+)!([A-Za-z][A-Za-z0-9.\-_]+)")
 TASK_OK_RE = re.compile(r"^(OK|WARNINGS: \d+)$")
 # Errors meaning "another task holds the guest": nothing was changed, a retry is safe.
 LOCKED_RE = re.compile(
@@ -262,7 +262,7 @@ class ProxmoxAdapter(Adapter):
         session.hooks["response"].append(self._count)
         token_id, token_secret = self.settings.token_id, self.settings.token_secret
         if token_id and token_secret is not None:
-            match = TOKEN_ID_RE.match(token_id)
+            match = TOKEN_ID_RE.fullmatch(token_id)
             if not match:
                 raise UsageError(
                     f"hypervisors.{self.name}.token_id {token_id!r} is not USER@REALM!TOKENID"
@@ -560,7 +560,7 @@ class ProxmoxAdapter(Adapter):
     # -- snapshots ------------------------------------------------------------------------
 
     def _check_name(self, vm: VM, name: str) -> None:
-        if not SNAPNAME_RE.match(name):
+        if not SNAPNAME_RE.fullmatch(name):
             raise UsageError(
                 f"snapshot name {name!r} is not valid on Proxmox VE "
                 "(2-40 characters: a letter, then letters, digits, '-' or '_')",

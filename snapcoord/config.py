@@ -290,7 +290,7 @@ def _named_tables(raw: dict[str, Any], section: str, check: _Validator) -> dict[
         return {}
     good = {}
     for name, table in tables.items():
-        if not schema.TABLE_KEY_RE.match(name):
+        if not schema.TABLE_KEY_RE.fullmatch(name):
             check.problems.append(
                 f"{section}.{_key(name)}: name must be 1-63 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -361,7 +361,8 @@ def _parse_vm(
     guest = subs["guest"] if "guest" in table else None
     if guest is not None:
         gpath = f"{path}.guest"
-        if guest.get("transport") == "ssh" and not guest.get("host"):
+        # the raw table: a host that failed its check is reported once, as that problem
+        if guest.get("transport") == "ssh" and "host" not in table["guest"]:
             check.problems.append(f"{gpath}.host: required when transport = 'ssh'")
         if guest.get("transport") == "exec" and "exec_prefix" not in table["guest"]:
             check.problems.append(

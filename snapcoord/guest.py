@@ -410,7 +410,12 @@ class SshTransport(_Streaming):
     # -- options ---------------------------------------------------------------------------
     def _options(self, *, master: bool = False) -> list[str]:
         """ssh options; only the connect makes the ControlMaster (``master``): every later
-        command uses it, and never silently becomes a second master when it died."""
+        command uses it, and never silently becomes a second master when it died.
+
+        Every ssh command line ends the options with ``--`` before the host: the schema accepts
+        no host that starts with '-', and a host that did is still never read as an option.
+        After ``--`` ssh takes the next argument as the destination and the rest as the remote
+        command, without parsing options again."""
         g = self.guest
         opts = ["-F", g.ssh_config] if g.ssh_config else []
         opts += [
@@ -468,7 +473,7 @@ class SshTransport(_Streaming):
 
     def _connect_once(self) -> None:
         result = execute(
-            ["ssh", *self._options(master=True), "-T", self.host, "--", "true"],
+            ["ssh", *self._options(master=True), "-T", "--", self.host, "true"],
             timeout=self.guest.connect_timeout + 5,
         )
         if result.ok:
@@ -488,7 +493,7 @@ class SshTransport(_Streaming):
 
     def _resolved(self) -> tuple[str, str]:
         """(hostname, port) after ssh_config (Host aliases), as ``ssh -G`` computes them."""
-        result = execute(["ssh", *self._options(), "-G", self.host], timeout=10)
+        result = execute(["ssh", *self._options(), "-G", "--", self.host], timeout=10)
         hostname, port = self.host, str(self.guest.port or 22)
         for line in result.stdout.decode(errors="replace").splitlines():
             key, _, value = line.partition(" ")
@@ -506,7 +511,7 @@ class SshTransport(_Streaming):
         pin = self.guest.host_key_fingerprint
         hostname, port = self._resolved()
         scan = ["ssh-keyscan", "-T", str(int(self.guest.connect_timeout)), "-p", port]
-        result = execute([*scan, hostname], timeout=self.guest.connect_timeout + 5)
+        result = execute([*scan, "--", hostname], timeout=self.guest.connect_timeout + 5)
         path = Path(self._dir) / "known_hosts"
         for line in result.stdout.decode(errors="replace").splitlines():
             fields = line.split()
@@ -541,7 +546,7 @@ class SshTransport(_Streaming):
         started = []
         for _ in range(max(0, missing)):
             remote = "exec sudo -n sh" if sudo else "exec sh"
-            shell = WarmShell(["ssh", *self._options(), "-T", self.host, "--", remote], sudo=sudo)
+            shell = WarmShell(["ssh", *self._options(), "-T", "--", self.host, remote], sudo=sudo)
             shell.send_handshake()
             started.append(shell)
         for shell in started:
@@ -569,7 +574,7 @@ class SshTransport(_Streaming):
             shell.close(kill=kill)
         if self._dir is not None and self._connected:
             # Talks to the local master process only: quick even when the link is stalled.
-            execute(["ssh", *self._options(), "-O", "exit", self.host], timeout=3)
+            execute(["ssh", *self._options(), "-O", "exit", "--", self.host], timeout=3)
         self._connected = False
 
     @property
@@ -593,7 +598,7 @@ class SshTransport(_Streaming):
 
     # -- commands --------------------------------------------------------------------------
     def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
-        return ["ssh", *self._options(), "-T", self.host, "--", shlex.join(_privileged(argv, sudo))]
+        return ["ssh", *self._options(), "-T", "--", self.host, shlex.join(_privileged(argv, sudo))]
 
     def run(
         self,

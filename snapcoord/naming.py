@@ -16,26 +16,27 @@ from snapcoord.errors import UsageError
 from snapcoord.schema import LABEL_RE
 
 PREFIX = "snapcoord"
-NAME_RE = re.compile(r"^snapcoord-(?P<label>[A-Za-z0-9_]{1,13})-(?P<stamp>\d{8}T\d{6}Z)$")
-PROXMOX_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]+$")
+# fullmatch, never "$": that also matches before a trailing newline
+NAME_RE = re.compile(r"snapcoord-(?P<label>[A-Za-z0-9_]{1,13})-(?P<stamp>\d{8}T\d{6}Z)")
+PROXMOX_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]+")
 MAX_LENGTH = 40
 
 
 def snapshot_name(label: str, when: datetime | None = None) -> str:
-    if not LABEL_RE.match(label):
+    if not LABEL_RE.fullmatch(label):
         raise UsageError(
             f"label {label!r} is invalid",
             hint="use 1-13 letters, digits or '_', starting with a letter or digit",
         )
     stamp = (when or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"{PREFIX}-{label}-{stamp}"
-    assert len(name) <= MAX_LENGTH and PROXMOX_NAME_RE.match(name), name
+    assert len(name) <= MAX_LENGTH and PROXMOX_NAME_RE.fullmatch(name), name
     return name
 
 
 def parse_name(name: str) -> tuple[str, datetime] | None:
     """``(label, time)`` of a snapcoord snapshot name, None for any other name."""
-    match = NAME_RE.match(name)
+    match = NAME_RE.fullmatch(name)
     if not match:
         return None
     when = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)

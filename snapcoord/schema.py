@@ -3,6 +3,7 @@ are both generated from it, so they cannot drift apart."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,10 +11,20 @@ from typing import Any
 
 REQUIRED = object()
 
-# \Z, not $: "$" also matches before a trailing newline, so "cron\n" would pass as a name.
-SERVICE_RE = re.compile(r"^[A-Za-z0-9@._-]+\Z")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,12}\Z")
-TABLE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+# Every name pattern is used with fullmatch: "$" also matches before a trailing newline, so
+# "cron\n" would pass as a name. A value that reaches a command line as an argument never starts
+# with '-' (the program would take it for an option) nor '.' ('.' and '..' are paths).
+SERVICE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9@._-]{0,254}")
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,12}")
+TABLE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+#: a host name, an IPv4 address or a Host alias of ssh_config
+HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
+#: an IPv6 literal, with or without a zone (fe80::1%eth0); ipaddress decides whether it is one
+IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?")
+#: a login name, also with a domain (user@example.org) as sssd/winbind spell them
+USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+#: a MySQL database name snapcoord passes to mysqldump --databases
+DATABASE_RE = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}")
 
 # Upper bound of every duration: far above any real wait, far below what the time APIs overflow
 # on (threading and select refuse timeouts beyond about 2**33 s; timedelta beyond 10**9 days).
@@ -37,21 +48,70 @@ class Key:
     check: Callable[[Any], str | None] | None = None
 
 
+_SERVICE_RULE = (
+    "use letters, digits, '@', '.', '_' or '-', starting with a letter, digit or '_' (at most 255)"
+)
+
+
 def _service_name(value: Any) -> str | None:
-    if not SERVICE_RE.match(value):
-        return "must match ^[A-Za-z0-9@._-]+$"
+    if not SERVICE_RE.fullmatch(value):
+        return f"must be a service name: {_SERVICE_RULE}"
     return None
 
 
 def _services(value: list[str]) -> str | None:
     for item in value:
-        if not SERVICE_RE.match(item):
-            return f"service name {item!r} must match ^[A-Za-z0-9@._-]+$"
+        if not SERVICE_RE.fullmatch(item):
+            return f"service name {item!r}: {_SERVICE_RULE}"
+    return None
+
+
+def _host(value: str) -> str | None:
+    if HOST_RE.fullmatch(value):
+        return None
+    if IPV6_RE.fullmatch(value) and ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            pass
+        else:
+            return None
+    return (
+        "must be a host name, an IP address or a Host alias of ssh_config: letters, digits, "
+        "'.', '_' or '-', starting with a letter, digit or '_' (or an IPv6 address)"
+    )
+
+
+def _user(value: str) -> str | None:
+    if not USER_RE.fullmatch(value):
+        return (
+            "must be a user name: letters, digits, '_', '.', '@' or '-', starting with a letter, "
+            "digit or '_' (at most 64)"
+        )
+    return None
+
+
+def _argument(value: str) -> str | None:
+    """A value passed on as one argument: never an option, one printable line."""
+    if value.startswith("-"):
+        return "must not start with '-'"
+    if not value.isprintable():
+        return "must not contain line breaks or other control characters"
+    return None
+
+
+def _databases(value: list[str]) -> str | None:
+    for item in value:
+        if not DATABASE_RE.fullmatch(item):
+            return (
+                f"database name {item!r}: use letters, digits, '_', '$', '.', '@' or '-', "
+                "starting with a letter, digit, '_' or '$' (at most 64)"
+            )
     return None
 
 
 def _label(value: str) -> str | None:
-    if not LABEL_RE.match(value):
+    if not LABEL_RE.fullmatch(value):
         return "must be 1-13 letters, digits or '_' (it goes into a 40-character snapshot name)"
     return None
 
@@ -69,7 +129,7 @@ def _abs_paths(value: list[str]) -> str | None:
 
 def _tags(value: list[str]) -> str | None:
     for tag in value:
-        if not TABLE_KEY_RE.match(tag):
+        if not TABLE_KEY_RE.fullmatch(tag):
             return (
                 f"tag {tag!r}: use letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
@@ -78,8 +138,8 @@ def _tags(value: list[str]) -> str | None:
 
 
 def _http_url(value: str) -> str | None:
-    if not re.match(r"^https?://[^/\s]+", value) or any(c.isspace() for c in value):
-        return "must be an http:// or https:// URL without spaces"
+    if not re.fullmatch(r"https?://[^/\s]+(?:[/?#]\S*)?", value) or not value.isprintable():
+        return "must be an http:// or https:// URL without spaces or control characters"
     return None
 
 
@@ -283,9 +343,14 @@ GUEST: dict[str, Key] = {
     "transport": Key(
         "choice", "how to run commands in the guest", default="ssh", choices=("ssh", "exec")
     ),
-    "host": Key("str", "SSH host (an alias from ~/.ssh/config works)", example="db1.example.org"),
+    "host": Key(
+        "str",
+        "SSH host (an alias from ~/.ssh/config works)",
+        example="db1.example.org",
+        check=_host,
+    ),
     "port": Key("int", "SSH port (default: ssh_config, then 22)", minimum=1, maximum=65535),
-    "user": Key("str", "SSH user (default: ssh_config)", example="backup"),
+    "user": Key("str", "SSH user (default: ssh_config)", example="backup", check=_user),
     "identity_file": Key("str", "SSH private key", check=_abs_path),
     "known_hosts": Key("str", "known_hosts file to verify the host key against", check=_abs_path),
     "host_key_fingerprint": Key("str", "pin the host key: SHA256:... as ssh-keygen -l shows it"),
@@ -340,7 +405,9 @@ GUEST: dict[str, Key] = {
         minimum=5,
         maximum=3600,
     ),
-    "check_url": Key("str", "HTTP URL that must answer after the web server restarted"),
+    "check_url": Key(
+        "str", "HTTP URL that must answer after the web server restarted", check=_http_url
+    ),
     "dump": Key(
         "bool",
         "stream a logical dump of the database off the guest before stopping it "
@@ -423,6 +490,7 @@ DUMP: dict[str, Key] = {
         "strlist",
         "MySQL only: dump only these databases (default: --all-databases)",
         default=[],
+        check=_databases,
     ),
     "compression": Key(
         "choice", "compression of the stored dump", default="gzip", choices=("gzip", "zstd", "none")
@@ -438,6 +506,7 @@ DUMP: dict[str, Key] = {
         "str",
         "MySQL: the database user (default: the guest's client config / socket auth); "
         "PostgreSQL: the superuser's OS account pg_dumpall runs as (default: postgres)",
+        check=_argument,
     ),
     "password": Key(
         "secret",

@@ -38,7 +38,7 @@ CHUNK = 1 << 20
 # Room kept free besides the estimated dump size, so the store disk never runs completely full.
 SPACE_MARGIN = 64 << 20
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,199}")  # fullmatch: "$" accepts "x\n"
 
 
 class StoreError(PreflightError):
@@ -54,7 +54,7 @@ def now_iso() -> str:
 
 
 def _check_name(kind: str, value: str, vm: str | None) -> str:
-    if not _NAME_RE.match(value) or value.endswith((FAILED_SUFFIX, PARTIAL_SUFFIX)):
+    if not _NAME_RE.fullmatch(value) or value.endswith((FAILED_SUFFIX, PARTIAL_SUFFIX)):
         raise StoreError(f"{kind} {value!r} cannot be used as a store folder name", vm=vm)
     return value
 

@@ -76,7 +76,7 @@ def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:
         "vms.db1.hypervisor: no hypervisor 'nope' (defined: lab, vc)",
         "vms.db1.memory: must be true or false",
         "vms.db1.guest.port: must be an integer 1-65535",
-        "vms.db1.guest.services: service name 'apache2; rm -rf /' must match",
+        "vms.db1.guest.services: service name 'apache2; rm -rf /': use letters",
         "vms.db1.guest.transport: must be one of 'ssh', 'exec'",
     ]
     for text in expected:

@@ -841,7 +841,7 @@ VM = '[vms.db1]\nhypervisor = "lab"\n'
         ('[defaults]\nstore = "/var/\\u0000"\n', "defaults.store: must not contain a NUL"),
         (
             LIBVIRT + VM + '[vms.db1.guest]\nhost = "h"\nservices = ["cron\\n"]\n',
-            "vms.db1.guest.services: service name 'cron\\n' must match",
+            "vms.db1.guest.services: service name 'cron\\n': use letters",
         ),
         (LIBVIRT + '[vms."db1\\n"]\nhypervisor = "lab"\n', 'vms."db1\\n": name must be'),
         (LIBVIRT + '[vms."x\\u2028y"]\n', 'vms."x\\u2028y": name must be'),

@@ -30,7 +30,7 @@ def test_name_format_and_roundtrip() -> None:
 def test_longest_label_fits_40_characters_and_proxmox_rules() -> None:
     name = snapshot_name("a" * 13, WHEN)
     assert len(name) == MAX_LENGTH
-    assert PROXMOX_NAME_RE.match(name)
+    assert PROXMOX_NAME_RE.fullmatch(name)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", name)  # vSphere and libvirt accept this too
 
 

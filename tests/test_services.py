@@ -143,7 +143,7 @@ def test_config_refuses_service_names_that_could_inject_shell(
     )
     proc = snapcoord("-c", str(config), "config", "check")
     assert proc.returncode == 2
-    assert "vms.db.guest.services" in proc.stderr and "must match" in proc.stderr
+    assert "vms.db.guest.services" in proc.stderr and "use letters" in proc.stderr
 
 
 # -- verified, not assumed (stand-in init scripts) ---------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 from snapcoord import schema, store
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import Transport
+from snapcoord.hooks.databases import options as options_parser
 from snapcoord.hooks.databases.dumpfile import (
     GUEST_SCRIPT,
     DumpFormat,
@@ -75,13 +76,20 @@ NOT_DUMPED = frozenset({"information_schema", "performance_schema", "sys"})
 DUMP_NAMES = {c: FORMAT.file_name(c) for c in ("gzip", "zstd", "none")}
 MARKER_RE = FORMAT.marker
 # Options that would send the dump somewhere else, drop the completion marker, or put a
-# password on the command line.
-_FORBIDDEN = ("--result-file", "--tab", "--compact", "--skip-comments", "--password", "--xml")
-_FORBIDDEN_SHORT = re.compile(r"^-(?:r|T|p|X|[A-Za-z]*p).*")
+# password on the command line: blocked in every spelling mysqldump accepts (any unambiguous
+# prefix, '_' for '-', behind --loose-/--skip-/--enable-..., in a cluster of short options;
+# hooks/databases/options.py).
+_BLOCKED = (
+    "result-file", "tab", "compact", "xml", "password", "password1", "password2", "password3",
+)  # fmt: skip
+_BLOCKED_SHORT = {"r": "result-file", "T": "tab", "X": "xml", "p": "password"}
+#: turned off (--skip-comments, --comments=0), mysqldump leaves out the completion comment
+_NEGATABLE = "comments"
+#: mysqldump's short options that take a value: the rest of their cluster is that value
+_SHORT_WITH_VALUE = frozenset("hPSuw#")
 # Options of mysqldump that also tell the mysql client where the server is.
 _CONNECTION = ("--host=", "--port=", "--socket=", "--protocol=", "--ssl", "--default-auth=",
                "--plugin-dir=", "--defaults-group-suffix=", "--user=")  # fmt: skip
-_DB_NAME_RE = re.compile(r"^[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}$")
 
 
 def dump_options_of(options: DumpConfig) -> list[str]:
@@ -182,23 +190,44 @@ def _sql_str(value: str) -> str:
 # Preflight
 
 
+def _blocked(option: str) -> tuple[str, str] | None:
+    """(what was written, the blocked option it stands for) when ``option`` is blocked."""
+    if option.startswith("--"):
+        read = options_parser.mysql_long(option)
+        shown = option.partition("=")[0]
+        hit = options_parser.abbreviates(read.name, _BLOCKED)
+        if hit is not None:
+            return shown, "--" + hit
+        if _NEGATABLE.startswith(read.name) and read.negated:
+            return shown, "--skip-" + _NEGATABLE
+        return None
+    cluster = options_parser.short_cluster(option, _BLOCKED_SHORT, _SHORT_WITH_VALUE)
+    if cluster is not None:
+        return cluster, "--" + _BLOCKED_SHORT[cluster[-1]]
+    return None
+
+
 def check_options(options: DumpConfig, *, vm: str) -> list[str]:
     """Validate ``[vms.X.mysqldump]`` beyond the schema; returns the mysqldump arguments."""
     args = dump_options_of(options)
     for option in args:
-        name = option.split("=", 1)[0]
-        if name in _FORBIDDEN or (not option.startswith("--") and _FORBIDDEN_SHORT.match(option)):
+        if not option.startswith("-") or option in ("-", "--"):
             raise PreflightError(
-                f"mysqldump option {name!r} cannot be used by snapcoord",
+                f"mysqldump option {option!r} must start with '-' and name an option", vm=vm
+            )
+        blocked = _blocked(option)
+        if blocked is not None:
+            shown, meaning = blocked
+            what = repr(shown) if shown == meaning else f"{shown!r} ({meaning})"
+            raise PreflightError(
+                f"mysqldump option {what} cannot be used by snapcoord",
                 vm=vm,
                 hint="the dump must stream to stdout with its '-- Dump completed' comment; "
                 "a password belongs in [vms.X.mysqldump] password",
             )
-        if not option.startswith("-"):
-            raise PreflightError(f"mysqldump option {option!r} must start with '-'", vm=vm)
     databases = list(options.databases)
     for name in databases:
-        if not _DB_NAME_RE.match(name):
+        if not schema.DATABASE_RE.fullmatch(name):  # the schema checks it too
             raise PreflightError(f"database name {name!r} is not supported", vm=vm)
     if databases:
         return [*args, "--databases", *databases]

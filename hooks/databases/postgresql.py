@@ -39,6 +39,7 @@ from typing import Any
 from snapcoord import schema, store
 from snapcoord.errors import GuestError, PreflightError
 from snapcoord.guest import Transport
+from snapcoord.hooks.databases import options as options_parser
 from snapcoord.hooks.databases.dumpfile import (
     GUEST_SCRIPT,
     DumpFormat,
@@ -112,15 +113,21 @@ DEFAULT_USER = "postgres"
 #: the oldest server whose databases a restore can drop (``DROP DATABASE ... WITH (FORCE)``)
 RESTORE_MIN_VERSION = 130000
 # pg_dumpall options that would send the dump elsewhere, leave out data or the completion
-# comment, dump only part of the cluster, or ask for a password or another login.
-_FORBIDDEN = frozenset({
-    "--file", "--globals-only", "--roles-only", "--tablespaces-only", "--schema-only",
-    "--data-only", "--clean", "--no-comments", "--exclude-database", "--binary-upgrade",
-    "--password", "--username", "--dbname", "--help", "--version",
-})  # fmt: skip
+# comment, dump only part of the cluster, or ask for a password or another login; blocked in
+# every spelling getopt_long accepts (any unambiguous prefix: --fil=, --user=;
+# hooks/databases/options.py). --filter, --no-data, --no-schema and --statistics-only are
+# PostgreSQL 17/18's.
+_FORBIDDEN = (
+    "file", "globals-only", "roles-only", "tablespaces-only", "schema-only", "data-only",
+    "clean", "no-comments", "exclude-database", "binary-upgrade", "password", "username",
+    "dbname", "help", "version", "filter", "no-data", "no-schema", "statistics-only",
+)  # fmt: skip
+#: pg_dumpall options whose whole name abbreviates a forbidden one (--roles-only,
+#: --statistics-only): an exact match is that option
+_ALLOWED_PREFIXES = ("role", "statistics")
 #: options that also tell psql where the server is
 _CONNECTION = ("--host=", "--port=")
-_OS_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_OS_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # fullmatch: "$" accepts "postgres\n"
 #: psql's error lines that a restore onto the same server expects (pg_dumpall's documentation)
 _HARMLESS = re.compile(r'ERROR:\s+(?:role|tablespace) "(?:[^"]|"")+" already exists$')
 _ERROR_LINE = re.compile(r"\b(?:ERROR|FATAL|PANIC):\s")
@@ -228,20 +235,23 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
             vm=vm,
             hint="pg_dumpall dumps roles, tablespaces and every database: remove databases",
         )
-    if not _OS_USER_RE.match(_os_user(options)):
+    if not _OS_USER_RE.fullmatch(_os_user(options)):
         raise PreflightError(f"[vms.X.dump] user {_os_user(options)!r} is no OS user name", vm=vm)
     args = _options_of(options)
     for option in args:
         name = option.split("=", 1)[0]
-        if not option.startswith("--"):
+        if not option.startswith("--") or name == "--":
             raise PreflightError(
                 f"[vms.X.dump] options: {option!r} is not a long pg_dumpall option",
                 vm=vm,
                 hint="write pg_dumpall options in their long form, values after '=' (--port=5433)",
             )
-        if name in _FORBIDDEN:
+        read = options_parser.getopt_long(option)
+        hit = options_parser.abbreviates(read.name, _FORBIDDEN, _ALLOWED_PREFIXES)
+        if hit is not None:
+            what = repr(name) if name == f"--{hit}" else f"{name!r} (--{hit})"
             raise PreflightError(
-                f"[vms.X.dump] options: pg_dumpall option {name!r} cannot be used by snapcoord",
+                f"[vms.X.dump] options: pg_dumpall option {what} cannot be used by snapcoord",
                 vm=vm,
                 hint="the dump must stream the whole cluster to stdout with its closing "
                 "comment, logging in as [vms.X.dump] user",

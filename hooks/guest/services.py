@@ -156,9 +156,10 @@ done
 exit 0
 """
 
+# $3 = check_url (http:// or https://, the schema checks it); `--` ends the options regardless.
 _CHECK_URL = r"""
-if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 "$3" || exit 12
-elif command -v wget >/dev/null 2>&1; then wget -q -O /dev/null -T 10 "$3" || exit 12
+if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 -- "$3" || exit 12
+elif command -v wget >/dev/null 2>&1; then wget -q -O /dev/null -T 10 -- "$3" || exit 12
 else echo "neither curl nor wget in the guest for check_url" >&2; exit 12; fi
 """
 
