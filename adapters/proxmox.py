@@ -7,13 +7,14 @@ task, which is safe: a locked guest fails before anything was changed. See docs/
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -42,6 +43,7 @@ from snapcoord.errors import (
 from snapcoord.secrets import Secret
 from snapcoord.settings import ProxmoxSettings
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT = 30.0  # seconds for one API request
@@ -208,6 +210,27 @@ def _backup_freezes(value: Any) -> bool:
         if _agent_option(value, key, "1").lower() in ("0", "off", "no", "false"):
             return False
     return True
+
+
+def _checked_answers(method: Callable[..., T]) -> Callable[..., T]:
+    """The API's JSON is read by key in the methods below: an answer of the wrong shape (a
+    missing key, a list for an object, a string for a number) is the hypervisor's error, one
+    line with exit 3, never a traceback (``--debug`` shows where it was met)."""
+
+    @functools.wraps(method)
+    def checked(self: ProxmoxAdapter, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+            vm = next((a.name for a in args if isinstance(a, VM)), None)
+            raise HypervisorError(
+                f"{self.where} gave an answer snapcoord does not understand in "
+                f"{method.__name__} ({type(exc).__name__}: {_short(exc)})",
+                vm=vm,
+                hint="is it the Proxmox VE API, version 7 or later?",
+            ) from exc
+
+    return checked
 
 
 class ProxmoxAdapter(Adapter):
@@ -389,6 +412,7 @@ class ProxmoxAdapter(Adapter):
 
     # -- guests ---------------------------------------------------------------------------
 
+    @_checked_answers
     def find_vm(self, ref: str) -> VM:
         resources = self._request("get", "cluster/resources", vm=ref, type="vm")
         guests = [r for r in resources if r.get("type") in ("qemu", "lxc")]
@@ -424,6 +448,7 @@ class ProxmoxAdapter(Adapter):
     def _base(vm: VM) -> str:
         return f"nodes/{vm.extra['node']}/{vm.extra['type']}/{vm.extra['vmid']}"
 
+    @_checked_answers
     def power_state(self, vm: VM) -> PowerState:
         status = self._request("get", f"{self._base(vm)}/status/current", vm=vm.name)
         if status.get("status") == "running":
@@ -448,6 +473,7 @@ class ProxmoxAdapter(Adapter):
             },
         )
 
+    @_checked_answers
     def check_snapshot_ready(self, vm: VM, *, memory: bool, quiesce: bool) -> None:
         """Preflight, before anything is stopped: RAM state and quiesce possible, and no other
         task holding the guest (a lock met later would stretch the service window)."""
@@ -483,6 +509,7 @@ class ProxmoxAdapter(Adapter):
                 hint="start qemu-guest-agent in the guest, or set quiesce = false",
             ) from None
 
+    @_checked_answers
     def check_backup_freeze(self, vm: VM) -> None:
         kind, vmid = vm.extra["type"], vm.id
         if kind != "qemu":
@@ -510,6 +537,7 @@ class ProxmoxAdapter(Adapter):
                 hint="start qemu-guest-agent in the guest",
             ) from None
 
+    @_checked_answers
     def thaw_filesystems(self, vm: VM) -> bool:
         if vm.extra["type"] != "qemu":
             return False
@@ -571,6 +599,7 @@ class ProxmoxAdapter(Adapter):
             kind = "containers" if vm.extra["type"] == "lxc" else "VMs"
             raise UsageError(f"snapshot name {name!r} is reserved on Proxmox VE {kind}", vm=vm.name)
 
+    @_checked_answers
     def list_snapshots(self, vm: VM) -> list[Snapshot]:
         items = self._request("get", f"{self._base(vm)}/snapshot", vm=vm.name)
         current: dict[str, Any] = next((i for i in items if i.get("name") == "current"), {})
@@ -607,6 +636,7 @@ class ProxmoxAdapter(Adapter):
         snapshots.sort(key=lambda s: (s.created or datetime.min.replace(tzinfo=UTC), depth(s.id)))
         return snapshots
 
+    @_checked_answers
     def create_snapshot(
         self,
         vm: VM,
@@ -640,6 +670,7 @@ class ProxmoxAdapter(Adapter):
             extra={"vmid": vm.extra["vmid"], "upid": status.get("upid")},
         )
 
+    @_checked_answers
     def revert_snapshot(
         self, vm: VM, snapshot: Snapshot, *, start: bool | None, timeout: float
     ) -> None:
@@ -650,6 +681,7 @@ class ProxmoxAdapter(Adapter):
         path = f"{self._base(vm)}/snapshot/{snapshot.name}/rollback"
         self._run_task(vm, "post", path, f"rollback to {snapshot.name!r}", timeout, params)
 
+    @_checked_answers
     def delete_snapshot(self, vm: VM, snapshot: Snapshot, *, timeout: float) -> None:
         self._check_name(vm, snapshot.name)
         path = f"{self._base(vm)}/snapshot/{snapshot.name}"

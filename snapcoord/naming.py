@@ -39,7 +39,10 @@ def parse_name(name: str) -> tuple[str, datetime] | None:
     match = NAME_RE.fullmatch(name)
     if not match:
         return None
-    when = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    try:
+        when = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:  # an impossible date (month 13): not a name snapcoord wrote
+        return None
     return match["label"], when
 
 

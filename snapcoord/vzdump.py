@@ -72,7 +72,8 @@ class HookCall:
             raise UsageError("vzdump-hook: no phase given (vzdump passes it as the first argument)")
         phase, rest = argv[0], list(argv[1:])
         if phase in GUEST_PHASES:
-            if len(rest) != 2 or rest[0] not in MODES or not rest[1].isdigit():
+            vmid_ok = len(rest) == 2 and rest[1].isascii() and rest[1].isdigit()
+            if not vmid_ok or rest[0] not in MODES:
                 raise UsageError(
                     f"vzdump-hook {phase}: expected '<mode> <vmid>' (mode: {', '.join(MODES)}), "
                     f"got {' '.join(rest) or 'nothing'}"

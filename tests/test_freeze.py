@@ -238,7 +238,14 @@ def test_hook_call_parses_what_vzdump_passes() -> None:
         "pre-stop", "snapshot", 101, "qemu"
     )
     assert HookCall.parse(["some-future-phase"], env).phase == "some-future-phase"
-    for argv in ([], ["pre-stop"], ["pre-stop", "fast", "101"], ["pre-stop", "stop", "x1"]):
+    for argv in (
+        [],
+        ["pre-stop"],
+        ["pre-stop", "fast", "101"],
+        ["pre-stop", "stop", "x1"],
+        ["pre-stop", "stop", "\u0661\u0660\u0661"],  # Arabic-Indic digits: never VMID 101
+        ["pre-stop", "stop", "\udcff"],  # a byte that is not UTF-8 (surrogateescape)
+    ):
         with pytest.raises(UsageError):
             HookCall.parse(argv, env)
 

@@ -58,3 +58,10 @@ def test_description_marks_snapcoord_snapshots() -> None:
     assert Snapshot("n", "1", None, description=text).is_snapcoord
     assert not Snapshot("n", "1", None, description="by hand: snapcoord: no").is_snapcoord
     assert run in text and new_run_id() != run
+
+
+def test_an_impossible_date_is_not_a_snapcoord_name() -> None:
+    """issue 23, finding 14: snapcoord-x-20241301T000000Z once broke prune with a traceback."""
+    for name in ("snapcoord-x-20241301T000000Z", "snapcoord-x-20240230T000000Z",
+                 "snapcoord-x-20240101T256000Z"):  # fmt: skip
+        assert parse_name(name) is None

@@ -1,0 +1,112 @@
+"""What the Proxmox API answers is checked where it is read (issue 23, finding 14: malformed
+Proxmox JSON crashed with a traceback): a body that is not JSON, and JSON of the wrong shape, are
+one HypervisorError line (exit 3), never a traceback. Against a real HTTPS server on loopback
+that answers like a broken proxy, and the API double with its answers replaced."""
+
+from __future__ import annotations
+
+import http.server
+import ssl
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from snapcoord.adapters.base import VM
+from snapcoord.adapters.proxmox import ProxmoxAdapter
+from snapcoord.errors import ExitCode, HypervisorError
+from tests.pve_api import PveApiDouble
+from tests.pve_api.testing import Cert, make_cert, start_double, token_settings
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    return make_cert(tmp_path_factory.mktemp("answers-tls"))
+
+
+@pytest.fixture
+def double(cert: Cert) -> Iterator[PveApiDouble]:
+    server = start_double(cert)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def html_server(cert: Cert) -> Iterator[int]:
+    """HTTPS on loopback that answers every request 200 with an HTML page."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html><body>Proxy says hello</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _page
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert.cert), str(cert.key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+def test_a_body_that_is_not_json_is_one_hypervisor_error(
+    html_server: int, double: PveApiDouble, cert: Cert
+) -> None:
+    settings = token_settings(double, cert, port=html_server)
+    with (
+        ProxmoxAdapter("pve", settings) as adapter,
+        pytest.raises(HypervisorError, match="does not understand in find_vm") as caught,
+    ):
+        adapter.find_vm("db1")
+    assert caught.value.exit_code == ExitCode.HYPERVISOR
+
+
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("find_vm", [{"type": "qemu", "name": "db1"}]),  # no vmid, no node
+        ("find_vm", {"data": "nope"}),
+        ("find_vm", [{"type": "qemu", "name": "db1", "vmid": "x", "node": "pve1"}]),
+        ("list_snapshots", 5),
+        ("list_snapshots", [{"name": "s1", "snaptime": "yesterday"}]),
+        ("power_state", ["running"]),
+    ],
+)
+def test_json_of_the_wrong_shape_is_one_hypervisor_error(
+    double: PveApiDouble,
+    cert: Cert,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    answer: Any,
+) -> None:
+    with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+        vm = adapter.find_vm("db1")
+        monkeypatch.setattr(adapter, "_request", lambda *a, **k: answer)
+        call = {
+            "find_vm": lambda: adapter.find_vm("db1"),
+            "list_snapshots": lambda: adapter.list_snapshots(vm),
+            "power_state": lambda: adapter.power_state(vm),
+        }[method]
+        with pytest.raises(HypervisorError, match="does not understand") as caught:
+            call()
+    assert caught.value.exit_code == ExitCode.HYPERVISOR
+    assert isinstance(vm, VM)
+
+
+def test_the_double_still_answers_the_real_shape(double: PveApiDouble, cert: Cert) -> None:
+    with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+        vm = adapter.find_vm("db1")
+        assert vm.id == "100" and isinstance(adapter.list_snapshots(vm), list)
