@@ -104,6 +104,28 @@ def test_a_long_statement_refuses_before_anything_is_held(server: lab.ScratchMar
         sleeper.wait()
 
 
+def test_a_long_statement_is_named_by_its_kind_never_by_its_text(
+    server: lab.ScratchMariaDB,
+) -> None:
+    """issue 23, finding 15: the text of another session's SQL may hold a password."""
+    sleeper = subprocess.Popen(
+        [*lab.mysql_argv(server.socket), "-e", "SELECT SLEEP(30), 'hunter2-secret'"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.5)
+        held = make_pause(server, pause_method="ftwrl")
+        with pytest.raises(PreflightError) as caught:
+            held.hold()
+        assert "hunter2" not in str(caught.value)
+        assert "a SELECT statement of user root" in str(caught.value), caught.value
+        held.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_kill_sessions_ends_marked_clients(server: lab.ScratchMariaDB) -> None:
     held = make_pause(server)
     held.hold()

@@ -130,7 +130,7 @@ def long_statements(session: LockSession, *, method: str, non_transactional: boo
     """Statements that would make the pause wait (or block readers) if it started now."""
     rows = session.execute(
         "SELECT ID, TIME, COMMAND, LEFT(REPLACE(REPLACE(COALESCE(INFO, ''), '\\n', ' '),"  # noqa: S608
-        " '\\t', ' '), 120) FROM information_schema.PROCESSLIST"
+        " '\\t', ' '), 120), USER FROM information_schema.PROCESSLIST"
         " WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump',"
         " 'Binlog Dump GTID', 'Killed', 'Connect') AND USER NOT IN ('system user',"
         f" 'event_scheduler') AND TIME >= {LONG_STATEMENT_SECONDS}",
@@ -142,8 +142,21 @@ def long_statements(session: LockSession, *, method: str, non_transactional: boo
             continue
         info = row[3]
         if method == "ftwrl" or _DDL.match(info) or (non_transactional and _WRITE.match(info)):
-            found.append(f"id {row[0]} running {row[1]} s: {info[:60] or row[2]}")
+            found.append(f"id {row[0]} running {row[1]} s: {_kind_of(info, row)}")
     return found
+
+
+_SAFE_WORD = re.compile(r"[A-Za-z_]{1,20}")
+
+
+def _kind_of(info: str, row: list[str]) -> str:
+    """What a session runs, never its text: another session's SQL may carry a password
+    (``ALTER USER … IDENTIFIED BY``) and ends up in error lines, last-run.json and webhooks."""
+    words = info.split()
+    verb = words[0].upper() if words and _SAFE_WORD.fullmatch(words[0]) else ""
+    user = row[4] if len(row) > 4 and _SAFE_WORD.fullmatch(row[4].replace("-", "_")) else "?"
+    what = f"a {verb} statement" if verb else f"command {row[2]}"
+    return f"{what} of user {user}"
 
 
 class MySQLPause:
