@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,7 +90,7 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
     errors = data.get("errors")
     return LastRun(
         run=_str_or_none(data.get("run")),
-        command=str(data.get("command") or "unknown"),
+        command=_command(data.get("command")),
         ok=data.get("ok") is True,
         exit_code=_int(data.get("exit_code"), 0 if data.get("ok") is True else int(ExitCode.BUG)),
         started=started,
@@ -111,6 +112,15 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
 MAX_EPOCH = 1e11
 MAX_SECONDS = 366 * 86400.0
 MAX_BYTES = 1e18
+
+
+_COMMAND = re.compile(r"[a-z][a-z -]{0,39}")
+
+
+def _command(value: Any) -> str:
+    """A command's name as snapcoord writes it ("snapshot", "vzdump backup-end"); anything
+    else (control characters, a label that would break the metrics file) is "unknown"."""
+    return value if isinstance(value, str) and _COMMAND.fullmatch(value) else "unknown"
 
 
 def _number(value: Any, low: float, high: float) -> float | None:

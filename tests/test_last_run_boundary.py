@@ -66,7 +66,7 @@ def check(config: Any, path: Path, text: str) -> None:
         assert all(isinstance(e, str) for e in last.errors)
         json.dumps(last.as_dict(), allow_nan=False)
     text_file = metrics.render(config, now=1_800_000_000)
-    for line in text_file.splitlines():
+    for line in text_file.split("\n"):
         if line and not line.startswith("#"):
             assert math.isfinite(float(line.rsplit(" ", 1)[1])), line
     outcome = status_vm(config, "db", offline=True, now=1_800_000_000)
@@ -88,6 +88,13 @@ def check(config: Any, path: Path, text: str) -> None:
 def test_the_documented_corrupt_files(setup: tuple[Any, Path], text: str) -> None:
     config, path = setup
     check(config, path, text)
+
+
+def test_a_command_name_with_control_characters_is_unknown(setup: tuple[Any, Path]) -> None:
+    config, path = setup
+    path.write_text('{"command": "snap\\rshot\\u001b[31m", "ok": true, "exit_code": 0}')
+    last = read_last_run(config.store, "db")
+    assert last is not None and last.command == "unknown"
 
 
 def test_a_corrupt_exit_code_is_not_taken_for_success(setup: tuple[Any, Path]) -> None:
