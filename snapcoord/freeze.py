@@ -39,6 +39,7 @@ from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
 from snapcoord.shell import python_module, spawn
+from snapcoord.store import create_file, ensure_private
 
 #: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
@@ -64,11 +65,23 @@ def socket_path(config: Config, key: str) -> Path:
 
 
 def private_dir(path: Path) -> None:
-    """Create ``path`` (0700) or check that an existing one is ours and private."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
+    """Create ``path`` (0700) or check that an existing one is ours and private, and that no
+    one else can write a directory above it (:func:`snapcoord.store.ensure_private`)."""
+    with contextlib.suppress(FileNotFoundError):
+        info = path.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
+    ensure_private(path)
+
+
+def open_log(store: Path, key: str) -> tuple[Path, IO[bytes]]:
+    """A new log for this VM's freeze holder, ``<store>/freeze/<vm>.log`` (the last freeze's):
+    the store is checked first; the old log (or a link at its name) is replaced, never
+    written through."""
+    logs = ensure_private(store, "freeze", vm=key)
+    private_dir(logs)
+    log_path = logs / f"{key}.log"
+    return log_path, os.fdopen(create_file(log_path), "wb")
 
 
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:
@@ -161,16 +174,14 @@ def freeze_vm(
             vm=key,
             hint=f"run snapcoord thaw {key} first",
         )
-    logs = config.store / "freeze"
-    private_dir(logs)
     source_path = str(Path(config.source).resolve())
     # isolated (-I) and in "/": a snapcoord/holder.py in the caller's directory must not run
     # as root. The config file's path is resolved above; the schema takes absolute paths only.
     argv = [*python_module("snapcoord.holder"), "--config", source_path]
     argv += ["--max-seconds", str(max_seconds), "--source", source]
     argv += ["--vmid", str(vmid)] if vmid is not None else []
-    log_path = logs / f"{key}.log"  # the last freeze's log
-    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log:
+    log_path, log = open_log(config.store, key)  # the last freeze's log
+    with log:
         holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=log, cwd="/")  # fmt: skip
     assert holder.stdout is not None

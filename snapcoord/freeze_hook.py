@@ -22,7 +22,7 @@ from snapcoord.hooks.databases.mysql import PAUSE_METHODS
 from snapcoord.hooks.databases.mysql_pause import _supports_backup_stage, lock_wait
 from snapcoord.hooks.guest import fsfreeze
 from snapcoord.plans.context import RunContext
-from snapcoord.store import write_json_atomic
+from snapcoord.store import ensure_private, read_file, write_json_atomic
 
 #: Who calls the hook, by hypervisor type.
 CALLERS = {"libvirt": "qemu", "proxmox": "qemu", "vsphere": "vmware"}
@@ -341,7 +341,7 @@ def read_armed(store: Path, key: str) -> Armed | None:
     import json
 
     try:
-        return Armed.parse(json.loads(armed_path(store, key).read_text()))
+        return Armed.parse(json.loads(read_file(armed_path(store, key))))
     except (OSError, ValueError):
         return None
 
@@ -350,6 +350,8 @@ def arm(ctx: RunContext, vmid: int) -> Armed:
     import time
 
     assert ctx.transport is not None
+    target = armed_path(ctx.config.store, ctx.key)
+    ensure_private(ctx.config.store, target.parent.name, vm=ctx.key)  # before the guest's mark
     record = Armed(ctx.key, vmid, f"vzdump-{vmid}-{secrets.token_hex(6)}", time.time())
     path = hook_path(caller(ctx))
     result = ctx.transport.run(
@@ -359,8 +361,6 @@ def arm(ctx: RunContext, vmid: int) -> Armed:
         raise GuestError(
             f"the freeze hook did not take the mark: {result.error_text()}", vm=ctx.key
         )
-    target = armed_path(ctx.config.store, ctx.key)
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_json_atomic(target, record.as_dict())
     ctx.outputs["armed"] = record.as_dict()
     return record

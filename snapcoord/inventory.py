@@ -12,7 +12,7 @@ from typing import Any
 
 from snapcoord.adapters.base import Snapshot
 from snapcoord.journal import Journal
-from snapcoord.store import write_json_atomic
+from snapcoord.store import ensure_private, read_file, write_json_atomic
 
 
 def _path(store: Path, vm: str) -> Path:
@@ -36,14 +36,14 @@ def record(
 ) -> dict[str, Any]:
     data = summarize(snapshots, now=now)
     path = _path(store, vm)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private(store, path.parent.name, vm=vm)
     write_json_atomic(path, data)
     return data
 
 
 def read(store: Path, vm: str) -> dict[str, Any] | None:
     try:
-        data = json.loads(_path(store, vm).read_text())
-    except (FileNotFoundError, ValueError):
+        data = json.loads(read_file(_path(store, vm)))
+    except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -1,12 +1,14 @@
 """The run journal: what a run has changed in the guest, on disk while the run is in flight, so
 ``snapcoord recover`` can put things back after a crash. Written atomically after every step;
-removed when the run ends (the last run's summary stays in ``last-run.json``)."""
+removed when the run ends (the last run's summary stays in ``last-run.json``).
+
+Written in ``<store>/journal`` after :func:`snapcoord.store.ensure_private` checked it, through
+an unpredictable temporary file (``store.write_atomic``); read without following links."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,35 +17,53 @@ from typing import Any
 
 from snapcoord.errors import PreflightError
 from snapcoord.hooks.guest.watchdog import Watchdog
+from snapcoord.store import ensure_private, read_file, write_json_atomic
 
 
 class Journal:
     def __init__(self, store: Path, vm: str) -> None:
+        self.store = store
+        self.vm = vm
         self.dir = store / "journal"
         self.path = self.dir / f"{vm}.json"
         self.last = self.dir / f"{vm}.last-run.json"
 
     def write(self, data: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private(self.store, "journal", vm=self.vm)
         _atomic_write(self.path, data)
 
     def read(self) -> dict[str, Any] | None:
+        """The run journal; None without one. ``ValueError`` for bad JSON, and
+        :class:`CorruptJournal` for a file that cannot be read (a link: not followed)."""
+        text = self.read_bytes()
+        if text is None:
+            return None
+        data = json.loads(text)
+        return data if isinstance(data, dict) else None
+
+    def read_bytes(self) -> bytes | None:
         try:
-            data = json.loads(self.path.read_text())
+            return read_file(self.path)
         except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) else None
+        except OSError as exc:
+            raise CorruptJournal(
+                f"the run journal {self.path} cannot be read ({exc.strerror or exc}): nothing "
+                "in it was acted on",
+                vm=self.vm,
+                hint="check the guest's services by hand, then remove the file",
+            ) from None
 
     def read_last(self) -> dict[str, Any]:
         """The last finished run's summary; empty when there is none or it cannot be read."""
         try:
-            data = json.loads(self.last.read_text())
+            data = json.loads(read_file(self.last))
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
     def finish(self, summary: dict[str, Any], *, keep_journal: bool = False) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private(self.store, "journal", vm=self.vm)
         _atomic_write(self.last, summary)
         if not keep_journal:
             self.path.unlink(missing_ok=True)
@@ -53,13 +73,7 @@ class Journal:
 
 
 def _atomic_write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 # -- the run journal as a record ------------------------------------------------------------

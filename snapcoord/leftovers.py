@@ -28,9 +28,8 @@ def read_record(config: Config, vm_key: str) -> RunRecord | None:
     snapcoord wrote (a service the configuration does not name, a foreign PID or marker)
     raises :class:`snapcoord.journal.CorruptJournal` (exit 4) and nothing in it is acted on."""
     journal = Journal(config.store, vm_key)
-    try:
-        text = journal.path.read_text()
-    except FileNotFoundError:
+    text = journal.read_bytes()  # a link is not followed: CorruptJournal
+    if text is None:
         return None
     data: object
     try:

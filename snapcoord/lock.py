@@ -1,35 +1,56 @@
 """One run per VM at a time: an flock'ed file in the store. Never waits: a held lock is an error
-naming the holder, so cron jobs that overlap fail fast instead of piling up."""
+naming the holder, so cron jobs that overlap fail fast instead of piling up.
+
+The lock file is opened with ``O_NOFOLLOW`` in a folder :func:`snapcoord.store.ensure_private`
+checked, and must be a plain file of the running user's with one link: a link (or a hard link
+to some other file) planted at its name makes the lock fail, and is never truncated."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shlex
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
 
 from snapcoord.errors import Locked, PreflightError
+from snapcoord.store import ensure_private
+
+_OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
 class VMLock:
     def __init__(self, store: Path, vm: str, run_id: str) -> None:
+        self.store = store
         self.path = store / "locks" / f"{vm}.lock"
         self.vm = vm
         self.run_id = run_id
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        ensure_private(self.store, "locks", vm=self.vm)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.path, _OPEN, 0o600)
         except OSError as exc:
+            problem = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
             raise PreflightError(
-                f"cannot create lock file {str(self.path)!r}: {exc.strerror}",
+                f"cannot create lock file {str(self.path)!r}: {problem}",
                 vm=self.vm,
                 hint="check defaults.store",
             ) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
+            os.close(fd)
+            raise PreflightError(
+                f"lock file {str(self.path)!r} is not a plain file of this user's (a link or "
+                "another user's file): not used",
+                vm=self.vm,
+                hint=f"remove it: rm {shlex.quote(str(self.path))}",
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -22,8 +22,9 @@ from snapcoord import inventory
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, SnapcoordError
-from snapcoord.journal import Journal
+from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
+from snapcoord.store import read_file
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ def read_last_run(store: Path, key: str) -> LastRun | None:
     """The VM's last finished run, or None when there is none (or the file is unreadable)."""
     path = Journal(store, key).last
     try:
-        data = json.loads(path.read_text())
-        mtime = path.stat().st_mtime
+        data = json.loads(read_file(path))
+        mtime = path.lstat().st_mtime
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
@@ -151,7 +152,7 @@ def read_unfinished(store: Path, key: str) -> dict[str, Any] | None:
     without finishing (a crash, or services left down: ``snapcoord recover``)."""
     try:
         data = Journal(store, key).read()
-    except (OSError, ValueError):  # half-written by hand, unreadable: still say it is there
+    except (CorruptJournal, OSError, ValueError):  # half-written, unreadable: still say it is there
         data = {}
     if data is None:
         return None

@@ -12,23 +12,35 @@ Layout::
 
 Files are written under a temporary name, fsynced and renamed; directories are 0700, files 0600.
 A run folder only gets its final name after its manifest is on disk.
+
+Before anything is written, :func:`ensure_private` checks the store (see its docstring and
+docs/dump.md): the store and the folders snapcoord keeps in it (``locks``, ``journal``,
+``freeze``, ``vzdump``, one per VM) belong to the running user and nobody else can write them,
+nor any directory above the store. Files are created with ``O_NOFOLLOW`` (and ``O_EXCL`` for
+temporary names, which are unpredictable), so a link planted in the store is never written
+through, even by root.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snapcoord.errors import PreflightError
+from snapcoord.trust import _access, _quote, _user
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -63,16 +75,174 @@ def vm_dir(store: Path, vm: str) -> Path:
     return Path(store) / _check_name("VM key", vm, vm)
 
 
-def _mkdirs(path: Path) -> None:
-    """Create ``path`` and missing parents with mode 0700 (existing ones are left as they are)."""
-    missing = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for directory in reversed(missing):
-        directory.mkdir(mode=0o700)
-        os.chmod(directory, 0o700)
+#: at most this many symbolic links are followed while checking a store path (as the kernel)
+_MAX_LINKS = 40
+
+
+def ensure_private(root: Path, *folders: str, vm: str | None = None) -> Path:
+    """Check the store ``root`` and its ``folders`` (plain names, one level each) before
+    anything is written there; create what is missing, mode 0700. Returns the last folder.
+
+    The store and each folder must be a directory owned by the running user that neither group
+    nor others can write (0700, 0750 and 0755 are fine). Every directory above the store, up to
+    ``/``, must belong to root or the running user and not be writable by others, unless it has
+    the sticky bit (``/tmp``: only an entry's owner can replace it), as OpenSSH's safe_path. A
+    symbolic link on the way must belong to root or the running user; it is followed and its
+    target checked the same way. Anything else raises :class:`StoreError`, one line naming the
+    path, the problem and the command that fixes it."""
+    for name in folders:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"not a folder name: {name!r}")
+    # not os.path.abspath: ".." is resolved by the walk, after the links before it, as the kernel
+    top = os.path.join(os.getcwd(), os.fspath(root)).rstrip("/") or "/"
+    try:
+        _walk(top, folders, vm=vm)
+    except OSError as exc:  # not searchable, a file on the way: one line, not a traceback
+        where = f" ({_quote(exc.filename)})" if exc.filename and exc.filename != top else ""
+        raise StoreError(
+            f"store {_quote(top)} cannot be used: {exc.strerror}{where}",
+            vm=vm,
+            hint="fix the permissions or set defaults.store to a writable folder",
+        ) from None
+    return Path(top).joinpath(*folders)
+
+
+def _walk(top: str, folders: tuple[str, ...], *, vm: str | None) -> None:
+    """Check (and create) ``top`` and ``folders`` component by component, resolving links the
+    way the kernel does, so every directory that decides what the path means is checked."""
+    names = [part for part in top.split("/") if part]
+    # (name, private): the store and its folders are private, the directories above it not
+    pending: list[tuple[str, bool]] = [(name, False) for name in names]
+    if pending:
+        pending[-1] = (pending[-1][0], True)
+    pending += [(name, True) for name in folders]
+    current = "/"
+    _check_store_dir(top, "/", os.lstat("/"), private=not pending, vm=vm)
+    links = 0
+    while pending:
+        name, private = pending.pop(0)
+        if name in (".", ".."):
+            current = current if name == "." else os.path.dirname(current)
+            if private:
+                _check_store_dir(top, current, os.lstat(current), private=True, vm=vm)
+            continue
+        candidate = os.path.join(current, name)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            info = _make_private_dir(top, candidate, vm=vm)
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            owner = _owner_problem(info.st_uid, private=False)
+            if owner or links > _MAX_LINKS:
+                problem = f"is a symbolic link owned by {owner}" if owner else "has a link loop"
+                raise _store_error(top, candidate, problem, f"rm {_quote(candidate)}", vm=vm)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            parts = [(part, False) for part in target.split("/") if part]
+            if parts:
+                parts[-1] = (parts[-1][0], private)
+            elif private:  # a link to "/"
+                _check_store_dir(top, "/", os.lstat("/"), private=True, vm=vm)
+            pending = parts + pending
+            continue
+        _check_store_dir(top, candidate, info, private=private, vm=vm)
+        current = candidate
+
+
+def _make_private_dir(top: str, path: str, *, vm: str | None) -> os.stat_result:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return os.lstat(path)  # created meanwhile: checked like any other
+    except OSError as exc:  # read-only, or a parent we may not write
+        raise StoreError(
+            f"store {_quote(path)} is not writable: {exc.strerror}",
+            vm=vm,
+            hint="fix the permissions or set defaults.store to a writable folder",
+        ) from None
+    os.chmod(path, 0o700)  # whatever the umask
+    return os.lstat(path)
+
+
+def _check_store_dir(
+    top: str, path: str, info: os.stat_result, *, private: bool, vm: str | None
+) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise _store_error(top, path, "is not a directory", None, vm=vm)
+    owner = _owner_problem(info.st_uid, private=private)
+    if owner:
+        user = _user_name(os.geteuid()) if private else "root"
+        raise _store_error(top, path, f"is owned by {owner}", f"chown {user} {_quote(path)}", vm=vm)
+    mode = stat.S_IMODE(info.st_mode)
+    if private and mode & 0o022:
+        fix = f"chmod 700 {_quote(path)}"
+        raise _store_error(top, path, f"is {_access(mode & 0o022)} (mode {mode:04o})", fix, vm=vm)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        problem = f"is {_access(mode & 0o022)} (mode {mode:04o}, no sticky bit)"
+        raise _store_error(top, path, problem, f"chmod go-w {_quote(path)}", vm=vm)
+
+
+def _owner_problem(uid: int, *, private: bool) -> str | None:
+    """None if ``uid`` may own a store folder (the running user) or a directory above it or a
+    link on the way (root too)."""
+    euid = os.geteuid()
+    if uid == euid or (uid == 0 and not private):
+        return None
+    if private or euid == 0:
+        return f"{_user(uid)}, not {_user(euid)}"
+    return f"{_user(uid)}, not root or {_user(euid)}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _store_error(
+    top: str, path: str, problem: str, fix: str | None, *, vm: str | None
+) -> StoreError:
+    where = f"store {_quote(top)}" if path == top else f"store {_quote(top)}: {_quote(path)}"
+    return StoreError(
+        f"{where} {problem}: refusing to use it",
+        vm=vm,
+        hint=f"fix: {fix}" if fix else "set defaults.store to a folder of your own",
+    )
+
+
+#: flags for creating a file in the store: never through a link, never a terminal, no inherit
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def create_file(path: Path) -> int:
+    """A new file at ``path`` (mode 0600), opened for writing: whatever was there (a leftover of
+    an earlier run, or a link someone planted) is removed first, never opened or followed."""
+    for _ in range(3):
+        try:
+            return os.open(path, _CREATE, 0o600)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a link is removed, not its target
+    return os.open(path, _CREATE, 0o600)
+
+
+def read_file(path: Path) -> bytes:
+    """The contents of a regular file snapcoord wrote, without following a link at ``path``
+    (``OSError`` ELOOP) or hanging on a FIFO put there."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link, not followed", str(path)) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return handle.read()
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,15 +253,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, data: dict[str, Any], *, indent: int = 2) -> None:
+    text = json.dumps(data, indent=indent, sort_keys=True) + "\n"
+    write_atomic(path, text.encode("utf-8"))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) through a temporary file with an unpredictable
+    name created exclusively in the same folder (``mkstemp``: ``O_EXCL``, ``O_NOFOLLOW``), then
+    rename it into place: a rename replaces a link at ``path``, never writes through it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
     fsync_dir(path.parent)
 
 
@@ -104,16 +285,15 @@ def check_writable(store: Path, vm: str, needed_bytes: int) -> Path:
     """Preflight: the VM's store folder exists (0700), takes a test file, and has room for
     ``needed_bytes`` plus a margin. Returns the folder; raises :class:`StoreError`."""
     folder = vm_dir(store, vm)
+    ensure_private(store, folder.name, vm=vm)
     try:
-        _mkdirs(folder)
-        probe = folder / f".write-test-{os.getpid()}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
         try:
             os.write(fd, b"snapcoord\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-            probe.unlink(missing_ok=True)
+            os.unlink(probe)
     except OSError as exc:
         raise StoreError(
             f"store {folder} is not writable: {exc.strerror}",
@@ -143,7 +323,7 @@ class FileSink:
         self.name = name
         self.final = run.path / name
         self.part = run.path / f".{name}.part"
-        self._fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._fd = create_file(self.part)
         self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -193,7 +373,8 @@ class FileSink:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a link is not a stored file
+    with os.fdopen(fd, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -217,11 +398,13 @@ class RunDir:
     @classmethod
     def begin(cls, store: Path, vm: str, snapshot: str) -> RunDir:
         run = cls(store, vm, snapshot)
+        ensure_private(store, run.parent.name, vm=vm)
         if run.final.exists():
             raise StoreError(f"store already holds a run {run.final}", vm=vm)
         try:
-            _mkdirs(run.parent)
-            if run.path.exists():  # left over from a crashed run with the same name
+            if run.path.is_symlink():  # not ours: removed, never followed
+                run.path.unlink()
+            elif run.path.exists():  # left over from a crashed run with the same name
                 shutil.rmtree(run.path)
             run.path.mkdir(mode=0o700)
             os.chmod(run.path, 0o700)
@@ -297,8 +480,7 @@ class DumpInfo:
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(read_file(path))
     except (OSError, ValueError) as exc:
         raise CorruptDump(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -382,9 +564,12 @@ _MEMBER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")
 
 def verify_file(path: Path, entry: dict[str, Any], *, vm: str | None = None) -> None:
     try:
-        size = path.stat().st_size
+        info = path.lstat()
     except OSError:
         raise CorruptDump(f"{path} is missing", vm=vm) from None
+    if not stat.S_ISREG(info.st_mode):  # a link is not a stored file: never followed
+        raise CorruptDump(f"{path} is not a regular file: refusing to use it", vm=vm)
+    size = info.st_size
     if size != entry.get("size"):
         raise CorruptDump(
             f"{path} has {size} bytes, the manifest says {entry.get('size')}: refusing to use it",

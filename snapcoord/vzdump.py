@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, HypervisorError, UsageError, VMNotFound
-from snapcoord.journal import Journal
+from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
 
 JOB_PHASES = ("job-init", "job-start", "job-end", "job-abort")
@@ -143,7 +143,7 @@ def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
         journal = Journal(config.store, key)
         try:
             current = journal.read() or {}
-        except ValueError:  # half-written by hand: not a hook's freeze
+        except (ValueError, CorruptJournal):  # half-written by hand, a link: not a hook's freeze
             current = {}
         for data, open_run in ((current, True), (journal.read_last(), False)):
             freeze = data.get("freeze")
