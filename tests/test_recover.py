@@ -113,8 +113,10 @@ def test_the_journal_names_the_disarm_before_the_watchdog_is_armed(
     """A kill during the arm must leave a journal that makes the next run look for the
     watchdog: the pending disarm is written before the arm command is sent."""
     from snapcoord import cli
+    from snapcoord.config import load_config
     from snapcoord.hooks.guest import watchdog
-    from snapcoord.leftovers import DISARM, unfinished
+    from snapcoord.journal import RunRecord
+    from snapcoord.leftovers import DISARM, services_of, unfinished
 
     config, _state = stand_in_guest(tmp_path, libvirt_node, guest={"watchdog_seconds": 300})
     journal = tmp_path / "store" / "journal" / "db1.json"
@@ -129,7 +131,10 @@ def test_the_journal_names_the_disarm_before_the_watchdog_is_armed(
     assert cli.main(["-c", str(config), "snapshot", "db1"]) == 0
     (at_arm,) = seen
     assert DISARM in at_arm["pending"]  # type: ignore[operator]
-    assert unfinished(at_arm)
+    record = RunRecord.parse(
+        at_arm, services=services_of(load_config(config), "db1"), vm="db1", path=journal
+    )
+    assert unfinished(record)
     assert not journal.exists()
 
 
