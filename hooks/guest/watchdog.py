@@ -113,18 +113,6 @@ class Watchdog:
             "armed_at": round(self.armed_at, 3),
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Watchdog:
-        """From :meth:`as_dict` (a run journal); older journals lack the last fields."""
-        return cls(
-            int(data["pid"]),
-            str(data["marker"]),
-            int(data["seconds"]),
-            tuple(str(s) for s in data.get("services", ())),
-            data.get("database"),
-            float(data.get("armed_at") or 0.0),
-        )
-
 
 @dataclass(frozen=True)
 class Disarmed:
