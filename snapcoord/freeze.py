@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapcoord.config import Config
-from snapcoord.errors import ExitCode, Locked, PreflightError, SnapcoordError, SnapshotFailed
+from snapcoord.errors import ExitCode, Locked, PreflightError, SnapshotFailed
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
@@ -42,6 +43,8 @@ from snapcoord.shell import python_module, spawn
 
 #: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
+#: the runtime directory for root's sockets (see runtime_dir)
+_ROOT_RUNTIME = Path("/run/snapcoord")
 #: how long thaw waits for a holder that is restoring by itself (the limit was reached)
 _LOCK_WAIT = 300.0
 
@@ -54,21 +57,60 @@ class ThawTimeout(SnapshotFailed):
 
 
 def socket_path(config: Config, key: str) -> Path:
-    """Where VM ``key``'s holder listens: in the store, or (a long store path) in a private
-    directory under the temporary directory, named by a hash of the store path."""
+    """Where VM ``key``'s holder listens: in the store, or (a long store path) in the private
+    runtime directory (:func:`runtime_dir`), named by a hash of the store path."""
     path = config.store / "freeze" / f"{key}.sock"
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:24]
-    return Path(tempfile.gettempdir()) / f"snapcoord-{os.getuid()}" / f"{digest}.sock"
+    return runtime_dir() / f"{digest}.sock"
 
 
-def private_dir(path: Path) -> None:
-    """Create ``path`` (0700) or check that an existing one is ours and private."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
+def runtime_dir() -> Path:
+    """The directory for sockets whose store path is too long: ``/run/snapcoord`` for root, else
+    ``$XDG_RUNTIME_DIR/snapcoord`` (a per-user directory only that user can use) or
+    ``/tmp/snapcoord-<uid>``. Whichever it is, :func:`private_dir` checks it before any use:
+    one that someone else created is refused, never reused."""
+    uid = os.geteuid()
+    if uid == 0:
+        return _ROOT_RUNTIME
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/") and len(xdg) < _MAX_SOCKET_PATH - 40:
+        return Path(xdg) / "snapcoord"
+    return Path(tempfile.gettempdir()) / f"snapcoord-{uid}"
+
+
+def private_dir(path: Path, *, create: bool = True) -> bool:
+    """Make sure ``path`` is a directory only this user can use: a real directory (not a
+    symlink), owned by this user, mode 0700. Created (0700) when missing and ``create``; False
+    when missing and not ``create``. Anything else is refused in one line, and nothing is
+    created in it."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # ours, just made: whatever the umask took away
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if create:
+            raise
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    elif stat.S_IMODE(info.st_mode) != 0o700:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}, not 0700"
+    else:
+        return True
+    raise PreflightError(
+        f"{path} {problem}: it must be a directory only this user can use (mode 0700); "
+        "not using it",
+        hint="remove it if nobody should have made it",
+    )
 
 
 def outcome_dict(outcome: Outcome) -> dict[str, Any]:
@@ -129,8 +171,11 @@ class Relay:
 
 def holder_state(config: Config, key: str) -> dict[str, Any] | None:
     """The live holder's freeze state, or None when no holder answers."""
+    path = socket_path(config, key)
+    if not private_dir(path.parent, create=False):
+        return None  # refused in one line when it is not ours and private
     try:
-        with _connect(socket_path(config, key)) as conn:
+        with _connect(path) as conn:
             conn.sendall(b"status\n")
             for event in events(conn.makefile("rb")):
                 if event.get("event") == "frozen":
@@ -218,6 +263,8 @@ def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
     what the journal says (the holder died) or say there was nothing frozen."""
     config.vm(key)
     path = socket_path(config, key)
+    if not private_dir(path.parent, create=False):
+        return _thaw_without_holder(config, key)
     try:
         conn = _connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
