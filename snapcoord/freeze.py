@@ -35,16 +35,29 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapcoord.config import Config
-from snapcoord.errors import ExitCode, Locked, PreflightError, SnapshotFailed
+from snapcoord.errors import (
+    ExitCode,
+    Locked,
+    PreflightError,
+    SnapcoordError,
+    SnapshotFailed,
+)
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
+from snapcoord.settings import VMConfig
 from snapcoord.shell import python_module, spawn
 
 #: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
 #: the runtime directory for root's sockets (see runtime_dir)
 _ROOT_RUNTIME = Path("/run/snapcoord")
+#: the holder answers a thaw within this (it hears every client within 5 s)
+_THAW_ANSWER = 15.0
+#: what thaw_deadline adds to the unwind's own bounds
+_THAW_SPARE = 60.0
+#: the longest event line thaw reads
+_MAX_EVENT = 1 << 20
 #: how long thaw waits for a holder that is restoring by itself (the limit was reached)
 _LOCK_WAIT = 300.0
 
@@ -260,15 +273,25 @@ def _clock(epoch: Any) -> str:
 
 def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
     """Tell the holder to put the guest back and relay what it did; without a holder, put back
-    what the journal says (the holder died) or say there was nothing frozen."""
-    config.vm(key)
+    what the journal says (the holder died) or say there was nothing frozen.
+
+    thaw has its own deadlines: the holder must answer within ``_THAW_ANSWER`` and finish within
+    :func:`thaw_deadline`; past either, one line and exit 6 (the holder may still be restoring).
+    A connection the holder resets or closes without a result (it reached its limit, it died)
+    is the journal's story, like no holder at all: exit 5 when the freeze had ended at its
+    limit. Lines that are not the holder's events are skipped."""
+    vm = config.vm(key)
     path = socket_path(config, key)
     if not private_dir(path.parent, create=False):
         return _thaw_without_holder(config, key)
+    started = time.monotonic()
+    deadline = started + thaw_deadline(vm)
     try:
-        conn = _connect(path)
+        conn = _connect(path, timeout=_THAW_ANSWER)
     except (FileNotFoundError, ConnectionRefusedError):
         return _thaw_without_holder(config, key)
+    except TimeoutError:
+        raise _unanswered(config, key, "did not accept the thaw", _THAW_ANSWER) from None
     except OSError as exc:
         raise PreflightError(
             f"cannot reach the freeze holder at {path}: {exc.strerror}",
@@ -277,16 +300,96 @@ def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
         ) from None
     relay = Relay(reporter)
     with conn:
+        try:
+            outcome = _relay_thaw(conn, relay, min(started + _THAW_ANSWER, deadline), deadline)
+        except _NoAnswer:
+            raise _unanswered(config, key, "did not answer the thaw", _THAW_ANSWER) from None
+        except TimeoutError:
+            what = "did not finish putting the guest back"
+            raise _unanswered(config, key, what, deadline - started) from None
+        except OSError:
+            outcome = None  # reset or broken: the holder went away (at its limit, or died)
+    if outcome is not None:
+        return outcome
+    return _thaw_without_holder(config, key)  # the holder ended without telling thaw
+
+
+def thaw_deadline(vm: VMConfig) -> float:
+    """How long ``thaw`` waits for the holder to put the guest back: the unwind's own bounds
+    (connecting, starting each service, the database and a few commands, the after hooks)
+    and a minute to spare."""
+    guest = vm.guest
+    if guest is None:
+        return _THAW_SPARE
+    starts = guest.start_timeout * (len(guest.services) + 1)
+    hooks = vm.hooks.timeout * len(vm.hooks.after)
+    return _THAW_SPARE + guest.connect_timeout + starts + 4 * guest.command_timeout + hooks
+
+
+class _NoAnswer(TimeoutError):
+    """The holder said nothing at all within ``_THAW_ANSWER``."""
+
+
+def _relay_thaw(
+    conn: socket.socket, relay: Relay, answer_by: float, deadline: float
+) -> Outcome | None:
+    """Ask ``conn`` to thaw and relay its events until the outcome (returned); None when the
+    connection ends first. Raises TimeoutError (``_NoAnswer`` before any event) past the
+    deadlines, OSError when the connection breaks."""
+    conn.settimeout(max(answer_by - time.monotonic(), 0.001))
+    try:
         conn.sendall(b"thaw\n")
-        for event in events(conn.makefile("rb")):
+    except TimeoutError:
+        raise _NoAnswer from None
+    answered = False
+    buffer = b""
+    while True:
+        left = (deadline if answered else answer_by) - time.monotonic()
+        if left <= 0:
+            raise TimeoutError if answered else _NoAnswer
+        conn.settimeout(left)
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            raise TimeoutError if answered else _NoAnswer from None
+        if not data:
+            return None
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        if len(buffer) > _MAX_EVENT:
+            buffer = b""  # not an event of ours: skipped like any other line
+        for event in events(lines):
+            answered = True
             if event.get("event") == "outcome":
-                return outcome_from(event)
-            relay.handle(event)
-    return _thaw_without_holder(config, key)  # the holder died while restoring
+                with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                    return outcome_from(event)
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                relay.handle(event)
 
 
-def _connect(path: Path) -> socket.socket:
+def _unanswered(config: Config, key: str, what: str, seconds: float) -> SnapcoordError:
+    data = Journal(config.store, key).read() or {}
+    freeze = data.get("freeze") if isinstance(data.get("freeze"), dict) else {}
+    pid = freeze.get("pid", "?") if isinstance(freeze, dict) else "?"
+    return HolderUnanswered(
+        f"the freeze holder (pid {pid}) {what} within {seconds:g} s: the guest may still be "
+        "quiesced",
+        vm=key,
+        hint=f"see {config.store / 'freeze' / f'{key}.log'}; the guest is put back at the "
+        f"freeze's limit at the latest; run snapcoord thaw {key} again",
+    )
+
+
+class HolderUnanswered(SnapcoordError):
+    """thaw could not confirm that the guest runs again: a service may be down."""
+
+    exit_code = ExitCode.SERVICE_NOT_RESTORED
+
+
+def _connect(path: Path, *, timeout: float | None = None) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
     try:
         conn.connect(str(path))
     except OSError:

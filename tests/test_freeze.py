@@ -168,7 +168,9 @@ def test_waiter_answers_status_then_returns_on_thaw(tmp_path: Path) -> None:
     assert not socket_path(cfg, "db").exists(), "no one else can ask once thaw came"
     waiter.channel.note("restoring")
     waiter.channel.switch(None)
-    assert json.loads(conn.makefile("rb").readline()) == {"event": "note", "text": "restoring"}
+    answer = conn.makefile("rb")
+    assert json.loads(answer.readline()) == {"event": "thawing"}, "thaw hears at once"
+    assert json.loads(answer.readline()) == {"event": "note", "text": "restoring"}
     mute.close()
     conn.close()
 
