@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -34,15 +35,30 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapcoord.config import Config
-from snapcoord.errors import ExitCode, Locked, PreflightError, SnapcoordError, SnapshotFailed
+from snapcoord.errors import (
+    ExitCode,
+    Locked,
+    PreflightError,
+    SnapcoordError,
+    SnapshotFailed,
+)
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
+from snapcoord.settings import VMConfig
 from snapcoord.shell import python_module, spawn
 from snapcoord.store import create_file, ensure_private
 
 #: AF_UNIX paths longer than this do not fit sockaddr_un (108 bytes with the NUL)
 _MAX_SOCKET_PATH = 100
+#: the runtime directory for root's sockets (see runtime_dir)
+_ROOT_RUNTIME = Path("/run/snapcoord-freeze")  # not the guest scripts' /run/snapcoord
+#: the holder answers a thaw within this (it hears every client within 5 s)
+_THAW_ANSWER = 15.0
+#: what thaw_deadline adds to the unwind's own bounds
+_THAW_SPARE = 60.0
+#: the longest event line thaw reads
+_MAX_EVENT = 1 << 20
 #: how long thaw waits for a holder that is restoring by itself (the limit was reached)
 _LOCK_WAIT = 300.0
 
@@ -55,23 +71,60 @@ class ThawTimeout(SnapshotFailed):
 
 
 def socket_path(config: Config, key: str) -> Path:
-    """Where VM ``key``'s holder listens: in the store, or (a long store path) in a private
-    directory under the temporary directory, named by a hash of the store path."""
+    """Where VM ``key``'s holder listens: in the store, or (a long store path) in the private
+    runtime directory (:func:`runtime_dir`), named by a hash of the store path."""
     path = config.store / "freeze" / f"{key}.sock"
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:24]
-    return Path(tempfile.gettempdir()) / f"snapcoord-{os.getuid()}" / f"{digest}.sock"
+    return runtime_dir() / f"{digest}.sock"
 
 
-def private_dir(path: Path) -> None:
-    """Create ``path`` (0700) or check that an existing one is ours and private, and that no
-    one else can write a directory above it (:func:`snapcoord.store.ensure_private`)."""
-    with contextlib.suppress(FileNotFoundError):
-        info = path.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise SnapcoordError(f"{path} must be a directory only this user can use (mode 0700)")
-    ensure_private(path)
+def runtime_dir() -> Path:
+    """The directory for sockets whose store path is too long: ``/run/snapcoord-freeze`` for
+    root, else ``$XDG_RUNTIME_DIR/snapcoord`` (a per-user directory only that user can use) or
+    ``/tmp/snapcoord-<uid>``. Whichever it is, :func:`private_dir` checks it before any use:
+    one that someone else created is refused, never reused."""
+    uid = os.geteuid()
+    if uid == 0:
+        return _ROOT_RUNTIME
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/") and len(xdg) < _MAX_SOCKET_PATH - 40:
+        return Path(xdg) / "snapcoord"
+    return Path(tempfile.gettempdir()) / f"snapcoord-{uid}"
+
+
+def private_dir(path: Path, *, create: bool = True) -> bool:
+    """Make sure ``path`` is a directory only this user can use: a real directory (not a
+    symlink), owned by this user, mode 0700. Created (0700) when missing and ``create``; False
+    when missing and not ``create``. Anything else is refused in one line, and nothing is
+    created in it."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # ours, just made: whatever the umask took away
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if create:
+            raise
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    elif stat.S_IMODE(info.st_mode) != 0o700:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}, not 0700"
+    else:
+        return True
+    raise PreflightError(
+        f"{path} {problem}: it must be a directory only this user can use (mode 0700); "
+        "not using it",
+        hint="remove it if nobody should have made it",
+    )
 
 
 def open_log(store: Path, key: str) -> tuple[Path, IO[bytes]]:
@@ -142,8 +195,11 @@ class Relay:
 
 def holder_state(config: Config, key: str) -> dict[str, Any] | None:
     """The live holder's freeze state, or None when no holder answers."""
+    path = socket_path(config, key)
+    if not private_dir(path.parent, create=False):
+        return None  # refused in one line when it is not ours and private
     try:
-        with _connect(socket_path(config, key)) as conn:
+        with _connect(path) as conn:
             conn.sendall(b"status\n")
             for event in events(conn.makefile("rb")):
                 if event.get("event") == "frozen":
@@ -226,13 +282,25 @@ def _clock(epoch: Any) -> str:
 
 def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
     """Tell the holder to put the guest back and relay what it did; without a holder, put back
-    what the journal says (the holder died) or say there was nothing frozen."""
-    config.vm(key)
+    what the journal says (the holder died) or say there was nothing frozen.
+
+    thaw has its own deadlines: the holder must answer within ``_THAW_ANSWER`` and finish within
+    :func:`thaw_deadline`; past either, one line and exit 6 (the holder may still be restoring).
+    A connection the holder resets or closes without a result (it reached its limit, it died)
+    is the journal's story, like no holder at all: exit 5 when the freeze had ended at its
+    limit. Lines that are not the holder's events are skipped."""
+    vm = config.vm(key)
     path = socket_path(config, key)
+    if not private_dir(path.parent, create=False):
+        return _thaw_without_holder(config, key)
+    started = time.monotonic()
+    deadline = started + thaw_deadline(vm)
     try:
-        conn = _connect(path)
+        conn = _connect(path, timeout=_THAW_ANSWER)
     except (FileNotFoundError, ConnectionRefusedError):
         return _thaw_without_holder(config, key)
+    except TimeoutError:
+        raise _unanswered(config, key, "did not accept the thaw", _THAW_ANSWER) from None
     except OSError as exc:
         raise PreflightError(
             f"cannot reach the freeze holder at {path}: {exc.strerror}",
@@ -241,16 +309,96 @@ def thaw_vm(config: Config, key: str, *, reporter: Reporter) -> Outcome:
         ) from None
     relay = Relay(reporter)
     with conn:
+        try:
+            outcome = _relay_thaw(conn, relay, min(started + _THAW_ANSWER, deadline), deadline)
+        except _NoAnswer:
+            raise _unanswered(config, key, "did not answer the thaw", _THAW_ANSWER) from None
+        except TimeoutError:
+            what = "did not finish putting the guest back"
+            raise _unanswered(config, key, what, deadline - started) from None
+        except OSError:
+            outcome = None  # reset or broken: the holder went away (at its limit, or died)
+    if outcome is not None:
+        return outcome
+    return _thaw_without_holder(config, key)  # the holder ended without telling thaw
+
+
+def thaw_deadline(vm: VMConfig) -> float:
+    """How long ``thaw`` waits for the holder to put the guest back: the unwind's own bounds
+    (connecting, starting each service, the database and a few commands, the after hooks)
+    and a minute to spare."""
+    guest = vm.guest
+    if guest is None:
+        return _THAW_SPARE
+    starts = guest.start_timeout * (len(guest.services) + 1)
+    hooks = vm.hooks.timeout * len(vm.hooks.after)
+    return _THAW_SPARE + guest.connect_timeout + starts + 4 * guest.command_timeout + hooks
+
+
+class _NoAnswer(TimeoutError):
+    """The holder said nothing at all within ``_THAW_ANSWER``."""
+
+
+def _relay_thaw(
+    conn: socket.socket, relay: Relay, answer_by: float, deadline: float
+) -> Outcome | None:
+    """Ask ``conn`` to thaw and relay its events until the outcome (returned); None when the
+    connection ends first. Raises TimeoutError (``_NoAnswer`` before any event) past the
+    deadlines, OSError when the connection breaks."""
+    conn.settimeout(max(answer_by - time.monotonic(), 0.001))
+    try:
         conn.sendall(b"thaw\n")
-        for event in events(conn.makefile("rb")):
+    except TimeoutError:
+        raise _NoAnswer from None
+    answered = False
+    buffer = b""
+    while True:
+        left = (deadline if answered else answer_by) - time.monotonic()
+        if left <= 0:
+            raise TimeoutError if answered else _NoAnswer
+        conn.settimeout(left)
+        try:
+            data = conn.recv(65536)
+        except TimeoutError:
+            raise TimeoutError if answered else _NoAnswer from None
+        if not data:
+            return None
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        if len(buffer) > _MAX_EVENT:
+            buffer = b""  # not an event of ours: skipped like any other line
+        for event in events(lines):
+            answered = True
             if event.get("event") == "outcome":
-                return outcome_from(event)
-            relay.handle(event)
-    return _thaw_without_holder(config, key)  # the holder died while restoring
+                with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                    return outcome_from(event)
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                relay.handle(event)
 
 
-def _connect(path: Path) -> socket.socket:
+def _unanswered(config: Config, key: str, what: str, seconds: float) -> SnapcoordError:
+    data = Journal(config.store, key).read() or {}
+    freeze = data.get("freeze") if isinstance(data.get("freeze"), dict) else {}
+    pid = freeze.get("pid", "?") if isinstance(freeze, dict) else "?"
+    return HolderUnanswered(
+        f"the freeze holder (pid {pid}) {what} within {seconds:g} s: the guest may still be "
+        "quiesced",
+        vm=key,
+        hint=f"see {config.store / 'freeze' / f'{key}.log'}; the guest is put back at the "
+        f"freeze's limit at the latest; run snapcoord thaw {key} again",
+    )
+
+
+class HolderUnanswered(SnapcoordError):
+    """thaw could not confirm that the guest runs again: a service may be down."""
+
+    exit_code = ExitCode.SERVICE_NOT_RESTORED
+
+
+def _connect(path: Path, *, timeout: float | None = None) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
     try:
         conn.connect(str(path))
     except OSError:

@@ -9,12 +9,14 @@ import argparse
 import contextlib
 import logging
 import os
+import selectors
 import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, Any, cast
 
 from snapcoord.config import Config, load_config
 from snapcoord.errors import Interrupted, SnapcoordError
@@ -34,8 +36,13 @@ log = logging.getLogger("snapcoord.holder")
 
 #: the holder restores this long before the limit, so the guest's own limit never has to act
 _MARGIN = 2.0
-#: a client has this long to say what it wants
+#: a client has this long in all to say what it wants (one line), however it trickles
 _REQUEST_TIMEOUT = 5.0
+#: the longest request line, and how many clients may be waiting to be heard at once
+_MAX_REQUEST = 64
+_MAX_CLIENTS = 16
+#: each event to thaw is written within this, or thaw is let go (the unwind goes on)
+_SEND_TIMEOUT = 10.0
 
 
 class Channel:
@@ -120,7 +127,12 @@ class ThawWaiter:
             self.path.unlink(missing_ok=True)
 
     def wait(self) -> None:
-        """Frozen: tell ``freeze``, then serve status requests until a thaw or the limit."""
+        """Frozen: tell ``freeze``, then serve status requests until a thaw or the limit.
+
+        The limit is absolute (a monotonic deadline for the whole wait, counted from the
+        start): no client, however slow, keeps the guest quiesced past it. Clients are served
+        side by side, each within a total deadline for its request line: one that stalls or
+        trickles is dropped at its deadline and never stops a thaw from another one."""
         ctx = self.ctx
         assert ctx is not None and ctx.freeze is not None and self._server is not None
         state = ctx.freeze
@@ -132,25 +144,40 @@ class ThawWaiter:
             )
         self.channel.switch(None)
         deadline = self.started + self.max_seconds - _MARGIN
+        server = self._server
+        server.setblocking(False)
+        clients: dict[socket.socket, _Request] = {}
+        selector = selectors.DefaultSelector()
+        selector.register(server, selectors.EVENT_READ)
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     self._ended("limit")
                     raise ThawTimeout(
                         f"no thaw within {self.max_seconds} s: putting the guest back",
                         vm=ctx.key,
                         hint="a snapshot taken from now on is not consistent",
                     )
-                self._server.settimeout(min(left, 1.0))
-                try:
-                    conn, _ = self._server.accept()
-                except TimeoutError:
-                    continue
-                if self._serve(conn, state):
-                    self._ended("thaw")
-                    return
+                for conn in [c for c, r in clients.items() if r.deadline <= now]:
+                    self._drop(selector, clients, conn)  # its time for a request is up
+                ends = [deadline, *(r.deadline for r in clients.values())]
+                for key, _ in selector.select(max(min(ends) - now, 0.0)):
+                    if key.fileobj is server:
+                        self._accept(selector, clients, min(now + _REQUEST_TIMEOUT, deadline))
+                        continue
+                    conn = cast(socket.socket, key.fileobj)
+                    request = self._read(clients[conn], conn)
+                    if request is None:
+                        continue  # not a whole line yet
+                    self._drop(selector, clients, conn, close=False)
+                    if self._serve(conn, request, state):
+                        self._ended("thaw")
+                        return
         finally:
+            for conn in list(clients):
+                self._drop(selector, clients, conn)
+            selector.close()
             self.close()  # nobody else may ask now
 
     def _ended(self, how: str) -> None:
@@ -158,24 +185,82 @@ class ThawWaiter:
         self.ended_by = how
         self.ctx.outputs.update(ended_by=how, ended_at=round(time.time(), 3))
 
-    def _serve(self, conn: socket.socket, state: dict[str, Any]) -> bool:
-        """Answer one client; True when it asked to thaw (it then gets every event)."""
-        conn.settimeout(_REQUEST_TIMEOUT)
-        try:
-            request = conn.makefile("rb").readline().strip()
-        except OSError:
+    def _accept(
+        self,
+        selector: selectors.BaseSelector,
+        clients: dict[socket.socket, _Request],
+        deadline: float,
+    ) -> None:
+        assert self._server is not None
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: the waiting clients still count
+                log.info("cannot accept a client: %s", exc)
+                return
+            conn.setblocking(False)
+            if len(clients) >= _MAX_CLIENTS:  # the longest waiting gives way to the newest
+                self._drop(selector, clients, next(iter(clients)))
+            clients[conn] = _Request(deadline)
+            selector.register(conn, selectors.EVENT_READ)
+
+    @staticmethod
+    def _drop(
+        selector: selectors.BaseSelector,
+        clients: dict[socket.socket, _Request],
+        conn: socket.socket,
+        *,
+        close: bool = True,
+    ) -> None:
+        clients.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(conn)
+        if close:
             conn.close()
-            return False
+
+    @staticmethod
+    def _read(request: _Request, conn: socket.socket) -> bytes | None:
+        """What ``conn`` asked once its line is whole; b"" when it went away or said too much
+        without a newline (dropped like a wrong request); None while the line is incomplete."""
+        try:
+            data = conn.recv(_MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+        if not data:
+            return b""
+        request.data += data
+        line, newline, _ = request.data.partition(b"\n")
+        if newline:
+            return line.strip()
+        return b"" if len(request.data) > _MAX_REQUEST else None
+
+    def _serve(self, conn: socket.socket, request: bytes, state: dict[str, Any]) -> bool:
+        """Answer one client's request; True when it asked to thaw (it then gets every event,
+        each write within ``_SEND_TIMEOUT``: a thaw that stops reading is let go, the unwind
+        goes on)."""
+        conn.settimeout(_SEND_TIMEOUT)
         if request == b"thaw":
-            conn.settimeout(None)
             self.channel.switch(conn.makefile("wb"))
             conn.close()  # the file object keeps the connection open
+            self.channel.send({"event": "thawing"})
             return True
         if request == b"status":
             with contextlib.suppress(OSError), conn.makefile("wb") as out:
                 write_line(out, {"event": "frozen", **state})
         conn.close()
         return False
+
+
+@dataclass
+class _Request:
+    """A client that has not said what it wants yet: what it sent so far, and until when."""
+
+    deadline: float
+    data: bytes = b""
 
 
 def hold(
