@@ -296,7 +296,10 @@ def test_preflight_catches_a_full_store(
 def tiny_store(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    # mode=0700: a store must be private (a fresh tmpfs root is 1777)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)], check=True
+    )
     try:
         yield mount
     finally:
