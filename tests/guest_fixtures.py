@@ -116,9 +116,14 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
 def watchdog_pids(run: str) -> list[int]:
     """PIDs of the guest watchdog of run ``run`` (its arguments carry snapcoord-watchdog-<run>).
 
-    Only this run's: other test processes on the machine may have their own watchdogs."""
+    Only this run's, and only the watchdog itself, the leader of its own process group: the
+    short-lived forks of its shell carry the same arguments for a moment."""
     marker = f"snapcoord-watchdog-{run}"
-    return [pid for pid, _comm, args in lab.process_table() if marker in args.split()]
+    return [
+        pid
+        for pid, _comm, args in lab.process_table()
+        if marker in args.split() and lab.stat_fields(pid)[2:3] == [str(pid)]
+    ]
 
 
 def guest_state() -> dict[str, Any]:

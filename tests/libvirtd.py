@@ -9,6 +9,9 @@ already running is left alone. Used by tests/test_libvirt_qemu.py and tests/real
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -58,3 +61,104 @@ def running_libvirtd(uri: str = URI, timeout: float = 60.0) -> Iterator[str]:
         for proc in reversed(started):
             proc.terminate()
             proc.wait(30)
+
+
+# -- one libvirtd for every worker and every pytest session on this machine ----------------------
+
+#: On the host's /run (the pytest controller runs there, outside the lab sandboxes).
+SHARED_DIR = "/run/snapcoord-lab"
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class SharedLibvirtd:
+    """libvirtd (and virtlogd) shared by every test worker and every pytest session.
+
+    Each session holds a shared flock on ``users`` while it runs; the first one starts the
+    daemons if nothing answers (recording their PID and start time in ``daemons``), and the
+    session that ends last (it gets the lock exclusively) stops the daemons the lab started, by
+    PID, only if that PID still has the recorded start time. A libvirtd the lab did not start is
+    never stopped. The workers reach it through the host's /run/libvirt, bound into their
+    sandboxes (tests/lab/sandbox.py).
+    """
+
+    def __init__(self, uri: str = URI, directory: str = SHARED_DIR) -> None:
+        self.uri = uri
+        self.directory = directory
+        self._users_fd = -1
+
+    def _path(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        fd = os.open(self._path("start.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def acquire(self, timeout: float = 60.0) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._users_fd = os.open(self._path("users"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        libvirt.registerErrorHandler(lambda *_a: None, None)
+        with self._exclusive():
+            if can_open(self.uri):
+                return
+            log = open(self._path("daemons.log"), "ab")  # noqa: SIM115 - the daemons keep it
+            started = []
+            for name in ("virtlogd", "libvirtd"):
+                if name == "virtlogd" and virtlogd_listens():
+                    continue
+                proc = subprocess.Popen([name], stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, start_new_session=True)  # fmt: skip
+                started.append(f"{proc.pid} {_start_time(proc.pid)}\n")
+            log.close()
+            with open(self._path("daemons"), "a") as record:
+                record.writelines(started)
+            deadline = time.monotonic() + timeout
+            while not can_open(self.uri) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def release(self) -> None:
+        if self._users_fd < 0:
+            return
+        with self._exclusive():
+            fcntl.flock(self._users_fd, fcntl.LOCK_UN)
+            os.close(self._users_fd)
+            self._users_fd = -1
+            probe = os.open(self._path("users"), os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # another session still uses the daemons
+            finally:
+                os.close(probe)
+            self._stop_recorded()
+
+    def _stop_recorded(self) -> None:
+        try:
+            with open(self._path("daemons")) as record:
+                entries = [line.split() for line in record if line.strip()]
+        except FileNotFoundError:
+            return
+        for pid_text, started in reversed(entries):
+            pid = int(pid_text)
+            if _start_time(pid) != started:
+                continue  # gone, or another process has the PID now
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _start_time(pid) == started and time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                time.sleep(0.1)
+        os.unlink(self._path("daemons"))

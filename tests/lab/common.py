@@ -87,12 +87,24 @@ def require(cmd: str, package: str | None = None) -> str:
 
 
 def require_root() -> None:
-    """Fail under CI=true, else skip, when not running as root (the lab needs root)."""
-    if os.geteuid() == 0:
+    """Fail under CI=true, else skip, unless this is root inside a lab sandbox.
+
+    The lab needs root (sshd, service, useradd), and it only ever runs in its sandbox
+    (tests/lab/sandbox.py): the host's own services are never the lab's.
+    """
+    from tests.lab import sandbox
+
+    if os.geteuid() == 0 and sandbox.active():
         return
     import pytest
 
-    msg = "the guest lab needs root (sshd, service, useradd)"
+    if os.geteuid() != 0:
+        msg = "the guest lab needs root (sshd, service, useradd)"
+    else:
+        msg = (
+            "the guest lab runs only inside its sandbox: run the tests with pytest-xdist "
+            "installed (make test), or under tests/lab/sandboxed-python"
+        )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg, pytrace=False)
     pytest.skip(msg)
@@ -143,8 +155,8 @@ def stop_pid(pid: int, proc: subprocess.Popen[Any] | None = None, timeout: float
         proc.wait(timeout=5)
 
 
-#: Serialises lab users across processes (parallel pytest sessions share one MariaDB).
-LOCK_PATH = Path("/tmp/snapcoord-lab.lock")
+#: Serialises lab users within one sandbox (on its private /run: every sandbox has its own).
+LOCK_PATH = Path("/run/snapcoord-lab.lock")
 
 
 _lock_state: dict[str, int] = {"depth": 0, "fd": -1}
@@ -152,11 +164,11 @@ _lock_state: dict[str, int] = {"depth": 0, "fd": -1}
 
 @contextlib.contextmanager
 def lab_lock(timeout: float = 900.0) -> Iterator[None]:
-    """Hold the machine-wide lab lock (flock, re-entrant within this process).
+    """Hold the sandbox's lab lock (flock, re-entrant within this process).
 
-    The guest's services and database are shared by everything on this machine; tests that
-    stop services or rewrite databases hold this lock so two pytest sessions do not collide.
-    A process that dies releases it.
+    The sandbox's services and database are shared by everything running in it (a worker and
+    a ``python3 -m tests.lab`` started by hand in the same sandbox); tests that stop services
+    or rewrite databases hold this lock. A process that dies releases it.
     """
     if _lock_state["depth"]:
         _lock_state["depth"] += 1

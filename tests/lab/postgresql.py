@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.lab import sandbox
 from tests.lab.common import LabError, run
 from tests.lab.services import ensure_running, service_argv, service_running
 
@@ -30,16 +31,35 @@ def pg_clusters() -> list[dict[str, str]]:
 
 
 def pg_cluster() -> dict[str, str]:
-    """The cluster the lab uses: the one on port 5432 (Debian's first cluster)."""
+    """The cluster the lab uses: the one on the sandbox's PostgreSQL port (tests/lab/sandbox.py),
+    created by :func:`ensure_postgresql`."""
+    port = str(sandbox.ports()["postgresql"])
     clusters = pg_clusters()
-    if not clusters:
-        raise LabError("no PostgreSQL cluster (pg_createcluster 15 main)")
-    return next((c for c in clusters if c["port"] == "5432"), clusters[0])
+    found = next((c for c in clusters if c["port"] == port), None)
+    if found is None:
+        raise LabError(f"no PostgreSQL cluster on port {port} (ensure_postgresql creates it)")
+    return found
+
+
+def _create_cluster() -> None:
+    """The sandbox's cluster: Debian's ``pg_createcluster`` for the newest installed server,
+    on the sandbox's port (its /etc/postgresql and /var/lib/postgresql are private)."""
+    versions = sorted(
+        (p.name for p in Path("/usr/lib/postgresql").glob("*") if (p / "bin/postgres").exists()),
+        key=int,
+    )
+    if not versions:
+        raise LabError("no PostgreSQL server installed (apt-get install -y postgresql)")
+    port = str(sandbox.ports()["postgresql"])
+    run(["pg_createcluster", "--port", port, versions[-1], "main"], timeout=300)
 
 
 def ensure_postgresql() -> bool:
-    """Every cluster listens on loopback and its socket only (a conf.d file; restarted if that
-    changed while it ran), and the server runs. True if it was started or restarted."""
+    """The sandbox's cluster exists, listens on loopback and its socket only (a conf.d file;
+    restarted if that changed while it ran), and the server runs. True if it was started or
+    restarted."""
+    if not pg_clusters():
+        _create_cluster()
     changed = False
     for cluster in pg_clusters():
         conf_d = Path("/etc/postgresql", cluster["version"], cluster["cluster"], "conf.d")

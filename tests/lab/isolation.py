@@ -1,0 +1,104 @@
+"""pytest plugin: every test runs in a lab sandbox, never against the host's own services.
+
+Loaded for every run (``-p tests.lab.isolation`` in pyproject.toml's addopts). In the process
+that starts pytest (the controller), as root:
+
+* every pytest-xdist worker starts through ``tests/lab/sandboxed-python``, so each has its own
+  lab guest (tests/lab/sandbox.py); a run without ``-n`` gets one worker, so the lab is never
+  the host. Tests are distributed with ``--dist loadgroup``: tests marked
+  ``xdist_group("realvm")`` (one real Debian guest under QEMU) stay on one worker.
+* libvirtd is started once for all workers (and shared with other pytest sessions on this
+  machine) and stopped after the last one ends (tests/libvirtd.py :class:`SharedLibvirtd`).
+* the host's own MariaDB, Apache, cron and PostgreSQL processes are recorded before the run
+  and compared after it (tests/lab/host_services.py): if any stopped, restarted or appeared,
+  the session fails.
+
+Without root nothing changes (the lab's tests skip, or fail under CI=true). Inside a sandbox
+(an xdist worker, or ``tests/lab/sandboxed-python -m pytest``) the tests run where they are.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab import host_services, sandbox
+
+WRAPPER = Path(__file__).resolve().with_name("sandboxed-python")
+
+_BEFORE = pytest.StashKey[frozenset[host_services.HostService]]()
+_LIBVIRTD = pytest.StashKey[object]()
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput") and not sandbox.active()
+
+
+def _sandboxed_specs(specs: list[str]) -> list[str]:
+    out = []
+    for spec in specs:
+        if spec.split("//", 1)[0] != "popen" or "python=" in spec:
+            raise pytest.UsageError(
+                f"--tx {spec}: the lab runs only in local workers it starts itself (popen)"
+            )
+        out.append(f"{spec}//python={WRAPPER}")
+    return out
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0 or not _is_controller(config) or config.getoption("collectonly"):
+        return
+    if not hasattr(config.option, "tx"):
+        return  # no pytest-xdist: the lab's fixtures refuse to run (tests/lab/common.py)
+    if config.option.dist == "no" or not config.option.tx:
+        config.option.dist = "loadgroup"
+        config.option.tx = ["popen"]
+    elif config.option.dist == "load":
+        config.option.dist = "loadgroup"
+    config.option.tx = _sandboxed_specs(list(config.option.tx))
+    os.environ["SNAPCOORD_LAB_PYTHON"] = sys.executable
+    config.stash[_BEFORE] = host_services.services()
+    if shutil.which("libvirtd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+        from tests.libvirtd import SharedLibvirtd
+
+        shared = SharedLibvirtd()
+        shared.acquire()
+        config.stash[_LIBVIRTD] = shared
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_LIBVIRTD, None)
+    if shared is not None:
+        shared.release()  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    lines = host_services.changes(before, host_services.services())
+    if not lines:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(f"host services: {line}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+#: Tests that share one real Debian guest under QEMU (tests/realvm_guest.py), or drive QEMU
+#: through libvirtd, run on one worker, beside the others.
+QEMU_GROUP = "realvm"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item.module, "__name__", "") if hasattr(item, "module") else ""
+        if item.get_closest_marker("realvm") or module.endswith("test_libvirt_qemu"):
+            item.add_marker(pytest.mark.xdist_group(QEMU_GROUP))

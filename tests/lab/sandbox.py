@@ -1,0 +1,271 @@
+"""A lab guest that is a sandbox: one per test worker, in its own mount and PID namespaces.
+
+``tests/lab/sandboxed-python`` starts a Python interpreter (an xdist worker, or anything else)
+through util-linux's ``unshare --mount --pid --fork --mount-proc``; this file is the namespace's
+PID 1. Before it starts the interpreter it gives the namespace a world of its own:
+
+* ``/etc`` is an overlay on the host's: the distribution's init scripts and configuration are
+  used unchanged, and whatever the lab writes there (test users, sudoers, a broken Apache
+  config, a binlog option) stays in the sandbox.
+* ``/run``, ``/var/log``, ``/var/spool/cron`` and ``/home`` are private; ``/var/lib/mysql`` is a
+  fresh MariaDB datadir (``mariadb-install-db``) and ``/var/lib/postgresql`` an empty one (the
+  lab creates its cluster on first use, :func:`tests.lab.postgresql.ensure_postgresql`).
+* The network is the host's, so every server gets its own loopback port, written into the
+  sandbox's configuration: MariaDB (``99-snapcoord-sandbox.cnf``), Apache (``ports.conf`` and the
+  default site), PostgreSQL (the port of the cluster the lab creates). Cron gets an empty
+  ``/etc/cron.d`` and a ``/etc/crontab`` without the host's jobs.
+* ``/proc`` shows the sandbox's processes only, so ``service``, ``pidof`` and the lab's process
+  checks never see (or signal) the host's services; ``/run/systemd`` is absent, so ``service``
+  uses the init scripts.
+* The host's ``/run/libvirt`` is bound in: libvirtd is shared by every worker
+  (tests/libvirtd.py, started once by the pytest controller).
+
+PID 1 reaps every orphan, forwards SIGINT/SIGTERM/SIGHUP to the interpreter, and when the
+interpreter ends, stops every process left in the namespace (SIGTERM, then SIGKILL after a
+grace period), removes the sandbox's directory and exits with the interpreter's status. If PID
+1 itself is killed, the kernel kills everything in the namespace.
+
+As a module (``from tests.lab import sandbox``), :func:`active` says whether this process runs
+in a sandbox and :func:`ports` gives the sandbox's server ports. This file runs as a program
+with ``python3 -I`` (nothing imported from the current directory), so it needs the standard
+library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: Set in the interpreter's environment: the sandbox's directory (on the host's /tmp).
+ENV = "SNAPCOORD_LAB_SANDBOX"
+
+#: In the sandbox's directory: the ports of its servers (JSON).
+PORTS_FILE = "ports.json"
+
+#: Seconds the processes left in the sandbox get between SIGTERM and SIGKILL.
+GRACE = 10.0
+
+#: Private directories: mount point -> (owner, group, mode).
+PRIVATE_DIRS: dict[str, tuple[str, str, int]] = {
+    "/var/lib/mysql": ("mysql", "mysql", 0o755),
+    "/var/lib/postgresql": ("postgres", "postgres", 0o755),
+    "/var/log": ("root", "root", 0o755),
+    "/var/spool/cron": ("root", "root", 0o755),
+    "/home": ("root", "root", 0o755),
+}
+
+#: Directories made on the private /run and /var/log (owner, group, mode), as the packages do.
+RUNTIME_DIRS: dict[str, tuple[str, str, int]] = {
+    "/run/lock": ("root", "root", 0o1777),
+    "/run/sshd": ("root", "root", 0o755),
+    "/run/mysqld": ("mysql", "mysql", 0o755),
+    "/run/postgresql": ("postgres", "postgres", 0o2775),
+    "/var/log/apache2": ("root", "adm", 0o750),
+    "/var/log/mysql": ("mysql", "adm", 0o2750),
+    "/var/log/postgresql": ("root", "postgres", 0o1775),
+    "/var/spool/cron/crontabs": ("root", "crontab", 0o1730),
+}
+
+CRONTAB = """\
+# snapcoord lab sandbox (tests/lab/sandbox.py): no jobs of the host's run here
+SHELL=/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/sbin:/bin:/usr/sbin:/usr/bin
+"""
+
+
+def active() -> bool:
+    """True if this process runs inside a lab sandbox (its PID 1 is this file's init)."""
+    workdir = os.environ.get(ENV)
+    if not workdir or not Path(workdir, PORTS_FILE).is_file():
+        return False
+    try:
+        init = Path("/proc/1/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith(b"tests/lab/sandbox.py") for part in init)
+
+
+def workdir() -> Path:
+    return Path(os.environ[ENV])
+
+
+def ports() -> dict[str, int]:
+    """``{"mysql": ..., "http": ..., "postgresql": ...}``: the sandbox's server ports."""
+    data: dict[str, int] = json.loads(Path(os.environ[ENV], PORTS_FILE).read_text())
+    return data
+
+
+# -- the init (PID 1 of the sandbox) ------------------------------------------------------------
+
+
+def _run(*argv: str, timeout: float = 120.0) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"sandbox: {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _make_dir(path: str | Path, owner: str, group: str, mode: int) -> None:
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+
+
+def _known(owner: str, group: str) -> bool:
+    try:
+        pwd.getpwnam(owner)
+        grp.getgrnam(group)
+    except KeyError:
+        return False
+    return True
+
+
+def _mount_world(work: Path) -> None:
+    """Every mount of the sandbox (the namespace's mounts are private: none reaches the host)."""
+    upper, lower_work = work / "etc-upper", work / "etc-work"
+    upper.mkdir()
+    lower_work.mkdir()
+    _run("mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir=/etc,upperdir={upper},workdir={lower_work}", "/etc")  # fmt: skip
+    host_libvirt = work / "host-run-libvirt"
+    if Path("/run/libvirt").is_dir():
+        host_libvirt.mkdir()
+        _run("mount", "--bind", "/run/libvirt", str(host_libvirt))
+    _run("mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "sandbox-run", "/run")
+    if host_libvirt.is_dir():
+        Path("/run/libvirt").mkdir()
+        _run("mount", "--move", str(host_libvirt), "/run/libvirt")
+        host_libvirt.rmdir()
+    for target, (owner, group, mode) in PRIVATE_DIRS.items():
+        if not Path(target).is_dir() or not _known(owner, group):
+            continue
+        source = work / target.strip("/").replace("/", "-")
+        _make_dir(source, owner, group, mode)
+        _run("mount", "--bind", str(source), target)
+    for path, (owner, group, mode) in RUNTIME_DIRS.items():
+        if Path(path).parent.is_dir() and _known(owner, group):
+            _make_dir(path, owner, group, mode)
+
+
+def _configure(ports: dict[str, int]) -> None:
+    """The sandbox's own ports and no host cron jobs, written into its /etc overlay."""
+    mariadb_conf = Path("/etc/mysql/mariadb.conf.d")
+    if mariadb_conf.is_dir():
+        (mariadb_conf / "99-snapcoord-sandbox.cnf").write_text(
+            "# snapcoord lab sandbox (tests/lab/sandbox.py)\n[mysqld]\n"
+            f"port = {ports['mysql']}\nbind-address = 127.0.0.1\n"
+            "innodb_buffer_pool_size = 64M\n"
+        )
+    apache = Path("/etc/apache2")
+    if apache.is_dir():
+        (apache / "ports.conf").write_text(
+            f"# snapcoord lab sandbox (tests/lab/sandbox.py)\nListen 127.0.0.1:{ports['http']}\n"
+        )
+        for site in (apache / "sites-available").glob("*.conf"):
+            text = site.read_text()
+            site.write_text(text.replace("<VirtualHost *:80>", f"<VirtualHost *:{ports['http']}>"))
+    cron_d = Path("/etc/cron.d")
+    if cron_d.is_dir():
+        for entry in cron_d.iterdir():
+            if entry.name != ".placeholder":
+                entry.unlink()
+    if Path("/etc/crontab").exists():
+        Path("/etc/crontab").write_text(CRONTAB)
+    postgresql = Path("/etc/postgresql")
+    if postgresql.is_dir():
+        for version in postgresql.iterdir():  # the lab creates its own cluster on first use
+            shutil.rmtree(version)
+
+
+def _install_mariadb() -> None:
+    install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    if install_db is None or not Path("/var/lib/mysql").is_dir() or not _known("mysql", "mysql"):
+        return
+    _run(install_db, "--user=mysql", "--datadir=/var/lib/mysql",
+         "--auth-root-authentication-method=socket", "--skip-test-db", timeout=300)  # fmt: skip
+
+
+def _prepare(work: Path) -> dict[str, int]:
+    ports = {"mysql": _free_port(), "http": _free_port(), "postgresql": _free_port()}
+    _mount_world(work)
+    _configure(ports)
+    _install_mariadb()
+    (work / PORTS_FILE).write_text(json.dumps(ports))
+    return ports
+
+
+def _reap_all(deadline: float) -> bool:
+    """Reap children until none is left (True) or ``deadline`` passes (False)."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _end_everything() -> None:
+    """Stop every process left in the namespace: SIGTERM, then SIGKILL after :data:`GRACE`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGTERM)  # in a PID namespace: everyone but PID 1
+    if not _reap_all(time.monotonic() + GRACE):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        _reap_all(time.monotonic() + 30)
+
+
+def main(argv: list[str]) -> int:
+    if os.getpid() != 1 or not argv:
+        print("usage: unshare --mount --pid --fork --mount-proc -- python3 -I sandbox.py "
+              "PROGRAM [ARG...]", file=sys.stderr)  # fmt: skip
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="snapcoord-sandbox-"))
+    work.chmod(0o755)  # the servers' users reach their directories below it
+    try:
+        _prepare(work)
+        env = dict(os.environ, **{ENV: str(work)})
+        child = subprocess.Popen(argv, env=env)
+        forward: Any = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, forward)
+        status: int | None = None
+        while status is None:
+            try:
+                pid, raw = os.wait()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            if pid == child.pid:
+                status = os.waitstatus_to_exitcode(raw)
+        _end_everything()
+        return status if status >= 0 else 128 - status
+    finally:
+        for target in (*PRIVATE_DIRS, "/etc"):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
