@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
+from tests.lab import sandbox
 from tests.lab.mariadb import start_scratch_mariadb, table_checksums
 from tests.lab.services import ensure_running
-from tests.lab.sshd import LAB_ALIAS, ensure_test_users, guest_toml, start_sshd
+from tests.lab.sshd import LAB_ALIAS, ensure_test_users, guest_record, guest_toml, start_sshd
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
@@ -33,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_guest = sub.add_parser("guest", help="start the loopback sshd, print the guest table, wait")
     p_guest.add_argument("--user", default="root")
+    p_guest.add_argument(
+        "--json",
+        action="store_true",
+        help="start mariadb, apache2 and cron too, print the guest as one JSON line, and run "
+        "until stdin ends (tests/lab/guests.py starts more lab guests this way)",
+    )
     sub.add_parser("services", help="start mariadb, apache2, cron if they are not running")
     p_idoit = sub.add_parser("idoit", help="(re)create the i-doit-like dataset in the guest DB")
     p_idoit.add_argument("--scale", type=float, default=1.0, help="row multiplier (1 = 120k)")
@@ -51,12 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "guest":
         ensure_test_users()
-        guest = start_sshd(user=args.user)
-        print(f"# sshd pid {guest.pid}, workdir {guest.workdir}; Ctrl-C stops it")
-        print(f"# ssh -F {guest.ssh_config} {LAB_ALIAS} true")
-        print(guest_toml(guest), flush=True)
+        if args.json:  # a guest for a test in the parent sandbox: paths as the parent sees them
+            guest = start_sshd(Path(sandbox.INSIDE, "sshd"), user=args.user)
+            ensure_running()
+            print(json.dumps(guest_record(guest, sandbox.outside)), flush=True)
+        else:
+            guest = start_sshd(user=args.user)
+            print(f"# sshd pid {guest.pid}, workdir {guest.workdir}; Ctrl-C stops it")
+            print(f"# ssh -F {guest.ssh_config} {LAB_ALIAS} true")
+            print(guest_toml(guest), flush=True)
         try:
-            _wait_forever()
+            if args.json:
+                sys.stdin.read()  # until the test closes the pipe
+            else:
+                _wait_forever()
         except KeyboardInterrupt:
             pass
         finally:

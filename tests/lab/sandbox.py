@@ -7,6 +7,10 @@ PID 1. Before it starts the interpreter it gives the namespace a world of its ow
 * ``/etc`` is an overlay on the host's: the distribution's init scripts and configuration are
   used unchanged, and whatever the lab writes there (test users, sudoers, a broken Apache
   config, a binlog option) stays in the sandbox.
+* ``/tmp`` is private too (servers name temporary files by PID, and PIDs repeat across
+  namespaces), except pytest's ``/tmp/pytest-of-USER``, which stays shared (libvirtd and QEMU,
+  outside, read the tests' images there). The sandbox's directory is ``/run/snapcoord-sandbox``
+  inside; :func:`outside` turns a path inside into the path the parent sees.
 * ``/run``, ``/var/log``, ``/var/spool/cron`` and ``/home`` are private; ``/var/lib/mysql`` is a
   fresh MariaDB datadir (``mariadb-install-db``) and ``/var/lib/postgresql`` an empty one (the
   lab creates its cluster on first use, :func:`tests.lab.postgresql.ensure_postgresql`).
@@ -48,8 +52,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Set in the interpreter's environment: the sandbox's directory (on the host's /tmp).
+#: Set in the interpreter's environment: the sandbox's directory, as seen inside (INSIDE)...
 ENV = "SNAPCOORD_LAB_SANDBOX"
+
+#: ... and as the parent sees it (a directory in the parent's /tmp).
+ENV_OUTSIDE = "SNAPCOORD_LAB_SANDBOX_OUTSIDE"
+
+INSIDE = "/run/snapcoord-sandbox"
 
 #: In the sandbox's directory: the ports of its servers (JSON).
 PORTS_FILE = "ports.json"
@@ -99,6 +108,16 @@ def active() -> bool:
 
 def workdir() -> Path:
     return Path(os.environ[ENV])
+
+
+def outside(path: str | Path) -> Path:
+    """``path`` (inside this sandbox) as this sandbox's parent sees it."""
+    path = Path(path)
+    base = Path(os.environ[ENV_OUTSIDE])
+    for inside, there in ((Path(INSIDE), base), (Path("/tmp"), base / "tmp")):
+        if path == inside or inside in path.parents:
+            return there / path.relative_to(inside)
+    return path
 
 
 def ports() -> dict[str, int]:
@@ -151,15 +170,27 @@ def _mount_world(work: Path) -> None:
     if Path("/run/libvirt").is_dir():
         host_libvirt.mkdir()
         _run("mount", "--bind", "/run/libvirt", str(host_libvirt))
+    pytest_tmp = Path("/tmp", f"pytest-of-{pwd.getpwuid(os.getuid()).pw_name}")
+    pytest_tmp.mkdir(mode=0o700, exist_ok=True)
+    held_pytest_tmp = work / "host-pytest-tmp"
+    held_pytest_tmp.mkdir()
+    _run("mount", "--bind", str(pytest_tmp), str(held_pytest_tmp))
     _run("mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "sandbox-run", "/run")
+    Path(INSIDE).mkdir()
+    _run("mount", "--bind", str(work), INSIDE)
     if host_libvirt.is_dir():
         Path("/run/libvirt").mkdir()
         _run("mount", "--move", str(host_libvirt), "/run/libvirt")
-        host_libvirt.rmdir()
+    private_tmp = work / "tmp"
+    private_tmp.mkdir()
+    private_tmp.chmod(0o1777)
+    (private_tmp / pytest_tmp.name).mkdir(mode=0o700)
+    _run("mount", "--move", str(held_pytest_tmp), str(private_tmp / pytest_tmp.name))
+    _run("mount", "--rbind", str(private_tmp), "/tmp")
     for target, (owner, group, mode) in PRIVATE_DIRS.items():
         if not Path(target).is_dir() or not _known(owner, group):
             continue
-        source = work / target.strip("/").replace("/", "-")
+        source = Path(INSIDE, target.strip("/").replace("/", "-"))  # work, seen inside
         _make_dir(source, owner, group, mode)
         _run("mount", "--bind", str(source), target)
     for path, (owner, group, mode) in RUNTIME_DIRS.items():
@@ -210,7 +241,7 @@ def _prepare(work: Path) -> dict[str, int]:
     _mount_world(work)
     _configure(ports)
     _install_mariadb()
-    (work / PORTS_FILE).write_text(json.dumps(ports))
+    Path(INSIDE, PORTS_FILE).write_text(json.dumps(ports))
     return ports
 
 
@@ -246,7 +277,7 @@ def main(argv: list[str]) -> int:
     work.chmod(0o755)  # the servers' users reach their directories below it
     try:
         _prepare(work)
-        env = dict(os.environ, **{ENV: str(work)})
+        env = dict(os.environ, **{ENV: INSIDE, ENV_OUTSIDE: str(work)})
         child = subprocess.Popen(argv, env=env)
         forward: Any = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -262,9 +293,34 @@ def main(argv: list[str]) -> int:
         _end_everything()
         return status if status >= 0 else 128 - status
     finally:
-        for target in (*PRIVATE_DIRS, "/etc"):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
+
+
+def _mount_points() -> list[str]:
+    """Mount points of this namespace (/proc/self/mountinfo field 5, octal escapes decoded)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        raw = line.split()[4]
+        points.append(raw.encode().decode("unicode_escape").encode("latin-1").decode())
+    return points
+
+
+def _remove(work: Path) -> None:
+    """Detach every mount of the sandbox, then remove its directory, but only once no mount
+    is left below it: pytest's directory and /run/libvirt are the host's, bound in, and must
+    never be emptied by this."""
+    ours = (f"{work}/", "/tmp", INSIDE, "/run", *PRIVATE_DIRS, "/etc")
+    for _ in range(5):  # a mount shadowed by another becomes reachable once that one is gone
+        points = [p for p in _mount_points() if p.startswith(ours)]
+        if not points:
+            break
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    left = [p for p in _mount_points() if p == str(work) or p.startswith(f"{work}/")]
+    if left:
+        print(f"sandbox: {work} kept: still mounted below it: {left}", file=sys.stderr)
+        return
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

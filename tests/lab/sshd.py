@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,30 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_PATHS = ("identity_file", "known_hosts", "wrong_known_hosts", "ssh_config", "workdir", "log_file")
+
+
+def guest_record(guest: SshGuest, path: Callable[[Path], Path] = Path) -> dict[str, Any]:
+    """The guest as JSON-able fields, each file name mapped through ``path`` (to the names
+    another process sees: :func:`tests.lab.sandbox.outside`). :func:`guest_from_record` makes it
+    a :class:`SshGuest` again; that one cannot stop the sshd (``pid`` is in another PID
+    namespace): its owner does. The ssh_config file keeps the names the owner sees."""
+    record: dict[str, Any] = {
+        "host": guest.host,
+        "port": guest.port,
+        "user": guest.user,
+        "host_key_fingerprint": guest.host_key_fingerprint,
+        "pid": guest.pid,
+    }
+    record.update({name: str(path(getattr(guest, name))) for name in _PATHS})
+    return record
+
+
+def guest_from_record(record: dict[str, Any]) -> SshGuest:
+    fields = {k: (Path(v) if k in _PATHS else v) for k, v in record.items()}
+    return SshGuest(**fields)
 
 
 def guest_toml(guest: SshGuest, vm: str = "lab", **overrides: Any) -> str:
