@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := .demo
 
-.PHONY: demo test lint deps clean
+.PHONY: demo test test-fast lint deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	scripts/demo $(BIN) $(DEMO)
 
-## make test: the whole suite against real components (installs and starts what it needs)
+# Test workers: each runs in a lab sandbox of its own (tests/lab/sandbox.py); most of a test's
+# time is waiting, so more workers than cores pay off (docs/testing.md has the measurements).
+WORKERS ?= 3
+
+## make test: the whole suite against real components, in parallel lab sandboxes that never
+## touch this machine's own services (installs what it needs; what CI runs)
 test: $(VENV)/.installed-dev
 	tests/vcsim/build.sh
-	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) --durations=25 --cov --cov-report=term $(PYTEST_ARGS)
+
+## make test-fast: every test that needs no real service (no guest, no database, no QEMU, no
+## vcsim), for the edit loop
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n 2 -m "not real and not realvm" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

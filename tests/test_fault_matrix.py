@@ -567,7 +567,7 @@ class CellRun:
         if child.returncode != 0:
             self.problem(
                 f"the next run exited {child.returncode} instead of healing the journal "
-                f"({_first_error(child)})"
+                f"({_first_error(child)})" + child.stderr[-3000:]
             )
         if len(summaries) == 1:
             self._check_summary(summaries[0], child.returncode or 0, run="the next run")

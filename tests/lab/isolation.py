@@ -97,8 +97,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 QEMU_GROUP = "realvm"
 
 
+#: Fixtures that start or use a real service: a test that uses any of them is marked ``real``
+#: (``make test-fast`` leaves those out).
+REAL_FIXTURES = frozenset({
+    "ssh_guest", "sudo_guest", "nosudo_guest", "guest_users", "guest_services", "lab_services",
+    "idoit_db", "scratch_mariadb", "pg_services", "pg_shop", "real_guest", "qemu_uri",
+    "vcsim_binary", "vcsim_factory", "vcsim", "guests",
+})  # fmt: skip
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
         module = getattr(item.module, "__name__", "") if hasattr(item, "module") else ""
         if item.get_closest_marker("realvm") or module.endswith("test_libvirt_qemu"):
             item.add_marker(pytest.mark.xdist_group(QEMU_GROUP))

@@ -77,7 +77,10 @@ def ensure_postgresql() -> bool:
 def postmaster_pid() -> int | None:
     """The running postmaster of the lab's cluster (its data directory's postmaster.pid and
     a live ``postgres`` process), checked from outside; None when it is down."""
-    pidfile = Path(pg_cluster()["datadir"], "postmaster.pid")
+    try:
+        pidfile = Path(pg_cluster()["datadir"], "postmaster.pid")
+    except LabError:  # no cluster yet (the sandbox creates it on first use): nothing runs
+        return None
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
