@@ -19,6 +19,7 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from snapcoord.config import parse_config
 from snapcoord.guest import SshTransport
 from snapcoord.hooks.databases import mysql
 from tests import lab
+from tests.lab import sandbox
 
 OPTIONS = ["--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"]
 
@@ -56,6 +58,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=8_000_000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    # never the host's own services: the lab runs in a sandbox of its own
+    sandbox.enter("bench.dump", sys.argv[1:])
 
     work = Path(tempfile.mkdtemp(prefix="snapcoord-bench-dump-"))
     guest = lab.start_sshd()

@@ -34,6 +34,7 @@ from typing import Any
 
 from bench.window import write_config
 from tests import lab, pause_load
+from tests.lab import sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "freeze-script.sh"
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    # never the host's own services: the lab runs in a sandbox of its own
+    sandbox.enter("bench.freeze", sys.argv[1:] if argv is None else list(argv))
     figures = measure(args.runs)
 
     def med(mode: str, key: str) -> float:

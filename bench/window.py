@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import lab, pause_load
+from tests.lab import sandbox
 from tests.libvirt_nodes import write_node
 
 REPO = Path(__file__).resolve().parent.parent
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         help="pause_method of the pause-mode runs (default auto)",
     )
     args = parser.parse_args(argv)
+    # never the host's own services: the lab runs in a sandbox of its own
+    sandbox.enter("bench.window", sys.argv[1:] if argv is None else list(argv))
 
     ours, paused, theirs = measure(args.runs, args.snapshot_seconds, args.pause_method)
     stop_window = median([r["window"] for r in ours])

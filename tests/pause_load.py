@@ -115,6 +115,16 @@ class Load:
     def last_ack(self) -> float:
         return self.writer.records[-1][1] if self.writer.records else 0.0
 
+    def settle(self, count: int = 5, timeout: float = 30.0) -> None:
+        """Return once the writer and the reader each got ``count`` more answers than they had
+        when called (the load runs, before a run; it still runs, after one)."""
+        wrote, read = len(self.writer.records), len(self.reader.records)
+        deadline = time.monotonic() + timeout
+        while len(self.writer.records) < wrote + count or len(self.reader.records) < read + count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the load got no {count} more answers in {timeout:g} s")
+            time.sleep(0.01)
+
     def stalled_for(self) -> float:
         """Seconds since the last acknowledged commit."""
         return time.time() - self.last_ack()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,10 @@ from snapcoord.hooks.databases import mysql
 from snapcoord.hooks.guest import fsfreeze
 from tests import lab
 from tests.cli_helpers import snapcoord, write_config
-from tests.guest_fixtures import lab_services  # noqa: F401 - fixture
+from tests.guest_fixtures import (
+    lab_services,  # noqa: F401 - fixture
+    wait_for,
+)
 
 SPEC = fsfreeze.HookSpec(
     vm="db1",
@@ -359,10 +361,7 @@ def test_the_hooks_watchdog_restores_when_no_thaw_comes(
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert _hook("freeze").returncode == 0
     assert not any(lab_services.states().values())
-    deadline = time.monotonic() + 60
-    while not lab_services.all_running() and time.monotonic() < deadline:
-        time.sleep(1)
-    assert lab_services.all_running(), "the hook's watchdog restored nothing"
+    wait_for(lab_services.all_running, 60, "the hook's watchdog to restore everything")
     assert "deadline" in _log()
     assert _hook("thaw").returncode == 0 and _log()[-1] == "thaw-nothing"
 

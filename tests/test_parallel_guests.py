@@ -20,8 +20,11 @@ from tests.cli_helpers import REPO, json_lines, snapcoord, write_config
 from tests.faultproxy import FaultProxy, known_hosts_for
 from tests.guest_fixtures import wait_for
 from tests.lab.guests import more_guests
-from tests.libvirt_nodes import DomainSpec, NodeFactory
-from tests.libvirt_nodes import libvirt_node_factory  # noqa: F401 - fixture
+from tests.libvirt_nodes import (
+    DomainSpec,
+    NodeFactory,
+    libvirt_node_factory,  # noqa: F401 - fixture
+)
 
 pytestmark = pytest.mark.real
 

@@ -17,6 +17,7 @@ from snapcoord.hooks import databases
 from snapcoord.hooks.databases import mysql_pause, pause, postgresql
 from snapcoord.settings import DumpConfig, GuestConfig
 from tests import lab
+from tests.guest_fixtures import wait_for
 
 
 def guest(**overrides: object) -> GuestConfig:
@@ -86,6 +87,15 @@ def test_the_guest_time_limit_ends_the_lock(server: lab.ScratchMariaDB) -> None:
         held.release()
 
 
+def sleeping(server: lab.ScratchMariaDB) -> bool:
+    """A ``SELECT SLEEP(...)`` runs in the server right now (its process list)."""
+    rows = lab.mysql_rows(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(%'",
+        server.socket,
+    )
+    return rows[0][0] != "0"
+
+
 def test_a_long_statement_refuses_before_anything_is_held(server: lab.ScratchMariaDB) -> None:
     sleeper = subprocess.Popen(
         [*lab.mysql_argv(server.socket), "-e", "SELECT SLEEP(30)"],
@@ -93,7 +103,7 @@ def test_a_long_statement_refuses_before_anything_is_held(server: lab.ScratchMar
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(1.5)
+        wait_for(lambda: sleeping(server), 30, "the long statement to run")
         held = make_pause(server, pause_method="ftwrl")
         with pytest.raises(PreflightError, match=r"not pausing writes: id \d+ running"):
             held.hold()
@@ -114,7 +124,7 @@ def test_a_long_statement_is_named_by_its_kind_never_by_its_text(
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(1.5)
+        wait_for(lambda: sleeping(server), 30, "the long statement to run")
         held = make_pause(server, pause_method="ftwrl")
         with pytest.raises(PreflightError) as caught:
             held.hold()

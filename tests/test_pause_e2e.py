@@ -97,9 +97,9 @@ def test_pause_holds_commits_but_not_reads_and_stops_nothing(
     started = time.time()
 
     with pause_load.Load() as load:
-        time.sleep(0.5)
+        load.settle()
         code, summary, stderr = run_snapshot(config, tmp_path, snapshot_seconds=1.0)
-        time.sleep(0.5)
+        load.settle()
 
     assert code == 0, stderr
     assert summary["consistency"] == "pause" and summary["window_seconds"] is None
@@ -149,8 +149,8 @@ def test_dump_runs_before_the_pause_with_single_transaction(
     config.write_text(config.read_text() + _toml(tables))
     before = service_pids()
 
-    with pause_load.Load():
-        time.sleep(0.3)
+    with pause_load.Load() as load:
+        load.settle()
         code, summary, stderr = run_snapshot(config, tmp_path)
 
     assert code == 0, stderr
@@ -181,7 +181,7 @@ def _hold_then(
     """Start a run whose snapshot call takes long; once commits stall, apply ``fault``; return
     the load, the run's process, how long writes took to flow again, and the run's output."""
     with pause_load.Load() as load:
-        time.sleep(0.3)
+        load.settle()
         proc = popen_observed(
             "-c", str(config), "snapshot", "web1", "--json",
             observe=tmp_path / "o.jsonl", snapshot_seconds=snapshot_seconds,
@@ -309,15 +309,16 @@ def test_a_long_statement_is_refused_before_anything_is_held(
         blockers.append(_client(f"SELECT SLEEP(60) FROM {table} LIMIT 1;"))
     else:  # a DDL waiting behind an open transaction's metadata lock
         blockers.append(_client(f"BEGIN; SELECT * FROM {table}; SELECT SLEEP(60);"))
-        time.sleep(0.5)
+        wait_for(lambda: running_statements("SELECT SLEEP(60)"), 30, "the open transaction")
         blockers.append(_client(f"ALTER TABLE {table} ADD COLUMN x INT;"))
     try:
-        time.sleep(2)
+        wait_for(lambda: running_statements(("SELECT SLEEP(60)", "ALTER TABLE")[len(blockers) - 1]),
+                 30, "the blocking statement")  # fmt: skip
         before = lock_statements()
         with pause_load.Load() as load:
-            time.sleep(0.3)
+            load.settle()
             code, summary, stderr = run_snapshot(config, tmp_path)
-            time.sleep(0.3)
+            load.settle()
         after = lock_statements()
     finally:
         for blocker in blockers:
@@ -330,6 +331,15 @@ def test_a_long_statement_is_refused_before_anything_is_held(
     assert after == before
     assert summary["write_pause_seconds"] is None
     assert load.commits() and load.writer.error is None
+
+
+def running_statements(prefix: str) -> bool:
+    """A statement starting with ``prefix`` runs (or waits) in the guest's server right now."""
+    like = prefix.replace("\\", "\\\\").replace("'", "''").replace("%", "\\%") + "%"
+    rows = lab.mysql_rows(
+        f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE '{like}'"
+    )
+    return rows[0][0] != "0"
 
 
 def lock_statements() -> dict[str, int]:

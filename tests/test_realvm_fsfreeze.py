@@ -28,6 +28,7 @@ import libvirt
 import pytest
 
 from tests.cli_helpers import snapcoord, write_config
+from tests.guest_fixtures import wait_for
 from tests.realvm_guest import RealGuest, real_guest  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.real, pytest.mark.realvm]
@@ -131,8 +132,14 @@ def last(events: list[tuple[float, str, str]], event: str, detail: str | None = 
 
 
 def start_writer(guest: RealGuest) -> None:
+    """Start the writer and return once it has committed a few rows (its log says so)."""
     guest.ssh(_WRITER, check=True)
-    time.sleep(2)
+    wait_for(
+        lambda: guest.ssh("test $(grep -c '^ok ' /run/fsw.log) -ge 5").returncode == 0,
+        60,
+        "the writer's first commits",
+        interval=0.3,
+    )
 
 
 def stop_writer(guest: RealGuest) -> list[tuple[str, float, float | None]]:
@@ -280,7 +287,11 @@ def test_5_a_failing_hook_fails_backup_end_and_restores(real_guest: RealGuest) -
         "nohup setsid mysql -e 'BACKUP STAGE START; SELECT SLEEP(60)' >/dev/null 2>&1 </dev/null &",
         check=True,
     )
-    time.sleep(1)
+    wait_for(
+        lambda: real_guest.ssh("pgrep -f 'SELECT SLEEP\\(60\\)' >/dev/null").returncode == 0,
+        30,
+        "the other session to hold BACKUP STAGE",
+    )
     try:
         code = vzdump_snapshot_mode(real_guest, config, freeze=True)
     finally:
@@ -299,11 +310,11 @@ def test_6_a_thaw_that_never_comes_ends_at_the_deadline(real_guest: RealGuest, t
     for phase in ("backup-start", "pre-stop", "pre-restart", "post-restart"):
         assert hook(config, phase)[0] == 0
     agent_freeze(real_guest)
-    time.sleep(16)  # the deadline passes while frozen: the hook's watchdog restores
+    # The behaviour under test: the deadline passes while frozen. Nothing can be asked in the
+    # guest meanwhile (the agent refuses guest-exec while frozen; an SSH login writes to /var).
+    time.sleep(16)
     agent_thaw(real_guest)
-    deadline = time.monotonic() + 120
-    while not all_up(real_guest) and time.monotonic() < deadline:
-        time.sleep(2)
+    wait_for(lambda: all_up(real_guest), 120, "the hook's watchdog to restore", interval=2)
     code, out = hook(config, "backup-end")
     assert code == 5 and "deadline" in out, out
     names = [name for _, name, _ in hook_log(real_guest)]

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,10 @@ from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow
 from tests import lab
 from tests.cli_helpers import snapcoord, write_config
-from tests.guest_fixtures import lab_services  # noqa: F401 - fixture
+from tests.guest_fixtures import (
+    lab_services,  # noqa: F401 - fixture
+    wait_for,
+)
 from tests.test_guest_transport import table
 
 
@@ -36,6 +38,11 @@ def transport(ssh_guest: lab.SshGuest) -> Iterator[SshTransport]:
 
 def services(transport: SshTransport, guest: lab.SshGuest, **overrides: object) -> Services:
     return Services(transport, table(guest, **overrides), vm="lab")
+
+
+def lock_held(path: str) -> bool:
+    """Another process holds the flock on ``path`` (a non-blocking try fails)."""
+    return lab.run(["flock", "-n", path, "true"], check=False).returncode != 0
 
 
 def test_probe_detects_init_services_and_their_state(
@@ -115,7 +122,7 @@ def test_a_start_waits_for_a_stop_still_running_in_the_guest(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
     )  # fmt: skip
     try:
-        time.sleep(0.3)  # the stopper holds the lock
+        wait_for(lambda: lock_held("/run/snapcoord/cron.lock"), 10, "the stopper to hold the lock")
         window = ServiceWindow()
         svc.start(["cron"], window)  # cron still runs: without the lock a no-op
         assert stopper.wait(timeout=30) == 0

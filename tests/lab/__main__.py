@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_scratch = sub.add_parser("scratch", help="start a scratch MariaDB, print its socket, wait")
     p_scratch.add_argument("--keep", action="store_true", help="keep the datadir at exit")
     args = parser.parse_args(argv)
+    # never the host's own services: the lab runs in a sandbox of its own
+    sandbox.enter("tests.lab", sys.argv[1:] if argv is None else list(argv))
 
     if args.cmd == "guest":
         ensure_test_users()

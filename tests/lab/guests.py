@@ -30,20 +30,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def more_guests(count: int, timeout: float = 180.0) -> Iterator[list[SshGuest]]:
     env = dict(os.environ, SNAPCOORD_LAB_PYTHON=sys.executable)
-    logs = [tempfile.TemporaryFile() for _ in range(count)]
-    procs = [
-        subprocess.Popen(
-            [str(WRAPPER), "-m", "tests.lab", "guest", "--json"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
-        )  # fmt: skip
-        for log in logs
-    ]
+    logs = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - closed below
+    argv = [str(WRAPPER), "-m", "tests.lab", "guest", "--json"]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    procs = [subprocess.Popen(argv, stderr=log, cwd=ROOT, env=env, **pipes) for log in logs]
     try:
         deadline = time.monotonic() + timeout
         guests = []
         for proc, log in zip(procs, logs, strict=True):
             assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            ready, _, _ = select.select(
+                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
             line = proc.stdout.readline() if ready else b""
             if not line:
                 log.seek(0)

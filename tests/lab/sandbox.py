@@ -126,6 +126,18 @@ def ports() -> dict[str, int]:
     return data
 
 
+def enter(module: str, argv: list[str]) -> None:
+    """Run ``python -m module argv...`` in a fresh sandbox instead of here, unless this already
+    is one (or is not root: then the lab refuses by itself). For the lab's and the benchmarks'
+    command lines, which would otherwise drive the host's own services. Does not return when it
+    re-executes."""
+    if active() or os.geteuid() != 0:
+        return
+    wrapper = str(Path(__file__).resolve().with_name("sandboxed-python"))
+    env = dict(os.environ, SNAPCOORD_LAB_PYTHON=sys.executable)
+    os.execve(wrapper, [wrapper, "-m", module, *argv], env)
+
+
 # -- the init (PID 1 of the sandbox) ------------------------------------------------------------
 
 
