@@ -510,7 +510,8 @@ DUMP: dict[str, Key] = {
     ),
     "password": Key(
         "secret",
-        "MySQL only: the user's password (passed via a 0600 option file, never argv)",
+        "MySQL only: the user's password (passed to the client as an option file on a pipe, "
+        "never in argv or a file)",
     ),
     "on_dump_failure": Key(
         "choice",

@@ -1,7 +1,9 @@
-"""Shared pytest fixtures: the real guest lab (tests/lab.py) and the i-doit-like dataset.
+"""Shared pytest fixtures: the real guest lab (tests/lab/) and the i-doit-like dataset.
 
-The "guest" is this machine, reached over a private OpenSSH server on 127.0.0.1. All lab
-fixtures need root; a missing component skips the test, or fails it when ``CI=true``.
+The "guest" is this worker's lab sandbox (tests/lab/sandbox.py: its own mount and PID
+namespaces, /etc overlay, /run, datadirs and ports), reached over a private OpenSSH server on
+127.0.0.1; never this machine's own services. All lab fixtures need root and the sandbox; a
+missing component skips the test, or fails it when ``CI=true``.
 
 Fixtures
 --------
@@ -19,8 +21,7 @@ Fixtures
 ``guest_services`` (function)
     mariadb, apache2 and cron are running when the test starts, and are running again after it
     (started with ``service NAME start`` only if needed; anything ``break_start`` did is
-    repaired first). Holds the machine-wide lab lock (/tmp/snapcoord-lab.lock) for the test, so
-    parallel pytest sessions on one machine do not stop each other's database. Yields
+    repaired first). Holds the sandbox's lab lock (/run/snapcoord-lab.lock) for the test. Yields
     :class:`tests.lab.GuestServices`: ``running(name)``, ``states()``, ``stop(name)``,
     ``start(name)``, ``mariadb_uptime()``, ``mysqld_running()`` (a process check from outside),
     ``break_start(name)`` / ``break_start_command(name)`` (the next ``service NAME start``

@@ -1,9 +1,9 @@
 """Fixtures and helpers for the guest tests: configs for the loopback guest, an observing
 libvirt adapter, and a CLI runner that installs it.
 
-The guest's real services (mariadb, apache2, cron) are machine-wide; ``guest_services``
-(tests/conftest.py) holds the machine-wide lab lock for the whole test, so parallel pytest
-sessions do not collide on them.
+The guest's real services (mariadb, apache2, cron) are the worker's lab sandbox's own
+(tests/lab/sandbox.py); ``guest_services`` (tests/conftest.py) holds the sandbox's lab lock for
+the whole test.
 
 ``python -m tests.guest_fixtures ARGS...`` runs ``snapcoord ARGS...`` with the libvirt adapter
 replaced by :class:`ObservingLibvirtAdapter`, which records, at the moment ``create_snapshot`` is

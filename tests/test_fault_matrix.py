@@ -18,6 +18,7 @@ otherwise the last test asserts that the committed file is what this run produce
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -73,6 +74,8 @@ STALL_SECONDS = 8.0
 REFUSE_SECONDS = WATCHDOG_SECONDS + 8
 #: The watchdog must have everything running again within watchdog_seconds + this.
 WATCHDOG_SLACK = 5.0
+#: How long the docs test waits for cells that run on other workers.
+RESULTS_WAIT = 1800.0
 #: A run that takes longer than this is killed (by PID) and the cell fails.
 CHILD_TIMEOUT = 240.0
 FROZEN_HOOK = "sleep 3"
@@ -200,6 +203,34 @@ class Observation:
 
 #: (position, fault) -> what the cell observed; rendered into docs/reliability.md.
 RESULTS: dict[tuple[str, str], Observation] = {}
+
+
+def results_dir(factory: pytest.TempPathFactory) -> Path:
+    """Where every cell leaves its observation: shared by all workers of the session (an xdist
+    worker's base directory lies in the session's), so the docs test sees every cell wherever
+    it ran."""
+    base = factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "fault-matrix-results"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _result_file(folder: Path, cell: tuple[str, str]) -> Path:
+    return folder / f"{cell[0]}--{cell[1]}.json"
+
+
+def save_result(folder: Path, cell: tuple[str, str], obs: Observation) -> None:
+    tmp = _result_file(folder, cell).with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(obs)))
+    tmp.replace(_result_file(folder, cell))
+
+
+def load_result(folder: Path, cell: tuple[str, str]) -> Observation | None:
+    try:
+        return Observation(**json.loads(_result_file(folder, cell).read_text()))
+    except FileNotFoundError:
+        return None
 
 
 class ServiceMonitor:
@@ -603,6 +634,7 @@ def test_fault_cell(
     ssh_guest: lab.SshGuest,
     lab_services: lab.GuestServices,
     tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     libvirt_node: str,
 ) -> None:
     expect = contract(position, fault)
@@ -618,6 +650,7 @@ def test_fault_cell(
         raise
     finally:
         RESULTS[(position, fault)] = cell.obs
+        save_result(results_dir(tmp_path_factory), (position, fault), cell.obs)
     if obs.problems:
         pytest.fail(
             f"{position} x {fault}: " + "; ".join(obs.problems) + f" [{', '.join(obs.details)}]",
@@ -725,11 +758,30 @@ def render_reliability(results: dict[tuple[str, str], Observation]) -> str:
     return "\n".join(lines)
 
 
-def test_reliability_docs_are_the_matrix_results() -> None:
-    """Runs after every cell (last in this module)."""
-    missing = [cell for cell in CELLS if cell not in RESULTS]
+def test_reliability_docs_are_the_matrix_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Runs after every cell: the cells may run on other workers, so it waits (bounded) until
+    each one has left its observation in the session's shared folder. Every cell before this
+    test on this worker has run already, and the others' workers go on by themselves."""
+    selected = {
+        (item.callspec.params["position"], item.callspec.params["fault"])
+        for item in request.session.items
+        if item.originalname == "test_fault_cell" and hasattr(item, "callspec")
+    }
+    missing = [cell for cell in CELLS if cell not in selected]
     if missing:
         pytest.skip(f"only {len(CELLS) - len(missing)} of {len(CELLS)} cells ran: no comparison")
+    folder = results_dir(tmp_path_factory)
+    deadline = time.monotonic() + RESULTS_WAIT
+    while True:
+        found = {cell: load_result(folder, cell) for cell in CELLS}
+        if all(found.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    absent = [f"{p} x {f}" for (p, f), obs in found.items() if obs is None]
+    assert not absent, f"no result after {RESULTS_WAIT:g} s from: {', '.join(absent)}"
+    RESULTS.update({cell: obs for cell, obs in found.items() if obs is not None})
     text = render_reliability(RESULTS)
     if os.environ.get(WRITE_DOCS_ENV) == "1":
         DOC.write_text(text)

@@ -4,8 +4,10 @@ End to end through the CLI and SSH: tests/test_pause_e2e.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from snapcoord.errors import ConfigError, PreflightError, SnapshotFailed
 from snapcoord.guest import ExecTransport
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases import mysql_pause, pause, postgresql
+from snapcoord.secrets import Secret
 from snapcoord.settings import DumpConfig, GuestConfig
 from tests import lab
 from tests.guest_fixtures import wait_for
@@ -222,3 +225,37 @@ def test_config_rejects_unknown_consistency() -> None:
         parse_table(GuestConfig, {"transport": "exec", "consistency": "freeze"})
     with pytest.raises(ConfigError, match="pause_timeout"):
         parse_table(GuestConfig, {"transport": "exec", "pause_timeout": 1})
+
+
+def test_a_killed_lock_session_leaves_no_password_behind(server: lab.ScratchMariaDB) -> None:
+    """Issue 23, finding 11: the client's option file (user and password) reaches it on a pipe,
+    never as a file; a lock session killed as after a revert or a dead holder leaves nothing
+    with the password anywhere in the guest's /tmp or /run."""
+    password = "pause-Secret-7f3a"
+    server.sql(
+        "CREATE USER 'pauser'@'localhost' IDENTIFIED BY 'pause-Secret-7f3a';"
+        "GRANT RELOAD, PROCESS ON *.* TO 'pauser'@'localhost';"
+    )
+    options = parse_table(DumpConfig, {"options": [f"--socket={server.socket}"], "user": "pauser"})
+    options = replace(options, password=Secret("env:TEST", password))
+    transport = ExecTransport([], vm="db1")
+    g = guest(pause_method="backup_stage")
+    plan = mysql_pause.check_pause(transport, vm="db1", guest=g, options=options)
+    held = mysql_pause.MySQLPause(
+        transport, vm="db1", guest=g, options=options, plan=plan, run_id="unit"
+    )
+    try:
+        held.hold()
+        assert not write_commits(server)
+        sessions = [pid for pid, _c, args in lab.process_table() if pause.MARKER_PREFIX in args]
+        assert sessions, "the lock session runs"
+        fds = [os.readlink(f"/proc/{pid}/fd/9") for pid in sessions if os.path.exists(
+            f"/proc/{pid}/fd/9")]  # fmt: skip
+        assert fds and all(fd.startswith("pipe:") for fd in fds), fds
+        assert pause.kill_sessions(transport, vm="db1", sudo=False, timeout=30)
+        wait_for(lambda: write_commits(server), 30, "commits to flow after the kill")
+    finally:
+        held.release()
+    found = lab.run(["grep", "-rlF", "--exclude-dir=pytest-of-*", "--exclude-dir=libvirt", password,
+                     "/tmp", "/run"], check=False)  # fmt: skip
+    assert found.stdout == "", f"the password was left in {found.stdout}"

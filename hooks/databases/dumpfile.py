@@ -66,13 +66,13 @@ class RestoreFailed(SnapshotFailed):
 GUEST_SCRIPT = r"""
 umask 077
 n=$1; mode=$2; prog=$3; shift 3
-cnf=
-trap 'rm -f "$cnf"' EXIT
 trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
 if [ "$n" -gt 0 ]; then
-  cnf=$(mktemp "${TMPDIR:-/tmp}/snapcoord-my.XXXXXXXX") || exit 96
-  dd bs=1 count="$n" of="$cnf" 2>/dev/null || exit 96
-  set -- "--defaults-extra-file=$cnf" "$@"
+  cnf=$(dd bs=1 count="$n" 2>/dev/null) || exit 96
+  exec 9<<EOF || exit 96
+$cnf
+EOF
+  set -- "--defaults-extra-file=/dev/fd/9" "$@"
 fi
 need() {
   command -v "$1" >/dev/null 2>&1 || { echo "snapcoord: $1 not found in the guest" >&2; exit 127; }

@@ -42,13 +42,13 @@ n=$1; limit=$2; shift 2
 for t in timeout "$1"; do
   command -v "$t" >/dev/null 2>&1 || { echo "snapcoord: $t not found in the guest" >&2; exit 127; }
 done
-cnf=
-trap 'rm -f "$cnf"' EXIT
 trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
 if [ "$n" -gt 0 ]; then
-  cnf=$(mktemp "${TMPDIR:-/tmp}/snapcoord-my.XXXXXXXX") || exit 96
-  dd bs=1 count="$n" of="$cnf" 2>/dev/null || exit 96
-  prog=$1; shift; set -- "$prog" "--defaults-extra-file=$cnf" "$@"
+  cnf=$(dd bs=1 count="$n" 2>/dev/null) || exit 96
+  exec 9<<EOF || exit 96
+$cnf
+EOF
+  prog=$1; shift; set -- "$prog" "--defaults-extra-file=/dev/fd/9" "$@"
 fi
 timeout -s KILL "$limit" "$@"
 """

@@ -113,3 +113,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = getattr(item.module, "__name__", "") if hasattr(item, "module") else ""
         if item.get_closest_marker("realvm") or module.endswith("test_libvirt_qemu"):
             item.add_marker(pytest.mark.xdist_group(QEMU_GROUP))
+    # The QEMU group first: one worker takes it at once and the others share the rest, so the
+    # longest group runs beside everything else instead of after it.
+    items.sort(key=lambda item: not any(
+        m.args == (QEMU_GROUP,) for m in item.iter_markers("xdist_group")
+    ))  # fmt: skip
