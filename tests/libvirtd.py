@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import libvirt
 
@@ -88,9 +88,19 @@ class SharedLibvirtd:
     sandboxes (tests/lab/sandbox.py).
     """
 
-    def __init__(self, uri: str = URI, directory: str = SHARED_DIR) -> None:
+    def __init__(
+        self,
+        uri: str = URI,
+        directory: str = SHARED_DIR,
+        *,
+        daemons: Sequence[tuple[list[str], Callable[[], bool]]] | None = None,
+        answers: Callable[[], bool] | None = None,
+    ) -> None:
         self.uri = uri
         self.directory = directory
+        #: (argv, already there?) of each daemon, in start order; and: does the service answer?
+        self.daemons = daemons or ((["virtlogd"], virtlogd_listens), (["libvirtd"], lambda: False))
+        self.answers = answers or (lambda: can_open(self.uri))
         self._users_fd = -1
 
     def _path(self, name: str) -> str:
@@ -111,21 +121,21 @@ class SharedLibvirtd:
         fcntl.flock(self._users_fd, fcntl.LOCK_SH)
         libvirt.registerErrorHandler(lambda *_a: None, None)
         with self._exclusive():
-            if can_open(self.uri):
+            if self.answers():
                 return
             log = open(self._path("daemons.log"), "ab")  # noqa: SIM115 - the daemons keep it
             started = []
-            for name in ("virtlogd", "libvirtd"):
-                if name == "virtlogd" and virtlogd_listens():
+            for argv, already_there in self.daemons:
+                if already_there():
                     continue
-                proc = subprocess.Popen([name], stdin=subprocess.DEVNULL, stdout=log,
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=log, start_new_session=True)  # fmt: skip
                 started.append(f"{proc.pid} {_start_time(proc.pid)}\n")
             log.close()
             with open(self._path("daemons"), "a") as record:
                 record.writelines(started)
             deadline = time.monotonic() + timeout
-            while not can_open(self.uri) and time.monotonic() < deadline:
+            while not self.answers() and time.monotonic() < deadline:
                 time.sleep(0.2)
 
     def release(self) -> None:
