@@ -123,12 +123,14 @@ def _idoit_baseline() -> idoit_fixture.IdoitDB:
 @pytest.fixture
 def idoit_db(
     guest_services: lab.GuestServices, _idoit_baseline: idoit_fixture.IdoitDB
-) -> idoit_fixture.IdoitDB:
+) -> Iterator[idoit_fixture.IdoitDB]:
     if not _idoit_baseline.is_pristine():
         _idoit_baseline.rebuild()
         if not _idoit_baseline.is_pristine():
             pytest.fail("rebuilding the i-doit dataset did not reproduce its checksums")
-    return _idoit_baseline
+    yield _idoit_baseline
+    if lab.mysqld_running():  # a test that broke a view leaves the server dumpable again
+        idoit_fixture.remove_broken_view()
 
 
 @pytest.fixture(scope="session")

@@ -343,6 +343,12 @@ def build_idoit(socket: str | None = None) -> IdoitDB:
     )
 
 
+def remove_broken_view(socket: str | None = None) -> None:
+    """Undo :func:`add_broken_view` (the ``idoit_db`` fixture does, after each test), so a later
+    test that dumps the server without asking for the dataset is not broken by it."""
+    mysql_exec("DROP VIEW IF EXISTS idoit_data.isys_v_broken;", socket, check=False)
+
+
 def add_broken_view(socket: str | None = None) -> None:
     """Make mysqldump fail mid-stream: a view whose table is gone.
 

@@ -106,6 +106,7 @@ REAL_FIXTURES = frozenset({
 })  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
