@@ -105,6 +105,7 @@ def guest_services() -> Iterator[lab.GuestServices]:
     _require_services()
     services = lab.GuestServices()
     with lab.lab_lock():
+        lab.end_leftovers()  # an earlier test's watchdog must not act in this one
         services.ensure_running()
         try:
             yield services
@@ -171,6 +172,7 @@ def pg_services() -> Iterator[lab.GuestServices]:
         lab.require(f"/etc/init.d/{lab.PG_SERVICE}", "postgresql")
     services = lab.GuestServices(names=PG_GUEST_SERVICES)
     with lab.lab_lock():
+        lab.end_leftovers()
         lab.ensure_postgresql()
         services.ensure_running()
         try:

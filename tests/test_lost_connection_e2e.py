@@ -137,10 +137,10 @@ def test_a_journal_naming_a_stopped_service_is_not_healed(
     """SIGKILL inside the window, watchdog far away: the next run sees the services down and
     refuses (exit 4, stops nothing); `recover` starts them and clears the journal."""
     guest = ssh_guest.guest_table(watchdog_seconds=300)
-    config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 30"]})
+    config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 30.5"]})
     proc = popen_observed("-c", str(config), "snapshot", "web1", observe=tmp_path / "o.jsonl")
     try:
-        wait_for(lambda: process_with_args("sleep 30"), 60, "the frozen hook to start")
+        wait_for(lambda: process_with_args("sleep 30.5"), 60, "the frozen hook to start")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         assert not lab.mysqld_running() and not lab_services.running("apache2")

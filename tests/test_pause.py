@@ -91,9 +91,11 @@ def test_the_guest_time_limit_ends_the_lock(server: lab.ScratchMariaDB) -> None:
 
 
 def sleeping(server: lab.ScratchMariaDB) -> bool:
-    """A ``SELECT SLEEP(...)`` runs in the server right now (its process list)."""
+    """A ``SELECT SLEEP(...)`` has run in the server long enough to count as a long statement
+    (``mysql_pause.LONG_STATEMENT_SECONDS``), as its process list says."""
     rows = lab.mysql_rows(
-        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(%'",
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(%'"
+        f" AND TIME >= {mysql_pause.LONG_STATEMENT_SECONDS}",
         server.socket,
     )
     return rows[0][0] != "0"

@@ -30,6 +30,8 @@ from tests.lab import host_services, sandbox
 
 WRAPPER = Path(__file__).resolve().with_name("sandboxed-python")
 
+LOADGROUP_ENV = "SNAPCOORD_LAB_LOADGROUP"
+
 _BEFORE = pytest.StashKey[frozenset[host_services.HostService]]()
 _LIBVIRTD = pytest.StashKey[object]()
 
@@ -51,6 +53,10 @@ def _sandboxed_specs(specs: list[str]) -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") and os.environ.get(LOADGROUP_ENV) == "1":
+        # xdist builds a worker's options from the command line, not from the controller's:
+        # tell it that the controller distributes by group (it marks the groups' node ids).
+        config.option.loadgroup = True
     if os.geteuid() != 0 or not _is_controller(config) or config.getoption("collectonly"):
         return
     if not hasattr(config.option, "tx"):
@@ -61,6 +67,8 @@ def pytest_configure(config: pytest.Config) -> None:
     elif config.option.dist == "load":
         config.option.dist = "loadgroup"
     config.option.tx = _sandboxed_specs(list(config.option.tx))
+    if config.option.dist == "loadgroup":
+        os.environ[LOADGROUP_ENV] = "1"
     os.environ["SNAPCOORD_LAB_PYTHON"] = sys.executable
     config.stash[_BEFORE] = host_services.services()
     if shutil.which("libvirtd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):

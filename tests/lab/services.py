@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.common import LabError, run, which
+from tests.lab.common import LabError, process_table, run, stat_fields, which
 from tests.lab.mariadb import mariadb_uptime, mysqld_running
 
 LAB_SERVICES = ("mariadb", "apache2", "cron")
@@ -44,6 +47,36 @@ def ensure_running(names: Iterable[str] = LAB_SERVICES) -> list[str]:
             start_service(name)
             started.append(name)
     return started
+
+
+#: Argument markers of what snapcoord leaves running on purpose, in the guest (watchdogs, lock
+#: sessions, the freeze hook's units) and beside the coordinator (freeze holders). One test's
+#: leftover would act inside a later test of the same sandbox: a watchdog firing there restarts
+#: services that test stopped.
+LEFTOVER_MARKERS = (
+    "snapcoord-watchdog-",
+    "snapcoord-pause:",
+    "snapcoord-fsfreeze",
+    "snapcoord.holder",
+)
+
+
+def end_leftovers() -> list[int]:
+    """SIGKILL every process of this sandbox that carries a :data:`LEFTOVER_MARKERS` marker
+    (with its process group when it leads one); return their PIDs. They are all the lab's own:
+    the sandbox has no other processes."""
+    ended = []
+    for pid, _comm, args in process_table():
+        if pid == os.getpid() or not any(marker in args for marker in LEFTOVER_MARKERS):
+            continue
+        leader = stat_fields(pid)[2:3] == [str(pid)]
+        with contextlib.suppress(ProcessLookupError):
+            if leader:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+    return ended
 
 
 def init_script_exists(name: str) -> bool:
