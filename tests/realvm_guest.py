@@ -36,7 +36,7 @@ the guest running. It yields a :class:`RealGuest`:
 * ``ssh(cmd, timeout=60, check=False, input=None)`` -> ``CompletedProcess[str]``: a shell line
   as root over a fresh strict OpenSSH connection (about 1 s each under TCG: batch commands),
 * ``ssh_argv(cmd)``, ``guest_table(**overrides)`` (a ``[vms.X.guest]`` table),
-  ``agent_command({"execute": ...})`` (qemu-guest-agent through libvirt), ``qemu_pid()``,
+  ``agent_command({"execute": ...})`` (qemu-guest-agent through libvirt), ``monitor(cmd)``,
   ``serial_tail()``.
 
 Teardown destroys the domain, deletes its snapshots, undefines it and removes the overlay. A
@@ -285,9 +285,18 @@ class RealGuest:
             conn.close()
         return json.loads(reply)
 
-    def qemu_pid(self) -> int:
-        """PID of the domain's QEMU process (libvirt's pid file)."""
-        return int(Path(f"/run/libvirt/qemu/{self.domain}.pid").read_text().strip())
+    def monitor(self, command: str) -> str:
+        """A human-monitor command to the running QEMU, through libvirt (``info network``).
+
+        QEMU runs beside libvirtd on the host, outside the tests' sandbox, so its /proc entry is
+        not there to read: the monitor reports what the running process does."""
+        conn = libvirt.open(self.uri)
+        try:
+            dom = conn.lookupByName(self.domain)
+            flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            return str(libvirt_qemu.qemuMonitorCommand(dom, command, flags))
+        finally:
+            conn.close()
 
     def serial_tail(self, lines: int = 40) -> str:
         return serial_tail(self.serial_log, lines)
