@@ -39,7 +39,7 @@ test: $(VENV)/.installed-dev
 ## make test-fast: every test that needs no real service (no guest, no database, no QEMU, no
 ## vcsim), for the edit loop
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n 2 -m "not real and not realvm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 -m "not real and not realvm" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
