@@ -61,12 +61,13 @@ def test_a_nested_sandbox_sees_neither_our_processes_nor_our_files(
     cron leaves ours running, and it cannot see our processes."""
     own_tmp = Path("/tmp/snapcoord-lab-sandbox-probe")
     own_tmp.write_text("ours\n")
+    ours = subprocess.Popen(["sleep", "301.5"])  # a process of this sandbox, by its arguments
     try:
         with more_guests(1) as (other,):
             script = (
                 "test ! -e /tmp/snapcoord-lab-sandbox-probe && echo tmp-private; "
-                f"test ! -e /proc/{os.getpid()}/cmdline -o $(cat /proc/1/comm) = python3 "
-                "&& echo pid-private; service cron stop >/dev/null && echo stopped; "
+                "pgrep -fx 'sleep 301.5' >/dev/null || echo pid-private; "
+                "service cron stop >/dev/null && echo stopped; "
                 "mysql -N -e 'SELECT @@port'"
             )
             out = other.ssh("sh", "-c", script).stdout.split()
@@ -74,7 +75,10 @@ def test_a_nested_sandbox_sees_neither_our_processes_nor_our_files(
             assert out[3] != str(sandbox.ports()["mysql"])
             assert guest_services.running("cron"), "our cron is not theirs"
             assert other.ssh("service", "cron", "status", check=False).returncode != 0
+            assert any(args.split() == ["sleep", "301.5"] for _p, _c, args in lab.process_table())
     finally:
+        ours.kill()
+        ours.wait()
         own_tmp.unlink()
 
 
