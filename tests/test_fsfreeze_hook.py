@@ -370,8 +370,10 @@ def test_a_freeze_that_cannot_finish_restores_and_fails(
     vmware_config: Any, lab_services: lab.GuestServices
 ) -> None:
     """MariaDB cannot be verified down (its stop is refused): the hook gives up, starts what it
-    stopped and exits 1, so VMware Tools aborts the quiesce."""
-    config = vmware_config(stop_timeout=5)
+    stopped and exits 1, so VMware Tools aborts the quiesce. The hook's step (the longer of the
+    stop and start timeouts) is 5 s here: what it does after a step runs out does not depend on
+    its length (with the default 60 s start timeout this test took two minutes)."""
+    config = vmware_config(stop_timeout=5, start_timeout=5)
     installed = _cli(config, "freeze-hook", "install", "db")
     assert installed.returncode == 0, installed.stdout + installed.stderr
     # a stand-in `service` that refuses to stop mariadb, first on the hook's PATH
