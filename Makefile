@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-demo
 
 # Test workers: each runs in a lab sandbox of its own (tests/lab/sandbox.py); most of a test's
 # time is waiting, so more workers than cores pay off (docs/testing.md has the measurements).
-WORKERS ?= 3
+WORKERS ?= 4
 
 ## make test: the whole suite against real components, in parallel lab sandboxes that never
 ## touch this machine's own services (installs what it needs; what CI runs)
