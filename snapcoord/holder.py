@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, cast
 
 from snapcoord.config import Config, load_config
@@ -96,6 +97,15 @@ class Channel:
         self.send({"event": event, "id": number, "record": record.as_dict()})
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class ThawWaiter:
     """The socket ``thaw`` connects to, and the wait step of the plan."""
 
@@ -105,6 +115,7 @@ class ThawWaiter:
         self.max_seconds = max_seconds
         self.ctx: RunContext | None = None
         self._server: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None
         self.ended_by = ""
         # the limit counts from the start: the watchdog and the lock session are started later,
         # with the same limit, so the holder always acts first
@@ -119,12 +130,18 @@ class ThawWaiter:
         os.chmod(self.path, 0o600)
         server.listen(8)
         self._server = server
+        self._bound = _identity(self.path)
 
     def close(self) -> None:
+        """Stop listening and remove the socket, but only if it is still this holder's: once the
+        VM's lock is free, the next freeze of the VM may already listen at the same path (a
+        holder that finished late once removed a new holder's socket, and ``thaw`` then found
+        no holder)."""
         if self._server is not None:
             self._server.close()
             self._server = None
-            self.path.unlink(missing_ok=True)
+            if _identity(self.path) == self._bound:
+                self.path.unlink(missing_ok=True)
 
     def wait(self) -> None:
         """Frozen: tell ``freeze``, then serve status requests until a thaw or the limit.

@@ -423,3 +423,20 @@ def test_select_names_a_vm_or_a_tag_never_both_never_neither(tmp_path: Path) -> 
     clash = config(tmp_path, db1={"hypervisor": "lab", "tags": ["db1"]})
     with pytest.raises(UsageError, match="'db1' is both a VM and a tag"):
         select(clash, Selection(either=("db1",)))
+
+
+def test_a_holder_that_ends_late_leaves_the_next_holders_socket(tmp_path: Path) -> None:
+    """Two freezes of one VM in a row: the first holder finishes (closes) only after the second
+    listens at the same path. The second one's socket stays, so ``thaw`` finds its holder."""
+    first, first_parent = _waiter(tmp_path, 60)
+    second, second_parent = _waiter(tmp_path, 60)  # the lock is free: it takes the path over
+    try:
+        first.close()
+        assert second.path.exists(), "the first holder removed the second one's socket"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(second.path))  # the second holder still listens there
+    finally:
+        second.close()
+        first_parent.close()
+        second_parent.close()
+    assert not second.path.exists()

@@ -121,7 +121,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: not in_qemu_group(item.nodeid))
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # an xdist hook: unknown without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """Load scheduling, with the QEMU group as one unit of work (see :data:`QEMU_GROUP`)."""
     if config.getvalue("dist") not in ("load", "loadgroup"):
