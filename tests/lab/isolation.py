@@ -116,6 +116,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real)
+        if in_qemu_group(item.nodeid):
+            item.add_marker(pytest.mark.qemu)
     # The QEMU group first: one worker takes it at once and the others share the rest, so the
     # longest group runs beside everything else instead of after it.
     items.sort(key=lambda item: not in_qemu_group(item.nodeid))
