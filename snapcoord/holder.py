@@ -93,6 +93,10 @@ class Channel:
         self.send({"event": "note", "text": text})
 
     def _step(self, event: str, record: StepRecord) -> None:
+        if event == "step_started":
+            log.info("step: %s", record.name)
+        else:
+            log.info("step: %s: %s", record.name, "ok" if record.ok else f"failed: {record.error}")
         number = self._ids.setdefault(id(record), len(self._ids))
         self.send({"event": event, "id": number, "record": record.as_dict()})
 
@@ -260,6 +264,8 @@ class ThawWaiter:
         each write within ``_SEND_TIMEOUT``: a thaw that stops reading is let go, the unwind
         goes on)."""
         conn.settimeout(_SEND_TIMEOUT)
+        known = request.decode() if request in (b"thaw", b"status") else "something else"
+        log.info("a client asked for %s", known)
         if request == b"thaw":
             self.channel.switch(conn.makefile("wb"))
             conn.close()  # the file object keeps the connection open

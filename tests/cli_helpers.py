@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,18 +34,41 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+class CliTimeout(subprocess.TimeoutExpired):
+    """A CLI run past its timeout; the message ends with what it printed on stderr (with
+    PYTHONFAULTHANDLER, every thread's stack at the timeout)."""
+
+    def __str__(self) -> str:
+        err = self.stderr if isinstance(self.stderr, str) else ""
+        return f"{super().__str__()}\n--- its stderr ---\n{err[-20000:]}"
+
+
 def snapcoord(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "snapcoord", *args],
-        capture_output=True,
+    """Run the CLI. One that outlives ``timeout`` is made to print every thread's stack
+    (faulthandler, on SIGABRT) before it is killed: the TimeoutExpired carries where it hung."""
+    argv = [sys.executable, "-m", "snapcoord", *args]
+    with subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        input=stdin,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
         cwd=REPO,
-    )
+    ) as child:
+        try:
+            out, err = child.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)
+            try:
+                out, err = child.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                out, err = child.communicate()
+            raise CliTimeout(argv, timeout, out, err) from None
+    return subprocess.CompletedProcess(argv, child.returncode, out, err)
 
 
 def json_lines(output: str) -> list[dict[str, Any]]:

@@ -54,6 +54,20 @@ import pytest
 from tests import idoit_fixture, lab, pg_fixture
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    """A test module may define ``setup_failed(item)``: called when one of its tests fails in
+    setup (the fault matrix records the cell, so its docs test never waits for it)."""
+    report = yield
+    if report.when == "setup" and report.failed:
+        setup_failed = getattr(getattr(item, "module", None), "setup_failed", None)
+        if callable(setup_failed):
+            setup_failed(item)
+    return report
+
+
 def _require_guest_tools() -> None:
     lab.require_root()
     for cmd in ("sshd", "ssh", "ssh-keygen"):
