@@ -183,7 +183,11 @@ class ThawWaiter:
                 for conn in [c for c, r in clients.items() if r.deadline <= now]:
                     self._drop(selector, clients, conn)  # its time for a request is up
                 ends = [deadline, *(r.deadline for r in clients.values())]
-                for key, _ in selector.select(max(min(ends) - now, 0.0)):
+                ready = selector.select(max(min(ends) - now, 0.0))
+                # the select may have waited minutes: a client's time counts from its accept
+                # (counted from before the select, a thaw long after freeze was dropped unread)
+                now = time.monotonic()
+                for key, _ in ready:
                     if key.fileobj is server:
                         self._accept(selector, clients, min(now + _REQUEST_TIMEOUT, deadline))
                         continue

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from snapcoord.holder import _REQUEST_TIMEOUT as REQUEST_TIMEOUT
 from tests import lab, pause_load
 from tests.cli_helpers import json_lines, snapcoord
 from tests.faultproxy import FaultProxy, known_hosts_for
@@ -72,7 +73,9 @@ def test_freeze_stops_everything_until_thaw_in_another_process(
     status = snapcoord("-c", str(stop_config), "status", "web1", "--offline")
     assert f"frozen by freeze (run {data['run']}, holder pid {holder})" in status.stdout
     assert "`snapcoord thaw web1`" in status.stdout
-    time.sleep(1)
+    # the thaw comes well after the last request, as after a backup of minutes: a request's
+    # deadline once counted from before the holder's idle wait, and this thaw was dropped
+    time.sleep(REQUEST_TIMEOUT + 1)
     assert all_down(lab_services), "nothing came back by itself before thaw"
 
     thawed = snapcoord("-c", str(stop_config), "thaw", "web1")

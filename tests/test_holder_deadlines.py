@@ -160,6 +160,31 @@ def test_each_request_has_a_total_deadline_however_it_trickles(
             waiting.join(10)
 
 
+def test_a_thaw_long_after_freeze_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder idles in its wait far longer than a request's deadline (here 0.5 s; 5 s in
+    production, where a backup takes minutes), then a thaw comes: it is heard. Its deadline
+    once counted from before the idle wait, so it was dropped unread, and thaw, finding no
+    holder, waited for the lock the holder kept."""
+    monkeypatch.setattr(holder_module, "_REQUEST_TIMEOUT", 0.5)
+    waiter, parent = _waiter(tmp_path, 120)
+    waiting = Waiting(waiter, parent)
+    conn: socket.socket | None = None
+    try:
+        time.sleep(2.0)  # the behaviour under test: a thaw well after the request deadline
+        assert waiting.thread.is_alive()
+        conn = thaw_request(waiter.path)
+        assert json.loads(conn.makefile("rb").readline()) == {"event": "thawing"}
+        assert waiting.join(10) and waiting.error is None and waiter.ended_by == "thaw"
+    finally:
+        if conn is not None:
+            conn.close()
+        if waiting.thread.is_alive():
+            thaw_request(waiter.path).close()
+            waiting.join(10)
+
+
 def test_a_stalled_client_connected_first_does_not_block_a_real_thaw(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
