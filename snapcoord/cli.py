@@ -12,7 +12,7 @@ from pathlib import Path
 
 from snapcoord import __version__
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError
-from snapcoord.output import LogHandler
+from snapcoord.output import LogHandler, PrintableStream
 
 log = logging.getLogger("snapcoord")
 
@@ -190,6 +190,17 @@ def _add_selection(p: argparse.ArgumentParser, *, default_all: bool = False) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every line snapcoord prints shows control characters as escapes (names come from
+    hypervisors, guests and files: a terminal escape sequence in one is never executed)."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = LogHandler(sys.stderr)

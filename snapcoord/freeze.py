@@ -45,6 +45,7 @@ from snapcoord.errors import (
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
+from snapcoord.secrets import child_environment
 from snapcoord.settings import VMConfig
 from snapcoord.shell import python_module, spawn
 from snapcoord.store import create_file, ensure_private
@@ -238,8 +239,9 @@ def freeze_vm(
     argv += ["--vmid", str(vmid)] if vmid is not None else []
     log_path, log = open_log(config.store, key)  # the last freeze's log
     with log:
+        # the holder loads the same configuration: it alone keeps the secret variables
         holder = spawn([*argv, "--", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=log, cwd="/")  # fmt: skip
+                       stderr=log, cwd="/", env=child_environment(with_secrets=True))  # fmt: skip
     assert holder.stdout is not None
     relay = Relay(reporter)
     for event in events(holder.stdout):

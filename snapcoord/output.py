@@ -4,10 +4,40 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
 from snapcoord.run import RunResult, StepRecord
+
+#: C0 and C1 controls but tab and newline, DEL, and the bidirectional overrides: what a
+#: hypervisor, a guest or a file could put into a name to rewrite the terminal or the line
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\u202e``): a
+    snapshot name with a terminal escape sequence is printed, never executed by the terminal."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+class PrintableStream:
+    """A text stream that writes everything through :func:`printable`; ``raw`` is the stream
+    below, for the live view's own cursor movements."""
+
+    def __init__(self, raw: TextIO) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        return self.raw.write(printable(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def raw_stream(stream: TextIO) -> TextIO:
+    """The stream below a :class:`PrintableStream` (any other stream itself)."""
+    return stream.raw if isinstance(stream, PrintableStream) else stream
 
 
 class HumanReporter:

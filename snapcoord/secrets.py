@@ -12,6 +12,22 @@ from snapcoord.trust import UnsafeFile, read_trusted
 
 MASK = "********"
 
+#: the environment variables the configuration takes secrets from (``{ env = "NAME" }``):
+#: no child process sees them (:func:`child_environment`)
+_SECRET_VARIABLES: set[str] = set()
+
+
+def child_environment(*, with_secrets: bool = False) -> dict[str, str]:
+    """The environment for a child process: this one's, without the variables that hold the
+    configuration's secrets (ssh, the guest's commands, hooks and the database clients never
+    need them). ``with_secrets`` only for snapcoord's own children that load the same
+    configuration (the freeze holder)."""
+    env = dict(os.environ)
+    if not with_secrets:
+        for name in _SECRET_VARIABLES:
+            env.pop(name, None)
+    return env
+
 
 @dataclass(frozen=True)
 class Secret:
@@ -38,6 +54,7 @@ def resolve_secret(spec: dict[str, str]) -> tuple[Secret | None, str | None, str
         name = spec["env"]
         if name not in os.environ:
             return None, f"environment variable {name!r} is not set", None
+        _SECRET_VARIABLES.add(name)
         return Secret(f"env:{name}", os.environ[name]), None, None
     if set(spec) == {"file"}:
         path = spec["file"]

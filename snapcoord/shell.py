@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
-from snapcoord.secrets import MASK
+from snapcoord.secrets import MASK, child_environment
 
 log = logging.getLogger("snapcoord.shell")
 
@@ -92,14 +92,15 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (never through a local shell) in a new session, so that it has its own
     process group (:func:`kill_group` ends it with its children) and Ctrl-C on the terminal
-    does not reach it. The caller waits for it or kills it."""
+    does not reach it. The caller waits for it or kills it. Without ``env``, the child gets
+    this process's environment less the configuration's secret variables."""
     log.debug("run: %s", display(argv, secrets))
     return subprocess.Popen(
         list(argv),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        env=env,
+        env=env if env is not None else child_environment(),
         cwd=cwd,
         start_new_session=True,
     )

@@ -49,6 +49,10 @@ PARTIAL_SUFFIX = ".partial"
 CHUNK = 1 << 20
 # Room kept free besides the estimated dump size, so the store disk never runs completely full.
 SPACE_MARGIN = 64 << 20
+#: a stream being written never leaves less than SPACE_MARGIN free (a dump larger than its
+#: estimate never fills the file system of a root-run host); it looks again at least every this
+#: many bytes, to see what other writers took
+SPACE_CHECK_BYTES = 8 << 20
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,199}")  # fullmatch: "$" accepts "x\n"
 
@@ -327,14 +331,33 @@ class FileSink:
         self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self._unchecked = 0
+        self._allowance = 0  # bytes it may still write before SPACE_MARGIN: the first checks
 
     def write(self, data: bytes) -> None:
+        self._unchecked += len(data)
+        if self._unchecked >= SPACE_CHECK_BYTES or len(data) > self._allowance:
+            self._unchecked = 0
+            self._check_space(len(data))
+        self._allowance -= len(data)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
         self._hash.update(data)
         self.size += len(data)
+
+    def _check_space(self, coming: int) -> None:
+        """ENOSPC before the file system is full: the dump fails like on a full store (its
+        partial file is removed), with SPACE_MARGIN still free for everything else."""
+        left = free_bytes(self.run.path)
+        self._allowance = left - SPACE_MARGIN
+        if coming > self._allowance:
+            raise OSError(
+                errno.ENOSPC,
+                f"the store's file system has {_mib(left)} free after {_mib(self.size)}: "
+                f"stopped before it would leave less than {_mib(SPACE_MARGIN)}",
+            )
 
     @property
     def sha256(self) -> str:

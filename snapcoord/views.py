@@ -16,7 +16,7 @@ from typing import TextIO
 
 from snapcoord.fleet import View
 from snapcoord.outcome import Outcome
-from snapcoord.output import HumanReporter, print_json
+from snapcoord.output import HumanReporter, print_json, raw_stream
 from snapcoord.run import Reporter, SilentReporter, StepRecord
 
 
@@ -173,13 +173,14 @@ class LiveView(_Printer):
 
     def _erase(self) -> None:
         if self.drawn:
-            self.out.write(f"\x1b[{self.drawn}F" + "\x1b[J")
+            raw_stream(self.out).write(f"\x1b[{self.drawn}F" + "\x1b[J")
             self.drawn = 0
 
     def _draw(self) -> None:
         now = time.monotonic()
         for vm, (step, _, started) in sorted(self.running.items()):
-            self.out.write(f"{self.CLEAR_LINE}  {vm}: {step} ... {now - started:.0f} s\n")
+            raw_stream(self.out).write(self.CLEAR_LINE)
+            self.out.write(f"  {vm}: {step} ... {now - started:.0f} s\n")
         self.drawn = len(self.running)
         self.out.flush()
 
