@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -18,17 +17,16 @@ from snapcoord.fleet import FleetRun, Job
 from snapcoord.fleet import summary as fleet_summary
 from snapcoord.naming import new_run_id
 from snapcoord.outcome import Outcome
-from snapcoord.output import print_json, run_summary
+from snapcoord.output import print_json
 from snapcoord.plans import (
     RunContext,
-    WatchdogKeptArmed,
     delete_steps,
     revert_steps,
     snapshot_steps,
 )
 from snapcoord.run import Reporter, RunResult, Step
+from snapcoord.runner import run_plan
 from snapcoord.selection import Selection, select
-from snapcoord.session import Session
 from snapcoord.views import JsonView, StepLinesView, pick_view
 
 
@@ -139,8 +137,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         def build(ctx: RunContext) -> list[Step]:
             return snapshot_steps(ctx, label=label)
 
-        return _run_plan(
-            args, config, key, build, title="snapshot", reporter=reporter, after=_after_snapshot
+        return run_plan(
+            config,
+            key,
+            build,
+            title="snapshot",
+            reporter=reporter,
+            dry_run=args.dry_run,
+            after=_after_snapshot,
         )
 
     return _fleet(args, config, job, command="snapshot", notify=True)
@@ -344,20 +348,22 @@ def cmd_vzdump_hook(args: argparse.Namespace) -> int:
         if not Fallback.wanted(config.vm(key)):
             line = f"{key}: mode stop: vzdump shuts the guest down itself; no dump configured"
             return Outcome(key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0}, [line])
-        return _run_plan(
-            args,
+        return run_plan(
             config,
             key,
             lambda ctx: dump_steps(ctx, label="vzdump"),
             title="dump",
             reporter=view.reporter(key),
+            dry_run=args.dry_run,
         )
 
     def hook_plan(key: str, build: Callable[[RunContext], list[Step]], title: str) -> Outcome:
         return _guarded(
             key,
             title,
-            lambda: _run_plan(args, config, key, build, title=title, reporter=view.reporter(key)),
+            lambda: run_plan(
+                config, key, build, title=title, reporter=view.reporter(key), dry_run=args.dry_run
+            ),
         )
 
     def prepare(key: str, vmid: int) -> Outcome:
@@ -407,8 +413,13 @@ def cmd_freeze_hook(args: argparse.Namespace) -> int:
         return _guarded(
             key,
             f"freeze-hook {args.action}",
-            lambda: _run_plan(
-                args, config, key, build, title=f"freeze-hook {args.action}", reporter=reporter
+            lambda: run_plan(
+                config,
+                key,
+                build,
+                title=f"freeze-hook {args.action}",
+                reporter=reporter,
+                dry_run=args.dry_run,
             ),
         )
 
@@ -455,108 +466,8 @@ def _run(
 ) -> int:
     """One plan on one VM (revert, delete, restore-dump): printed as it runs."""
     view = JsonView() if args.json else StepLinesView()
-    outcome = _run_plan(args, config, key, build, title=title, reporter=view.reporter(key))
+    outcome = run_plan(
+        config, key, build, title=title, reporter=view.reporter(key), dry_run=args.dry_run
+    )
     view.finished(outcome)
     return outcome.exit_code
-
-
-def _run_plan(
-    args: argparse.Namespace,
-    config: Config,
-    key: str,
-    build: Callable[[RunContext], list[Step]],
-    *,
-    title: str,
-    reporter: Reporter,
-    after: Callable[[RunContext, RunResult], None] | None = None,
-) -> Outcome:
-    """Run one plan for one VM under its lock and journal. ``after`` runs once the plan has
-    ended (services back), still under the lock."""
-    run_id = new_run_id()
-    ctx = RunContext.create(config, key, run_id)
-    ctx.keep_connection = after is not None
-    steps = build(ctx)
-    if args.dry_run:
-        plan = _plan_lines(key, steps, ctx)
-        return Outcome(
-            key, ExitCode.OK, {"vm": key, "ok": True, "exit_code": 0, "plan": plan}, plan
-        )
-    result = RunResult(window=ctx.window)
-    session = Session(config, key, run_id)
-    try:
-        with session:
-            result = session.execute(ctx, steps, reporter)
-            if after is not None:
-                after(ctx, result)
-    except SnapcoordError as exc:
-        result.failures.append(exc)
-    finally:
-        if ctx.keep_connection:
-            ctx.adapter.close()
-    summary = run_summary(
-        key,
-        result,
-        run=run_id,
-        command=title,
-        snapshot=ctx.snapshot_name or None,
-        notes=ctx.notes,
-        **ctx.outputs,
-    )
-    if ctx.watchdog is not None:  # left armed: something it guards was down
-        summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
-    session.finish(ctx, result, summary)
-    lines, errors = _report_lines(key, result, summary)
-    return Outcome(key, result.exit_code, summary, lines, errors)
-
-
-def _report_lines(
-    key: str, result: RunResult, summary: dict[str, Any]
-) -> tuple[list[str], list[str]]:
-    """The human result of one run: notes and a status line; error lines for stderr."""
-    lines = [f"{key}: note: {note}" for note in summary["notes"]]
-    window = summary["window_seconds"]
-    status = "ok" if result.ok else f"FAILED (exit {result.exit_code})"
-    parts = [f"{key}: {summary['command']} {status}"]
-    if summary.get("snapshot"):
-        parts.append(f"snapshot {summary['snapshot']}")
-    if summary["services_down"]:
-        parts.append(f"service window still open: {', '.join(summary['services_down'])} down")
-    elif window is not None:
-        parts.append(f"service window {window:.2f} s")
-    elif summary.get("consistency") == "pause":
-        paused = summary.get("write_pause_seconds")
-        held = "" if paused is None else f"writes paused {paused:.2f} s, "
-        parts.append(f"{held}no service stopped")
-    pruned = summary.get("prune") or {}
-    if pruned.get("deleted"):
-        parts.append(f"pruned {len(pruned['deleted'])}")
-    lines.append(", ".join(parts))
-    bugs = result.bugs
-    # every error line names the VM by its config key (an adapter names it as the hypervisor does)
-    errors = [_naming(key, str(failure)) for failure in result.failures if failure not in bugs]
-    errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
-    said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
-    if result.window.still_down and not said:
-        errors.append(f"{key}: still stopped: {', '.join(result.window.still_down)}")
-    return lines, errors
-
-
-def _naming(key: str, line: str) -> str:
-    return line if line.startswith(f"{key}:") else f"{key}: {line}"
-
-
-def _plan_lines(key: str, steps: list[Step], ctx: RunContext) -> list[str]:
-    lines = [f"{key}: plan (dry run, nothing is touched):"]
-    undos = []
-    for number, step in enumerate(steps, 1):
-        if step.do is not None:
-            lines.append(
-                f"  {number:2}. {step.name}" + (f": {step.describe}" if step.describe else "")
-            )
-        if step.undo is not None:
-            undos.append(step.undo_name or f"undo {step.name}")
-    if undos:
-        lines.append("  then, always, in this order:")
-        lines += [f"      - {name}" for name in reversed(undos)]
-    lines += [f"  note: {note}" for note in ctx.notes]
-    return lines

@@ -32,6 +32,7 @@ from snapcoord.outcome import Outcome
 from snapcoord.plans.context import RunContext
 from snapcoord.plans.freeze import freeze_steps, frozen_config
 from snapcoord.run import Step, StepRecord
+from snapcoord.runner import run_plan
 
 log = logging.getLogger("snapcoord.holder")
 
@@ -299,8 +300,6 @@ def hold(
     vmid: int | None,
     channel: Channel,
 ) -> Outcome:
-    from snapcoord.commands import _run_plan
-
     config = frozen_config(config, key, max_seconds)
     waiter = ThawWaiter(config, key, channel, max_seconds)
 
@@ -323,8 +322,7 @@ def hold(
             *freeze_steps(ctx, wait=waiter.wait, label=label),
         ]
 
-    outcome = _run_plan(
-        argparse.Namespace(dry_run=False),
+    outcome = run_plan(
         config,
         key,
         build,
