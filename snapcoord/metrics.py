@@ -12,12 +12,13 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from snapcoord import inventory
 from snapcoord.config import Config
-from snapcoord.status import LastRun, iso_epoch, read_last_run
+from snapcoord.inventory import Inventory
+from snapcoord.status import LastRun, read_last_run
 
 log = logging.getLogger("snapcoord")
 
@@ -103,15 +104,18 @@ def _add_last_run(families: dict[str, Family], vm: dict[str, str], last: LastRun
 
 
 def _add_inventory(
-    families: dict[str, Family], vm: dict[str, str], seen: dict[str, Any], now: float
+    families: dict[str, Family], vm: dict[str, str], seen: Inventory, now: float
 ) -> None:
-    count = seen.get("count")
-    families["snapshots"].add(vm, count if isinstance(count, int) else None)
-    families["snapshots_seen_timestamp_seconds"].add(vm, iso_epoch(seen.get("seen_at")))
-    oldest = iso_epoch(seen.get("oldest"))
+    families["snapshots"].add(vm, seen.count)
+    families["snapshots_seen_timestamp_seconds"].add(vm, _epoch(seen.seen_at))
+    oldest = _epoch(seen.oldest)
     families["oldest_snapshot_timestamp_seconds"].add(vm, oldest)
-    families["newest_snapshot_timestamp_seconds"].add(vm, iso_epoch(seen.get("newest")))
+    families["newest_snapshot_timestamp_seconds"].add(vm, _epoch(seen.newest))
     families["oldest_snapshot_age_seconds"].add(vm, None if oldest is None else now - oldest)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
 
 
 def _format(family: Family) -> str:

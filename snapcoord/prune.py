@@ -132,7 +132,7 @@ def prune_snapshots(
         _drop_folder(result, store, key, name, present=True, dry_run=dry_run)
     listed = snapshots if dry_run or not (gone or result["failed"]) else _relist(adapter, vm)
     after = listed if listed is not None else remaining
-    result["inventory"] = inventory.record(store, key, after, now=now)
+    result["inventory"] = inventory.record(store, key, after, now=now).as_dict()
     return result
 
 
@@ -280,5 +280,5 @@ def after_snapshot(ctx: RunContext) -> dict[str, Any]:
 def _after(adapter: Adapter, vm: VM, vm_cfg: VMConfig, store: Path) -> dict[str, Any]:
     if vm_cfg.retention is None:
         listed = adapter.list_snapshots(vm)
-        return {"policy": None, "inventory": inventory.record(store, vm_cfg.key, listed)}
+        return {"policy": None, "inventory": inventory.record(store, vm_cfg.key, listed).as_dict()}
     return prune_snapshots(adapter, vm, vm_cfg, store, dry_run=False)

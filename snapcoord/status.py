@@ -22,6 +22,7 @@ from snapcoord import inventory
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, SnapcoordError
+from snapcoord.inventory import Inventory
 from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
 from snapcoord.store import read_file
@@ -181,7 +182,7 @@ def pid_alive(pid: int) -> bool:
 # -- snapshots ---------------------------------------------------------------------------------
 
 
-def list_from_hypervisor(config: Config, key: str) -> dict[str, Any]:
+def list_from_hypervisor(config: Config, key: str) -> Inventory:
     """Ask the hypervisor, and record what it said in the inventory."""
     vm_cfg = config.vm(key)
     adapter = open_adapter(vm_cfg.hypervisor, config.hypervisors[vm_cfg.hypervisor])
@@ -193,14 +194,12 @@ def list_from_hypervisor(config: Config, key: str) -> dict[str, Any]:
         return inventory.summarize(snapshots)
 
 
-def _snapshots_view(data: dict[str, Any], *, source: str, now: float) -> dict[str, Any]:
-    oldest, newest = iso_epoch(data.get("oldest")), iso_epoch(data.get("newest"))
+def _snapshots_view(seen: Inventory, *, source: str, now: float) -> dict[str, Any]:
+    oldest = None if seen.oldest is None else seen.oldest.timestamp()
+    newest = None if seen.newest is None else seen.newest.timestamp()
     return {
         "source": source,
-        "seen_at": data.get("seen_at"),
-        "count": data.get("count"),
-        "oldest": data.get("oldest"),
-        "newest": data.get("newest"),
+        **seen.as_dict(),
         "oldest_age_seconds": None if oldest is None else _round(now - oldest),
         "newest_age_seconds": None if newest is None else _round(now - newest),
     }

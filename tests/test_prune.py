@@ -202,7 +202,8 @@ def test_prune_keeps_exactly_what_the_policy_says(
     )
     assert folders(store_dir) == AFTER_FOLDERS
     assert summary["inventory"]["count"] == len(KEPT) + 1  # + the marked foreign-named one
-    assert inventory.read(store_dir, "db") == summary["inventory"]
+    seen = inventory.read(store_dir, "db")
+    assert seen is not None and seen.as_dict() == summary["inventory"]
     # human lines: every own snapshot in time order, then folders, then the total
     lines = outcome.lines
     assert lines[0] == f"db: delete {NIGHTLY[0]}"
@@ -346,7 +347,8 @@ def test_after_snapshot_prunes_and_records_the_inventory(
     assert "error" not in result
     assert result["deleted"] == DELETED
     assert remaining(double) == set(KEPT) | set(FOREIGN)
-    assert inventory.read(config.store, "db") == result["inventory"]
+    seen = inventory.read(config.store, "db")
+    assert seen is not None and seen.as_dict() == result["inventory"]
     assert result["inventory"]["count"] == len(KEPT) + 1
 
 
@@ -448,4 +450,5 @@ def test_cli_snapshot_prunes_after_the_run(
     assert kept[new][0] == "newest" and kept.keys() - {new} == KEPT.keys() - {CURRENT}
     assert remaining(double) == set(KEPT) - {CURRENT} | set(FOREIGN) | {new}
     assert folders(config.store) == AFTER_FOLDERS
-    assert inventory.read(config.store, "db") == pruned["inventory"]
+    seen = inventory.read(config.store, "db")
+    assert seen is not None and seen.as_dict() == pruned["inventory"]
