@@ -42,6 +42,7 @@ from snapcoord.errors import (
     SnapcoordError,
     SnapshotFailed,
 )
+from snapcoord.freeze_state import FreezeState
 from snapcoord.journal import Journal
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter, StepRecord
@@ -194,8 +195,9 @@ class Relay:
 # -- freeze -----------------------------------------------------------------------------------
 
 
-def holder_state(config: Config, key: str) -> dict[str, Any] | None:
-    """The live holder's freeze state, or None when no holder answers."""
+def holder_state(config: Config, key: str) -> FreezeState | None:
+    """The live holder's freeze state, or None when no holder answers (or its answer is not
+    a freeze state)."""
     path = socket_path(config, key)
     if not private_dir(path.parent, create=False):
         return None  # refused in one line when it is not ours and private
@@ -204,7 +206,7 @@ def holder_state(config: Config, key: str) -> dict[str, Any] | None:
             conn.sendall(b"status\n")
             for event in events(conn.makefile("rb")):
                 if event.get("event") == "frozen":
-                    return event
+                    return FreezeState.parse(event)
     except OSError:
         return None
     return None
@@ -226,8 +228,8 @@ def freeze_vm(
     state = holder_state(config, key)
     if state is not None:
         raise Locked(
-            f"already frozen since {_clock(state['since'])} (until {_clock(state['until'])} at "
-            f"the latest, by {state.get('source', 'freeze')})",
+            f"already frozen since {_clock(state.since)} (until {_clock(state.until)} at "
+            f"the latest, by {state.source})",
             vm=key,
             hint=f"run snapcoord thaw {key} first",
         )
@@ -245,9 +247,10 @@ def freeze_vm(
     assert holder.stdout is not None
     relay = Relay(reporter)
     for event in events(holder.stdout):
-        if event.get("event") == "frozen":
+        frozen = FreezeState.parse(event) if event.get("event") == "frozen" else None
+        if frozen is not None:
             holder.stdout.close()  # the holder goes on alone
-            return _frozen_outcome(key, event)
+            return _frozen_outcome(key, frozen)
         if event.get("event") == "outcome":
             holder.wait()
             return outcome_from(event)
@@ -261,12 +264,11 @@ def freeze_vm(
     )
 
 
-def _frozen_outcome(key: str, state: dict[str, Any]) -> Outcome:
-    what = "commits held" if state.get("consistency") == "pause" else "services stopped"
-    summary = {"vm": key, "ok": True, "exit_code": 0, "command": "freeze", **state}
-    summary.pop("event", None)
+def _frozen_outcome(key: str, state: FreezeState) -> Outcome:
+    what = "commits held" if state.consistency == "pause" else "services stopped"
+    summary = {"vm": key, "ok": True, "exit_code": 0, "command": "freeze", **state.as_dict()}
     line = (
-        f"{key}: frozen ({what}) until {_clock(state['until'])} at the latest; "
+        f"{key}: frozen ({what}) until {_clock(state.until)} at the latest; "
         f"run: snapcoord thaw {key}"
     )
     return Outcome(key, ExitCode.OK, summary, [line])
@@ -381,8 +383,8 @@ def _relay_thaw(
 
 def _unanswered(config: Config, key: str, what: str, seconds: float) -> SnapcoordError:
     data = Journal(config.store, key).read() or {}
-    freeze = data.get("freeze") if isinstance(data.get("freeze"), dict) else {}
-    pid = freeze.get("pid", "?") if isinstance(freeze, dict) else "?"
+    freeze = FreezeState.parse(data.get("freeze"))
+    pid = "?" if freeze is None else freeze.pid
     return HolderUnanswered(
         f"the freeze holder (pid {pid}) {what} within {seconds:g} s: the guest may still be "
         "quiesced",
@@ -416,25 +418,25 @@ def _thaw_without_holder(config: Config, key: str) -> Outcome:
     data = journal.read()
     if data is None:
         return _after_the_fact(config, key, journal)
+    freeze = FreezeState.parse(data.get("freeze"))
     deadline = time.monotonic() + _LOCK_WAIT
     while True:  # a holder that reached its limit holds the lock while it restores
         try:
             lines = recover(config, key)
             break
         except Locked:
-            if not data.get("freeze") or time.monotonic() > deadline:
+            if freeze is None or time.monotonic() > deadline:
                 raise  # another command's run, not a holder restoring at its limit
             time.sleep(0.2)
             if journal.read() is None:
                 return _after_the_fact(config, key, journal)
-    lines += _end_lock_sessions(config, key, data)
+    lines += _end_lock_sessions(config, key, freeze)
     summary = {"vm": key, "ok": True, "exit_code": 0, "command": "thaw", "recovered": lines}
     shown = [f"{key}: thaw: {line}" for line in lines]
-    freeze = data.get("freeze") or {}
-    if freeze.get("consistency") == "pause":
+    if freeze is not None and freeze.consistency == "pause":
         # the lock session ends with its holder (EOF on its stdin) or at the guest's limit
         error = (
-            f"{key}: the freeze holder (pid {freeze.get('pid')}) ended before thaw, and the "
+            f"{key}: the freeze holder (pid {freeze.pid}) ended before thaw, and the "
             "commits it held were released with it: a snapshot taken after that is not "
             "consistent"
         )
@@ -443,10 +445,10 @@ def _thaw_without_holder(config: Config, key: str) -> Outcome:
     return Outcome(key, ExitCode.OK, summary, shown)
 
 
-def _end_lock_sessions(config: Config, key: str, data: dict[str, Any]) -> list[str]:
+def _end_lock_sessions(config: Config, key: str, freeze: FreezeState | None) -> list[str]:
     """A pause's lock session outlives a killed holder until the guest's time limit: end it."""
     guest = config.vm(key).guest
-    if guest is None or guest.consistency != "pause" or not data.get("freeze"):
+    if guest is None or guest.consistency != "pause" or freeze is None:
         return []
     from snapcoord.guest import open_transport
     from snapcoord.hooks.databases.pause import kill_sessions

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snapcoord.errors import PreflightError
+from snapcoord.freeze_state import PID_MAX, FreezeState
 from snapcoord.hooks.guest.watchdog import Watchdog
+from snapcoord.naming import RUN_ID
 from snapcoord.store import ensure_private, read_file, write_json_atomic
 
 
@@ -78,11 +78,6 @@ def _atomic_write(path: Path, data: dict[str, Any]) -> None:
 
 # -- the run journal as a record ------------------------------------------------------------
 
-#: ``naming.new_run_id``: 20261206T152236Z-9fb132
-RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
-#: the largest PID Linux hands out (pid_max's ceiling)
-PID_MAX = 4194304
-
 
 class CorruptJournal(PreflightError):
     """A run journal that is not what snapcoord wrote: nothing in it is acted on."""
@@ -98,7 +93,7 @@ class RunRecord:
     database: str | None
     watchdog: Watchdog | None
     pending: tuple[str, ...]
-    freeze: Mapping[str, Any] | None
+    freeze: FreezeState | None
 
     @classmethod
     def parse(cls, data: Any, *, services: frozenset[str], vm: str, path: Path) -> RunRecord:
@@ -123,8 +118,8 @@ class RunRecord:
         pending = data.get("pending", [])
         if not isinstance(pending, list) or not all(isinstance(p, str) for p in pending):
             raise bad("pending")
-        freeze = data.get("freeze")
-        if freeze is not None and not isinstance(freeze, dict):
+        freeze = None if data.get("freeze") is None else FreezeState.parse(data["freeze"])
+        if data.get("freeze") is not None and freeze is None:
             raise bad("freeze")
         dog = data.get("watchdog")
         return cls(

@@ -20,6 +20,8 @@ PREFIX = "snapcoord"
 NAME_RE = re.compile(r"snapcoord-(?P<label>[A-Za-z0-9_]{1,13})-(?P<stamp>\d{8}T\d{6}Z)")
 PROXMOX_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]+")
 MAX_LENGTH = 40
+#: what :func:`new_run_id` makes: 20261206T152236Z-9fb132
+RUN_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 
 
 def snapshot_name(label: str, when: datetime | None = None) -> str:

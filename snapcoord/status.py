@@ -22,6 +22,7 @@ from snapcoord import inventory
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, SnapcoordError
+from snapcoord.freeze_state import FreezeState
 from snapcoord.inventory import Inventory
 from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
@@ -165,8 +166,13 @@ def read_unfinished(store: Path, key: str) -> dict[str, Any] | None:
         "pid_alive": pid is not None and pid_alive(pid),
         "snapshot": _str_or_none(data.get("snapshot")),
         "stopped": [str(s) for s in data.get("stopped") or []],
-        "freeze": data.get("freeze") if isinstance(data.get("freeze"), dict) else None,
+        "freeze": _freeze_dict(data.get("freeze")),
     }
+
+
+def _freeze_dict(data: Any) -> dict[str, Any] | None:
+    state = FreezeState.parse(data)
+    return None if state is None else state.as_dict()
 
 
 def pid_alive(pid: int) -> bool:
@@ -306,10 +312,10 @@ def _unfinished_text(key: str, unfinished: dict[str, Any]) -> str:
     run = unfinished["run"] or "?"
     freeze = unfinished.get("freeze")
     if unfinished["pid_alive"] and freeze:
-        until = freeze.get("until")
+        until = freeze["until"]
         when = time.strftime("%H:%M:%S", time.localtime(until)) if until else "?"
         return (
-            f"frozen by {freeze.get('source', 'freeze')} (run {run}, holder pid "
+            f"frozen by {freeze['source']} (run {run}, holder pid "
             f"{unfinished['pid']}) until {when} at the latest: `snapcoord thaw {key}`"
         )
     if unfinished["pid_alive"]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from snapcoord.adapters import open_adapter
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, HypervisorError, UsageError, VMNotFound
+from snapcoord.freeze_state import FreezeState
 from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
 
@@ -146,10 +147,10 @@ def frozen_by_vzdump(config: Config, vmid: int | None = None) -> list[str]:
         except (ValueError, CorruptJournal):  # half-written by hand, a link: not a hook's freeze
             current = {}
         for data, open_run in ((current, True), (journal.read_last(), False)):
-            freeze = data.get("freeze")
-            if not isinstance(freeze, dict) or freeze.get("source") != "vzdump":
+            freeze = FreezeState.parse(data.get("freeze"))
+            if freeze is None or freeze.source != "vzdump":
                 continue
-            if vmid is not None and freeze.get("vmid") != vmid:
+            if vmid is not None and freeze.vmid != vmid:
                 continue
             unreported = data.get("ended_by") == "limit" and not data.get("thaw_reported")
             if open_run or unreported:

@@ -134,13 +134,20 @@ def test_channel_remembers_a_reader_that_went_away() -> None:
     assert channel.send({"event": "note", "text": "y"}) is False
 
 
+def freeze_state(**fields: Any) -> dict[str, Any]:
+    """A freeze state as a holder writes it (FreezeState's fields), with ``fields`` changed."""
+    return {"pid": 4321, "run": "20261206T120000Z-abcdef", "source": "freeze", "vmid": None,
+            "since": 1796500000.0, "until": None, "max_seconds": 300, "consistency": "stop",
+            **fields}  # fmt: skip
+
+
 def _waiter(tmp_path: Path, max_seconds: int) -> tuple[ThawWaiter, Any]:
     cfg = config(tmp_path / "store", db={"hypervisor": "lab", "guest": GUEST})
     read, write = os.pipe()
     channel = Channel(os.fdopen(write, "wb"))
     waiter = ThawWaiter(cfg, "db", channel, max_seconds)
     waiter.ctx = cast(
-        RunContext, SimpleNamespace(key="db", freeze={"since": 1.0, "source": "t"}, outputs={})
+        RunContext, SimpleNamespace(key="db", freeze=freeze_state(vmid=7), outputs={})
     )
     waiter.listen()
     return waiter, os.fdopen(read, "rb")
@@ -156,7 +163,7 @@ def test_waiter_answers_status_then_returns_on_thaw(tmp_path: Path) -> None:
     assert frozen["event"] == "frozen" and frozen["until"] == waiter.until
     assert parent.readline() == b"", "freeze's pipe is closed once frozen"
     state = holder_state(cfg, "db")
-    assert state is not None and state["source"] == "t"
+    assert state is not None and state.source == "freeze" and state.vmid == 7
     mute = socket.socket(socket.AF_UNIX)  # a client that says nothing is dropped
     mute.connect(str(socket_path(cfg, "db")))
     conn = socket.socket(socket.AF_UNIX)
@@ -307,7 +314,7 @@ def test_each_guest_phase_does_what_the_table_says(
     tmp_path: Path, phase: str, mode: str, vmtype: str, expected: list[tuple[str, str]]
 ) -> None:
     cfg = config(tmp_path, db={"hypervisor": "pve", "vmid": 101, "guest": GUEST})
-    _journal(tmp_path, "db", "db.json", freeze={"source": "vzdump", "vmid": 101})
+    _journal(tmp_path, "db", "db.json", freeze=freeze_state(source="vzdump", vmid=101))
     calls = Calls()
     code, outcomes, line = run_hook(cfg, HookCall(phase, mode, 101, vmtype), calls.actions())
     assert (code, calls.made, line) == (0, expected, "")
@@ -322,9 +329,9 @@ def test_job_phases_thaw_only_what_a_vzdump_hook_froze(tmp_path: Path) -> None:
         late={"hypervisor": "pve", "vmid": 103, "guest": GUEST},
         told={"hypervisor": "pve", "vmid": 104, "guest": GUEST},
     )
-    _journal(tmp_path, "db", "db.json", freeze={"source": "vzdump", "vmid": 101})
-    _journal(tmp_path, "mine", "mine.json", freeze={"source": "freeze", "vmid": None})
-    vz = {"source": "vzdump", "vmid": 103}
+    _journal(tmp_path, "db", "db.json", freeze=freeze_state(source="vzdump", vmid=101))
+    _journal(tmp_path, "mine", "mine.json", freeze=freeze_state())
+    vz = freeze_state(source="vzdump", vmid=103)
     _journal(tmp_path, "late", "late.last-run.json", freeze=vz, ended_by="limit")
     told = {"freeze": {**vz, "vmid": 104}, "ended_by": "limit", "thaw_reported": True}
     _journal(tmp_path, "told", "told.last-run.json", **told)
