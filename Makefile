@@ -32,14 +32,10 @@ WORKERS ?= 4
 
 ## make test: the whole suite against real components, in parallel lab sandboxes that never
 ## touch this machine's own services (installs what it needs; what CI runs). The tests that
-## drive QEMU (a TCG-emulated Debian guest) run after the others, alone: under the parallel
-## load their timing bounds failed (docs/testing.md). Exit 5 (nothing selected) is no failure.
+## drive QEMU (a TCG-emulated Debian guest) run beside the others, as one group on one worker.
 test: $(VENV)/.installed-dev
 	tests/vcsim/build.sh
-	$(BIN)/python -m pytest -n $(WORKERS) --durations=25 --cov --cov-report= -m "not qemu" \
-		$(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest -n 1 --durations=10 --cov --cov-append --cov-report=term -m qemu \
-		$(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -n $(WORKERS) --durations=25 --cov --cov-report=term $(PYTEST_ARGS)
 
 ## make test-fast: every test that needs no real service (no guest, no database, no QEMU, no
 ## vcsim), for the edit loop

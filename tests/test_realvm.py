@@ -269,6 +269,19 @@ def _journal(cfg: Path) -> dict[str, Any] | None:
     return data
 
 
+def _started_since_boot(guest: RealGuest, pid: int) -> float:
+    """When process ``pid`` started, in seconds since the guest booted (its monotonic clock)."""
+    out = guest.ssh(f"echo $(cut -d' ' -f22 /proc/{pid}/stat) $(getconf CLK_TCK)").stdout.split()
+    ticks, per_second = int(out[0]), int(out[1])
+    return ticks / per_second
+
+
+def _started_since_boot_of_unit(guest: RealGuest, unit: str) -> float:
+    """When systemd last began to start ``unit``, in seconds since the guest booted."""
+    show = f"systemctl show -p InactiveExitTimestampMonotonic --value {unit}"
+    return int(guest.ssh(show).stdout.strip()) / 1e6
+
+
 def test_4_sigkill_inside_the_window_the_guest_watchdog_restores_everything(
     real_guest: RealGuest,
     config: Path,
@@ -297,10 +310,14 @@ def test_4_sigkill_inside_the_window_the_guest_watchdog_restores_everything(
     data = _journal(cfg)
     assert data is not None and data["watchdog"] is not None
     armed_at = float(data["watchdog"]["armed_at"])
+    armed_in_guest = _started_since_boot(guest, int(data["watchdog"]["pid"]))
     assert not all_active(guest)
-    wait_for(lambda: all_active(guest), seconds + 30, "the watchdog to restore everything")
+    # how soon the host sees everything running depends on how fast the emulated guest starts
+    # MariaDB under the suite's load; when the watchdog fired is read on the guest's own clock
+    wait_for(lambda: all_active(guest), seconds + 120, "the watchdog to restore everything")
     restored_after = time.time() - armed_at
-    assert restored_after <= seconds + 10, restored_after
+    fired_after = _started_since_boot_of_unit(guest, "mariadb.service") - armed_in_guest
+    assert seconds <= fired_after <= seconds + 10, f"fired {fired_after:.1f} s after arming"
     wait_for(lambda: watchdogs_in_guest(guest) == [], 15, "the watchdog to exit")
     FIGURES["sigkill_all_running_after_arm_seconds"] = round(restored_after, 1)
     # The kept journal heals: the next run finds everything running and goes on.
