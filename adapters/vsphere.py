@@ -13,7 +13,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -151,34 +151,80 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+#: more snapshots than vSphere keeps for one VM (its limit is 496): a longer answer is refused
+MAX_SNAPSHOTS = 1000
+
+
+class BadAnswer(ValueError):
+    """A ``vim.vm.SnapshotInfo`` of a shape vSphere does not send."""
+
+
 def snapshots_from_info(info: Any) -> list[Snapshot]:
-    """Flatten a ``vim.vm.SnapshotInfo`` tree (None: no snapshots), oldest first."""
+    """Flatten a ``vim.vm.SnapshotInfo`` tree (None: no snapshots), oldest first. Every node is
+    checked (a snapshot reference with a MoRef ID, a name, a time or none); a tree of another
+    shape, or deeper or larger than vSphere ever sends, raises :class:`BadAnswer`. Walked
+    without recursion: no answer can exhaust the stack."""
     if info is None:
         return []
-    current = info.currentSnapshot._moId if info.currentSnapshot is not None else None
+    current_ref = getattr(info, "currentSnapshot", None)
+    current = None if current_ref is None else _moid(current_ref, "currentSnapshot")
     found: list[Snapshot] = []
-
-    def walk(trees: Iterable[Any], parent: str | None) -> None:
-        for tree in trees:
-            ref = tree.snapshot._moId
-            found.append(
-                Snapshot(
-                    name=tree.name,
-                    id=ref,
-                    created=_utc(tree.createTime),
-                    description=tree.description or "",
-                    parent=parent,
-                    memory=tree.state == "poweredOn",
-                    quiesced=bool(tree.quiesced),
-                    current=ref == current,
-                    extra={"moref": ref, "vsphere_id": tree.id, "state": str(tree.state)},
-                )
+    pending: list[tuple[Any, str | None]] = [
+        (tree, None) for tree in reversed(_children(info, "rootSnapshotList"))
+    ]
+    while pending:
+        tree, parent = pending.pop()
+        if len(found) >= MAX_SNAPSHOTS:
+            raise BadAnswer(f"more than {MAX_SNAPSHOTS} snapshots")
+        ref = _moid(getattr(tree, "snapshot", None), "snapshot")
+        name = getattr(tree, "name", None)
+        if not isinstance(name, str) or not name or len(name) > 1024:
+            raise BadAnswer(f"snapshot {ref}: no name")
+        created = getattr(tree, "createTime", None)
+        if created is not None and not isinstance(created, datetime):
+            raise BadAnswer(f"snapshot {ref}: createTime is not a time")
+        description = getattr(tree, "description", None) or ""
+        if not isinstance(description, str):
+            raise BadAnswer(f"snapshot {ref}: description is not text")
+        found.append(
+            Snapshot(
+                name=name,
+                id=ref,
+                created=_utc(created),
+                description=description,
+                parent=parent,
+                memory=getattr(tree, "state", None) == "poweredOn",
+                quiesced=getattr(tree, "quiesced", None) is True,
+                current=ref == current,
+                extra={
+                    "moref": ref,
+                    "vsphere_id": getattr(tree, "id", None),
+                    "state": str(getattr(tree, "state", None)),
+                },
             )
-            walk(tree.childSnapshotList or [], tree.name)
-
-    walk(info.rootSnapshotList or [], None)
+        )
+        pending += [(child, name) for child in reversed(_children(tree, "childSnapshotList"))]
     found.sort(key=lambda s: (s.created or datetime.min.replace(tzinfo=UTC), s.id))
     return found
+
+
+def _children(node: Any, field: str) -> list[Any]:
+    children = getattr(node, field, None)
+    if children is None:
+        return []
+    if isinstance(children, str | bytes) or not hasattr(children, "__iter__"):
+        raise BadAnswer(f"{field} is not a list")
+    listed = list(children)
+    if len(listed) > MAX_SNAPSHOTS:
+        raise BadAnswer(f"more than {MAX_SNAPSHOTS} snapshots")
+    return listed
+
+
+def _moid(ref: Any, field: str) -> str:
+    moid = getattr(ref, "_moId", None)
+    if not isinstance(moid, str) or not moid or len(moid) > 256:
+        raise BadAnswer(f"{field} has no MoRef ID")
+    return moid
 
 
 def chain_depth(snapshots: Sequence[Snapshot]) -> int:
@@ -606,7 +652,19 @@ class VSphereAdapter(Adapter):
 
     def list_snapshots(self, vm: VM) -> list[Snapshot]:
         props = self._read_vm(vm, ["snapshot"], "list snapshots")
-        return snapshots_from_info(props.get("snapshot"))
+        return self._snapshots(vm, props)
+
+    def _snapshots(self, vm: VM, props: Mapping[str, Any]) -> list[Snapshot]:
+        """The VM's snapshots from its ``snapshot`` property; an answer of another shape is
+        one error line (exit 3)."""
+        try:
+            return snapshots_from_info(props.get("snapshot"))
+        except BadAnswer as exc:
+            raise HypervisorError(
+                f"{self.where} answered with a snapshot tree snapcoord does not understand ({exc})",
+                vm=vm.name,
+                hint="is it vCenter or ESXi? list the VM's snapshots in the vSphere Client",
+            ) from None
 
     def power_state(self, vm: VM) -> PowerState:
         props = self._read_vm(vm, ["runtime.powerState"], "read power state")
@@ -621,7 +679,7 @@ class VSphereAdapter(Adapter):
         props = self._read_vm(
             vm, ["snapshot", "runtime.powerState", "guest.toolsRunningStatus"], "preflight"
         )
-        snapshots = snapshots_from_info(props.get("snapshot"))
+        snapshots = self._snapshots(vm, props)
         for message in snapshot_warnings(
             snapshots,
             max_snapshots=self.settings.max_snapshots,
@@ -661,7 +719,7 @@ class VSphereAdapter(Adapter):
             vm=vm.name,
         )
         result, props = self._wait(task, vm=vm, what=action, timeout=timeout, vm_props=["snapshot"])
-        for snap in snapshots_from_info(props.get("snapshot")):
+        for snap in self._snapshots(vm, props):
             if snap.id == result._moId:
                 return snap
         return Snapshot(
