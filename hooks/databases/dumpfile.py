@@ -492,7 +492,8 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
     if source.is_dir():
         manifest = store.verify(source, vm=vm)
         section = manifest.get(fmt.section)
-        if not isinstance(section, dict) or section.get("file") not in manifest["files"]:
+        named = section.get("file") if isinstance(section, dict) else None
+        if not isinstance(named, str) or named not in manifest["files"]:
             raise CorruptDump(f"{source} holds no {fmt.program} dump", vm=vm)
         return source / str(section["file"]), manifest
     if not source.is_file():
@@ -500,8 +501,11 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
     sibling = source.parent / store.MANIFEST
     if sibling.is_file():
         candidate = store.read_manifest(source.parent)
-        entry = candidate.get("files", {}).get(source.name)
+        files = candidate.get("files")
+        entry = files.get(source.name) if isinstance(files, dict) else None
         if entry is not None:
+            if not isinstance(entry, dict):
+                raise CorruptDump(f"{sibling} does not describe {source.name} as a file", vm=vm)
             store.verify_file(source, entry, vm=vm)
             manifest = candidate
     return source, manifest
