@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from snapcoord.adapters.base import VM
+from snapcoord.adapters.base import VM, PowerState, Snapshot
 from snapcoord.adapters.proxmox import ProxmoxAdapter
-from snapcoord.errors import ExitCode, HypervisorError
+from snapcoord.errors import ExitCode, HypervisorError, SnapcoordError
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import Cert, make_cert, start_double, token_settings
 
@@ -110,3 +112,66 @@ def test_the_double_still_answers_the_real_shape(double: PveApiDouble, cert: Cer
     with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
         vm = adapter.find_vm("db1")
         assert vm.id == "100" and isinstance(adapter.list_snapshots(vm), list)
+
+
+# -- answers of every shape (property-based) ---------------------------------------------------
+
+KEYS = ("vmid", "node", "type", "name", "status", "snaptime", "description", "parent", "vmstate",
+        "data", "running", "qmpstatus", "template", "lock")  # fmt: skip
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["qemu", "lxc", "db1", "pve1", "running", "stopped", "100", 100, "current"]),
+)
+answers = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=6)
+    ),
+    max_leaves=16,
+)
+
+
+@pytest.fixture(scope="module")
+def open_adapter(cert: Cert) -> Iterator[tuple[ProxmoxAdapter, VM]]:
+    server = start_double(cert)
+    with ProxmoxAdapter("pve", token_settings(server, cert)) as adapter:
+        yield adapter, adapter.find_vm("db1")
+    server.stop()
+
+
+@settings(
+    max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(answer=answers, method=st.sampled_from(["find_vm", "list_snapshots", "power_state"]))
+def test_any_answer_is_understood_or_one_hypervisor_error(
+    open_adapter: tuple[ProxmoxAdapter, VM], answer: Any, method: str
+) -> None:
+    adapter, vm = open_adapter
+    request = adapter._request
+    adapter._request = lambda *a, **k: answer  # type: ignore[method-assign]
+    try:
+        result = {
+            "find_vm": lambda: adapter.find_vm("db1"),
+            "list_snapshots": lambda: adapter.list_snapshots(vm),
+            "power_state": lambda: adapter.power_state(vm),
+        }[method]()
+    except HypervisorError as exc:
+        assert exc.exit_code == ExitCode.HYPERVISOR and "\n" not in str(exc)
+        return
+    except SnapcoordError as exc:  # not found, not unique: its own one line
+        assert "\n" not in str(exc)
+        return
+    finally:
+        adapter._request = request  # type: ignore[method-assign]
+    if method == "find_vm":
+        assert isinstance(result, VM) and isinstance(result.id, str)
+    elif method == "list_snapshots":
+        assert isinstance(result, list) and all(isinstance(s, Snapshot) for s in result)
+        for snap in result:
+            assert isinstance(snap.name, str) and (snap.created is None or snap.created.tzinfo)
+    else:
+        assert isinstance(result, PowerState)
