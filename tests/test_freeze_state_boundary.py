@@ -20,6 +20,7 @@ from snapcoord.journal import CorruptJournal, RunRecord
 from snapcoord.naming import RUN_ID
 from snapcoord.status import status_vm
 from snapcoord.vzdump import frozen_by_vzdump
+from tests import hostile_json
 from tests.test_freeze import _journal, config, freeze_state
 
 
@@ -30,15 +31,8 @@ def _token(monkeypatch: pytest.MonkeyPatch) -> None:
 
 FIELDS = ("pid", "run", "source", "vmid", "since", "until", "max_seconds", "consistency")
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**20), max_value=10**20),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30),
-    st.sampled_from(["freeze", "vzdump", "stop", "pause", "20261206T120000Z-abcdef"]),
-)
-states = st.dictionaries(st.sampled_from(FIELDS), scalars, max_size=len(FIELDS))
+scalars = hostile_json.scalars("freeze", "vzdump", "stop", "pause", "20261206T120000Z-abcdef")
+states = hostile_json.records(FIELDS, scalars)
 # a valid state with one field replaced: the checks one at a time
 one_off = st.tuples(st.sampled_from(FIELDS), scalars).map(
     lambda change: freeze_state(**{change[0]: change[1]})

@@ -20,27 +20,16 @@ from snapcoord import inventory, metrics
 from snapcoord.adapters.base import MARKER, Snapshot
 from snapcoord.config import load_config
 from snapcoord.status import status_vm
+from tests import hostile_json
 from tests.cli_helpers import snapcoord, write_config
 
 FIELDS = ("seen_at", "count", "oldest", "newest")
 NOW = 1_800_000_000
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=40),
-    st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat()),
+times = st.datetimes(timezones=st.none() | st.timezones()).map(lambda d: d.isoformat())
+records = hostile_json.records(
+    FIELDS, hostile_json.nested(st.one_of(hostile_json.scalars(), times), FIELDS, max_leaves=8)
 )
-values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(FIELDS), inner)
-    ),
-    max_leaves=8,
-)
-records = st.dictionaries(st.sampled_from(FIELDS), values, max_size=len(FIELDS))
 
 
 @pytest.fixture(scope="module")

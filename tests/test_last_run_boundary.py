@@ -12,31 +12,19 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from snapcoord import metrics
 from snapcoord.config import load_config
 from snapcoord.status import read_last_run, status_vm
+from tests import hostile_json
 from tests.cli_helpers import write_config
 
 FIELDS = ("run", "command", "ok", "exit_code", "started", "ended", "window_seconds", "dump",
           "snapshot", "errors", "steps", "application_consistent")  # fmt: skip
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
+records = hostile_json.records(
+    FIELDS, hostile_json.nested(hostile_json.scalars(), (*FIELDS, "bytes"))
 )
-values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from((*FIELDS, "bytes")), inner)
-    ),
-    max_leaves=12,
-)
-records = st.dictionaries(st.sampled_from(FIELDS), values, max_size=len(FIELDS))
 
 
 @pytest.fixture(scope="module")

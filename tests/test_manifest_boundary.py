@@ -20,25 +20,16 @@ from snapcoord.errors import SnapcoordError
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases.dumpfile import locate
 from snapcoord.hooks.databases.mysql import FORMAT as MYSQL
+from tests import hostile_json
 
 KEYS = ("format", "vm", "snapshot", "status", "finished", "files", "errors", "mysql",
         "size", "sha256", "file")  # fmt: skip
 SNAPSHOT = "snapcoord-test-20261201T030000Z"
 DUMP = "mysql.sql.gz"
 
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**20), max_value=10**20),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-    st.sampled_from([1, "complete", "failed", DUMP, "../x", "/etc/passwd", SNAPSHOT]),
-)
-values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner)
-    ),
+values = hostile_json.nested(
+    hostile_json.scalars(1, "complete", "failed", DUMP, "../x", "/etc/passwd", SNAPSHOT, nan=False),
+    KEYS,
     max_leaves=10,
 )
 manifests = st.one_of(

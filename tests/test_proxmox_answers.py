@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from snapcoord.adapters.base import VM, PowerState, Snapshot
 from snapcoord.adapters.proxmox import ProxmoxAdapter
 from snapcoord.errors import ExitCode, HypervisorError, SnapcoordError
+from tests import hostile_json
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import Cert, make_cert, start_double, token_settings
 
@@ -118,19 +119,9 @@ def test_the_double_still_answers_the_real_shape(double: PveApiDouble, cert: Cer
 
 KEYS = ("vmid", "node", "type", "name", "status", "snaptime", "description", "parent", "vmstate",
         "data", "running", "qmpstatus", "template", "lock")  # fmt: skip
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**20), max_value=10**20),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-    st.sampled_from(["qemu", "lxc", "db1", "pve1", "running", "stopped", "100", 100, "current"]),
-)
-answers = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=6)
-    ),
+answers = hostile_json.nested(
+    hostile_json.scalars("qemu", "lxc", "db1", "pve1", "running", "stopped", "100", 100, "current"),
+    KEYS,
     max_leaves=16,
 )
 
