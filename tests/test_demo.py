@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,75 @@ def test_stats_report_concurrent_snapshot_tasks() -> None:
         assert requests.get(base + "/api2/json/_double/stats", timeout=5).status_code == 401
     finally:
         double.stop()
+
+
+# -- on a systemd host -------------------------------------------------------------------------
+
+RECORDER = """#!/bin/sh
+echo "$0 $*" >> {log}
+exit 1
+"""
+
+
+@pytest.fixture
+def systemd_host(tmp_path: Path) -> Iterator[Path]:
+    """This worker's lab sandbox made to look like a systemd host (``/run/systemd/system`` in
+    its private /run), with the real ``systemctl`` and ``service`` replaced, in its own mount
+    namespace only, by a recorder that logs every call and fails. Yields the recorder's log."""
+    from tests import lab
+
+    lab.require_root()
+    log = tmp_path / "real-init-calls.log"
+    recorder = tmp_path / "recorder"
+    recorder.write_text(RECORDER.format(log=log))
+    recorder.chmod(0o755)
+    marker = Path("/run/systemd/system")
+    made = not marker.exists()
+    marker.mkdir(parents=True, exist_ok=True)
+    mounted: list[str] = []
+    try:
+        for real in ("/usr/bin/systemctl", "/usr/sbin/service"):
+            if Path(real).exists():
+                subprocess.run(["mount", "--bind", str(recorder), real], check=True)
+                mounted.append(real)
+        yield log
+    finally:
+        for real in mounted:
+            subprocess.run(["umount", real], check=True)
+        if made:
+            marker.rmdir()
+            marker.parent.rmdir()
+
+
+def test_the_demo_on_a_systemd_host_touches_no_real_service(
+    systemd_host: Path, tmp_path: Path
+) -> None:
+    """On a systemd machine the guest scripts choose systemd; the demo's stand-in guest brings
+    its own ``systemctl``, so the host's init system is never called, and the demo runs through
+    to the listings (it once stopped and started the host's real Apache and cron)."""
+    folder = tmp_path / "demo"
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "demo"), str(Path(sys.executable).parent), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [command for command, _ in sections(proc.stdout)][-3:] == [
+        "list shop-db",
+        "list wiki-db",
+        "list web1",
+    ]
+    assert not systemd_host.exists(), "the host's systemctl or service was called: " + (
+        systemd_host.read_text() if systemd_host.exists() else ""
+    )
+    for vm in ("shop-db", "wiki-db"):
+        state = folder / "state" / vm
+        calls = (state / "systemctl.log").read_text().splitlines()
+        assert "stop -- apache2" in calls and "start -- apache2" in calls, calls
+        assert {p.name for p in state.glob("*.running")} == {
+            "apache2.running",
+            "cron.running",
+            "mariadb.running",
+        }
