@@ -17,7 +17,7 @@ from snapcoord.fleet import FleetRun, Job
 from snapcoord.fleet import summary as fleet_summary
 from snapcoord.naming import new_run_id
 from snapcoord.outcome import Outcome
-from snapcoord.output import print_json
+from snapcoord.output import plural, print_json
 from snapcoord.plans import (
     RunContext,
     delete_steps,
@@ -105,7 +105,9 @@ def _fleet(
             print_json({"summary": totals})
         else:
             counts = ", ".join(f"{n} {name}" for name, n in totals["outcomes"].items())
-            print(f"{command}: {len(outcomes)} VMs: {counts} (exit {totals['exit_code']})")
+            print(
+                f"{command}: {plural(len(outcomes), 'VM')}: {counts} (exit {totals['exit_code']})"
+            )
     if notifier is not None:
         _warn(notifier.finish(outcomes, command))
     return int(totals["exit_code"])
@@ -124,7 +126,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(example_config())
         return ExitCode.OK
     config = _load(args)
-    print(f"{config.source}: ok ({len(config.hypervisors)} hypervisors, {len(config.vms)} VMs)")
+    counted = f"{plural(len(config.hypervisors), 'hypervisor')}, {plural(len(config.vms), 'VM')}"
+    print(f"{config.source}: ok ({counted})")
     return ExitCode.OK
 
 

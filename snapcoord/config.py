@@ -7,6 +7,7 @@ path (names that are not bare TOML keys are quoted and escaped, long ones shorte
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -119,6 +120,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _suggest(name: Any, keys: dict[str, Key]) -> str:
+    """ "did you mean 'label'?" for a near miss; the table's keys otherwise."""
+    close = difflib.get_close_matches(str(name), list(keys), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "known: " + ", ".join(sorted(keys))
+
+
 class _Validator:
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -131,8 +140,7 @@ class _Validator:
         out: dict[str, Any] = {}
         for name in raw:
             if name not in keys:
-                known = ", ".join(sorted(keys))
-                self.problems.append(f"{path}.{_key(name)}: unknown key (known: {known})")
+                self.problems.append(f"{path}.{_key(name)}: unknown key ({_suggest(name, keys)})")
         for name, key in keys.items():
             if name in raw:
                 value = self.value(raw[name], key, f"{path}.{name}")

@@ -21,6 +21,11 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 VM``, ``3 VMs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class PrintableStream:
     """A text stream that writes everything through :func:`printable`; ``raw`` is the stream
     below, for the live view's own cursor movements."""

@@ -4,6 +4,7 @@ are both generated from it, so they cannot drift apart."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +119,18 @@ def _label(value: str) -> str | None:
 
 def _abs_path(value: str) -> str | None:
     return None if value.startswith("/") else "must be an absolute path"
+
+
+def _readable_file(value: str) -> str | None:
+    """An absolute path to a file snapcoord can read now (checked by ``config check``, so a
+    missing CA file or key is one line there, not an error at the first connection)."""
+    if not value.startswith("/"):
+        return "must be an absolute path"
+    if not os.path.isfile(value):
+        return f"{value!r}: no such file" if not os.path.exists(value) else f"{value!r}: not a file"
+    if not os.access(value, os.R_OK):
+        return f"{value!r}: not readable by this user"
+    return None
 
 
 def _abs_paths(value: list[str]) -> str | None:
@@ -256,7 +269,9 @@ _TLS: dict[str, Key] = {
         "bool", "verify the server certificate (set false only for labs: warned)", default=True
     ),
     "ca_file": Key(
-        "str", "PEM file of the CA (or the self-signed certificate) to trust", check=_abs_path
+        "str",
+        "PEM file of the CA (or the self-signed certificate) to trust",
+        check=_readable_file,
     ),
     "thumbprint": Key(
         "str", "pin the server certificate by its SHA-256 fingerprint", check=_thumbprint
@@ -351,14 +366,15 @@ GUEST: dict[str, Key] = {
     ),
     "port": Key("int", "SSH port (default: ssh_config, then 22)", minimum=1, maximum=65535),
     "user": Key("str", "SSH user (default: ssh_config)", example="backup", check=_user),
-    "identity_file": Key("str", "SSH private key", check=_abs_path),
+    "identity_file": Key("str", "SSH private key", check=_readable_file),
+    # may not exist yet: accept_new_host_key records the first key in it
     "known_hosts": Key("str", "known_hosts file to verify the host key against", check=_abs_path),
     "host_key_fingerprint": Key("str", "pin the host key: SHA256:... as ssh-keygen -l shows it"),
     "accept_new_host_key": Key(
         "bool", "first contact: accept and record an unknown host key", default=False
     ),
     "ssh_config": Key(
-        "str", "ssh client config file (ssh -F; default: ~/.ssh/config)", check=_abs_path
+        "str", "ssh client config file (ssh -F; default: ~/.ssh/config)", check=_readable_file
     ),
     "ssh_options": Key("strlist", "extra ssh -o options, e.g. ['ProxyJump=bastion']", default=[]),
     "exec_prefix": Key(

@@ -287,3 +287,54 @@ def test_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAPCOORD_CONFIG", "/elsewhere.toml")
     assert find_config_file(None) == Path("/elsewhere.toml")
     assert find_config_file("/explicit.toml") == Path("/explicit.toml")
+
+
+def test_an_unknown_key_near_a_known_one_gets_a_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text(
+        '[defaults]\nlable = "x"\n[hypervisors.lab]\ntype = "libvirt"\n'
+        '[vms.db1]\nhypervisor = "lab"\n[vms.db1.guest]\nhost = "db1"\nstop_timout = 30\n'
+        "nosuch = 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    problems = info.value.problems
+    assert "defaults.lable: unknown key (did you mean 'label'?)" in problems
+    assert "vms.db1.guest.stop_timout: unknown key (did you mean 'stop_timeout'?)" in problems
+    [far] = [p for p in problems if p.startswith("vms.db1.guest.nosuch")]
+    assert (
+        far == "vms.db1.guest.nosuch: unknown key (known: " + ", ".join(sorted(schema.GUEST)) + ")"
+    )
+
+
+def test_a_missing_ca_file_or_key_is_one_line_at_config_check(tmp_path: Path) -> None:
+    """They once passed ``config check``; every command then died with a traceback (exit 1)
+    at the first connection."""
+    path = tmp_path / "files.toml"
+    path.write_text(
+        '[hypervisors.pve]\ntype = "proxmox"\nhost = "127.0.0.1"\ntoken_id = "snap@pve!bk"\n'
+        f'token_secret = {{ file = "{tmp_path}/nosecret" }}\nca_file = "/nonexistent/ca.pem"\n'
+        '[vms.db]\nhypervisor = "pve"\nvmid = 100\n[vms.db.guest]\nhost = "db"\n'
+        f'identity_file = "{tmp_path}"\n'
+    )
+    for command in (["config", "check"], ["list", "db"]):
+        done = snapcoord("-c", str(path), *command)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        assert "hypervisors.pve.ca_file: '/nonexistent/ca.pem': no such file" in done.stderr
+        assert f"vms.db.guest.identity_file: '{tmp_path}': not a file" in done.stderr
+
+
+def test_config_check_counts_in_the_singular_and_the_plural(tmp_path: Path) -> None:
+    one = write_config(
+        tmp_path / "one.toml",
+        {"hypervisors.lab": {"type": "libvirt", "uri": "test:///default"},
+         "vms.db": {"hypervisor": "lab"}},
+    )  # fmt: skip
+    assert snapcoord("-c", str(one), "config", "check").stdout.endswith("(1 hypervisor, 1 VM)\n")
+    two = write_config(
+        tmp_path / "two.toml",
+        {"hypervisors.lab": {"type": "libvirt", "uri": "test:///default"},
+         "vms.db": {"hypervisor": "lab"}, "vms.web": {"hypervisor": "lab"}},
+    )  # fmt: skip
+    assert snapcoord("-c", str(two), "config", "check").stdout.endswith("(1 hypervisor, 2 VMs)\n")

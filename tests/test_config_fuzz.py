@@ -181,6 +181,7 @@ def accepts(kind: str, value: Any) -> bool:
 # Candidates for keys with a check: the valid ones are found by asking the check itself.
 SAMPLES = [
     "/var/lib/snapcoord",
+    "/etc/passwd",  # a file every machine has: for the keys that name a file to read
     "/srv/www",
     "nightly",
     "x",

@@ -495,7 +495,7 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
         named = section.get("file") if isinstance(section, dict) else None
         if not isinstance(named, str) or named not in manifest["files"]:
             raise CorruptDump(f"{source} holds no {fmt.program} dump", vm=vm)
-        return source / str(section["file"]), manifest
+        return source / named, manifest
     if not source.is_file():
         raise PreflightError(f"dump file {source} not found", vm=vm)
     sibling = source.parent / store.MANIFEST
