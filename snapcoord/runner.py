@@ -64,19 +64,21 @@ def run_plan(
     if ctx.watchdog is not None:  # left armed: something it guards was down
         summary["watchdog_fires_at"] = round(ctx.watchdog.fires_at, 3)
     session.finish(ctx, result, summary)
-    lines, errors = _report_lines(key, result, summary)
+    # a snapshot run names its snapshot only once it was taken (a failed run took none)
+    untaken = title == "snapshot" and ctx.snapshot is None
+    lines, errors = _report_lines(key, result, summary, name_snapshot=not untaken)
     return Outcome(key, result.exit_code, summary, lines, errors)
 
 
 def _report_lines(
-    key: str, result: RunResult, summary: dict[str, Any]
+    key: str, result: RunResult, summary: dict[str, Any], *, name_snapshot: bool = True
 ) -> tuple[list[str], list[str]]:
     """The human result of one run: notes and a status line; error lines for stderr."""
     lines = [f"{key}: note: {note}" for note in summary["notes"]]
     window = summary["window_seconds"]
     status = "ok" if result.ok else f"FAILED (exit {result.exit_code})"
     parts = [f"{key}: {summary['command']} {status}"]
-    if summary.get("snapshot"):
+    if summary.get("snapshot") and name_snapshot:
         parts.append(f"snapshot {summary['snapshot']}")
     if summary["services_down"]:
         parts.append(f"service window still open: {', '.join(summary['services_down'])} down")

@@ -14,7 +14,13 @@ from snapcoord.errors import ExitCode, GuestError, Interrupted, SnapshotExists
 from snapcoord.plans import RunContext, snapshot_steps
 from snapcoord.run import Engine
 from tests import lab
-from tests.cli_helpers import STAND_IN_SERVICES, json_lines, running_stand_ins, stand_in_guest
+from tests.cli_helpers import (
+    STAND_IN_SERVICES,
+    json_lines,
+    running_stand_ins,
+    snapcoord,
+    stand_in_guest,
+)
 from tests.guest_fixtures import (
     guest_config,
     lab_services,  # noqa: F401 - fixture
@@ -225,4 +231,24 @@ def test_a_taken_snapshot_name_fails_preflight_and_stops_nothing(
     assert done[-1] == "check VM and snapshot name"
     assert "stop services" not in done and "stop database" not in done
     assert result.window.seconds is None  # nothing was stopped
+    assert running_stand_ins(state) == STAND_IN_SERVICES
+
+
+def test_a_failed_snapshot_run_names_no_snapshot_a_good_one_does(
+    tmp_path: Path, libvirt_node: str
+) -> None:
+    flag = tmp_path / "fail-before-hook"
+    flag.touch()
+    config, state = stand_in_guest(
+        tmp_path, libvirt_node, tables={"vms.db1.hooks": {"before": [f"test ! -e {flag}"]}}
+    )
+    failed = snapcoord("-c", str(config), "snapshot", "db1")
+    assert failed.returncode != 0, failed.stdout + failed.stderr
+    [line] = [ln for ln in failed.stdout.splitlines() if ln.startswith("db1: snapshot FAILED")]
+    assert "snapcoord-" not in line, "it once named the snapshot it never took"
+    flag.unlink()
+    done = snapcoord("-c", str(config), "snapshot", "db1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("db1: snapshot ok")]
+    assert ", snapshot snapcoord-" in line
     assert running_stand_ins(state) == STAND_IN_SERVICES
