@@ -27,7 +27,7 @@ from snapcoord.plans import (
 from snapcoord.run import Reporter, RunResult, Step
 from snapcoord.runner import run_plan
 from snapcoord.selection import Selection, select
-from snapcoord.views import JsonView, StepLinesView, pick_view
+from snapcoord.views import InOrder, JsonView, StepLinesView, pick_view
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -74,11 +74,16 @@ def _fleet(
     *,
     command: str,
     notify: bool = False,
+    in_order: bool = False,
 ) -> int:
-    """Run ``job`` for every selected VM (in parallel up to the limits) and report."""
+    """Run ``job`` for every selected VM (in parallel up to the limits) and report. With
+    ``in_order`` the VMs' results are shown in the selection's order, whichever finished first
+    (status, prune: the same lines in the same order every run)."""
     keys, selection = _selected(args, config)
     parallel = 1 if getattr(args, "dry_run", False) else args.parallel
     view = pick_view(json=args.json, concurrent=parallel > 1 and len(keys) > 1)
+    if in_order:
+        view = InOrder(view, keys)
     notifier = None
     wanted = any(config.vm(k).notify.ping_url or config.vm(k).notify.webhook_url for k in keys)
     if notify and wanted and not getattr(args, "dry_run", False):
@@ -175,6 +180,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         config,
         lambda key, reporter: prune_vm(config, key, dry_run=args.dry_run),
         command="prune",
+        in_order=True,
     )
 
 
@@ -187,6 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         config,
         lambda key, reporter: status_vm(config, key, offline=args.offline),
         command="status",
+        in_order=True,
     )
 
 

@@ -189,6 +189,35 @@ class LiveView(_Printer):
         self._draw()
 
 
+class InOrder:
+    """Another view, with each VM's result shown in the order of ``keys`` as soon as every VM
+    before it has finished (the fleet finishes every key, a VM never started too)."""
+
+    def __init__(self, view: View, keys: list[str]) -> None:
+        self.view = view
+        self.keys = keys
+        self.waiting: dict[str, Outcome] = {}
+        self.shown = 0
+
+    def reporter(self, vm: str) -> Reporter:
+        return self.view.reporter(vm)
+
+    def finished(self, outcome: Outcome) -> None:
+        self.waiting[outcome.vm] = outcome
+        while self.shown < len(self.keys) and self.keys[self.shown] in self.waiting:
+            self.view.finished(self.waiting.pop(self.keys[self.shown]))
+            self.shown += 1
+
+    def tick(self) -> None:
+        self.view.tick()
+
+    def close(self) -> None:
+        for outcome in self.waiting.values():  # not in keys: shown rather than lost
+            self.view.finished(outcome)
+        self.waiting.clear()
+        self.view.close()
+
+
 def pick_view(*, json: bool, concurrent: bool, stream: TextIO | None = None) -> View:
     out = stream or sys.stdout
     if json:

@@ -20,7 +20,7 @@ from snapcoord.fleet import SEVERITY, FleetRun, most_severe, summary
 from snapcoord.outcome import Outcome
 from snapcoord.run import Engine, Reporter, Step
 from snapcoord.selection import Selection, select
-from snapcoord.views import JsonView, LiveView, PlainView, StepLinesView, pick_view
+from snapcoord.views import InOrder, JsonView, LiveView, PlainView, StepLinesView, pick_view
 
 
 class Recorder:
@@ -335,3 +335,25 @@ def test_plain_lines_are_whole_lines_per_step() -> None:
     reporter.step_ended(record)
     reporter.note("a note")
     assert out.getvalue() == "db1: -> find VM ok (0.25 s)\ndb1: a note\n"
+
+
+def test_in_order_shows_results_in_the_selections_order_whatever_finished_first() -> None:
+    """status and prune: the same lines in the same order every run. Three VMs in parallel
+    finish in the reverse order (each waits for the one after it): shown a, b, c all the same."""
+    out = io.StringIO()
+    keys = ["a", "b", "c"]
+    view = InOrder(PlainView(out), keys)
+    finished = {key: threading.Event() for key in keys}
+
+    def job(key: str, reporter: Reporter) -> Outcome:
+        after = keys.index(key) + 1
+        if after < len(keys):
+            assert finished[keys[after]].wait(10), "the VM after it never finished"
+        finished[key].set()
+        return Outcome(key, ExitCode.OK, {"vm": key, "ok": True}, [f"{key}: ok"])
+
+    run = FleetRun(keys, dict.fromkeys(keys, "hv"), {"hv": 3}, 3, view)
+    outcomes = run.run(job)
+    view.close()
+    assert [o.vm for o in outcomes] == keys
+    assert out.getvalue().splitlines() == ["a: ok", "b: ok", "c: ok"]
