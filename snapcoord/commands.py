@@ -254,7 +254,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         flags = ("*" if row["current"] else " ") + ("s" if row["snapcoord"] else " ")
         created = (row["created"] or "?")[:19]
         print(f"{flags} {created}  {row['name']}")
+    if rows:
+        print(LIST_LEGEND)
     return ExitCode.OK
+
+
+#: the last line of ``list``: what its marks mean
+LIST_LEGEND = "(* the VM runs on top of this snapshot; s taken by snapcoord; times in UTC)"
 
 
 def cmd_restore_dump(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from snapcoord.commands import LIST_LEGEND
 from tests.pve_api.__main__ import STATS_PATH, StandaloneDouble, add_guests, max_overlap
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +35,9 @@ def sections(output: str) -> list[tuple[str, list[str]]]:
 
 def listing(lines: list[str]) -> dict[str, bool]:
     """`snapcoord list` lines -> {snapshot name: is current}."""
+    assert lines[-1] == LIST_LEGEND, "the marks are explained below the listing"
     result = {}
-    for line in lines:
+    for line in lines[:-1]:
         match = re.fullmatch(r"(\*| )(s| ) \S+\s+(\S+)", line)
         assert match, line
         result[match[3]] = match[1] == "*"
