@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from snapcoord import __version__
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError
@@ -25,24 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
         "4 preflight/guest, 5 snapshot failed, 6 service not restored, 75 locked, 130 interrupted)",
     )
     parser.add_argument("--version", action="version", version=f"snapcoord {__version__}")
-    parser.add_argument(
-        "-c",
-        "--config",
-        help="configuration file (default: $SNAPCOORD_CONFIG, ~/.config/snapcoord/config.toml, "
-        "/etc/snapcoord/config.toml; never the current directory). Used only if no one but "
-        "root and you can change it (docs/configuration.md)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every command")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_options(parser, default=None)
+    # the same options after the command (`snapcoord list db1 -c FILE`); given there, they win
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, default=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:
+        """``add_parser`` with the global options on every command."""
+
+        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return commands.add_parser(name, parents=[common], **kwargs)
+
+    sub = _Sub()
 
     p = sub.add_parser("snapshot", help="stop services, snapshot, restart: for each VM")
     _add_selection(p)
     p.add_argument("--label", help="label in the snapshot name (default: from the config)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, touch nothing")
-    p.add_argument(
-        "--json", action="store_true", help="one JSON object per VM on stdout, then a summary"
-    )
+    _add_json(p)
 
     p = sub.add_parser(
         "freeze", help="quiesce each VM for another tool's snapshot, until thaw (or the limit)"
@@ -54,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="put everything back after N s if no thaw comes (default: freeze_max_seconds)",
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("thaw", help="put frozen VMs back and check that everything runs")
     _add_selection(p)
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser(
         "vzdump-hook",
@@ -78,24 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("install", "status", "uninstall"))
     _add_selection(p)
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
     p.set_defaults(dry_run=False)
 
     p = sub.add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
     _add_selection(p)
     p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("status", help="last run, unfinished runs and snapshots of each VM")
     _add_selection(p, default_all=True)
     p.add_argument(
         "--offline", action="store_true", help="from the store only, do not ask the hypervisor"
     )
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("list", help="list a VM's snapshots")
     p.add_argument("vm", metavar="VM")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("revert", help="revert a VM to a snapshot")
     p.add_argument("vm", metavar="VM")
@@ -105,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-safety-snapshot", action="store_true", help="do not snapshot the current state first"
     )
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("delete", help="delete a snapshot")
     p.add_argument("vm", metavar="VM")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--yes", action="store_true", help="do not ask")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser(
         "restore-dump", help="replay a stored dump into the guest (drops its databases first)"
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--file", type=Path, metavar="PATH", help="a dump file (.sql.gz/.sql)")
     p.add_argument("--yes", action="store_true", help="do not ask")
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
-    p.add_argument("--json", action="store_true")
+    _add_json(p)
 
     p = sub.add_parser("recover", help="restart services a crashed run left stopped")
     p.add_argument("vm", metavar="VM")
@@ -135,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="check the configuration or print an example")
     p.add_argument("action", choices=("check", "example"))
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=default,
+        help="configuration file (default: $SNAPCOORD_CONFIG, ~/.config/snapcoord/config.toml, "
+        "/etc/snapcoord/config.toml; never the current directory). Used only if no one but "
+        "root and you can change it (docs/configuration.md)",
+    )
+    flag = False if default is None else default
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=flag, help="log every command"
+    )
+    parser.add_argument("--debug", action="store_true", default=flag, help="show tracebacks")
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per VM on stdout (after several VMs, a summary object too)",
+    )
 
 
 def _positive(text: str) -> int:

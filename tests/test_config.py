@@ -338,3 +338,20 @@ def test_config_check_counts_in_the_singular_and_the_plural(tmp_path: Path) -> N
          "vms.db": {"hypervisor": "lab"}, "vms.web": {"hypervisor": "lab"}},
     )  # fmt: skip
     assert snapcoord("-c", str(two), "config", "check").stdout.endswith("(1 hypervisor, 2 VMs)\n")
+
+
+def test_global_options_work_after_the_command_too(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        {"hypervisors.lab": {"type": "libvirt", "uri": "test:///default"},
+         "vms.db": {"hypervisor": "lab"}},
+    )  # fmt: skip
+    after = snapcoord("config", "check", "-c", str(config))
+    assert after.returncode == 0 and after.stdout.startswith(str(config)), after.stderr
+    absent = str(tmp_path / "absent.toml")
+    wins = snapcoord("-c", absent, "config", "check", "--config", str(config))
+    assert wins.returncode == 0, "given after the command, it is the one used: " + wins.stderr
+    verbose = snapcoord("config", "check", "-c", str(config), "-v", "--debug")
+    assert verbose.returncode == 0, verbose.stderr
+    helped = snapcoord("status", "--help")
+    assert "--json" in helped.stdout and "one JSON object per VM" in helped.stdout
