@@ -42,6 +42,7 @@ from snapcoord.errors import (
 )
 from snapcoord.secrets import Secret
 from snapcoord.settings import ProxmoxSettings
+from snapcoord.text import clip
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -617,6 +618,9 @@ class ProxmoxAdapter(Adapter):
             name = item.get("name")
             if name == "current" or not name:
                 continue
+            parent = item.get("parent") or None
+            if not isinstance(name, str) or not (parent is None or isinstance(parent, str)):
+                raise TypeError(f"snapshot name or parent is not text: {name!r}, {parent!r}")
             snaptime = int(item.get("snaptime") or 0)
             extra: dict[str, Any] = {"vmid": vm.extra["vmid"]}
             if item.get("snapstate"):
@@ -627,7 +631,7 @@ class ProxmoxAdapter(Adapter):
                     id=name,
                     created=datetime.fromtimestamp(snaptime, UTC) if snaptime else None,
                     description=str(item.get("description") or ""),
-                    parent=item.get("parent") or None,
+                    parent=parent,
                     memory=bool(item.get("vmstate")),
                     current=name == current.get("parent"),
                     extra=extra,
@@ -755,4 +759,4 @@ def _short(exc: BaseException) -> str:
         if marker in text:
             text = text.split(marker, 1)[1]
     text = re.sub(r"<[^>]*>:?\s*", "", text).strip(" ()'\"")
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return clip(text.splitlines()[0], 200) if text else type(exc).__name__

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, BinaryIO
 
 from snapcoord.secrets import MASK, child_environment
+from snapcoord.text import clip
 
 log = logging.getLogger("snapcoord.shell")
 
@@ -51,7 +52,7 @@ class Completed:
             lines = [ln.strip() for ln in stream.decode(errors="replace").splitlines()]
             lines = [ln for ln in lines if ln]
             if lines:
-                return lines[-1][:limit]
+                return clip(lines[-1], limit)
         return f"exit status {self.returncode}"
 
 

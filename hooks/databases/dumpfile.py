@@ -29,6 +29,7 @@ from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
 from snapcoord.guest import Transport
 from snapcoord.shell import Completed
 from snapcoord.store import CorruptDump, RunDir
+from snapcoord.text import clip
 
 # Where each codec compresses ("guest" | "coordinator"); chosen by bench/dump.py, see docs/dump.md.
 COMPRESS_ON = {"gzip": "coordinator", "zstd": "guest", "none": "guest"}
@@ -110,7 +111,7 @@ def client_error(result: Completed) -> str:
         for ln in result.stderr.decode(errors="replace").splitlines()
         if ln.strip() and not ln.startswith("snapcoord-status")
     ]
-    return lines[-1][:300] if lines else f"exit status {result.returncode}"
+    return clip(lines[-1], 300) if lines else f"exit status {result.returncode}"
 
 
 # --------------------------------------------------------------------------------------------

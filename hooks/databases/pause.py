@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
 from snapcoord.guest import Transport
 from snapcoord.shell import kill_group, spawn
+from snapcoord.text import clip
 
 log = logging.getLogger("snapcoord.pause")
 
@@ -230,7 +231,7 @@ class LockSession:
         lines = [ln.strip() for ln in b"".join(self._stderr).decode(errors="replace").splitlines()]
         lines = [ln for ln in lines if ln]
         if lines:
-            return lines[-1][:300]
+            return clip(lines[-1], 300)
         code = self._process.poll() if self._process is not None else None
         if code == 255:
             return "the SSH connection was lost"
