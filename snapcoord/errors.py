@@ -34,10 +34,19 @@ class SnapcoordError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        text = f"{self.vm}: {self.message}" if self.vm else self.message
-        if self.hint:
-            text = f"{text} ({self.hint})"
-        return text
+        return f"{self.vm}: {self.text()}" if self.vm else self.text()
+
+    def text(self) -> str:
+        """The message and its hint, without the VM: for a line that names the VM already."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def line(self, key: str) -> str:
+        """One line that names the VM by its configuration key ``key`` first; when an adapter
+        named it as the hypervisor does (a VMID, a VM name), that name follows in brackets, to
+        find it in the hypervisor's task log: ``shopdb (hypervisor VM 100): cannot reach``."""
+        if self.vm and self.vm != key:
+            return f"{key} (hypervisor VM {self.vm}): {self.text()}"
+        return f"{key}: {self.text()}"
 
 
 class UsageError(SnapcoordError):

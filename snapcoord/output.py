@@ -8,6 +8,7 @@ import re
 import sys
 from typing import Any, TextIO
 
+from snapcoord.errors import SnapcoordError
 from snapcoord.run import RunResult, StepRecord
 
 #: C0 and C1 controls but tab and newline, DEL, and the bidirectional overrides: what a
@@ -106,9 +107,15 @@ def run_summary(vm: str, result: RunResult, **fields: Any) -> dict[str, Any]:
         **fields,
         "window_seconds": None if window is None else round(window, 3),
         "services_down": result.window.still_down,
-        "errors": [str(f) for f in result.failures],
+        "errors": [
+            f.line(vm) if isinstance(f, SnapcoordError) else str(f) for f in result.failures
+        ],
         "steps": [r.as_dict() for r in result.records],
     }
+
+
+def _error_line(vm: str, failure: BaseException) -> str:
+    return failure.line(vm) if isinstance(failure, SnapcoordError) else str(failure)
 
 
 def print_json(data: dict[str, Any], stream: TextIO | None = None) -> None:

@@ -193,7 +193,7 @@ class Engine:
                     step.do()
             except BaseException as exc:
                 failure = _as_failure(exc)
-                record.ended, record.ok, record.error = time.time(), False, str(failure)
+                record.ended, record.ok, record.error = time.time(), False, _text(failure)
                 self.reporter.step_ended(record)
                 raise failure from exc if failure is not exc else None
             record.ended, record.ok = time.time(), True
@@ -218,7 +218,7 @@ class Engine:
                 record.ok = True
             except BaseException as exc:
                 failure = _as_failure(exc)
-                record.ok, record.error = False, str(failure)
+                record.ok, record.error = False, _text(failure)
                 self.result.failures.append(failure)
             record.ended = time.time()
             self.reporter.step_ended(record)
@@ -250,6 +250,11 @@ class Engine:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def _text(failure: BaseException) -> str:
+    """A step's error as its line shows it: the line names the VM already."""
+    return failure.text() if isinstance(failure, SnapcoordError) else str(failure)
 
 
 def _as_failure(exc: BaseException) -> BaseException:

@@ -94,7 +94,7 @@ def _report_lines(
     lines.append(", ".join(parts))
     bugs = result.bugs
     # every error line names the VM by its config key (an adapter names it as the hypervisor does)
-    errors = [_naming(key, str(failure)) for failure in result.failures if failure not in bugs]
+    errors = [_naming(key, failure) for failure in result.failures if failure not in bugs]
     errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
     said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
     if result.window.still_down and not said:
@@ -102,7 +102,12 @@ def _report_lines(
     return lines, errors
 
 
-def _naming(key: str, line: str) -> str:
+def _naming(key: str, failure: BaseException) -> str:
+    """Every error line names the VM by its configuration key (an adapter names it as the
+    hypervisor does: "100: cannot reach" became "shopdb: cannot reach")."""
+    if isinstance(failure, SnapcoordError):
+        return failure.line(key)
+    line = str(failure)
     return line if line.startswith(f"{key}:") else f"{key}: {line}"
 
 

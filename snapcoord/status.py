@@ -254,8 +254,7 @@ def status_vm(config: Config, key: str, *, offline: bool, now: float | None = No
 
 
 def _without_vm(exc: SnapcoordError, key: str) -> str:
-    text = str(exc)
-    return text.removeprefix(f"{key}: ")
+    return exc.text()
 
 
 # -- human lines --------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def human_lines(
         parts.append(_snapshots_text(snapshots, now))
     lines = [f"{key}: " + "; ".join(parts)]
     if last is not None and not last.ok and last.errors:
-        lines.append(f"{key}:   error: {last.errors[0]}")
+        lines.append(f"{key}:   error: {last.errors[0].removeprefix(f'{key}: ')}")
     if unfinished is not None:
         lines.append(f"{key}: {_unfinished_text(key, unfinished)}")
     return lines
