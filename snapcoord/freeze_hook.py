@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from snapcoord.errors import ExitCode, GuestError, PreflightError, SnapcoordError
+from snapcoord.freeze_state import VMID_MAX
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases.mysql import PAUSE_METHODS
 from snapcoord.hooks.databases.mysql_pause import _supports_backup_stage, lock_wait
 from snapcoord.hooks.guest import fsfreeze
 from snapcoord.plans.context import RunContext
 from snapcoord.store import ensure_private, read_file, write_json_atomic
+from snapcoord.values import MAX_EPOCH, integer, number
 
 #: Who calls the hook, by hypervisor type.
 CALLERS = {"libvirt": "qemu", "proxmox": "qemu", "vsphere": "vmware"}
@@ -321,11 +323,13 @@ class Armed:
         token, vm, vmid, armed_at = (data.get(k) for k in ("token", "vm", "vmid", "armed_at"))
         if not isinstance(token, str) or not re.fullmatch(r"[A-Za-z0-9-]{8,64}", token):
             raise ValueError("token")
-        if not isinstance(vm, str) or not isinstance(vmid, int) or isinstance(vmid, bool):
+        vmid = integer(vmid, 1, VMID_MAX)
+        if not isinstance(vm, str) or vmid is None:
             raise ValueError("vm/vmid")
-        if not isinstance(armed_at, int | float) or isinstance(armed_at, bool):
+        when = number(armed_at, 0.0, MAX_EPOCH)
+        if when is None:  # NaN or 1e300 once passed: a time that never ends
             raise ValueError("armed_at")
-        return cls(vm, vmid, token, float(armed_at))
+        return cls(vm, vmid, token, when)
 
     def as_dict(self) -> dict[str, Any]:
         return {"vm": self.vm, "vmid": self.vmid, "token": self.token, "armed_at": self.armed_at}

@@ -5,11 +5,11 @@ record only; anything else in the file or the answer is not a freeze's state (No
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from snapcoord.naming import RUN_ID
+from snapcoord.values import MAX_EPOCH, integer, number
 
 #: the largest PID Linux hands out (pid_max's ceiling)
 PID_MAX = 4194304
@@ -40,20 +40,22 @@ class FreezeState:
         """The record, or None when ``data`` is not a freeze state snapcoord wrote."""
         if not isinstance(data, dict):
             return None
-        pid, run, source = data.get("pid"), data.get("run"), data.get("source", "freeze")
-        vmid, limit = data.get("vmid"), data.get("max_seconds")
+        pid, run, source = (
+            integer(data.get("pid"), 2, PID_MAX),
+            data.get("run"),
+            data.get("source", "freeze"),
+        )
+        vmid, limit = data.get("vmid"), integer(data.get("max_seconds"), 1, MAX_SECONDS)
         since, until = _epoch(data.get("since")), _epoch(data.get("until"))
-        if not (_int(pid, 2, PID_MAX) and isinstance(run, str) and RUN_ID.fullmatch(run)):
+        if pid is None or not isinstance(run, str) or not RUN_ID.fullmatch(run):
             return None
-        if source not in SOURCES or not (vmid is None or _int(vmid, 1, VMID_MAX)):
+        if source not in SOURCES or (vmid is not None and integer(vmid, 1, VMID_MAX) is None):
             return None
         if since is None or (data.get("until") is not None and until is None):
             return None
-        if not _int(limit, 1, MAX_SECONDS) or data.get("consistency") not in ("stop", "pause"):
+        if limit is None or data.get("consistency") not in ("stop", "pause"):
             return None
-        return cls(
-            data["pid"], run, source, vmid, since, until, data["max_seconds"], data["consistency"]
-        )
+        return cls(pid, run, source, vmid, since, until, limit, data["consistency"])
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,15 +70,6 @@ class FreezeState:
         }
 
 
-def _int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def _epoch(value: Any) -> float | None:
-    """Epoch seconds within the years 2000 to 9999; None otherwise."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    number = float(value)
-    if not math.isfinite(number) or not 946_684_800 <= number <= 253_402_300_799:
-        return None
-    return number
+    """Epoch seconds from the year 2000 on (a freeze is never older); None otherwise."""
+    return number(value, 946_684_800, MAX_EPOCH)

@@ -19,6 +19,7 @@ from typing import Any
 from snapcoord.adapters.base import Snapshot
 from snapcoord.journal import Journal
 from snapcoord.store import ensure_private, read_file, write_json_atomic
+from snapcoord.values import integer
 
 #: more snapshots than any hypervisor keeps per VM: a count above it is not believed
 MAX_COUNT = 100_000
@@ -47,11 +48,9 @@ class Inventory:
         """The one place an inventory file becomes a record (None when it is not an object)."""
         if not isinstance(data, dict):
             return None
-        count = data.get("count")
-        valid = isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= MAX_COUNT
         return cls(
             seen_at=_time(data.get("seen_at")),
-            count=count if valid else None,
+            count=integer(data.get("count"), 0, MAX_COUNT),
             oldest=_time(data.get("oldest")),
             newest=_time(data.get("newest")),
         )

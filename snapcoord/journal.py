@@ -18,6 +18,7 @@ from snapcoord.freeze_state import PID_MAX, FreezeState
 from snapcoord.hooks.guest.watchdog import Watchdog
 from snapcoord.naming import RUN_ID
 from snapcoord.store import ensure_private, read_file, write_json_atomic
+from snapcoord.values import integer, number
 
 
 class Journal:
@@ -141,15 +142,16 @@ def _names(value: Any, allowed: frozenset[str]) -> tuple[str, ...] | None:
 def _watchdog(data: Any, services: frozenset[str], bad: Any) -> Watchdog:
     if not isinstance(data, dict):
         raise bad("watchdog")
-    pid, marker, seconds = data.get("pid"), data.get("marker"), data.get("seconds")
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 1 < pid <= PID_MAX:
+    pid, marker = integer(data.get("pid"), 2, PID_MAX), data.get("marker")
+    seconds = integer(data.get("seconds"), 0, 10**6)
+    if pid is None:
         raise bad("watchdog pid")
     prefix = "snapcoord-watchdog-"
     if not isinstance(marker, str) or not marker.startswith(prefix):
         raise bad("watchdog marker")
     if not RUN_ID.fullmatch(marker.removeprefix(prefix)):
         raise bad("watchdog marker")
-    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= 10**6:
+    if seconds is None:
         raise bad("watchdog seconds")
     guarded = _names(data.get("services", []), services)
     if guarded is None:
@@ -157,9 +159,7 @@ def _watchdog(data: Any, services: frozenset[str], bad: Any) -> Watchdog:
     database = data.get("database")
     if database is not None and (not isinstance(database, str) or database not in services):
         raise bad("watchdog database")
-    armed_at = data.get("armed_at") or 0.0
-    if not isinstance(armed_at, int | float) or isinstance(armed_at, bool):
+    armed_at = number(data.get("armed_at") or 0.0, 0.0, math.inf)
+    if armed_at is None:
         raise bad("watchdog armed_at")
-    if not math.isfinite(float(armed_at)):
-        raise bad("watchdog armed_at")
-    return Watchdog(pid, marker, seconds, guarded, database, float(armed_at))
+    return Watchdog(pid, marker, seconds, guarded, database, armed_at)

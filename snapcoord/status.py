@@ -9,7 +9,6 @@ status could be read, and the hypervisor's error code when its snapshots could n
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -27,6 +26,7 @@ from snapcoord.inventory import Inventory
 from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
 from snapcoord.store import read_file
+from snapcoord.values import MAX_EPOCH, integer, number
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
     range (a hand-edited or corrupt file gives None fields, never an exception)."""
     started, ended = _times(data)
     dump = data.get("dump")
-    dump_bytes = _number(dump.get("bytes"), 0, MAX_BYTES) if isinstance(dump, dict) else None
+    dump_bytes = number(dump.get("bytes"), 0, MAX_BYTES) if isinstance(dump, dict) else None
     errors = data.get("errors")
     return LastRun(
         run=_str_or_none(data.get("run")),
@@ -98,7 +98,7 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
         exit_code=_int(data.get("exit_code"), 0 if data.get("ok") is True else int(ExitCode.BUG)),
         started=started,
         ended=ended if ended is not None else mtime,
-        window_seconds=_number(data.get("window_seconds"), 0, MAX_SECONDS),
+        window_seconds=number(data.get("window_seconds"), 0, MAX_SECONDS),
         dump_bytes=int(dump_bytes) if dump_bytes is not None else None,
         snapshot=_str_or_none(data.get("snapshot")),
         errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (),
@@ -110,9 +110,8 @@ def _last_run(data: dict[str, Any], mtime: float) -> LastRun:
     )
 
 
-#: bounds of what a last-run file may say (larger is corrupt): epoch seconds until the year
-#: 5138, a run of a year, a dump of an exabyte
-MAX_EPOCH = 1e11
+#: bounds of what a last-run file may say (larger is corrupt): a run of a year, a dump of an
+#: exabyte (times: values.MAX_EPOCH)
 MAX_SECONDS = 366 * 86400.0
 MAX_BYTES = 1e18
 
@@ -126,23 +125,15 @@ def _command(value: Any) -> str:
     return value if isinstance(value, str) and _COMMAND.fullmatch(value) else "unknown"
 
 
-def _number(value: Any, low: float, high: float) -> float | None:
-    """``value`` as a float when it is a finite number within [low, high], else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) and low <= number <= high else None
-
-
 def _times(data: dict[str, Any]) -> tuple[float | None, float | None]:
     """(start, end) in epoch seconds: ``started``/``ended`` if the summary has them, else from
     the steps."""
     raw_steps = data.get("steps")
     steps = [s for s in raw_steps if isinstance(s, dict)] if isinstance(raw_steps, list) else []
-    starts = [t for s in steps if (t := _number(s.get("started"), 0, MAX_EPOCH)) is not None]
-    ends = [t for s in steps if (t := _number(s.get("ended"), 0, MAX_EPOCH)) is not None]
-    started = _number(data.get("started"), 0, MAX_EPOCH) if "started" in data else None
-    ended = _number(data.get("ended"), 0, MAX_EPOCH) if "ended" in data else None
+    starts = [t for s in steps if (t := number(s.get("started"), 0, MAX_EPOCH)) is not None]
+    ends = [t for s in steps if (t := number(s.get("ended"), 0, MAX_EPOCH)) is not None]
+    started = number(data.get("started"), 0, MAX_EPOCH) if "started" in data else None
+    ended = number(data.get("ended"), 0, MAX_EPOCH) if "ended" in data else None
     return (
         started if started is not None else min(starts, default=None),
         ended if ended is not None else max(ends + starts, default=None),
@@ -371,8 +362,8 @@ def _round(value: float | None) -> float | None:
 
 def _int(value: Any, default: int) -> int:
     """An exit code: an integer 0..255, else ``default``."""
-    number = _number(value, 0, 255)
-    return int(number) if number is not None and number == int(number) else default
+    code = integer(value, 0, 255)
+    return default if code is None else code
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapcoord.freeze_hook import Armed, armed_path, read_armed
 from snapcoord.freeze_state import MAX_SECONDS, PID_MAX, FreezeState
 from snapcoord.journal import CorruptJournal, RunRecord
 from snapcoord.naming import RUN_ID
@@ -112,3 +113,23 @@ def test_status_shows_a_corrupt_freeze_as_no_freeze(tmp_path: Path) -> None:
     assert outcome.summary["unfinished_run"]["freeze"] is None
     assert "frozen by freeze" not in " ".join(outcome.lines)
     json.dumps(outcome.summary, allow_nan=False)
+
+
+ARMED = {"token": "a1b2c3d4e5", "vm": "db", "vmid": 101, "armed_at": 1796500000.0}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"armed_at": float("nan")}, {"armed_at": 1e300}, {"vmid": True}, {"vmid": 0}, {"vmid": "101"}],
+)
+def test_an_arm_record_with_an_impossible_value_is_not_an_arm(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """The vzdump arm record (freeze hook prepared at pre-stop) is read through the same value
+    checks: a NaN time once passed, and backup-end took it for a prepared freeze."""
+    path = armed_path(tmp_path, "db")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(ARMED))
+    assert read_armed(tmp_path, "db") == Armed("db", 101, ARMED["token"], ARMED["armed_at"])
+    path.write_text(json.dumps({**ARMED, **change}))
+    assert read_armed(tmp_path, "db") is None
