@@ -4,6 +4,7 @@ codes (docs/exit-codes.md)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import traceback
@@ -30,23 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     # the same options after the command (`snapcoord list db1 -c FILE`); given there, they win
     common = argparse.ArgumentParser(add_help=False)
     _add_global_options(common, default=argparse.SUPPRESS)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    class _Sub:
-        """``add_parser`` with the global options on every command."""
-
-        def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return commands.add_parser(name, parents=[common], **kwargs)
-
-    sub = _Sub()
-
-    p = sub.add_parser("snapshot", help="stop services, snapshot, restart: for each VM")
+    p = add_parser("snapshot", help="stop services, snapshot, restart: for each VM")
     _add_selection(p)
     p.add_argument("--label", help="label in the snapshot name (default: from the config)")
     p.add_argument("--dry-run", action="store_true", help="show the plan, touch nothing")
     _add_json(p)
 
-    p = sub.add_parser(
+    p = add_parser(
         "freeze", help="quiesce each VM for another tool's snapshot, until thaw (or the limit)"
     )
     _add_selection(p)
@@ -58,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(p)
 
-    p = sub.add_parser("thaw", help="put frozen VMs back and check that everything runs")
+    p = add_parser("thaw", help="put frozen VMs back and check that everything runs")
     _add_selection(p)
     _add_json(p)
 
-    p = sub.add_parser(
+    p = add_parser(
         "vzdump-hook",
         help="hook script for Proxmox vzdump (--script): quiesce at pre-stop, thaw after",
         description="Called by vzdump as '<phase>' or '<phase> <mode> <vmid>'; the "
@@ -72,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="*", metavar="MODE VMID")
     p.set_defaults(dry_run=False)
 
-    p = sub.add_parser(
+    p = add_parser(
         "freeze-hook",
         help="install, check or remove the guest-side freeze hook (QEMU guest agent, VMware Tools)",
         description="The hook quiesces the guest at its agent's fs-freeze: what Proxmox backups "
@@ -83,23 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(dry_run=False)
 
-    p = sub.add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
+    p = add_parser("prune", help="delete old snapcoord snapshots by the retention policy")
     _add_selection(p)
     p.add_argument("--dry-run", action="store_true", help="show what would go, delete nothing")
     _add_json(p)
 
-    p = sub.add_parser("status", help="last run, unfinished runs and snapshots of each VM")
+    p = add_parser("status", help="last run, unfinished runs and snapshots of each VM")
     _add_selection(p, default_all=True)
     p.add_argument(
         "--offline", action="store_true", help="from the store only, do not ask the hypervisor"
     )
     _add_json(p)
 
-    p = sub.add_parser("list", help="list a VM's snapshots")
+    p = add_parser("list", help="list a VM's snapshots")
     p.add_argument("vm", metavar="VM")
     _add_json(p)
 
-    p = sub.add_parser("revert", help="revert a VM to a snapshot")
+    p = add_parser("revert", help="revert a VM to a snapshot")
     p.add_argument("vm", metavar="VM")
     p.add_argument("--to", metavar="NAME", help="snapshot name (default: newest snapcoord one)")
     p.add_argument("--yes", action="store_true", help="do not ask")
@@ -109,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     _add_json(p)
 
-    p = sub.add_parser("delete", help="delete a snapshot")
+    p = add_parser("delete", help="delete a snapshot")
     p.add_argument("vm", metavar="VM")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--yes", action="store_true", help="do not ask")
     _add_json(p)
 
-    p = sub.add_parser(
+    p = add_parser(
         "restore-dump", help="replay a stored dump into the guest (drops its databases first)"
     )
     p.add_argument("vm", metavar="VM")
@@ -131,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     _add_json(p)
 
-    p = sub.add_parser("recover", help="restart services a crashed run left stopped")
+    p = add_parser("recover", help="restart services a crashed run left stopped")
     p.add_argument("vm", metavar="VM")
 
-    p = sub.add_parser("config", help="check the configuration or print an example")
+    p = add_parser("config", help="check the configuration or print an example")
     p.add_argument("action", choices=("check", "example"))
     return parser
 

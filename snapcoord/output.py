@@ -114,8 +114,13 @@ def run_summary(vm: str, result: RunResult, **fields: Any) -> dict[str, Any]:
     }
 
 
-def _error_line(vm: str, failure: BaseException) -> str:
-    return failure.line(vm) if isinstance(failure, SnapcoordError) else str(failure)
+def error_line(vm: str, failure: BaseException) -> str:
+    """One error line that names the VM by its configuration key ``vm`` first (an adapter
+    names it as the hypervisor does: it follows in brackets, see ``SnapcoordError.line``)."""
+    if isinstance(failure, SnapcoordError):
+        return failure.line(vm)
+    line = str(failure)
+    return line if line.startswith(f"{vm}:") else f"{vm}: {line}"
 
 
 def print_json(data: dict[str, Any], stream: TextIO | None = None) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from snapcoord.errors import ExitCode, SnapcoordError
 from snapcoord.naming import new_run_id
 from snapcoord.outcome import Outcome
-from snapcoord.output import run_summary
+from snapcoord.output import error_line, run_summary
 from snapcoord.plans.bracket import WatchdogKeptArmed
 from snapcoord.plans.context import RunContext
 from snapcoord.run import Reporter, RunResult, Step
@@ -94,21 +94,12 @@ def _report_lines(
     lines.append(", ".join(parts))
     bugs = result.bugs
     # every error line names the VM by its config key (an adapter names it as the hypervisor does)
-    errors = [_naming(key, failure) for failure in result.failures if failure not in bugs]
+    errors = [error_line(key, failure) for failure in result.failures if failure not in bugs]
     errors += ["".join(traceback.format_exception(bug)).rstrip() for bug in result.bugs]
     said = any(isinstance(f, WatchdogKeptArmed) for f in result.failures)
     if result.window.still_down and not said:
         errors.append(f"{key}: still stopped: {', '.join(result.window.still_down)}")
     return lines, errors
-
-
-def _naming(key: str, failure: BaseException) -> str:
-    """Every error line names the VM by its configuration key (an adapter names it as the
-    hypervisor does: "100: cannot reach" became "shopdb: cannot reach")."""
-    if isinstance(failure, SnapcoordError):
-        return failure.line(key)
-    line = str(failure)
-    return line if line.startswith(f"{key}:") else f"{key}: {line}"
 
 
 def _plan_lines(key: str, steps: list[Step], ctx: RunContext) -> list[str]:

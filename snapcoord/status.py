@@ -224,7 +224,7 @@ def status_vm(config: Config, key: str, *, offline: bool, now: float | None = No
             exit_code = int(exc.exit_code)
             where = config.vm(key).hypervisor
             errors.append(
-                f"{key}: cannot list snapshots on hypervisor {where}: {_without_vm(exc, key)}"
+                f"{key}: cannot list snapshots on hypervisor {where}: {exc.text()}"
                 " (--offline shows what was last seen)"
             )
             snapshots = None
@@ -242,10 +242,6 @@ def status_vm(config: Config, key: str, *, offline: bool, now: float | None = No
     }
     lines = human_lines(key, last, unfinished, snapshots, now=now)
     return Outcome(key, exit_code, summary, lines, errors)
-
-
-def _without_vm(exc: SnapcoordError, key: str) -> str:
-    return exc.text()
 
 
 # -- human lines --------------------------------------------------------------------------------

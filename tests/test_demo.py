@@ -44,9 +44,8 @@ def listing(lines: list[str]) -> dict[str, bool]:
     return result
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    folder = tmp_path_factory.mktemp("demo") / "demo"
+def run_demo(folder: Path) -> str:
+    """``scripts/demo`` with this venv into ``folder``: it must succeed; returns its stdout."""
     proc = subprocess.run(
         [str(REPO / "scripts" / "demo"), str(Path(sys.executable).parent), str(folder)],
         capture_output=True,
@@ -55,7 +54,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = sections(proc.stdout)
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    found = sections(run_demo(folder))
     commands = [command for command, _ in found]
     assert commands == [
         "config check",
@@ -200,7 +205,7 @@ def systemd_host(tmp_path: Path) -> Iterator[Path]:
     recorder.write_text(RECORDER.format(log=log))
     recorder.chmod(0o755)
     marker = Path("/run/systemd/system")
-    made = not marker.exists()
+    made = [d for d in (marker.parent, marker) if not d.exists()]  # removed after, innermost first
     marker.mkdir(parents=True, exist_ok=True)
     mounted: list[str] = []
     try:
@@ -212,9 +217,8 @@ def systemd_host(tmp_path: Path) -> Iterator[Path]:
     finally:
         for real in mounted:
             subprocess.run(["umount", real], check=True)
-        if made:
-            marker.rmdir()
-            marker.parent.rmdir()
+        for folder in reversed(made):
+            folder.rmdir()
 
 
 def test_the_demo_on_a_systemd_host_touches_no_real_service(
@@ -224,15 +228,7 @@ def test_the_demo_on_a_systemd_host_touches_no_real_service(
     its own ``systemctl``, so the host's init system is never called, and the demo runs through
     to the listings (it once stopped and started the host's real Apache and cron)."""
     folder = tmp_path / "demo"
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "demo"), str(Path(sys.executable).parent), str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [command for command, _ in sections(proc.stdout)][-3:] == [
+    assert [command for command, _ in sections(run_demo(folder))][-3:] == [
         "list shop-db",
         "list wiki-db",
         "list web1",
