@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -132,6 +132,17 @@ class Adapter(ABC):
 
     def check_snapshot_ready(self, vm: VM, *, memory: bool, quiesce: bool) -> None:  # noqa: B027
         """Preflight: raise if this VM cannot take the requested snapshot right now."""
+
+    def check_snapshot_support(self, vm: VM) -> None:  # noqa: B027
+        """``snapcoord check``: raise if ``vm`` can take no snapshot at all, or not now, without
+        waiting (a template, disks on storage without snapshots, a task's lock)."""
+
+    def missing_privileges(self, vm: VM, operations: Sequence[str]) -> list[str]:
+        """``snapcoord check``: the privileges this session lacks on ``vm`` for ``operations``
+        (keys of the adapter's privilege table: ``snapshot``, ``prune``, ``quiesce``...), each
+        as the hypervisor names it (``A|B`` when either will do). Empty where the hypervisor
+        has no privileges to ask about: a libvirt connection may do everything or nothing."""
+        return []
 
     def set_guest_time(self, vm: VM, epoch: float) -> bool:
         """Set the guest's clock through the hypervisor (its guest agent or tools); ``False``

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -31,6 +31,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from snapcoord import cancel
 from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
+from snapcoord.adapters.permissions import PROXMOX as PRIVILEGES
+from snapcoord.adapters.permissions import required_privileges
 from snapcoord.errors import (
     HypervisorError,
     SnapshotExists,
@@ -336,7 +338,7 @@ class ProxmoxAdapter(Adapter):
 
     # -- requests and errors --------------------------------------------------------------
 
-    def _request(self, method: str, path: str, vm: str | None = None, **params: Any) -> Any:
+    def _request(self, method: str, path: str, /, vm: str | None = None, **params: Any) -> Any:
         """One API call (``path`` relative to /api2/json); errors become snapcoord errors."""
         self.connect()
         for attempt in (1, 2):
@@ -509,6 +511,53 @@ class ProxmoxAdapter(Adapter):
                 vm=vm.name,
                 hint="start qemu-guest-agent in the guest, or set quiesce = false",
             ) from None
+
+    @_checked_answers
+    def check_snapshot_support(self, vm: VM) -> None:
+        vmid, kind = vm.extra["vmid"], vm.extra["type"]
+        word, tool = ("VM", "qm") if kind == "qemu" else ("CT", "pct")
+        config: dict[str, Any] = self._request("get", f"{self._base(vm)}/config", vm=vm.name)
+        if str(config.get("template", 0)) == "1":
+            raise UnsupportedOperation(
+                f"{word} {vmid} is a template: Proxmox VE takes no snapshot of a template",
+                vm=vm.name,
+                hint="point [vms.X] vmid at the guest itself, not at its template",
+            )
+        lock = config.get("lock")
+        if lock:
+            raise HypervisorError(
+                f"{word} {vmid} is locked ({lock}): a run now would wait up to "
+                f"lock_wait_seconds ({self.lock_wait:g} s) for it",
+                vm=vm.name,
+                hint=f"another task (backup, snapshot, migration) holds it; if it is stale: "
+                f"{tool} unlock {vmid}",
+            )
+        feature = self._request("get", f"{self._base(vm)}/feature", vm=vm.name, feature="snapshot")
+        has = feature["hasFeature"]
+        if has not in (True, False, 0, 1, "0", "1"):
+            raise ValueError(f"hasFeature is {has!r}")
+        if str(int(has)) != "1":
+            raise UnsupportedOperation(
+                f"a disk of {word} {vmid} is on storage that cannot take snapshots",
+                vm=vm.name,
+                hint="move its disks to storage with snapshots (qcow2 on a directory or NFS, "
+                "LVM-thin, ZFS, Ceph RBD)",
+            )
+
+    @_checked_answers
+    def missing_privileges(self, vm: VM, operations: Sequence[str]) -> list[str]:
+        path = f"/vms/{vm.extra['vmid']}"
+        answer = self._request("get", "access/permissions", vm=vm.name, path=path)
+        if not isinstance(answer, dict):
+            raise TypeError(f"permissions are a {type(answer).__name__}")
+        held = answer.get(path, {})
+        if not isinstance(held, dict) or not all(isinstance(k, str) for k in held):
+            raise TypeError(f"the privileges on {path} are not a map of names")
+        return [
+            "|".join(alternatives)
+            for alternatives in required_privileges(PRIVILEGES, operations)
+            if not any(priv in held for priv in alternatives)
+        ]
 
     @_checked_answers
     def check_backup_freeze(self, vm: VM) -> None:

@@ -30,6 +30,8 @@ from snapcoord.adapters.base import (
     Snapshot,
     poll_until,
 )
+from snapcoord.adapters.permissions import VSPHERE as PRIVILEGES
+from snapcoord.adapters.permissions import required_privileges
 from snapcoord.errors import (
     HypervisorError,
     SnapcoordError,
@@ -701,6 +703,38 @@ class VSphereAdapter(Adapter):
                 vm=vm.name,
                 hint="start VMware Tools / open-vm-tools or set quiesce = false",
             )
+
+    def check_snapshot_support(self, vm: VM) -> None:
+        props = self._read_vm(vm, ["config.template"], "check")
+        if props.get("config.template"):
+            raise UnsupportedOperation(
+                f"{vm.name} is a template: vSphere takes no snapshot of a template",
+                vm=vm.name,
+                hint="point [vms.X] vm at the VM itself, not at a template",
+            )
+
+    def missing_privileges(self, vm: VM, operations: Sequence[str]) -> list[str]:
+        needs = required_privileges(PRIVILEGES, operations)
+        wanted = sorted({priv for alternatives in needs for priv in alternatives})
+        if not wanted:
+            return []
+
+        def ask() -> Any:
+            session = self._content.sessionManager.currentSession
+            return self._content.authorizationManager.HasPrivilegeOnEntities(
+                entity=[self._vm_ref(vm)], sessionId=session.key, privId=wanted
+            )
+
+        granted: set[str] = set()
+        for result in self._call(ask, action="read privileges", vm=vm.name) or []:
+            for availability in getattr(result, "privAvailability", None) or []:
+                if availability.isGranted is True and isinstance(availability.privId, str):
+                    granted.add(availability.privId)
+        return [
+            "|".join(alternatives)
+            for alternatives in needs
+            if not any(priv in granted for priv in alternatives)
+        ]
 
     def create_snapshot(
         self,

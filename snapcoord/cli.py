@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(p)
 
+    p = add_parser(
+        "check",
+        help="check everything a snapshot run needs; stop and change nothing",
+        description="Hypervisor login and privileges, the VM and whether it can take a snapshot "
+        "now, the guest's connection, host key, sudo rule, services and database credentials, "
+        "the store, the watchdog and the guest clock: one line per problem with its fix; exit 0 "
+        "when nothing stands in a run's way, else 4. All VMs unless some are selected.",
+    )
+    _add_selection(p, default_all=True)
+    _add_json(p)
+
     p = add_parser("list", help="list a VM's snapshots")
     p.add_argument("vm", metavar="VM")
     _add_json(p)

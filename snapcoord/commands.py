@@ -197,6 +197,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from snapcoord.check import check_vm
+
+    config = _load(args)
+    return _fleet(
+        args, config, lambda key, reporter: check_vm(config, key), command="check", in_order=True
+    )
+
+
 def cmd_revert(args: argparse.Namespace) -> int:
     config = _load(args)
     vm_cfg = config.vm(args.vm)
@@ -450,6 +459,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "snapshot": cmd_snapshot,
     "prune": cmd_prune,
     "status": cmd_status,
+    "check": cmd_check,
     "list": cmd_list,
     "revert": cmd_revert,
     "delete": cmd_delete,

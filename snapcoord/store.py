@@ -307,15 +307,15 @@ def check_writable(store: Path, vm: str, needed_bytes: int) -> Path:
     available = free_bytes(folder)
     if available < needed_bytes + SPACE_MARGIN:
         raise StoreError(
-            f"store {folder} has {_mib(available)} free, the dump needs about "
-            f"{_mib(needed_bytes + SPACE_MARGIN)}",
+            f"store {folder} has {mib(available)} free, the dump needs about "
+            f"{mib(needed_bytes + SPACE_MARGIN)}",
             vm=vm,
             hint="free space or prune old dumps",
         )
     return folder
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
@@ -355,8 +355,8 @@ class FileSink:
         if coming > self._allowance:
             raise OSError(
                 errno.ENOSPC,
-                f"the store's file system has {_mib(left)} free after {_mib(self.size)}: "
-                f"stopped before it would leave less than {_mib(SPACE_MARGIN)}",
+                f"the store's file system has {mib(left)} free after {mib(self.size)}: "
+                f"stopped before it would leave less than {mib(SPACE_MARGIN)}",
             )
 
     @property

@@ -86,6 +86,7 @@ def start_vcsim(
     password: str = "s3cret-vc",
     fail_vm: str | None = None,
     hang_vm: str | None = None,
+    deny_privilege: str | None = None,
     datacenters: int = 1,
 ) -> tuple[subprocess.Popen[str], VCSim]:
     cert_file = workdir / "vcsim-cert.pem"
@@ -101,6 +102,8 @@ def start_vcsim(
         argv.append(f"-fail-vm={fail_vm}")
     if hang_vm:
         argv.append(f"-hang-vm={hang_vm}")
+    if deny_privilege:
+        argv.append(f"-deny-privilege={deny_privilege}")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     selector = selectors.DefaultSelector()

@@ -1,4 +1,6 @@
-"""Handlers for the 35 endpoints of the schema subset; behaviour from data/NOTES.md."""
+"""Handlers for the endpoints of the schema subset (data/pve-snapshot-api.json, 35) and of
+the tests' own additions (data/pve-check-api.json); behaviour from data/NOTES.md and the latter's
+``_behaviour``."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Request:
     user: str  # user@realm, or user@realm!tokenid for API tokens
     issue_ticket: Callable[[str], dict[str, Any]]
     check_login: Callable[[str, str], bool]
+    #: (authid, ACL path) -> {privilege: propagate}
+    permissions: Callable[[str, str], dict[str, int]]
 
 
 Handler = Callable[[Request], Any]
@@ -265,6 +269,18 @@ def _register_guest_endpoints() -> None:
         HANDLERS[f"GET {node_base}/{{vmid}}/config"] = bind(guest_config)
         HANDLERS[f"POST {node_base}/{{vmid}}/status/start"] = bind(guest_start)
         HANDLERS[f"POST {node_base}/{{vmid}}/status/shutdown"] = bind(guest_shutdown)
+        HANDLERS[f"GET {node_base}/{{vmid}}/feature"] = bind(guest_feature)
+
+
+def guest_feature(req: Request, type_: str) -> dict[str, Any]:
+    """Whether every disk's storage can take the feature (only ``snapshot`` is modelled)."""
+    guest = _guest(req, type_)
+    data: dict[str, Any] = {
+        "hasFeature": req.params["feature"] == "snapshot" and guest.snapshot_storage
+    }
+    if type_ == "qemu":
+        data["nodes"] = sorted(req.cluster.nodes)
+    return data
 
 
 # -- guests --------------------------------------------------------------------------------
@@ -282,6 +298,8 @@ def _config(guest: Guest) -> dict[str, Any]:
         data["lock"] = guest.lock
     if guest.parent:
         data["parent"] = guest.parent
+    if guest.template:
+        data["template"] = 1
     return data
 
 
@@ -497,6 +515,20 @@ def nodes(req: Request) -> list[dict[str, Any]]:
 @handles("GET /version")
 def version(req: Request) -> dict[str, Any]:
     return {"version": "9.0.5", "release": "9.0", "repoid": "14a22df3", "console": "html5"}
+
+
+@handles("GET /access/permissions")
+def access_permissions(req: Request) -> dict[str, Any]:
+    """Only the caller's own permissions (a user may also read its own tokens'); ``path``
+    narrows it to that path: ``{path: {privilege: 1}}`` or ``{}``."""
+    userid = req.params.get("userid", req.user)
+    if userid != req.user and userid.split("!", 1)[0] != req.user:
+        raise ApiError(403, "Permission check failed (/access, Sys.Audit)")
+    path = req.params.get("path")
+    if path:
+        held = req.permissions(userid, path)
+        return {path: held} if held else {}
+    return {p: req.permissions(userid, p) for p in ("/",)}
 
 
 @handles("POST /access/ticket")

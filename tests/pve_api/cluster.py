@@ -65,6 +65,9 @@ class Guest:
     agent: str | None = None  # qemu config 'agent' property string, e.g. "1", "enabled=1"
     agent_running: bool = False
     template: bool = False
+    #: every disk's storage can take snapshots (GET .../feature?feature=snapshot); False models
+    #: a raw disk on directory storage or LVM (thick)
+    snapshot_storage: bool = True
     parent: str | None = None
     snapshots: dict[str, Snap] = field(default_factory=dict)
     frozen_snapshots: list[str] = field(default_factory=list)  # taken with a guest fs freeze

@@ -13,6 +13,8 @@ from typing import Any
 
 DATA = Path(__file__).parent / "data"
 SCHEMA_FILE = DATA / "pve-snapshot-api.json"
+#: endpoints beyond the shared subset, in the same shape (what ``snapcoord check`` asks)
+EXTRA_SCHEMA_FILES = (DATA / "pve-check-api.json",)
 
 NODE_RE = re.compile(r"^([a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?)$")
 VMID_RE = re.compile(r"^[1-9][0-9]{2,8}$")
@@ -70,10 +72,16 @@ class Endpoint:
 
 
 class Schema:
-    def __init__(self, path: Path = SCHEMA_FILE) -> None:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+    def __init__(
+        self, path: Path = SCHEMA_FILE, extra: tuple[Path, ...] = EXTRA_SCHEMA_FILES
+    ) -> None:
+        items = [
+            item
+            for file in (path, *extra)
+            for item in json.loads(file.read_text(encoding="utf-8"))["endpoints"]
+        ]
         self.endpoints: list[Endpoint] = []
-        for item in raw["endpoints"]:
+        for item in items:
             segments = tuple(s for s in item["path"].split("/") if s)
             self.endpoints.append(
                 Endpoint(
@@ -86,6 +94,13 @@ class Schema:
                     raw=item,
                 )
             )
+        #: every privilege a permission check of the schema names (what "all" means here)
+        self.privileges = frozenset(
+            priv
+            for item in items
+            if (item.get("permissions") or {}).get("check", [None])[0] == "perm"
+            for priv in item["permissions"]["check"][2]
+        )
         # Most literal segments first, so /status/current wins over a placeholder.
         self.endpoints.sort(key=lambda e: -e.literal_count)
 

@@ -29,6 +29,11 @@ TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9\.\-_]+)!([A-Za-z][A-Za-
 NO_AUTH = {("GET", "/access/ticket"), ("POST", "/access/ticket"), ("GET", "/access/domains")}
 
 
+def _covers(acl_path: str, path: str) -> bool:
+    """Whether an ACL on ``acl_path`` applies to ``path`` (itself or a path below it)."""
+    return acl_path == "/" or path == acl_path or path.startswith(acl_path.rstrip("/") + "/")
+
+
 @dataclass
 class Logged:
     method: str
@@ -61,6 +66,9 @@ class PveApiDouble:
             self.cluster.seed()
         self.tokens = dict(tokens or {})
         self.users = dict(users or {})
+        #: ACLs by user or token id: {ACL path: privileges}. Whoever is not listed holds every
+        #: privilege on / (root@pam, or the Administrator role): see :meth:`permissions`.
+        self.acl: dict[str, dict[str, frozenset[str]]] = {}
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.auth_fail_delay = auth_fail_delay
@@ -70,6 +78,41 @@ class PveApiDouble:
         self._ticket_offset = 0.0
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+
+    # -- permissions (data/pve-check-api.json, _behaviour) --------------------------------
+
+    def grant(self, authid: str, path: str, privileges: set[str] | frozenset[str]) -> None:
+        """Give ``authid`` exactly ``privileges`` on ``path`` and below (propagate), replacing
+        what it had there; its first grant takes away the default of every privilege."""
+        self.acl.setdefault(authid, {})[path] = frozenset(privileges)
+
+    def permissions(self, authid: str, path: str) -> dict[str, int]:
+        """Effective privileges of ``authid`` on ``path`` (privilege -> propagate), as
+        RPCEnvironment::permissions: the most specific ACL path at or above ``path`` wins."""
+        acl = self.acl.get(authid)
+        if acl is None:
+            return {priv: 1 for priv in self.schema.privileges}
+        best = max((p for p in acl if _covers(p, path)), key=len, default=None)
+        return {} if best is None else {priv: 1 for priv in sorted(acl[best])}
+
+    def check_permission(
+        self, authid: str, endpoint_raw: dict[str, Any], params: dict[str, Any]
+    ) -> None:
+        """Raise the 403 of RPCEnvironment::check/check_any unless ``authid`` may call it."""
+        check = (endpoint_raw.get("permissions") or {}).get("check")
+        if not check or check[0] != "perm":
+            return
+        path = re.sub(r"\{(\w+)\}", lambda m: str(params.get(m.group(1), "")), check[1])
+        wanted: list[str] = list(check[2])
+        any_of = len(check) > 4 and check[3] == "any" and bool(check[4])
+        held = self.permissions(authid, path)
+        if any_of:
+            if not any(p in held for p in wanted):
+                raise ApiError(403, f"Permission check failed ({path}, {'|'.join(wanted)})")
+            return
+        for priv in wanted:
+            if priv not in held:
+                raise ApiError(403, f"Permission check failed ({path}, {priv})")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -319,8 +362,11 @@ class _Handler(BaseHTTPRequestHandler):
             errors, clean = validate(endpoint, {**params, **path_params})
             if errors:
                 raise param_error(errors)
+            if user:
+                double.check_permission(user, endpoint.raw, clean)
             request = api.Request(
                 cluster=double.cluster,
+                permissions=double.permissions,
                 params=clean,
                 user=user,
                 issue_ticket=double.issue_ticket,

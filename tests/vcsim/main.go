@@ -7,6 +7,10 @@
 //	-fail-vm NAME  CreateSnapshot_Task ends in ApplicationQuiesceFault when quiescing was
 //	               requested, otherwise in InvalidPowerState
 //	-hang-vm NAME  CreateSnapshot_Task stays "running" forever (task timeouts)
+//
+// and one takes a privilege away from the session (the simulator grants every one):
+//
+//	-deny-privilege ID  HasPrivilegeOnEntities answers isGranted=false for privilege ID
 package main
 
 import (
@@ -67,6 +71,39 @@ func (vm *faultyVM) CreateSnapshotTask(req *types.CreateSnapshot_Task) soap.HasF
 	}
 }
 
+// deniedAuth wraps the AuthorizationManager (by value, as faultyVM) to refuse one privilege.
+type deniedAuth struct {
+	simulator.AuthorizationManager
+	deny string
+}
+
+// HasPrivilegeOnEntities overrides simulator.AuthorizationManager.HasPrivilegeOnEntities.
+func (m *deniedAuth) HasPrivilegeOnEntities(req *types.HasPrivilegeOnEntities) soap.HasFault {
+	var result []types.EntityPrivilege
+	for _, entity := range req.Entity {
+		privilege := types.EntityPrivilege{Entity: entity}
+		for _, id := range req.PrivId {
+			privilege.PrivAvailability = append(privilege.PrivAvailability,
+				types.PrivilegeAvailability{PrivId: id, IsGranted: id != m.deny})
+		}
+		result = append(result, privilege)
+	}
+	return &methods.HasPrivilegeOnEntitiesBody{
+		Res: &types.HasPrivilegeOnEntitiesResponse{Returnval: result},
+	}
+}
+
+// denyPrivilege replaces the model's AuthorizationManager (its reference in the VPX model's
+// service content: govmomi simulator/vpx/service_content.go).
+func denyPrivilege(id string) {
+	ref := types.ManagedObjectReference{Type: "AuthorizationManager", Value: "AuthorizationManager"}
+	auth, ok := simulator.Map.Get(ref).(*simulator.AuthorizationManager)
+	if !ok {
+		log.Fatal("no AuthorizationManager in the model")
+	}
+	simulator.Map.Put(&deniedAuth{AuthorizationManager: *auth, deny: id})
+}
+
 func wrapVM(name string, hang bool) {
 	for _, entity := range simulator.Map.All("VirtualMachine") {
 		if vm, ok := entity.(*simulator.VirtualMachine); ok && vm.Name == name {
@@ -84,6 +121,7 @@ func main() {
 	datacenters := flag.Int("datacenters", 1, "number of datacenters in the VPX model")
 	failVM := flag.String("fail-vm", "", "VM whose CreateSnapshot_Task fails")
 	hangVM := flag.String("hang-vm", "", "VM whose CreateSnapshot_Task never finishes")
+	denied := flag.String("deny-privilege", "", "privilege HasPrivilegeOnEntities refuses")
 	certOut := flag.String("cert-out", "", "write the server certificate (PEM) to this file")
 	flag.Parse()
 
@@ -97,6 +135,10 @@ func main() {
 		if name != "" {
 			wrapVM(name, hang)
 		}
+	}
+
+	if *denied != "" {
+		denyPrivilege(*denied)
 	}
 
 	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*user, *password)}
