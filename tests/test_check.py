@@ -16,7 +16,15 @@ from tests import lab
 from tests.cli_helpers import json_lines, snapcoord, write_config
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 from tests.pve_api import PveApiDouble
-from tests.pve_api.testing import TOKEN_ID, TOKEN_SECRET, Cert, make_cert, start_double
+from tests.pve_api.testing import (
+    TOKEN_ENV,
+    TOKEN_ID,
+    TOKEN_SECRET,
+    Cert,
+    hypervisor_table,
+    make_cert,
+    start_double,
+)
 from tests.vcsim_fixture import (  # noqa: F401 - fixtures
     CLUSTER_VM,
     VCSim,
@@ -24,7 +32,6 @@ from tests.vcsim_fixture import (  # noqa: F401 - fixtures
     vcsim_factory,
 )
 
-TOKEN_ENV = "SNAPCOORD_TEST_PVE_TOKEN"
 #: what a snapshot run with a dump needs of the guest, checked in this order
 GUEST_CHECKS = ["guest", "services", "clock", "dump", "store"]
 HYPERVISOR_CHECKS = ["hypervisor", "vm", "privileges", "snapshot"]
@@ -55,16 +62,9 @@ def check(double: PveApiDouble, cert: Cert, tmp_path: Path) -> Callable[..., Any
     ) -> Any:
         tables: dict[str, dict[str, Any]] = {
             "defaults": {"store": str(tmp_path / "store"), "label": "test"},
-            "hypervisors.pve": {
-                "type": "proxmox",
-                "host": "127.0.0.1",
-                "port": double.port,
-                "token_id": TOKEN_ID,
-                "token_secret": {"env": TOKEN_ENV},
-                "ca_file": str(cert.cert),
-                "lock_wait_seconds": 30,
-                **hypervisor,
-            },
+            "hypervisors.pve": hypervisor_table(
+                double, cert, **{"lock_wait_seconds": 30, **hypervisor}
+            ),
             "vms.db": {"hypervisor": "pve", "vmid": 100},
         }
         if guest is not None:
