@@ -118,9 +118,12 @@ def test_the_double_still_answers_the_real_shape(double: PveApiDouble, cert: Cer
 # -- answers of every shape (property-based) ---------------------------------------------------
 
 KEYS = ("vmid", "node", "type", "name", "status", "snaptime", "description", "parent", "vmstate",
-        "data", "running", "qmpstatus", "template", "lock")  # fmt: skip
+        "data", "running", "qmpstatus", "template", "lock", "hasFeature", "/vms/100",
+        "VM.Audit", "VM.Snapshot")  # fmt: skip
 answers = hostile_json.nested(
-    hostile_json.scalars("qemu", "lxc", "db1", "pve1", "running", "stopped", "100", 100, "current"),
+    hostile_json.scalars(
+        "qemu", "lxc", "db1", "pve1", "running", "stopped", "100", 100, "current", "1", 1, True
+    ),
     KEYS,
     max_leaves=16,
 )
@@ -137,7 +140,12 @@ def open_adapter(cert: Cert) -> Iterator[tuple[ProxmoxAdapter, VM]]:
 @settings(
     max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(answer=answers, method=st.sampled_from(["find_vm", "list_snapshots", "power_state"]))
+@given(
+    answer=answers,
+    method=st.sampled_from(
+        ["find_vm", "list_snapshots", "power_state", "missing_privileges", "check_support"]
+    ),
+)
 def test_any_answer_is_understood_or_one_hypervisor_error(
     open_adapter: tuple[ProxmoxAdapter, VM], answer: Any, method: str
 ) -> None:
@@ -149,6 +157,8 @@ def test_any_answer_is_understood_or_one_hypervisor_error(
             "find_vm": lambda: adapter.find_vm("db1"),
             "list_snapshots": lambda: adapter.list_snapshots(vm),
             "power_state": lambda: adapter.power_state(vm),
+            "missing_privileges": lambda: adapter.missing_privileges(vm, ["snapshot", "quiesce"]),
+            "check_support": lambda: adapter.check_snapshot_support(vm),
         }[method]()
     except HypervisorError as exc:
         assert exc.exit_code == ExitCode.HYPERVISOR and "\n" not in str(exc)
@@ -164,5 +174,9 @@ def test_any_answer_is_understood_or_one_hypervisor_error(
         assert isinstance(result, list) and all(isinstance(s, Snapshot) for s in result)
         for snap in result:
             assert isinstance(snap.name, str) and (snap.created is None or snap.created.tzinfo)
+    elif method == "missing_privileges":
+        assert isinstance(result, list) and all(isinstance(p, str) for p in result)
+    elif method == "check_support":
+        assert result is None
     else:
         assert isinstance(result, PowerState)
