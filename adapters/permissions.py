@@ -31,7 +31,8 @@ POST .../snapshot/{name}/rollback          VM.Snapshot or VM.Snapshot.Rollback; 
                                            start=1 when the guest ran before the revert)
 GET /nodes/{node}/tasks/{upid}/status      none for the task's owner (the token that started it)
 POST .../agent/ping                        PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.Audit
-POST .../agent/fsfreeze-status             PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.Audit
+POST .../agent/fsfreeze-status             PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.Audit or
+                                           VM.GuestAgent.FileSystemMgmt
 POST .../agent/fsfreeze-thaw               PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.FileSystemMgmt
 =========================================  =====================================================
 
@@ -74,7 +75,7 @@ PROXMOX_AGENT: Mapping[int, Mapping[str, tuple[str, ...]]] = {
     9: {
         "snapshot": ("VM.GuestAgent.Audit",),
         "vzdump-hook": ("VM.GuestAgent.Audit",),
-        "revert": ("VM.GuestAgent.Audit", "VM.GuestAgent.FileSystemMgmt"),
+        "revert": ("VM.GuestAgent.FileSystemMgmt",),  # it may also ask fsfreeze-status
     },
 }
 
