@@ -31,8 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from snapcoord import cancel
 from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
-from snapcoord.adapters.permissions import PROXMOX as PRIVILEGES
-from snapcoord.adapters.permissions import required_privileges
+from snapcoord.adapters.permissions import proxmox_privileges
 from snapcoord.errors import (
     HypervisorError,
     SnapshotExists,
@@ -246,6 +245,7 @@ class ProxmoxAdapter(Adapter):
         self.host = settings.host
         self.port = settings.port
         self.lock_wait = settings.lock_wait_seconds
+        self._major: int | None = None
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         self.base_url = f"https://{host}:{self.port}/api2/json"
         self.where = f"{self.host}:{self.port}"
@@ -553,11 +553,23 @@ class ProxmoxAdapter(Adapter):
         held = answer.get(path, {})
         if not isinstance(held, dict) or not all(isinstance(k, str) for k in held):
             raise TypeError(f"the privileges on {path} are not a map of names")
-        return [
-            "|".join(alternatives)
-            for alternatives in required_privileges(PRIVILEGES, operations)
-            if not any(priv in held for priv in alternatives)
-        ]
+        wanted = proxmox_privileges(
+            [op for op in operations if op != "quiesce"],
+            agent="quiesce" in operations,
+            pve_major=self.major_version(),
+        )
+        return [priv for priv in wanted if priv not in held]
+
+    @_checked_answers
+    def major_version(self) -> int:
+        """The Proxmox VE major version (``GET /version``: ``release`` is ``x.y``), asked once
+        per session: the guest agent's privileges changed between 8 and 9."""
+        if self._major is None:
+            release = self._request("get", "version")["release"]
+            if not isinstance(release, str) or not re.fullmatch(r"\d{1,3}\.\d{1,3}", release):
+                raise ValueError(f"release is {release!r}")
+            self._major = int(release.split(".")[0])
+        return self._major
 
     @_checked_answers
     def check_backup_freeze(self, vm: VM) -> None:

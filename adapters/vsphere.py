@@ -30,8 +30,7 @@ from snapcoord.adapters.base import (
     Snapshot,
     poll_until,
 )
-from snapcoord.adapters.permissions import VSPHERE as PRIVILEGES
-from snapcoord.adapters.permissions import required_privileges
+from snapcoord.adapters.permissions import VSPHERE, vsphere_privileges
 from snapcoord.errors import (
     HypervisorError,
     SnapcoordError,
@@ -714,10 +713,8 @@ class VSphereAdapter(Adapter):
             )
 
     def missing_privileges(self, vm: VM, operations: Sequence[str]) -> list[str]:
-        needs = required_privileges(PRIVILEGES, operations)
-        wanted = sorted({priv for alternatives in needs for priv in alternatives})
-        if not wanted:
-            return []
+        # quiescing needs nothing beyond CreateSnapshot (VMware Tools does it in the guest)
+        wanted = list(vsphere_privileges([op for op in operations if op in VSPHERE]))
 
         def ask() -> Any:
             session = self._content.sessionManager.currentSession
@@ -730,11 +727,7 @@ class VSphereAdapter(Adapter):
             for availability in getattr(result, "privAvailability", None) or []:
                 if availability.isGranted is True and isinstance(availability.privId, str):
                     granted.add(availability.privId)
-        return [
-            "|".join(alternatives)
-            for alternatives in needs
-            if not any(priv in granted for priv in alternatives)
-        ]
+        return [priv for priv in wanted if priv not in granted]
 
     def create_snapshot(
         self,

@@ -3,8 +3,10 @@ off (the real one: tests/test_realvm.py, after a RAM revert of a real Debian gue
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,10 +34,10 @@ class FakeGuest:
         self.commands.append((argv, sudo))
         if argv == ("date", "+%s.%N"):
             return Completed(argv, 0, f"{time.time() + self.skew:.9f}\n".encode(), b"", 0.001)
-        if argv[:3] == ("date", "-u", "-s"):
+        if argv[:4] == ("sh", "-c", guest_clock.SET_CLOCK, "sh") and len(argv) == 5:
             if not (sudo and self.settable):
                 return Completed(argv, 1, b"", b"date: cannot set date: Operation not permitted", 0)
-            self.skew = time.time() - float(argv[3].removeprefix("@"))
+            self.skew = time.time() - float(argv[4].removeprefix("@"))
             return Completed(argv, 0, b"", b"", 0.001)
         return Completed(argv, 127, b"", b"sh: not found", 0.001)
 
@@ -79,7 +81,7 @@ def test_the_hypervisor_sets_it_when_it_can() -> None:
     assert note == "the guest clock was -43.0 s off after the revert: set through the " \
         "hypervisor's guest agent"  # fmt: skip
     assert abs(guest.skew) < 1
-    assert not any(argv[:2] == ("date", "-u") for argv, _ in guest.commands)
+    assert not any(argv[:3] == ("sh", "-c", guest_clock.SET_CLOCK) for argv, _ in guest.commands)
 
 
 def test_a_hypervisor_call_without_effect_falls_back_to_date_in_the_guest() -> None:
@@ -103,7 +105,9 @@ def test_otherwise_date_in_the_guest_with_sudo() -> None:
     note = sync(FakeAdapter(None), guest)
     assert note is not None and "set with date in the guest" in note
     assert abs(guest.skew) < 1
-    assert any(argv[:3] == ("date", "-u", "-s") and sudo for argv, sudo in guest.commands)
+    assert any(
+        argv[:3] == ("sh", "-c", guest_clock.SET_CLOCK) and sudo for argv, sudo in guest.commands
+    )
 
 
 def test_a_clock_that_cannot_be_set_is_reported_with_its_offset(
@@ -123,3 +127,19 @@ def test_an_unreadable_clock_is_a_guest_error() -> None:
 
     with pytest.raises(GuestError, match="cannot read the guest clock"):
         sync(FakeAdapter(None), Broken(0))
+
+
+def test_the_clock_script_passes_the_time_to_date_as_one_argument(tmp_path: Path) -> None:
+    """The script the fake guest trusts, run by a real sh with a stand-in ``date`` that
+    prints its arguments (the machine's clock is never set)."""
+    stand_in = tmp_path / "date"
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run(
+        ["sh", "-c", guest_clock.SET_CLOCK, "sh", "@1700000000.250"],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        check=True,
+    )
+    assert done.stdout.splitlines() == ["-u", "-s", "@1700000000.250"]
