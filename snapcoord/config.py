@@ -35,6 +35,7 @@ from snapcoord.settings import (
     build,
 )
 from snapcoord.trust import UnsafeFile, read_trusted
+from snapcoord.watchdog_rule import watchdog_problem
 
 __all__ = ["Config", "VMConfig", "load_config", "parse_config", "parse_table"]
 
@@ -342,6 +343,7 @@ def _parse_vm(
     check: _Validator,
 ) -> VMConfig | None:
     path = f"vms.{_key(name)}"
+    known_problems = len(check.problems)
     if not isinstance(table, dict):
         check.problems.append(f"{path}: must be a table")
         return None
@@ -378,6 +380,12 @@ def _parse_vm(
             )
     if "dump" in table and (guest is None or not guest.get("dump")):
         check.warnings.append(f"{path}.dump: ignored unless {path}.guest.dump = true")
+    guest_cfg = None
+    if guest is not None and len(check.problems) == known_problems:  # a valid guest table
+        guest_cfg = build(GuestConfig, guest)
+        problem = watchdog_problem(guest_cfg, f"{path}.guest")
+        if problem:
+            check.problems.append(problem)
     if check.problems:
         return None  # nothing is built from a configuration with problems
     return build(
@@ -388,7 +396,7 @@ def _parse_vm(
         hypervisor=hypervisor,
         label=settings.get("label") or defaults.label,
         snapshot_timeout=settings.get("snapshot_timeout") or defaults.snapshot_timeout,
-        guest=build(GuestConfig, guest) if guest is not None else None,
+        guest=guest_cfg,
         hooks=build(HooksConfig, subs["hooks"]),
         dump=build(DumpConfig, subs["dump"]),
         archive=build(ArchiveConfig, subs["archive"]),
