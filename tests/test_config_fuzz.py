@@ -300,8 +300,21 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
             needed = "host" if transport == "ssh" else "exec_prefix"
             if needed not in guest:
                 guest[needed] = draw(valid_value(schema.GUEST[needed]))
+            if not _watchdog_outlasts_the_stops(guest):  # a rule across keys (configuration.md)
+                guest.update(stop_timeout=1.0, parallel_services=True)  # 2 s < watchdog >= 10 s
         config["vms"][name] = vm
     return config
+
+
+def _watchdog_outlasts_the_stops(guest: dict[str, Any]) -> bool:
+    def get(key: str) -> Any:
+        return guest.get(key, schema.GUEST[key].default)
+
+    services = len(get("services"))
+    stops = (min(services, 1) if get("parallel_services") else services) + (
+        get("consistency") == "stop" and get("database") != "none"
+    )
+    return bool(get("watchdog_seconds") > stops * get("stop_timeout"))
 
 
 # -- any TOML value -----------------------------------------------------------------------------
