@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(p)
 
-    p = add_parser("list", help="list a VM's snapshots")
-    p.add_argument("vm", metavar="VM")
-    _add_json(p)
+    p = add_parser("list", help="list the snapshots of each VM")
+    _add_selection(p)
+    _add_json(p, document=True)
 
     p = add_parser("revert", help="revert a VM to a snapshot")
     p.add_argument("vm", metavar="VM")
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     _add_json(p)
 
-    p = add_parser("recover", help="restart services a crashed run left stopped")
-    p.add_argument("vm", metavar="VM")
+    p = add_parser("recover", help="restart services a crashed run left stopped, on each VM")
+    _add_selection(p)
+    _add_json(p, document=True)
 
     p = add_parser("config", help="check the configuration or print an example")
     p.add_argument("action", choices=("check", "example"))
@@ -149,12 +150,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> Non
     parser.add_argument("--debug", action="store_true", default=flag, help="show tracebacks")
 
 
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per VM on stdout (after several VMs, a summary object too)",
+def _add_json(parser: argparse.ArgumentParser, *, document: bool = False) -> None:
+    what = (
+        'one JSON document on stdout (several VMs: {"vms": {VM: object}, "summary": ...})'
+        if document
+        else "one JSON object per VM on stdout (after several VMs, a summary object too)"
     )
+    parser.add_argument("--json", action="store_true", help=what)
 
 
 def _positive(text: str) -> int:

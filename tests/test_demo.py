@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from snapcoord.commands import LIST_LEGEND
+from snapcoord.listing import LIST_LEGEND
 from tests.pve_api.__main__ import STATS_PATH, StandaloneDouble, add_guests, max_overlap
 
 REPO = Path(__file__).resolve().parent.parent
