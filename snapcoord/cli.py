@@ -10,11 +10,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from snapcoord import __version__
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError
-from snapcoord.output import LogHandler, PrintableStream
+from snapcoord.output import LogHandler, PrintableStream, StampedStream, is_terminal
 
 log = logging.getLogger("snapcoord")
 
@@ -213,18 +213,32 @@ def _add_selection(p: argparse.ArgumentParser, *, default_all: bool = False) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Every line snapcoord prints shows control characters as escapes (names come from
-    hypervisors, guests and files: a terminal escape sequence in one is never executed)."""
+    hypervisors, guests and files: a terminal escape sequence in one is never executed). On a
+    stream that is not a terminal every line starts with the time (docs/fleet.md, Output):
+    stderr's always, stdout's unless it is for a program (``--json``, ``config example``)."""
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
+    stamped_out = StampedStream(out, on=False)  # on once the arguments say what it is for
+    stamped_err = StampedStream(err, on=not is_terminal(err))
+    # a StampedStream is a text stream by its methods
+    sys.stdout = PrintableStream(cast(TextIO, stamped_out))
+    sys.stderr = PrintableStream(cast(TextIO, stamped_err))
     try:
-        return _main(argv)
+        return _main(argv, stamped_out)
     finally:
         sys.stdout, sys.stderr = out, err
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _for_programs(args: argparse.Namespace) -> bool:
+    """Whether stdout is read by a program: JSON, or the example configuration."""
+    return bool(getattr(args, "json", False)) or (
+        args.command == "config" and args.action == "example"
+    )
+
+
+def _main(argv: Sequence[str] | None, stamped_out: StampedStream) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help, --version: printed unstamped, exit here
+    stamped_out.on = not is_terminal(stamped_out.raw) and not _for_programs(args)
     handler = LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("snapcoord: %(levelname)s: %(message)s"))
     logging.basicConfig(

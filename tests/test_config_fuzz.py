@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from snapcoord import schema
 from snapcoord.cli import main
 from snapcoord.schema import REQUIRED, Key
-from tests.cli_helpers import snapcoord
+from tests.cli_helpers import snapcoord, unstamped
 
 # -- a small TOML writer ------------------------------------------------------------------------
 
@@ -470,7 +470,7 @@ def check_config_text(text: str | bytes, *, placeholders: bool = True) -> Outcom
         ):
             os.environ.pop(UNSET_ENV, None)
             code = main(["-c", str(config), "config", "check"])
-    stderr = err.getvalue()
+    stderr = unstamped(err.getvalue())  # a StringIO is no terminal: each line has its time
     assert code in (0, 2), (code, stderr)
     assert "Traceback" not in stderr
     lines = stderr.splitlines()
