@@ -324,6 +324,24 @@ class ProxmoxAdapter(Adapter):
         self._api = ProxmoxResource(
             base_url=self.base_url, session=session, serializer=JsonSerializer()
         )
+        if self._ticket is None:
+            try:
+                self.api_version()
+            except BaseException:
+                self.close()
+                raise
+
+    @_checked_answers
+    def api_version(self) -> str:
+        """The pve-manager version (``GET /version``, which needs no privilege). ``connect``
+        asks it when it uses a token, so that a wrong token or an unreachable host fails at
+        connect, not at the first call after it (proxmoxer connects lazily; a ticket login is
+        such a request already)."""
+        answer = self._request("get", "version")
+        version = answer["version"]
+        if not isinstance(version, str):
+            raise TypeError(f"version is {type(version).__name__}")
+        return version
 
     def close(self) -> None:
         if self._session is not None:

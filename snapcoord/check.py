@@ -86,14 +86,14 @@ class Checker:
     # -- the checks --------------------------------------------------------------------------
     def run(self) -> list[Finding]:
         cfg = self.vm_cfg
-        problem = watchdog_problem(cfg)
-        if problem is None:
-            if cfg.guest is not None:
-                self.findings.append(
-                    Finding("watchdog", True, f"{cfg.guest.watchdog_seconds} s outlasts the stops")
-                )
-        else:
-            self._problem("watchdog", *problem)
+        if cfg.guest is not None:
+            problem = watchdog_problem(cfg.guest, f"vms.{self.key}.guest")
+            if problem is None:
+                seconds = cfg.guest.watchdog_seconds
+                self.findings.append(Finding("watchdog", True, f"{seconds} s outlasts the stops"))
+            else:
+                detail, _, fix = problem.rpartition("; ")
+                self._problem("watchdog", detail, fix)
         with self._hypervisor_session():
             connected = self.adapter is not None and self._check("hypervisor", self._connect)
             if connected and self._check("vm", self._find_vm):

@@ -10,11 +10,11 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from snapcoord import __version__
 from snapcoord.errors import ConfigError, ExitCode, SnapcoordError
-from snapcoord.output import LogHandler, PrintableStream
+from snapcoord.output import LogHandler, PrintableStream, StampedStream, is_terminal
 
 log = logging.getLogger("snapcoord")
 
@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p, default_all=True)
     _add_json(p)
 
-    p = add_parser("list", help="list a VM's snapshots")
-    p.add_argument("vm", metavar="VM")
-    _add_json(p)
+    p = add_parser("list", help="list the snapshots of each VM")
+    _add_selection(p)
+    _add_json(p, document=True)
 
     p = add_parser("revert", help="revert a VM to a snapshot")
     p.add_argument("vm", metavar="VM")
@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     _add_json(p)
 
-    p = add_parser("recover", help="restart services a crashed run left stopped")
-    p.add_argument("vm", metavar="VM")
+    p = add_parser("recover", help="restart services a crashed run left stopped, on each VM")
+    _add_selection(p)
+    _add_json(p, document=True)
 
     p = add_parser("config", help="check the configuration or print an example")
     p.add_argument("action", choices=("check", "example"))
@@ -160,12 +161,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, default: Any) -> Non
     parser.add_argument("--debug", action="store_true", default=flag, help="show tracebacks")
 
 
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per VM on stdout (after several VMs, a summary object too)",
+def _add_json(parser: argparse.ArgumentParser, *, document: bool = False) -> None:
+    what = (
+        'one JSON document on stdout (several VMs: {"vms": {VM: object}, "summary": ...})'
+        if document
+        else "one JSON object per VM on stdout (after several VMs, a summary object too)"
     )
+    parser.add_argument("--json", action="store_true", help=what)
 
 
 def _positive(text: str) -> int:
@@ -222,18 +224,32 @@ def _add_selection(p: argparse.ArgumentParser, *, default_all: bool = False) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Every line snapcoord prints shows control characters as escapes (names come from
-    hypervisors, guests and files: a terminal escape sequence in one is never executed)."""
+    hypervisors, guests and files: a terminal escape sequence in one is never executed). On a
+    stream that is not a terminal every line starts with the time (docs/fleet.md, Output):
+    stderr's always, stdout's unless it is for a program (``--json``, ``config example``)."""
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
+    stamped_out = StampedStream(out, on=False)  # on once the arguments say what it is for
+    stamped_err = StampedStream(err, on=not is_terminal(err))
+    # a StampedStream is a text stream by its methods
+    sys.stdout = PrintableStream(cast(TextIO, stamped_out))
+    sys.stderr = PrintableStream(cast(TextIO, stamped_err))
     try:
-        return _main(argv)
+        return _main(argv, stamped_out)
     finally:
         sys.stdout, sys.stderr = out, err
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _for_programs(args: argparse.Namespace) -> bool:
+    """Whether stdout is read by a program: JSON, or the example configuration."""
+    return bool(getattr(args, "json", False)) or (
+        args.command == "config" and args.action == "example"
+    )
+
+
+def _main(argv: Sequence[str] | None, stamped_out: StampedStream) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help, --version: printed unstamped, exit here
+    stamped_out.on = not is_terminal(stamped_out.raw) and not _for_programs(args)
     handler = LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("snapcoord: %(levelname)s: %(message)s"))
     logging.basicConfig(

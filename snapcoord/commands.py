@@ -8,14 +8,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from snapcoord.config import Config, load_config
 from snapcoord.errors import ExitCode, SnapcoordError, UsageError
 from snapcoord.example import example_config
-from snapcoord.fleet import FleetRun, Job
+from snapcoord.fleet import FleetRun, Job, View
 from snapcoord.fleet import summary as fleet_summary
-from snapcoord.naming import new_run_id
 from snapcoord.outcome import Outcome
 from snapcoord.output import plural, print_json
 from snapcoord.plans import (
@@ -27,11 +25,11 @@ from snapcoord.plans import (
 from snapcoord.run import Reporter, RunResult, Step
 from snapcoord.runner import run_plan
 from snapcoord.selection import Selection, select
-from snapcoord.views import InOrder, JsonView, StepLinesView, pick_view
+from snapcoord.views import DocumentView, InOrder, JsonView, StepLinesView, pick_view
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, *, watchdog_rule: bool = True) -> Config:
+    config = load_config(args.config, watchdog_rule=watchdog_rule)
     for warning in config.warnings:
         print(f"snapcoord: warning: {warning}", file=sys.stderr)
     args.loaded_config = config
@@ -75,13 +73,21 @@ def _fleet(
     command: str,
     notify: bool = False,
     in_order: bool = False,
+    document: bool = False,
+    footer: Callable[[list[Outcome]], list[str]] | None = None,
 ) -> int:
     """Run ``job`` for every selected VM (in parallel up to the limits) and report. With
     ``in_order`` the VMs' results are shown in the selection's order, whichever finished first
-    (status, prune: the same lines in the same order every run)."""
+    (status, prune: the same lines in the same order every run). With ``document``, ``--json``
+    prints one document at the end instead of a line per VM (list, recover: one VM's object,
+    or ``{"vms": {KEY: object}, "summary": {...}}``). ``footer`` gives the lines printed after
+    every VM's (plain output only)."""
     keys, selection = _selected(args, config)
     parallel = 1 if getattr(args, "dry_run", False) else args.parallel
-    view = pick_view(json=args.json, concurrent=parallel > 1 and len(keys) > 1)
+    if document and args.json:
+        view: View = DocumentView()
+    else:
+        view = pick_view(json=args.json, concurrent=parallel > 1 and len(keys) > 1)
     if in_order:
         view = InOrder(view, keys)
     notifier = None
@@ -105,7 +111,13 @@ def _fleet(
         view.close()
     totals = fleet_summary(outcomes, command=command, seconds=time.monotonic() - started)
     totals["peak_parallel"] = run.peak
-    if selection.is_fleet:
+    if document and args.json:
+        by_vm = {o.vm: o.summary for o in outcomes}
+        print_json({"vms": by_vm, "summary": totals} if selection.is_fleet else outcomes[0].summary)
+    elif footer is not None and not args.json:
+        for line in footer(outcomes):
+            print(line)
+    if selection.is_fleet and not (document and args.json):
         if args.json:
             print_json({"summary": totals})
         else:
@@ -200,7 +212,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from snapcoord.check import check_vm
 
-    config = _load(args)
+    # a watchdog too short for the stops is one VM's problem here, reported with the others
+    config = _load(args, watchdog_rule=False)
     return _fleet(
         args, config, lambda key, reporter: check_vm(config, key), command="check", in_order=True
     )
@@ -236,40 +249,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from snapcoord.listing import legend, list_vm
+
     config = _load(args)
-    ctx = RunContext.create(config, args.vm, new_run_id())
-    with ctx.adapter:
-        vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
-        snapshots = ctx.adapter.list_snapshots(vm)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": s.name,
-            "id": s.id,
-            "created": s.created.isoformat() if s.created else None,
-            "description": s.description,
-            "parent": s.parent,
-            "memory": s.memory,
-            "current": s.current,
-            "snapcoord": s.is_snapcoord,
-        }
-        for s in snapshots
-    ]
-    if args.json:
-        print_json({"vm": args.vm, "snapshots": rows})
-        return ExitCode.OK
-    if not rows:
-        print(f"{args.vm}: no snapshots")
-    for row in rows:
-        flags = ("*" if row["current"] else " ") + ("s" if row["snapcoord"] else " ")
-        created = (row["created"] or "?")[:19]
-        print(f"{flags} {created}  {row['name']}")
-    if rows:
-        print(LIST_LEGEND)
-    return ExitCode.OK
-
-
-#: the last line of ``list``: what its marks mean
-LIST_LEGEND = "(* the VM runs on top of this snapshot; s taken by snapcoord; times in UTC)"
+    prefixed = _selected(args, config)[1].is_fleet  # `list db1` keeps its bare rows
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: list_vm(config, key, prefixed=prefixed),
+        command="list",
+        in_order=True,
+        document=True,
+        footer=legend,
+    )
 
 
 def cmd_restore_dump(args: argparse.Namespace) -> int:
@@ -291,12 +283,17 @@ def cmd_restore_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from snapcoord.recover import recover
+    from snapcoord.recover import recover_vm
 
     config = _load(args)
-    for line in recover(config, args.vm):
-        print(f"{args.vm}: {line}")
-    return ExitCode.OK
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: recover_vm(config, key),
+        command="recover",
+        in_order=True,
+        document=True,
+    )
 
 
 def _guarded(key: str, command: str, job: Callable[[], Outcome]) -> Outcome:

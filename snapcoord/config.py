@@ -35,6 +35,7 @@ from snapcoord.settings import (
     build,
 )
 from snapcoord.trust import UnsafeFile, read_trusted
+from snapcoord.watchdog_rule import watchdog_problem
 
 __all__ = ["Config", "VMConfig", "load_config", "parse_config", "parse_table"]
 
@@ -65,7 +66,9 @@ def find_config_file(explicit: str | None) -> Path:
     raise UsageError("no configuration found", hint=hint)
 
 
-def load_config(explicit: str | None = None) -> Config:
+def load_config(explicit: str | None = None, *, watchdog_rule: bool = True) -> Config:
+    """The configuration, validated. ``watchdog_rule=False`` leaves the watchdog's length to
+    the caller (``snapcoord check`` reports it as one VM's problem instead of refusing all)."""
     path = find_config_file(explicit)
     try:
         data = read_trusted(str(path))
@@ -86,7 +89,7 @@ def load_config(explicit: str | None = None) -> Config:
         raise ConfigError(["not valid TOML: nested too deeply"], source=str(path)) from None
     except ValueError as exc:  # TOMLDecodeError, or an integer beyond int_max_str_digits
         raise ConfigError([f"not valid TOML: {_one_line(str(exc))}"], source=str(path)) from None
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path), watchdog_rule=watchdog_rule)
 
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -129,9 +132,10 @@ def _suggest(name: Any, keys: dict[str, Key]) -> str:
 
 
 class _Validator:
-    def __init__(self) -> None:
+    def __init__(self, *, watchdog_rule: bool = True) -> None:
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.watchdog_rule = watchdog_rule
 
     def table(self, raw: Any, keys: dict[str, Key], path: str) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -224,8 +228,10 @@ def _type_error(value: Any, key: Key) -> str | None:
     return None
 
 
-def parse_config(raw: dict[str, Any], *, source: str = "<config>") -> Config:
-    check = _Validator()
+def parse_config(
+    raw: dict[str, Any], *, source: str = "<config>", watchdog_rule: bool = True
+) -> Config:
+    check = _Validator(watchdog_rule=watchdog_rule)
     if not isinstance(raw, dict):
         raise ConfigError(["the configuration must be a table"], source=source)
     for name in raw:
@@ -342,6 +348,7 @@ def _parse_vm(
     check: _Validator,
 ) -> VMConfig | None:
     path = f"vms.{_key(name)}"
+    known_problems = len(check.problems)
     if not isinstance(table, dict):
         check.problems.append(f"{path}: must be a table")
         return None
@@ -378,6 +385,12 @@ def _parse_vm(
             )
     if "dump" in table and (guest is None or not guest.get("dump")):
         check.warnings.append(f"{path}.dump: ignored unless {path}.guest.dump = true")
+    guest_cfg = None
+    if guest is not None and len(check.problems) == known_problems:  # a valid guest table
+        guest_cfg = build(GuestConfig, guest)
+        problem = watchdog_problem(guest_cfg, f"{path}.guest") if check.watchdog_rule else None
+        if problem:
+            check.problems.append(problem)
     if check.problems:
         return None  # nothing is built from a configuration with problems
     return build(
@@ -388,7 +401,7 @@ def _parse_vm(
         hypervisor=hypervisor,
         label=settings.get("label") or defaults.label,
         snapshot_timeout=settings.get("snapshot_timeout") or defaults.snapshot_timeout,
-        guest=build(GuestConfig, guest) if guest is not None else None,
+        guest=guest_cfg,
         hooks=build(HooksConfig, subs["hooks"]),
         dump=build(DumpConfig, subs["dump"]),
         archive=build(ArchiveConfig, subs["archive"]),

@@ -33,3 +33,12 @@ class Outcome:
         code = int(error.exit_code)
         summary = {"vm": vm, "ok": False, "exit_code": code, "command": command, "errors": [line]}
         return cls(vm, code, summary, errors=[line])
+
+    @classmethod
+    def failed(cls, vm: str, command: str, error: SnapcoordError, **fields: Any) -> Outcome:
+        """A per-VM command (list, recover) that failed on this VM with ``error``: its one
+        line names the VM by its configuration key first (``SnapcoordError.line``)."""
+        line = error.line(vm)
+        code = int(error.exit_code)
+        summary = {"vm": vm, "ok": False, "exit_code": code, "command": command, **fields}
+        return cls(vm, code, {**summary, "errors": [line]}, errors=[line])

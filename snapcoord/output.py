@@ -6,6 +6,8 @@ import json
 import logging
 import re
 import sys
+import threading
+from datetime import datetime
 from typing import Any, TextIO
 
 from snapcoord.errors import SnapcoordError
@@ -39,6 +41,46 @@ class PrintableStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
+
+
+def iso_now() -> str:
+    """The local time in ISO 8601 with its offset, to the second: ``2026-12-07T01:02:03+01:00``."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class StampedStream:
+    """A text stream whose every line starts with :func:`iso_now` and a space, while ``on``:
+    for output that is not a terminal (cron mail, a log file, journald), so that each line can
+    be read against the hypervisor's task log. A line is stamped when its first character is
+    written (a step line: when the step started)."""
+
+    def __init__(self, raw: TextIO, *, on: bool) -> None:
+        self.raw = raw
+        self.on = on
+        self._line_start = True
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not self.on:
+            return self.raw.write(text)
+        with self._lock:
+            pieces = []
+            for piece in text.splitlines(keepends=True):
+                if self._line_start:
+                    pieces.append(iso_now() + " ")
+                pieces.append(piece)
+                self._line_start = piece.endswith(("\n", "\r"))
+            return self.raw.write("".join(pieces))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def raw_stream(stream: TextIO) -> TextIO:

@@ -4,14 +4,27 @@ stopped, then disarm its watchdog (snapcoord/leftovers.py says what a journal me
 from __future__ import annotations
 
 from snapcoord.config import Config
-from snapcoord.errors import PreflightError, ServiceNotRestored
+from snapcoord.errors import ExitCode, PreflightError, ServiceNotRestored, SnapcoordError
 from snapcoord.guest import open_transport
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.leftovers import DISARM, read_record, unfinished
 from snapcoord.naming import new_run_id
+from snapcoord.outcome import Outcome
 from snapcoord.run import ServiceWindow
 from snapcoord.session import Session
+
+
+def recover_vm(config: Config, key: str) -> Outcome:
+    """:func:`recover` as an outcome (``actions``: what it did), so that several VMs can be
+    recovered at once, each on its own: one that fails never stops the others."""
+    try:
+        actions = recover(config, key)
+    except SnapcoordError as exc:
+        return Outcome.failed(key, "recover", exc, actions=[])
+    summary = {"vm": key, "ok": True, "exit_code": 0, "command": "recover", "actions": actions}
+    lines = [f"{key}: {action}" for action in actions]
+    return Outcome(key, ExitCode.OK, {**summary, "errors": []}, lines)
 
 
 def recover(config: Config, vm_key: str) -> list[str]:

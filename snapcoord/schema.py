@@ -432,7 +432,8 @@ GUEST: dict[str, Key] = {
     ),
     "watchdog_seconds": Key(
         "int",
-        "guest-side watchdog restarts stopped services after this",
+        "guest-side watchdog restarts stopped services after this; must be more than the "
+        "stops can take (stop_timeout for the services, then for the database)",
         default=600,
         minimum=10,
         maximum=MAX_SECONDS,

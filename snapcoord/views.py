@@ -68,6 +68,18 @@ class JsonView(_Printer):
             self.errors(outcome)
 
 
+class DocumentView(_Printer):
+    """``--json`` of a command that prints one document when every VM has finished (list,
+    recover): nothing on stdout meanwhile; each VM's errors on stderr as it finishes."""
+
+    def reporter(self, vm: str) -> Reporter:
+        return SilentReporter()
+
+    def finished(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.errors(outcome)
+
+
 class _LineReporter:
     """Whole lines only, so VMs running at once never split each other's lines."""
 

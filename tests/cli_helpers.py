@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,38 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+#: what starts every line snapcoord prints on a stream that is not a terminal: the local time in
+#: ISO 8601 with its offset, then a space (snapcoord.output.StampedStream; tests/test_stamps.py
+#: checks it against the clock)
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d ")
+
+
+def unstamped(text: str, *, stamped: bool = True) -> str:
+    """``text`` with the time stamp taken off each line, after checking that every line has
+    one. ``stamped=False``: checks that no line has one (JSON, the example config)."""
+    lines = text.splitlines(keepends=True)
+    if not stamped:
+        assert not any(STAMP.match(line) for line in lines), f"a stamp in: {text!r}"
+        return text
+    for line in lines:
+        assert STAMP.match(line), f"a line without its time stamp: {line!r} in {text!r}"
+    return "".join(STAMP.sub("", line, count=1) for line in lines)
+
+
+def without_stamp(line: str) -> str:
+    """One line without its time stamp, if it has one (for messages about a failure)."""
+    found = STAMP.match(line)
+    return line[found.end() :] if found else line
+
+
+def stdout_stamped(args: tuple[str, ...] | list[str]) -> bool:
+    """Whether snapcoord stamps its stdout for ``args`` (not a terminal): not when a program
+    reads it (``--json``, ``config example``), nor for ``--help`` and ``--version``."""
+    if {"--json", "-h", "--help", "--version"} & set(args):
+        return False
+    return not any(tuple(args[i : i + 2]) == ("config", "example") for i in range(len(args)))
+
+
 class CliTimeout(subprocess.TimeoutExpired):
     """A CLI run past its timeout; the message ends with what it printed on stderr (with
     PYTHONFAULTHANDLER, every thread's stack at the timeout)."""
@@ -44,10 +77,16 @@ class CliTimeout(subprocess.TimeoutExpired):
 
 
 def snapcoord(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120, stdin: str | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    stdin: str | None = None,
+    raw: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI. One that outlives ``timeout`` is made to print every thread's stack
-    (faulthandler, on SIGABRT) before it is killed: the TimeoutExpired carries where it hung."""
+    (faulthandler, on SIGABRT) before it is killed: the TimeoutExpired carries where it hung.
+    stdout and stderr are pipes, so every line is stamped with the time: the stamps are checked
+    and taken off (:func:`unstamped`) unless ``raw``."""
     argv = [sys.executable, "-m", "snapcoord", *args]
     with subprocess.Popen(
         argv,
@@ -68,6 +107,8 @@ def snapcoord(
                 child.kill()
                 out, err = child.communicate()
             raise CliTimeout(argv, timeout, out, err) from None
+    if not raw:
+        out, err = unstamped(out, stamped=stdout_stamped(args)), unstamped(err)
     return subprocess.CompletedProcess(argv, child.returncode, out, err)
 
 

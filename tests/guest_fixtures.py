@@ -57,7 +57,8 @@ def guest_config(
         "defaults": {"store": str(tmp_path / "store"), "label": "test"},
         "hypervisors.lab": {"type": "libvirt", "uri": uri},
         f"vms.{vm}": {"hypervisor": "lab", **({"name": name} if name else {})},
-        f"vms.{vm}.guest": {"watchdog_seconds": 120, **guest},
+        # lab services stop in ~2 s; the watchdog must outlast both stops (config check)
+        f"vms.{vm}.guest": {"watchdog_seconds": 120, "stop_timeout": 30.0, **guest},
     }
     if hooks:
         tables[f"vms.{vm}.hooks"] = hooks

@@ -263,7 +263,8 @@ def test_a_watchdog_that_fires_before_the_stops_end(
     proc = check("db", "--json", guest=guest)
     assert proc.returncode == 4, proc.stderr
     (line,) = _problems(proc)
-    assert "db: watchdog: watchdog_seconds (60 s) fires before" in line and "; fix: " in line
+    assert "db: watchdog: vms.db.guest.watchdog_seconds: 60 s fires before the stops" in line
+    assert line.endswith("; fix: set watchdog_seconds to at least 91 or lower stop_timeout")
     checks = {c["check"]: c["ok"] for c in _result(proc)["checks"]}
     assert checks.pop("watchdog") is False and all(checks.values())
     ok = check("db", guest={**guest, "watchdog_seconds": 91})

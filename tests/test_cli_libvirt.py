@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from snapcoord import cli
+from snapcoord.listing import LIST_LEGEND
 from snapcoord.lock import VMLock
 from tests.cli_helpers import json_lines, snapcoord, write_config
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
@@ -72,6 +74,56 @@ def test_list_json_shows_preloaded_snapshots(config: Path) -> None:
     assert by_name["before-upgrade"]["parent"] == "snapcoord-manual-20260101T020000Z"
     human = snapcoord("-c", str(config), "list", "db1")
     assert "before-upgrade" in human.stdout
+
+
+def test_list_over_a_selection_in_config_order_one_error_line_for_the_failing_vm(
+    config: Path,
+) -> None:
+    """``list`` takes a selection like status: every VM listed, in the selection's order, each
+    row prefixed with its VM; the VM whose hypervisor cannot find it gives its one error line
+    and does not stop the others; the exit code is the most severe (docs/exit-codes.md)."""
+    for _ in range(2):  # the same lines in the same order every run
+        proc = snapcoord("-c", str(config), "list", "--all")
+        assert proc.returncode == 3, proc.stderr
+        lines = proc.stdout.splitlines()
+        db1 = [line for line in lines if line.startswith("db1: ")]
+        assert lines[: len(db1)] == db1, "db1 (first in the configuration) comes first"
+        assert any(line.endswith("  before-upgrade") for line in db1)
+        assert lines[len(db1)] == "byuuid: no snapshots"
+        assert lines[-2] == LIST_LEGEND
+        assert lines[-1] == "list: 3 VMs: 1 hypervisor_error, 2 ok (exit 3)"
+        (error,) = proc.stderr.splitlines()
+        assert error.startswith("snapcoord: error: ghost (hypervisor VM no-such-domain): ")
+    # --exclude, --tag-like rules and names work as for status; one named VM keeps bare rows
+    proc = snapcoord("-c", str(config), "list", "--all", "--exclude", "ghost")
+    assert proc.returncode == 0 and "ghost" not in proc.stdout + proc.stderr
+    single = snapcoord("-c", str(config), "list", "db1")
+    assert single.returncode == 0
+    rows = single.stdout.splitlines()
+    assert rows[-1] == LIST_LEGEND and not any(r.startswith("db1:") for r in rows)
+    assert [r[1:] for r in rows[:-1]] == [line.removeprefix("db1: ")[1:] for line in db1]
+
+
+def test_list_json_over_several_vms_is_one_document(config: Path) -> None:
+    proc = snapcoord("-c", str(config), "list", "db1", "ghost", "byuuid", "--json")
+    assert proc.returncode == 3
+    document = json.loads(proc.stdout)  # one document, not one line per VM
+    assert list(document["vms"]) == ["db1", "ghost", "byuuid"]
+    assert document["summary"]["outcomes"] == {"hypervisor_error": 1, "ok": 2}
+    assert document["summary"]["exit_code"] == 3 and document["summary"]["command"] == "list"
+    db1, ghost, byuuid = document["vms"].values()
+    assert db1["ok"] is True and "before-upgrade" in [s["name"] for s in db1["snapshots"]]
+    assert ghost["ok"] is False and ghost["exit_code"] == 3 and ghost["snapshots"] is None
+    assert ghost["errors"][0].startswith("ghost (hypervisor VM no-such-domain): ")
+    assert byuuid["snapshots"] == [] and byuuid["errors"] == []
+    assert proc.stderr.count("snapcoord: error: ") == 1
+
+
+def test_list_of_an_unknown_vm_or_none_is_a_usage_error(config: Path) -> None:
+    unknown = snapcoord("-c", str(config), "list", "nosuch")
+    assert unknown.returncode == 2 and "nosuch" in unknown.stderr and unknown.stdout == ""
+    nothing = snapcoord("-c", str(config), "list")
+    assert nothing.returncode == 2 and "no VM given" in nothing.stderr
 
 
 def test_revert_needs_yes_without_a_terminal(config: Path) -> None:

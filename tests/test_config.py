@@ -355,3 +355,64 @@ def test_global_options_work_after_the_command_too(tmp_path: Path) -> None:
     assert verbose.returncode == 0, verbose.stderr
     helped = snapcoord("status", "--help")
     assert "--json" in helped.stdout and "one JSON object per VM" in helped.stdout
+
+
+def _guest_problems(**guest: Any) -> list[str]:
+    raw = {
+        "hypervisors": {"lab": {"type": "libvirt"}},
+        "vms": {"db1": {"hypervisor": "lab", "guest": {"host": "db1", **guest}}},
+    }
+    try:
+        parse_config(raw)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_a_watchdog_that_fires_before_the_stops_can_end_is_refused() -> None:
+    """The demo's own config had 60 s against two stops of 120 s each (services together, then
+    the database): the watchdog could start the services in the middle of a legitimate run."""
+    assert _guest_problems(watchdog_seconds=60) == [
+        "vms.db1.guest.watchdog_seconds: 60 s fires before the stops can end (stop_timeout "
+        "120 s for apache2, cron (together) then the database: 240 s); set watchdog_seconds to "
+        "at least 241 or lower stop_timeout"
+    ]
+    assert _guest_problems(watchdog_seconds=240)  # fires the moment the stops may end: refused
+    assert _guest_problems(watchdog_seconds=241) == []
+    assert _guest_problems(watchdog_seconds=60, stop_timeout=29.5) == []
+    assert _guest_problems() == []  # the defaults: 600 s against 240 s
+
+
+def test_the_watchdog_rule_counts_the_stops_a_run_makes() -> None:
+    # one after another without parallel_services: three services, then the database
+    serial = {"services": ["apache2", "cron", "php-fpm"], "parallel_services": False}
+    assert _guest_problems(**serial, watchdog_seconds=400, stop_timeout=100) == [
+        "vms.db1.guest.watchdog_seconds: 400 s fires before the stops can end (stop_timeout "
+        "100 s for apache2, cron, php-fpm (in turn) then the database: 400 s); set "
+        "watchdog_seconds to at least 401 or lower stop_timeout"
+    ]
+    assert _guest_problems(**serial, watchdog_seconds=401, stop_timeout=100) == []
+    # no database stopped: database = "none", or consistency = "pause" (restore-dump stops
+    # the services only)
+    assert _guest_problems(database="none", watchdog_seconds=121) == []
+    assert _guest_problems(consistency="pause", watchdog_seconds=121) == []
+    assert _guest_problems(consistency="pause", watchdog_seconds=120) == [
+        "vms.db1.guest.watchdog_seconds: 120 s fires before the stops can end (stop_timeout "
+        "120 s for apache2, cron (together): 120 s); set watchdog_seconds to at least 121 or "
+        "lower stop_timeout"
+    ]
+    assert _guest_problems(services=[], watchdog_seconds=121) == []  # the database alone
+
+
+def test_config_check_refuses_a_short_watchdog_with_exit_2(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "wd.toml",
+        {"hypervisors.lab": {"type": "libvirt", "uri": "test:///default"},
+         "vms.db1": {"hypervisor": "lab"},
+         "vms.db1.guest": {"transport": "exec", "exec_prefix": [], "watchdog_seconds": 60}},
+    )  # fmt: skip
+    done = snapcoord("-c", str(path), "config", "check")
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"snapcoord: error: {path}: vms.db1.guest.watchdog_seconds: 60 s ")
+    assert line.endswith("set watchdog_seconds to at least 241 or lower stop_timeout")

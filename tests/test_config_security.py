@@ -16,7 +16,7 @@ import pytest
 
 from snapcoord import trust
 from snapcoord.trust import UnsafeFile, read_trusted
-from tests.cli_helpers import REPO, snapcoord, write_config
+from tests.cli_helpers import REPO, snapcoord, unstamped, write_config
 
 NOBODY = 65534
 VSPHERE = {"type": "vsphere", "host": "h", "user": "u"}
@@ -66,6 +66,7 @@ def test_a_config_in_the_current_directory_is_not_used(tmp_path: Path) -> None:
         env={**env, "HOME": str(home), "PYTHONPATH": str(REPO)},
         check=False,
     )
+    proc.stderr = unstamped(proc.stderr)  # into a pipe: every line starts with the time
     assert proc.returncode == 2, proc.stderr
     assert error_lines(proc) == [
         "snapcoord: error: no configuration found (the current directory is not searched: "

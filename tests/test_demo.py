@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from snapcoord.commands import LIST_LEGEND
+from snapcoord.listing import LIST_LEGEND
+from tests.cli_helpers import unstamped
 from tests.pve_api.__main__ import STATS_PATH, StandaloneDouble, add_guests, max_overlap
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,13 +24,14 @@ VMS = ("shop-db", "wiki-db", "web1")
 
 
 def sections(output: str) -> list[tuple[str, list[str]]]:
-    """[(command after '$ snapcoord ', its output lines)] in order."""
+    """[(command after '$ snapcoord ', its output lines)] in order. snapcoord's own lines
+    (into a pipe here) each start with the time: checked and taken off."""
     found: list[tuple[str, list[str]]] = []
     for line in output.splitlines():
         if line.startswith("$ snapcoord "):
             found.append((line.removeprefix("$ snapcoord "), []))
         elif found and line.strip() and not line.startswith("# "):  # the script's own notes
-            found[-1][1].append(line)
+            found[-1][1].append(unstamped(line))
     return found
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from snapcoord.adapters.base import MARKER
 from tests import lab
-from tests.cli_helpers import REPO, write_config
+from tests.cli_helpers import REPO, unstamped, write_config
 from tests.guest_fixtures import (
     VM_NAME,
     guest_config,
@@ -318,7 +318,7 @@ def test_cron_job_snapshots_the_nightly_vms_only(
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert ran.stdout == ran.stderr == "", "everything goes to the log, cron mails nothing"
     assert_snapshotted(double, "nightly", set(NIGHTLY.values()))  # --label nightly
-    log = (tmp_path / "snapcoord.log").read_text()
+    log = unstamped((tmp_path / "snapcoord.log").read_text())  # every line has its time
     for key in NIGHTLY:
         assert re.search(rf"^{key}: snapshot ok, snapshot snapcoord-nightly-", log, re.M), log
     assert not re.search(r"^other:", log, re.M), log
@@ -543,7 +543,8 @@ def test_vzdump_wrapper_freezes_at_pre_stop_and_thaws_at_post_restart(
 
     qemu = run_example(hook, "pre-stop", "snapshot", vmid, env=script_env(config, VMTYPE="qemu"))
     assert qemu.returncode == 3, qemu.stdout + qemu.stderr  # the agent check asks the hypervisor
-    errors = [line for line in qemu.stderr.splitlines() if line.startswith("snapcoord: error:")]
+    stderr = unstamped(qemu.stderr)  # snapcoord's own lines, into a pipe: each with its time
+    errors = [line for line in stderr.splitlines() if line.startswith("snapcoord: error:")]
     assert len(errors) == 1 and "Traceback" not in qemu.stderr, qemu.stderr
     assert lab_services.all_running() and holder_pids() == []
 

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests import lab
-from tests.cli_helpers import REPO, json_lines, write_config
+from tests.cli_helpers import REPO, json_lines, without_stamp, write_config
 from tests.fault_runner import (
     CONTROL_ENV,
     FAULT_ENV,
@@ -617,6 +617,7 @@ class CellRun:
 
 def _first_error(child: Child) -> str:
     for line in child.stderr.splitlines():
+        line = without_stamp(line)
         if line.startswith("snapcoord: error:"):
             text = line.removeprefix("snapcoord: error:").strip()
             return text if len(text) <= 160 else text[:157] + "..."

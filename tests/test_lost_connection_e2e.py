@@ -52,7 +52,7 @@ def test_connection_cut_in_a_frozen_hook_brings_everything_back_then_disarms(
 ) -> None:
     """The issue's reproduction: one second into a 12 s frozen hook the server side of the
     connection is killed; the guest stays reachable."""
-    guest = ssh_guest.guest_table(watchdog_seconds=30)
+    guest = ssh_guest.guest_table(watchdog_seconds=30, stop_timeout=10.0)  # stops < watchdog
     config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 12"]})
     proc = popen_observed(
         "-c", str(config), "snapshot", "web1", "--json", observe=tmp_path / "o.jsonl"
@@ -93,7 +93,7 @@ def test_a_service_that_stays_down_keeps_the_watchdog_armed_until_it_fires(
     refuses while the watchdog is armed, and heals the journal once it has fired."""
     seconds = 20
     hooks = {"frozen": [f"echo ThisIsNotAnApacheDirective > {BROKEN_APACHE_CONF}"]}
-    guest = ssh_guest.guest_table(watchdog_seconds=seconds)
+    guest = ssh_guest.guest_table(watchdog_seconds=seconds, stop_timeout=8.0)  # stops < watchdog
     config = guest_config(tmp_path, libvirt_node, guest, hooks=hooks)
     run = ["-c", str(config), "snapshot", "web1", "--json"]
     try:

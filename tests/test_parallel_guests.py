@@ -68,7 +68,7 @@ def fleet_config(
     }
     for vm, guest in tables_by_vm.items():
         tables[f"vms.{vm}"] = {"hypervisor": "lab"}
-        tables[f"vms.{vm}.guest"] = {"watchdog_seconds": 120, **guest}
+        tables[f"vms.{vm}.guest"] = {"watchdog_seconds": 120, "stop_timeout": 30.0, **guest}
         if hook:
             tables[f"vms.{vm}.hooks"] = {"frozen": [hook]}
     return write_config(tmp_path / "snapcoord.toml", tables)

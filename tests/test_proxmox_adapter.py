@@ -288,7 +288,11 @@ def test_wrong_password(double: PveApiDouble, cert: Cert) -> None:
 
 def test_wrong_token_is_hypervisor_error(double: PveApiDouble, cert: Cert) -> None:
     settings = token_settings(double, cert, token_secret=Secret("env:X", "not-the-secret-42"))
-    with ProxmoxAdapter("pve", settings) as adapter, pytest.raises(HypervisorError) as info:
+    adapter = ProxmoxAdapter("pve", settings)
+    with pytest.raises(HypervisorError) as info:
+        adapter.connect()  # proxmoxer is lazy: connect itself asks (GET /version)
+    assert adapter.requests == ["GET /version"]  # refused (401, below), nothing after it
+    with pytest.raises(HypervisorError, match="authentication"):  # not left half-connected
         adapter.find_vm("db1")
     text = str(info.value)
     assert "authentication" in text and "token_id/token_secret" in text
@@ -298,13 +302,13 @@ def test_wrong_token_is_hypervisor_error(double: PveApiDouble, cert: Cert) -> No
 def test_tls_unknown_certificate_refused(double: PveApiDouble, cert: Cert, tmp_path: Path) -> None:
     other = make_cert(tmp_path, "other")
     settings = token_settings(double, cert, ca_file=str(other.cert))
-    with ProxmoxAdapter("pve", settings) as adapter, pytest.raises(HypervisorError) as info:
-        adapter.find_vm("db1")
+    with pytest.raises(HypervisorError) as info:
+        ProxmoxAdapter("pve", settings).connect()
     assert "TLS certificate of 127.0.0.1" in str(info.value) and "ca_file" in str(info.value)
 
     settings = token_settings(double, cert, ca_file=None)  # system CAs only: refused too
-    with ProxmoxAdapter("pve", settings) as adapter, pytest.raises(HypervisorError, match="TLS"):
-        adapter.find_vm("db1")
+    with pytest.raises(HypervisorError, match="TLS"):
+        ProxmoxAdapter("pve", settings).connect()
 
 
 def test_tls_fingerprint_pin(double: PveApiDouble, cert: Cert, tmp_path: Path) -> None:
@@ -312,8 +316,8 @@ def test_tls_fingerprint_pin(double: PveApiDouble, cert: Cert, tmp_path: Path) -
     with ProxmoxAdapter("pve", settings) as adapter:
         assert adapter.find_vm("db1").id == "100"
     wrong = token_settings(double, cert, thumbprint=make_cert(tmp_path, "x").sha256)
-    with ProxmoxAdapter("pve", wrong) as adapter, pytest.raises(HypervisorError, match="TLS"):
-        adapter.find_vm("db1")
+    with pytest.raises(HypervisorError, match="TLS"):
+        ProxmoxAdapter("pve", wrong).connect()
     # the ticket login goes through the pinned session too
     pinned = ticket_settings(double, cert, thumbprint=cert.sha256, ca_file=None)
     with ProxmoxAdapter("pve", pinned) as adapter:
@@ -328,8 +332,23 @@ def test_verify_tls_false_only_when_asked(double: PveApiDouble, cert: Cert) -> N
 
 def test_unreachable_host(cert: Cert, double: PveApiDouble) -> None:
     settings = token_settings(double, cert, port=1)
-    with ProxmoxAdapter("pve", settings) as adapter, pytest.raises(HypervisorError, match="reach"):
+    with pytest.raises(HypervisorError, match="reach"):
+        ProxmoxAdapter("pve", settings).connect()
+
+
+def test_connect_asks_the_api_once_and_only_once(double: PveApiDouble, cert: Cert) -> None:
+    with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+        assert isinstance(adapter, ProxmoxAdapter)
+        assert adapter.requests == ["GET /version"]
+        adapter.connect()  # already connected: nothing more
         adapter.find_vm("db1")
+        assert adapter.requests == ["GET /version", "GET /cluster/resources"]
+    # the double logs a request once it has answered it: the first one is logged by now
+    assert (double.log[0].method, double.log[0].path, double.log[0].status) == (
+        "GET",
+        "/version",
+        200,
+    )
 
 
 def test_only_needed_calls_for_a_snapshot(double: PveApiDouble, adapter: ProxmoxAdapter) -> None:

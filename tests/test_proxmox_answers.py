@@ -69,12 +69,12 @@ def test_a_body_that_is_not_json_is_one_hypervisor_error(
     html_server: int, double: PveApiDouble, cert: Cert
 ) -> None:
     settings = token_settings(double, cert, port=html_server)
-    with (
-        ProxmoxAdapter("pve", settings) as adapter,
-        pytest.raises(HypervisorError, match="does not understand in find_vm") as caught,
-    ):
-        adapter.find_vm("db1")
+    adapter = ProxmoxAdapter("pve", settings)
+    with pytest.raises(HypervisorError, match="does not understand in api_version") as caught:
+        adapter.connect()  # its GET /version meets the HTML page
     assert caught.value.exit_code == ExitCode.HYPERVISOR
+    with pytest.raises(HypervisorError, match="does not understand in api_version"):
+        adapter.find_vm("db1")  # connects again (nothing half-open was kept), fails the same
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,8 @@ def test_a_body_that_is_not_json_is_one_hypervisor_error(
         ("list_snapshots", 5),
         ("list_snapshots", [{"name": "s1", "snaptime": "yesterday"}]),
         ("power_state", ["running"]),
+        ("api_version", ["9.0.5"]),
+        ("api_version", {"version": 9}),
     ],
 )
 def test_json_of_the_wrong_shape_is_one_hypervisor_error(
@@ -102,6 +104,7 @@ def test_json_of_the_wrong_shape_is_one_hypervisor_error(
             "find_vm": lambda: adapter.find_vm("db1"),
             "list_snapshots": lambda: adapter.list_snapshots(vm),
             "power_state": lambda: adapter.power_state(vm),
+            "api_version": adapter.api_version,
         }[method]
         with pytest.raises(HypervisorError, match="does not understand") as caught:
             call()

@@ -199,6 +199,12 @@ def test_wrong_token_exits_3_without_the_secret(run: Callable[..., Any]) -> None
     assert "authentication" in proc.stderr and "token_id/token_secret" in proc.stderr
     assert WRONG not in proc.stderr + proc.stdout and TOKEN_SECRET not in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the connect step itself fails (it asks GET /version): never "ok" before anything connected
+    (result,) = json_lines(proc.stdout)
+    assert [(s["name"], s["ok"]) for s in result["steps"]] == [("connect to hypervisor pve", False)]
+    plain = run("snapshot", "db", token=WRONG)
+    assert plain.returncode == 3
+    assert "connect to hypervisor pve ... FAILED" in plain.stdout and " ok " not in plain.stdout
 
 
 def test_tls(run: Callable[..., Any], double: PveApiDouble, cert: Cert, tmp_path: Path) -> None:

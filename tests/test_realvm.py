@@ -94,6 +94,7 @@ def config(real_guest: RealGuest, tmp_path_factory: pytest.TempPathFactory) -> P
                 "services": ["apache2", "cron"],
                 "database": "auto",
                 "watchdog_seconds": WATCHDOG_SECONDS,
+                "stop_timeout": 25.0,  # both stops end before the watchdog (config check)
                 "dump": True,
             },
         },
@@ -289,7 +290,7 @@ def test_4_sigkill_inside_the_window_the_guest_watchdog_restores_everything(
     guest = real_guest
     seconds = 30
     cfg = config_with(config, "sigkill", hooks={"frozen": ["sleep 300"]}, dump=False,
-                      watchdog_seconds=seconds)  # fmt: skip
+                      watchdog_seconds=seconds, stop_timeout=14.0)  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapcoord", "-c", str(cfg), "snapshot", "guest"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

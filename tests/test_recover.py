@@ -188,3 +188,64 @@ def test_a_service_left_down_keeps_the_journal_until_recover(
     assert fixed.returncode == 0, fixed.stderr
     assert running_stand_ins(state) == {"apache2", "cron", "mariadb"}
     assert not journal.exists()
+
+
+def test_recover_over_a_selection_each_vm_on_its_own(tmp_path: Path, libvirt_node: str) -> None:
+    """``recover --all``: db1's cron still cannot start (its one error line, exit 6), db2's is
+    started, web has nothing to recover; then ``--json`` gives one document."""
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "service").write_text(BREAKABLE_SERVICE)
+    (wrapper / "service").chmod(0o755)
+    state = tmp_path / "state"
+    config, _ = stand_in_guest(
+        tmp_path,
+        libvirt_node,
+        guest={"start_timeout": 5.0},
+        tables={"vms.db1.hooks": {"frozen": [f"touch {state}/cron.broken"]}},
+        path_prefix=wrapper,
+    )
+    state2 = tmp_path / "state2"
+    state2.mkdir()
+    for name in STAND_IN_SERVICES:
+        (state2 / f"{name}.running").touch()
+    prefix = ["env", f"PATH={wrapper}:{DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state2}"]
+    with config.open("a") as extra:
+        extra.write(
+            '\n[vms.db2]\nhypervisor = "lab"\nname = "web1"\n'
+            f'[vms.db2.guest]\ntransport = "exec"\nexec_prefix = {json.dumps(prefix)}\n'
+            'database = "mariadb"\nstart_timeout = 5.0\n'
+            f'[vms.db2.hooks]\nfrozen = ["touch {state2}/cron.broken"]\n'
+            '\n[vms.web]\nhypervisor = "lab"\nname = "stopped1"\n'
+        )
+    for vm in ("db1", "db2"):  # each run leaves its cron down and keeps its journal
+        assert snapcoord("-c", str(config), "snapshot", vm).returncode == 6
+    (state2 / "cron.broken").unlink()  # db2's cron is fixed, db1's is not
+
+    proc = snapcoord("-c", str(config), "recover", "--all")
+    assert proc.returncode == 6, proc.stderr
+    lines = proc.stdout.splitlines()
+    # the journal names all the run stopped (in the order the parallel stops were issued)
+    assert lines[1] in ("db2: started apache2, cron", "db2: started cron, apache2")
+    assert lines[:1] + lines[2:] == [
+        "db2: started mariadb",
+        "db2: disarmed the watchdog",
+        "web: nothing to recover: no unfinished run",
+        "recover: 3 VMs: 2 ok, 1 service_not_restored (exit 6)",
+    ]
+    (error,) = proc.stderr.splitlines()
+    assert error.startswith("snapcoord: error: db1: ") and "cron" in error
+    assert running_stand_ins(state2) == STAND_IN_SERVICES
+    assert running_stand_ins(state) == {"apache2", "mariadb"}
+    assert (tmp_path / "store" / "journal" / "db1.json").exists()
+    assert not (tmp_path / "store" / "journal" / "db2.json").exists()
+
+    (state / "cron.broken").unlink()
+    done = snapcoord("-c", str(config), "recover", "db1", "db2", "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert list(document["vms"]) == ["db1", "db2"] and document["summary"]["exit_code"] == 0
+    assert "disarmed the watchdog" in document["vms"]["db1"]["actions"]
+    assert any("cron" in action for action in document["vms"]["db1"]["actions"])
+    assert document["vms"]["db2"]["actions"] == ["nothing to recover: no unfinished run"]
+    assert running_stand_ins(state) == STAND_IN_SERVICES

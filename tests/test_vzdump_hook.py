@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests import lab, pause_load
-from tests.cli_helpers import REPO, write_config
+from tests.cli_helpers import REPO, unstamped, write_config
 from tests.guest_fixtures import (
     lab_services,  # noqa: F401 - fixture
     wait_for,
@@ -105,7 +105,10 @@ class Vzdump:
             cwd=REPO,
         )
         self.calls.append((phase, result.returncode))
-        return result
+        # into a pipe: every line starts with the time (checked, then taken off)
+        return subprocess.CompletedProcess(
+            result.args, result.returncode, unstamped(result.stdout), unstamped(result.stderr)
+        )
 
     def ok(self, phase: str, mode: str | None = None, vmid: int | None = None,
            **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip

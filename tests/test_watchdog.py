@@ -58,7 +58,8 @@ def start_long_window(tmp_path: Path, config: Path) -> tuple[subprocess.Popen[st
 def test_sigkill_inside_the_window_the_watchdog_restarts_everything(
     ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
 ) -> None:
-    guest = ssh_guest.guest_table(watchdog_seconds=WATCHDOG_SECONDS)
+    # the watchdog must outlast both stops (config check): lab services stop in ~2 s
+    guest = ssh_guest.guest_table(watchdog_seconds=WATCHDOG_SECONDS, stop_timeout=4.5)
     config = guest_config(tmp_path, libvirt_node, guest, hooks={"frozen": ["sleep 30"]})
     proc, data = start_long_window(tmp_path, config)
     assert data["watchdog"]["seconds"] == WATCHDOG_SECONDS  # its identity is in the journal
