@@ -66,6 +66,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     commands = [command for command, _ in found]
     assert commands == [
         "config check",
+        "check --all",
         "list shop-db",
         "prune --all --dry-run",
         "prune --all",
@@ -80,6 +81,19 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     for command, lines in found[-3:]:
         by_command["final " + command] = lines
     return folder, by_command
+
+
+def test_demo_checks_every_vm_before_the_first_run(
+    demo: tuple[Path, dict[str, list[str]]],
+) -> None:
+    _, out = demo
+    lines = out["check --all"]
+    assert lines == [
+        "shop-db: ready: watchdog, hypervisor, vm, privileges, snapshot, guest, services, clock",
+        "wiki-db: ready: watchdog, hypervisor, vm, privileges, snapshot, guest, services, clock",
+        "web1: ready: hypervisor, vm, privileges, snapshot",
+        "check: 3 VMs: 3 ok (exit 0)",
+    ]
 
 
 def test_demo_prunes_what_the_policy_says(demo: tuple[Path, dict[str, list[str]]]) -> None:
