@@ -234,6 +234,9 @@ class PveApiDouble:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    #: the request being answered, until it is logged (:meth:`_record`)
+    _pending: tuple[str, str, dict[str, Any]] | None = None
+
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
     double: PveApiDouble
@@ -255,7 +258,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------------
 
+    def _record(self, status: int) -> None:
+        """Log the request being answered, once: before its reply goes out, so a client that
+        has its answer finds the request in the log (request counts read right after a call)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            method, path, params = pending
+            shown = {k: ("***" if k == "password" else v) for k, v in params.items()}
+            self.double.record(Logged(method, path, status, shown))
+
     def _send(self, status: int, body: dict[str, Any] | None, reason: str | None = None) -> None:
+        self._record(status)
         raw = b"" if body is None else json.dumps(body).encode()
         phrase = (reason or "").split("\n")[0].strip() or None
         self.send_response(status, phrase)
@@ -336,9 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
         rel = split.path[len(BASE) :] if split.path.startswith(BASE + "/") else None
         params: dict[str, Any] = {}
         status = 200
+        self._pending = (method, rel if rel is not None else split.path, params)
         try:
             double.cluster.tick()
             params = self._params(method, split.query)
+            self._pending = (method, rel if rel is not None else split.path, params)
             if rel is None:
                 raise ApiError(501, f"Method '{method} {split.path}' not implemented")
             segments = [unquote(s) for s in rel.split("/") if s]
@@ -385,10 +400,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as error:
             status = error.status
             self._fail(error)
-        except Exception as exc:  # a bug in the double: say so loudly
+        except Exception as exc:  # a bug in the double: say so loudly (logged as 599)
             status = 599
+            self._record(status)
             self._fail(ApiError(500, f"API double bug: {type(exc).__name__}: {exc}"))
             raise
         finally:
-            shown = {k: ("***" if k == "password" else v) for k, v in params.items()}
-            double.record(Logged(method, rel if rel is not None else split.path, status, shown))
+            self._record(status)  # unless the reply recorded it already
