@@ -31,6 +31,7 @@ import pytest
 
 from tests.realvm_guest import RealGuest, real_guest  # noqa: F401 - fixture
 from tests.test_demo import VMS, listing, sections
+from tests.test_install import checkout_files, copy_checkout
 
 pytestmark = [pytest.mark.real, pytest.mark.realvm]
 
@@ -45,22 +46,11 @@ GUEST_PYTHON = ("--python-version", "3.11", "--implementation", "cp", "--abi", "
 PLATFORMS = ("--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64")
 
 
-def checkout_files() -> list[str]:
-    """What `git archive` of the working tree would hold (tracked and new, not ignored)."""
-    proc = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    )
-    return [name for name in proc.stdout.decode().split("\0") if name and (REPO / name).is_file()]
-
-
-def build_wheelhouse(folder: Path) -> list[str]:
+def build_wheelhouse(folder: Path, checkout: Path) -> list[str]:
     """snapcoord's wheel, its dependencies with the proxmox and vsphere extras, and pip,
     setuptools and wheel (`make demo` upgrades pip and builds an editable install)."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), str(REPO)], check=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), str(checkout)], check=True)
     (wheel,) = folder.glob("snapcoord-*.whl")
     subprocess.run(
         [
@@ -111,7 +101,7 @@ def copied(real_guest: RealGuest, tmp_path_factory: pytest.TempPathFactory) -> I
     """The checkout and a wheelhouse in the guest at SRC; everything goes again afterwards.
     Yields the wheelhouse's file names."""
     folder = tmp_path_factory.mktemp("wheelhouse")
-    wheels = build_wheelhouse(folder)
+    wheels = build_wheelhouse(folder, copy_checkout(tmp_path_factory.mktemp("checkout")))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in checkout_files():
