@@ -18,6 +18,8 @@ class Option:
     choices: tuple[str, ...]
     help: str
     takes_file: bool  # its value names a file (completion offers file names)
+    dest: str  # the attribute it sets ("vms", "tag", "config")
+    many: bool  # a positional that takes any number of values
 
     @property
     def positional(self) -> bool:
@@ -52,7 +54,10 @@ def _option(parser: argparse.ArgumentParser, action: argparse.Action) -> Option:
         metavar = f"[{metavar} ...]"
     text = formatter._expand_help(action) if action.help else ""
     takes_file = bool(metavar) and (action.dest in _FILE_DESTS or action.type is Path)
-    return Option(tuple(action.option_strings), metavar, choices, text, takes_file)
+    many = action.nargs in ("*", "+", argparse.REMAINDER)
+    return Option(
+        tuple(action.option_strings), metavar, choices, text, takes_file, action.dest, many
+    )
 
 
 def options(parser: argparse.ArgumentParser) -> tuple[Option, ...]:

@@ -103,7 +103,9 @@ def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
 # -- the bash completion ------------------------------------------------------------------------
 
 
-def complete(script: Path, *words: str, cwd: Path | None = None) -> list[str]:
+def complete(
+    script: Path, *words: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> list[str]:
     """What bash's completion function offers for ``words`` (the last one is being typed)."""
     lines = " ".join(f"{w!r}" if w else "''" for w in words)
     proc = subprocess.run(
@@ -118,6 +120,8 @@ def complete(script: Path, *words: str, cwd: Path | None = None) -> list[str]:
         text=True,
         check=True,
         cwd=cwd,
+        # no configuration of this machine's: only what the test gives
+        env={**os.environ, "SNAPCOORD_CONFIG": "/nonexistent/config.toml", **(env or {})},
     )
     return [line for line in proc.stdout.splitlines() if line]
 
@@ -165,6 +169,47 @@ def test_completion_offers_file_names_for_the_configuration(
     assert complete(
         completion_file, "snapcoord", "restore-dump", "db", "--file", "s", cwd=tmp_path
     ) == ["site.toml"]
+
+
+CONFIG = """
+[hypervisors.pve]
+type = "proxmox"
+[hypervisors.vc]
+type = "vsphere"
+[vms.db1]
+hypervisor = "pve"
+tags = ["nightly", "db"]
+[vms.web1]
+hypervisor = "vc"
+tags = ["nightly"]
+[vms."odd name"]
+hypervisor = "vc"
+"""
+
+
+def test_completion_offers_the_configurations_names(completion_file: Path, tmp_path: Path) -> None:
+    """VM keys, tags and hypervisor names from the configuration snapcoord would read: -c FILE
+    anywhere on the line, else $SNAPCOORD_CONFIG; a name that is not one word is left out."""
+    config = tmp_path / "site.toml"
+    config.write_text(CONFIG)
+    c = str(config)
+
+    def offered(*words: str, env: dict[str, str] | None = None) -> list[str]:
+        return complete(completion_file, "snapcoord", *words, env=env)
+
+    assert offered("-c", c, "snapshot", "") == ["db1", "web1"]
+    assert offered("snapshot", "--config", c, "db1", "w") == ["web1"]
+    assert offered(f"--config={c}", "snapshot", "--tag", "") == ["db", "nightly"]
+    assert offered("-c", c, "prune", "--select", "") == ["db", "db1", "nightly", "web1"]
+    assert offered("-c", c, "status", "--hypervisor", "") == ["pve", "vc"]
+    assert offered("-c", c, "thaw", "--exclude", "d") == ["db1"]
+    assert offered("-c", c, "delete", "") == ["db1", "web1"]
+    assert offered("-c", c, "delete", "db1", "") == [], "the snapshot name is no VM"
+    assert offered("-c", c, "snapshot", "--parallel", "") == []
+    assert offered("list", "", env={"SNAPCOORD_CONFIG": c}) == ["db1", "web1"]
+    assert offered("list", "", env={"SNAPCOORD_CONFIG": str(tmp_path / "none.toml")}) == []
+    config.write_text("[vms.db1\n")  # not TOML: no names, no error
+    assert offered("-c", c, "list", "") == []
 
 
 def test_completion_has_every_command_and_option(completion_file: Path) -> None:

@@ -234,6 +234,19 @@ def test_2_service_and_timer_under_systemd(real_guest: RealGuest, copied: list[s
     """snapcoord@nightly.service snapshots the VM tagged nightly, hardening and all."""
     out = guest_sh(real_guest, SETUP)
     assert "/etc/snapcoord/config.toml: ok" in out, out
+    # the completion knows the configuration's VM keys and tags (/etc/snapcoord/config.toml)
+    offered = guest_sh(
+        real_guest,
+        """
+        bash -c 'source /usr/share/bash-completion/bash_completion
+                 _completion_loader snapcoord
+                 COMP_WORDS=(snapcoord snapshot gu); COMP_CWORD=2; _snapcoord
+                 echo "${COMPREPLY[*]}"
+                 COMP_WORDS=(snapcoord snapshot --tag ""); COMP_CWORD=3; _snapcoord
+                 echo "${COMPREPLY[*]}"'
+        """,
+    )
+    assert offered.splitlines() == ["guestdb", "nightly"], offered
     run = guest_sh(
         real_guest,
         f"""
