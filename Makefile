@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := .demo
 
-.PHONY: demo test test-fast lint deps clean
+.PHONY: demo test test-fast lint deps clean install uninstall
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 ## parallel (stand-in guest services), status, and the listings with the new snapshots
 demo: $(VENV)/.installed-demo
 	scripts/demo $(BIN) $(DEMO)
+
+## make install: as root, snapcoord in a venv at /opt/snapcoord, linked as /usr/local/bin/snapcoord,
+## with its man page and bash completion (scripts/install, docs/install.md); again to upgrade.
+## EXTRAS=proxmox,vsphere,libvirt (default: all), WHEELHOUSE=DIR to install offline
+install:
+	scripts/install $(if $(EXTRAS),--extras $(EXTRAS)) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
+
+## make uninstall: remove what `make install` made (never /etc/snapcoord or the store)
+uninstall:
+	scripts/install --uninstall
 
 # Test workers: each runs in a lab sandbox of its own (tests/lab/sandbox.py); most of a test's
 # time is waiting, so more workers than cores pay off (docs/testing.md has the measurements).

@@ -7,7 +7,8 @@ libvirt-daemon-system qemu-system-x86 qemu-utils openssh-client`` (scripts/insta
 test). A missing component skips the test, or fails it under ``CI=true``.
 
 The guest: Debian 12 with systemd, openssh-server, mariadb-server (``mariadb.socket`` enabled,
-Debian's default), apache2, cron, qemu-guest-agent, sudo, curl, procps; ``/bin/sh`` is dash.
+Debian's default), apache2, cron, qemu-guest-agent, sudo, curl, procps, python3 with
+python3-venv and python3-libvirt, man-db, bash-completion, make, openssl; ``/bin/sh`` is dash.
 It runs under TCG (``<domain type='qemu'>``: KVM is not dependable on these machines), 2 vCPUs,
 1 GiB, direct kernel boot, root file system on ``/dev/vda``. Its only network is QEMU user
 mode with ``restrict=on``: it reaches nothing outside, and ``127.0.0.1:PORT`` on the host is

@@ -40,9 +40,12 @@ suite=bookworm
 
 # Guest packages (installed with --no-install-recommends). dbus: systemd-logind and
 # hostnamectl/timedatectl need it (a stock Debian server has it through systemd's Recommends);
-# e2fsprogs: fsck.ext4 for the root file system.
+# e2fsprogs: fsck.ext4 for the root file system. python3-venv, python3-libvirt, man-db,
+# bash-completion: what scripts/install uses on a Debian 12 host (tests/test_realvm_install.py
+# installs snapcoord into the guest from a wheelhouse); make, openssl: `make demo`.
 packages=(systemd-sysv openssh-server mariadb-server mariadb-client apache2 cron qemu-guest-agent
-          linux-image-amd64 procps curl sudo util-linux dbus e2fsprogs)
+          linux-image-amd64 procps curl sudo util-linux dbus e2fsprogs
+          python3 python3-venv python3-libvirt man-db bash-completion make openssl)
 # Units enabled in the guest (the packages enable most of them already; this makes it explicit).
 units=(ssh.service mariadb.service apache2.service cron.service systemd-networkd.service
        serial-getty@ttyS0.service)
