@@ -49,6 +49,7 @@ workdir, uri) as guest: ...`` (tests/libvirtd.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -391,11 +392,37 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _owner_lock(overlay: Path) -> int:
+    """Hold ``<overlay>.owner`` locked for as long as the session runs (the descriptor is closed
+    at teardown, or by the kernel when the session dies): the sign of a live owner that every
+    session sees, whatever PID namespace it runs in (lab sandboxes each have their own)."""
+    fd = os.open(overlay.with_name(overlay.name + ".owner"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _owner_alive(overlay: Path, pid: str, start: str | None) -> bool:
+    lock = overlay.with_name(overlay.name + ".owner")
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:  # a domain of an older session: its owner's PID, if visible
+        return not pid.isdigit() or _process_start(int(pid)) == start
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    lock.unlink(missing_ok=True)
+    return False
+
+
 def reap_stale_domains(uri: str = URI) -> list[str]:
     """Remove our domains whose owning test process is gone (a killed session's leftovers).
 
-    Each domain records its owner's PID and process start time in its metadata; domains of a
-    live owner (another pytest session running right now) are left alone.
+    A session holds a lock on ``<overlay>.owner`` while its domain lives (:func:`_owner_lock`);
+    domains of a live owner (another pytest session running right now, in any PID namespace)
+    are left alone. Domains from before the lock fall back to the PID in their metadata.
     """
     reaped: list[str] = []
     conn = libvirt.open(uri)
@@ -413,7 +440,9 @@ def reap_stale_domains(uri: str = URI) -> list[str]:
                 continue  # not made by this module: leave it
             owner = ElementTree.fromstring(meta).attrib
             pid, start, overlay = owner.get("pid", ""), owner.get("start"), owner.get("overlay", "")
-            if not pid.isdigit() or _process_start(int(pid)) == start:
+            if not overlay.startswith(f"{IMAGES}/{DOMAIN_PREFIX}"):
+                continue
+            if _owner_alive(Path(overlay), pid, start):
                 continue  # its session is still running
             remove_domain(uri, name)
             if overlay.startswith(f"{IMAGES}/{DOMAIN_PREFIX}"):
@@ -521,6 +550,7 @@ def booted_guest(
     kernel = _readable_copy(image.kernel, f"{DOMAIN_PREFIX}base-{image.directory.name}.vmlinuz")
     initrd = _readable_copy(image.initrd, f"{DOMAIN_PREFIX}base-{image.directory.name}.initrd")
     guest: RealGuest | None = None
+    owner_locks: list[tuple[int, Path]] = []
     try:
         last: Exception | None = None
         for _ in range(attempts):
@@ -545,6 +575,7 @@ def booted_guest(
             backing = ["-F", "qcow2", "-b", str(base)]
             lab.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(overlay)])
             overlay.chmod(0o600)
+            owner_locks.append((_owner_lock(overlay), overlay.with_name(overlay.name + ".owner")))
             conn = libvirt.open(uri)
             try:
                 dom = conn.defineXML(
@@ -573,6 +604,9 @@ def booted_guest(
     finally:
         if guest is not None:
             guest.teardown()
+        for fd, lock in owner_locks:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
