@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Called by vzdump as '<phase>' or '<phase> <mode> <vmid>'; the "
         "configuration comes from $SNAPCOORD_CONFIG or the default paths (docs/scheduling.md).",
     )
-    p.add_argument("phase")
-    p.add_argument("rest", nargs="*", metavar="MODE VMID")
+    p.add_argument("phase", help="the vzdump phase: job-start, backup-start, pre-stop, ...")
+    p.add_argument(
+        "rest", nargs="*", metavar="MODE VMID", help="the backup mode and the guest's VMID"
+    )
     p.set_defaults(dry_run=False)
 
     p = add_parser(
@@ -72,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The hook quiesces the guest at its agent's fs-freeze: what Proxmox backups "
         "of QEMU VMs need (docs/fsfreeze-hook.md).",
     )
-    p.add_argument("action", choices=("install", "status", "uninstall"))
+    p.add_argument(
+        "action",
+        choices=("install", "status", "uninstall"),
+        help="install or update the hook, show its state, or remove it",
+    )
     _add_selection(p)
     _add_json(p)
     p.set_defaults(dry_run=False)
@@ -105,25 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p, document=True)
 
     p = add_parser("revert", help="revert a VM to a snapshot")
-    p.add_argument("vm", metavar="VM")
+    p.add_argument("vm", metavar="VM", help="the VM (its [vms.NAME] key)")
     p.add_argument("--to", metavar="NAME", help="snapshot name (default: newest snapcoord one)")
     p.add_argument("--yes", action="store_true", help="do not ask")
     p.add_argument(
         "--no-safety-snapshot", action="store_true", help="do not snapshot the current state first"
     )
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, touch nothing")
     _add_json(p)
 
     p = add_parser("delete", help="delete a snapshot")
-    p.add_argument("vm", metavar="VM")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("vm", metavar="VM", help="the VM (its [vms.NAME] key)")
+    p.add_argument("name", metavar="NAME", help="the snapshot's name (see list)")
     p.add_argument("--yes", action="store_true", help="do not ask")
     _add_json(p)
 
     p = add_parser(
         "restore-dump", help="replay a stored dump into the guest (drops its databases first)"
     )
-    p.add_argument("vm", metavar="VM")
+    p.add_argument("vm", metavar="VM", help="the VM (its [vms.NAME] key)")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--from",
@@ -141,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p, document=True)
 
     p = add_parser("config", help="check the configuration or print an example")
-    p.add_argument("action", choices=("check", "example"))
+    p.add_argument(
+        "action",
+        choices=("check", "example"),
+        help="check: read and validate the file; example: print a commented one",
+    )
     return parser
 
 

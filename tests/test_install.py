@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from snapcoord import __version__, completion, manpage
+from snapcoord import __version__, completion, manpage, parser_info
 from snapcoord.cli import build_parser
 from tests import lab
 
@@ -414,3 +414,10 @@ def test_install_refuses_what_it_did_not_make(wheelhouse: Path, tmp_path: Path) 
 
     gone = install(root, "--uninstall")  # nothing of ours there: nothing removed
     assert gone.returncode == 0 and tree(root) == {"opt"}
+
+
+def test_every_argument_has_help_text() -> None:
+    """What the man page and `snapcoord COMMAND --help` show for each argument is never empty."""
+    for command in parser_info.commands(build_parser()):
+        for option in command.options:
+            assert option.help.strip(), (command.name, option.flags or option.dest)
