@@ -96,7 +96,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 #: under pytest 9.2 (xdist 3.8 rewrites ``item._nodeid``, which pytest no longer reads).
 QEMU_GROUP = "realvm"
 QEMU_MODULES = ("tests/test_realvm.py", "tests/test_realvm_boot.py",
-                "tests/test_realvm_fsfreeze.py", "tests/test_libvirt_qemu.py")  # fmt: skip
+                "tests/test_realvm_fsfreeze.py", "tests/test_realvm_install.py",
+                "tests/test_libvirt_qemu.py")  # fmt: skip
 
 
 def in_qemu_group(nodeid: str) -> bool:
@@ -113,6 +114,20 @@ REAL_FIXTURES = frozenset({
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A real-guest module outside the group would boot a guest of its own on each worker its
+    # tests land on, and a module's later tests would miss what its earlier ones did there.
+    strays = sorted(
+        {
+            item.nodeid.split("::", 1)[0]
+            for item in items
+            if item.get_closest_marker("realvm") and not in_qemu_group(item.nodeid)
+        }
+    )
+    if strays:
+        raise pytest.UsageError(
+            f"realvm tests outside the QEMU group: {', '.join(strays)} "
+            "(add the module to QEMU_MODULES in tests/lab/isolation.py)"
+        )
     for item in items:
         if REAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real)
