@@ -21,7 +21,7 @@ from typing import Any
 from snapcoord import guest_clock, store
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import VM, Adapter
-from snapcoord.errors import ExitCode, SnapcoordError
+from snapcoord.errors import ExitCode, Interrupted, SnapcoordError
 from snapcoord.guest import Transport, open_transport
 from snapcoord.hooks import archive, databases
 from snapcoord.hooks.guest.services import GuestServices, Services
@@ -74,6 +74,8 @@ class Checker:
             detail = func()
         except Skip:
             return False
+        except Interrupted:  # SIGINT/SIGTERM: no further check, the fleet reports it
+            raise
         except SnapcoordError as exc:
             self.findings.append(Finding(name, False, exc.message, exc.hint or _FIXES.get(name)))
             return False

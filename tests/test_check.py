@@ -339,3 +339,27 @@ def test_vsphere_privileges_of_the_session(
         assert proc.returncode == 4
         (line,) = _problems(proc)
         assert f"db: privileges: the session lacks {denied} on the VM" in line
+
+
+def test_an_interrupt_ends_the_checks_instead_of_being_one_of_their_problems(
+    tmp_path: Path,
+) -> None:
+    from snapcoord.check import Checker
+    from snapcoord.config import parse_config
+    from snapcoord.errors import Interrupted
+
+    config = parse_config(
+        {
+            "defaults": {"store": str(tmp_path / "store")},
+            "hypervisors": {"lab": {"type": "libvirt", "uri": "test:///default"}},
+            "vms": {"db": {"hypervisor": "lab"}},
+        }
+    )
+    checker = Checker(config, "db")
+
+    def interrupted() -> str:
+        raise Interrupted("interrupted by SIGTERM")
+
+    with pytest.raises(Interrupted):
+        checker._check("vm", interrupted)
+    assert checker.findings == []
