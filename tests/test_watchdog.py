@@ -124,8 +124,10 @@ def test_watchdog_fires_for_exactly_the_stopped_services(
     try:
         lab_services.stop("cron")
         lab_services.stop("apache2")
+        # 6 s: long enough that the watchdog still waits when arm's round trip returns, also
+        # on a loaded machine (with 2 s it had once fired and exited before the check below)
         dog = watchdog.arm(
-            transport, vm="lab", run_id="t-fire", init="sysv", seconds=2, services=["cron"],
+            transport, vm="lab", run_id="t-fire", init="sysv", seconds=6, services=["cron"],
             database="mariadb", sudo=False, timeout=30,
         )  # fmt: skip
         assert watchdog_pids("t-fire") == [dog.pid]
