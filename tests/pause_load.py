@@ -108,6 +108,10 @@ class Load:
         """(time acknowledged, GTID sequence number) of every commit."""
         return [(got, gtid_seq(row[1])) for _sent, got, row in self.writer.records]
 
+    def sent_commits(self) -> list[tuple[float, float, int]]:
+        """(time sent, time acknowledged, GTID sequence number) of every commit."""
+        return [(sent, got, gtid_seq(row[1])) for sent, got, row in self.writer.records]
+
     def reads(self) -> list[tuple[float, float]]:
         """(time sent, latency) of every read."""
         return [(sent, got - sent) for sent, got, _row in self.reader.records]
