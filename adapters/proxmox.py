@@ -245,7 +245,7 @@ class ProxmoxAdapter(Adapter):
         self.host = settings.host
         self.port = settings.port
         self.lock_wait = settings.lock_wait_seconds
-        self._major: int | None = None
+        self._version: dict[str, Any] | None = None
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         self.base_url = f"https://{host}:{self.port}/api2/json"
         self.where = f"{self.host}:{self.port}"
@@ -337,11 +337,19 @@ class ProxmoxAdapter(Adapter):
         asks it when it uses a token, so that a wrong token or an unreachable host fails at
         connect, not at the first call after it (proxmoxer connects lazily; a ticket login is
         such a request already)."""
-        answer = self._request("get", "version")
-        version = answer["version"]
+        version = self._version_answer()["version"]
         if not isinstance(version, str):
             raise TypeError(f"version is {type(version).__name__}")
         return version
+
+    def _version_answer(self) -> dict[str, Any]:
+        """``GET /version``, asked once per session (connect and major_version read it)."""
+        if self._version is None:
+            answer = self._request("get", "version")
+            if not isinstance(answer, dict):
+                raise TypeError(f"the version answer is a {type(answer).__name__}")
+            self._version = answer
+        return self._version
 
     def close(self) -> None:
         if self._session is not None:
@@ -349,6 +357,7 @@ class ProxmoxAdapter(Adapter):
         if self._ticket is not None:
             self._ticket._login_session.close()
         self._api = self._session = self._ticket = None
+        self._version = None
 
     def _count(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
         path = urlsplit(response.request.url or "").path
@@ -580,14 +589,12 @@ class ProxmoxAdapter(Adapter):
 
     @_checked_answers
     def major_version(self) -> int:
-        """The Proxmox VE major version (``GET /version``: ``release`` is ``x.y``), asked once
-        per session: the guest agent's privileges changed between 8 and 9."""
-        if self._major is None:
-            release = self._request("get", "version")["release"]
-            if not isinstance(release, str) or not re.fullmatch(r"\d{1,3}\.\d{1,3}", release):
-                raise ValueError(f"release is {release!r}")
-            self._major = int(release.split(".")[0])
-        return self._major
+        """The Proxmox VE major version (``GET /version``: ``release`` is ``x.y``): the guest
+        agent's privileges changed between 8 and 9."""
+        release = self._version_answer()["release"]
+        if not isinstance(release, str) or not re.fullmatch(r"\d{1,3}\.\d{1,3}", release):
+            raise ValueError(f"release is {release!r}")
+        return int(release.split(".")[0])
 
     @_checked_answers
     def check_backup_freeze(self, vm: VM) -> None:

@@ -100,6 +100,7 @@ def test_json_of_the_wrong_shape_is_one_hypervisor_error(
     with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
         vm = adapter.find_vm("db1")
         monkeypatch.setattr(adapter, "_request", lambda *a, **k: answer)
+        monkeypatch.setattr(adapter, "_version", None)  # kept from connect: read it anew
         call = {
             "find_vm": lambda: adapter.find_vm("db1"),
             "list_snapshots": lambda: adapter.list_snapshots(vm),
@@ -155,6 +156,7 @@ def test_any_answer_is_understood_or_one_hypervisor_error(
     adapter, vm = open_adapter
     request = adapter._request
     adapter._request = lambda *a, **k: answer  # type: ignore[method-assign]
+    adapter._version = None  # the version connect read is kept: this answer is read instead
     try:
         result = {
             "find_vm": lambda: adapter.find_vm("db1"),
