@@ -153,9 +153,9 @@ exec {DEMO_BIN}/service "$@"
 """
 
 
-def test_a_service_left_down_keeps_the_journal_until_recover(
-    tmp_path: Path, libvirt_node: str
-) -> None:
+def breakable_cron_guest(tmp_path: Path, libvirt_node: str) -> tuple[Path, Path]:
+    """(config, stand-in state folder) of db1, whose cron's configuration breaks inside the
+    window: cron cannot start again until ``<state>/cron.broken`` is removed."""
     wrapper = tmp_path / "bin"
     wrapper.mkdir()
     (wrapper / "service").write_text(BREAKABLE_SERVICE)
@@ -165,10 +165,16 @@ def test_a_service_left_down_keeps_the_journal_until_recover(
         tmp_path,
         libvirt_node,
         guest={"start_timeout": 5.0},
-        # inside the window cron's configuration breaks: it cannot start again
         tables={"vms.db1.hooks": {"frozen": [f"touch {state}/cron.broken"]}},
         path_prefix=wrapper,
     )
+    return config, state
+
+
+def test_a_service_left_down_keeps_the_journal_until_recover(
+    tmp_path: Path, libvirt_node: str
+) -> None:
+    config, state = breakable_cron_guest(tmp_path, libvirt_node)
     journal = tmp_path / "store" / "journal" / "db1.json"
 
     first = snapcoord("-c", str(config), "snapshot", "db1", "--json")
@@ -193,18 +199,8 @@ def test_a_service_left_down_keeps_the_journal_until_recover(
 def test_recover_over_a_selection_each_vm_on_its_own(tmp_path: Path, libvirt_node: str) -> None:
     """``recover --all``: db1's cron still cannot start (its one error line, exit 6), db2's is
     started, web has nothing to recover; then ``--json`` gives one document."""
-    wrapper = tmp_path / "bin"
-    wrapper.mkdir()
-    (wrapper / "service").write_text(BREAKABLE_SERVICE)
-    (wrapper / "service").chmod(0o755)
-    state = tmp_path / "state"
-    config, _ = stand_in_guest(
-        tmp_path,
-        libvirt_node,
-        guest={"start_timeout": 5.0},
-        tables={"vms.db1.hooks": {"frozen": [f"touch {state}/cron.broken"]}},
-        path_prefix=wrapper,
-    )
+    config, state = breakable_cron_guest(tmp_path, libvirt_node)
+    wrapper = tmp_path / "bin"  # its breakable `service`, for db2 too
     state2 = tmp_path / "state2"
     state2.mkdir()
     for name in STAND_IN_SERVICES:
