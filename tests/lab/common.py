@@ -36,6 +36,7 @@ APT_PACKAGES: dict[str, str] = {
     "pg_isready": "postgresql-client",
     "pg_lsclusters": "postgresql-common",
     "runuser": "util-linux",
+    "qemu-ga": "qemu-guest-agent",
 }
 
 
