@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapcoord import cancel
 from snapcoord.errors import SnapshotNotFound, TaskTimeout, UnsupportedOperation
 from snapcoord.settings import HypervisorSettings
+
+if TYPE_CHECKING:
+    from snapcoord.agent_link import AgentLink
 
 T = TypeVar("T")
 
@@ -157,6 +160,17 @@ class Adapter(ABC):
             f"{self.type_name or 'this'} hypervisor has no guest-agent freeze for backups",
             vm=vm.name,
             hint="the freeze hook brackets backups of QEMU VMs on Proxmox VE or libvirt",
+        )
+
+    def guest_agent(self, vm: VM) -> AgentLink:
+        """The path to ``vm``'s QEMU guest agent through this hypervisor (``transport =
+        "agent"``). Raises :class:`snapcoord.agent_link.AgentUnavailable` (with the fix) when
+        the VM has no agent configured; whether the agent answers is the link's ``ping``."""
+        raise UnsupportedOperation(
+            f"{self.type_name or 'this'} hypervisor has no QEMU guest agent to run commands "
+            "through",
+            vm=vm.name,
+            hint='transport = "agent" works on libvirt and Proxmox VE; use "ssh" here',
         )
 
     def thaw_filesystems(self, vm: VM) -> bool:
