@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapcoord import cancel
 from snapcoord.errors import SnapshotNotFound, TaskTimeout, UnsupportedOperation
 from snapcoord.settings import HypervisorSettings
+
+if TYPE_CHECKING:
+    from snapcoord.agent_link import AgentLink
 
 T = TypeVar("T")
 
@@ -143,6 +146,15 @@ class Adapter(ABC):
         as the hypervisor names it (``A|B`` when either will do). Empty where the hypervisor
         has no privileges to ask about: a libvirt connection may do everything or nothing."""
         return []
+
+    def guest_agent(self, vm: VM) -> AgentLink:
+        """The VM's QEMU guest agent, for ``[vms.X.guest] transport = "agent"``
+        (snapcoord/agent.py). Raises when the hypervisor has none to offer."""
+        raise UnsupportedOperation(
+            f"{self.type_name or 'this'} hypervisor offers no QEMU guest agent transport",
+            vm=vm.name,
+            hint="set [vms.X.guest] transport = 'ssh' for this VM",
+        )
 
     def set_guest_time(self, vm: VM, epoch: float) -> bool:
         """Set the guest's clock through the hypervisor (its guest agent or tools); ``False``

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from snapcoord.errors import GuestError
+from snapcoord.guest import GuestUnreachable
 
 #: What to tell an admin whose VM has no working agent, per hypervisor type.
 AGENT_FIX = {
@@ -42,7 +43,7 @@ AGENT_FIX = {
 }
 
 
-class AgentUnavailable(GuestError):
+class AgentUnavailable(GuestUnreachable):
     """No agent answers: none configured for the VM, the VM is not running, or qemu-ga is not
     running in the guest. Retryable inside a window (the agent may be restarting)."""
 

@@ -356,7 +356,10 @@ VM: dict[str, Key] = {
 
 GUEST: dict[str, Key] = {
     "transport": Key(
-        "choice", "how to run commands in the guest", default="ssh", choices=("ssh", "exec")
+        "choice",
+        "how to run commands in the guest",
+        default="ssh",
+        choices=("ssh", "exec", "agent"),
     ),
     "host": Key(
         "str",
