@@ -28,7 +28,9 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,12 +44,16 @@ from snapcoord.guest import (
     Consumer,
     LineCallback,
     NoAnswer,
+    Transport,
     _shielded,
 )
 from snapcoord.settings import GuestConfig
 from snapcoord.shell import Completed, display
 
 log = logging.getLogger("snapcoord.agent")
+
+#: This coordinator's name in the guest-side folders' names (no dots: they separate fields).
+_HOST = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
 
 #: Where transfers and channels live in the guest: root-only, made by the commands below.
 TRANSFER_DIR = "/var/lib/snapcoord/transfer"
@@ -110,7 +116,8 @@ HOLDER = (
     + r"""
 shift; keep=$1; shift
 mkfifo "$d/in" "$d/pipe" || exit 97
-sh -c 'cat "$1/pipe" > "$1/out"; : > "$1/ended"' sh "$d" < /dev/null > /dev/null 2>&1 &
+sh -c 'cat "$1/pipe" > "$1/out"; : > "$1/ended"; kill "$(cat "$1/keeper")"' sh "$d" \
+  < /dev/null > /dev/null 2>&1 &
 setsid sh -c 'd=$1; shift; "$@" < "$d/in" > "$d/pipe" 2> "$d/err"; echo $? > "$d/status"' \
   sh "$d" "$@" < /dev/null > /dev/null 2>&1 &
 echo $! > "$d/client"
@@ -151,8 +158,11 @@ class AgentTransport:
         *,
         vm: str,
         disconnect: Callable[[], None] | None = None,
+        streams: Transport | None = None,
     ) -> None:
         self.guest = guest
+        #: where run_streaming goes instead (dump_transport = "ssh"); opened and closed with this
+        self.streams = streams
         self.vm = vm
         self._connect = connect
         self._disconnect = disconnect
@@ -174,6 +184,25 @@ class AgentTransport:
         if probe.returncode == 3:
             raise GuestError("the guest has no `timeout` (coreutils)", vm=self.vm)
         self._systemd = probe.returncode == 0
+        self._remove_leftovers()
+        if self.streams is not None:
+            self.streams.open()
+            self.description += f" (streams: {self.streams.description})"
+
+    def _remove_leftovers(self) -> None:
+        """Remove the transfer and channel folders an earlier run of this coordinator left when
+        it was killed (a partial dump, a channel's FIFOs): named by its host and PID."""
+        listing = self.run(
+            ["sh", "-c", 'for d in "$@"; do [ -d "$d" ] && ls -1 -- "$d"; done; exit 0', "sh",
+             TRANSFER_DIR, CHANNEL_DIR],
+            timeout=self.guest.connect_timeout,
+        )  # fmt: skip
+        names = listing.stdout.decode(errors="replace").split()
+        dead = _left_by_dead_runs(names)
+        if dead:
+            paths = [f"{base}/{name}" for name in dead for base in (TRANSFER_DIR, CHANNEL_DIR)]
+            log.info("%s: removing what killed runs left in the guest: %s", self.vm, dead)
+            self._run(["rm", "-rf", "--", *paths], timeout=60, stdin=None)
 
     @property
     def link(self) -> AgentLink:
@@ -182,6 +211,8 @@ class AgentTransport:
         return self._link
 
     def close(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -308,6 +339,11 @@ class AgentTransport:
         consume: Consumer | None = None,
         shield: bool = False,
     ) -> Completed:
+        if self.streams is not None:
+            return self.streams.run_streaming(
+                argv, sudo=sudo, timeout=timeout, stdin=stdin, source=source, consume=consume,
+                shield=shield,
+            )  # fmt: skip
         log.debug("guest %s (agent, streamed): %s", self.vm, display(argv))
 
         def call() -> Completed:
@@ -318,7 +354,7 @@ class AgentTransport:
         return _shielded(call) if shield else call()
 
     def _transfer_dir(self) -> str:
-        folder = f"{TRANSFER_DIR}/{secrets.token_hex(8)}"
+        folder = f"{TRANSFER_DIR}/{_folder_name()}"
         self._checked(["sh", "-c", _PRIVATE_DIR, "sh", folder], timeout=CALL_SECONDS)
         return folder
 
@@ -335,7 +371,7 @@ class AgentTransport:
         and its sha256 in the guest is compared with what arrived."""
         started = time.monotonic()
         link = self.link
-        folder = f"{TRANSFER_DIR}/{secrets.token_hex(8)}"
+        folder = f"{TRANSFER_DIR}/{_folder_name()}"
         out = f"{folder}/out"
         produce = ["sh", "-c", _PRODUCE, "sh", folder, _seconds(timeout), *argv]
         digest = hashlib.sha256()
@@ -489,7 +525,7 @@ class AgentChannel:
     def __init__(self, transport: AgentTransport, argv: Sequence[str]) -> None:
         self.transport = transport
         self.argv = list(argv)
-        self.folder = f"{CHANNEL_DIR}/{secrets.token_hex(8)}"
+        self.folder = f"{CHANNEL_DIR}/{_folder_name()}"
         self._offset = 0
         self._pending = b""
         self._ended = False
@@ -625,6 +661,29 @@ class AgentChannel:
                 log.warning("%s: the channel in %s is left: %s", transport.vm, self.folder, exc)
             self._started = False
             self._ended = True
+
+
+def _folder_name() -> str:
+    """``<coordinator>.<pid>.<random>``: a later run of this coordinator removes the folders of
+    its runs that died (SIGKILL) before they could (:meth:`AgentTransport._remove_leftovers`)."""
+    return f"{_HOST}.{os.getpid()}.{secrets.token_hex(6)}"
+
+
+def _left_by_dead_runs(names: Sequence[str]) -> list[str]:
+    """The folder names of this coordinator's runs whose process is gone."""
+    dead = []
+    for name in names:
+        host, _, rest = name.partition(".")
+        pid = rest.partition(".")[0]
+        if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.append(name)
+        except PermissionError:
+            pass  # alive, another user's
+    return dead
 
 
 def _timed_out(status: ExecStatus, elapsed: float, timeout: float) -> bool:

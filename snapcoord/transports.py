@@ -8,6 +8,8 @@ A fourth transport (VMware Tools guest operations, for example) is one more clas
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import Adapter
 from snapcoord.agent import AgentTransport
@@ -33,4 +35,12 @@ def open_transport(config: Config, vm_key: str, *, adapter: Adapter | None = Non
             session.connect()
         return session.guest_agent(session.find_vm(vm_cfg.ref))
 
-    return AgentTransport(guest, connect, vm=vm_key, disconnect=session.close if own else None)
+    # dump_transport = "ssh": the streams (dumps, archives, restores) keep the guest's sshd
+    streams = (
+        shell_transport(replace(guest, transport="ssh"), vm=vm_key)
+        if guest.dump_transport == "ssh"
+        else None
+    )
+    return AgentTransport(
+        guest, connect, vm=vm_key, disconnect=session.close if own else None, streams=streams
+    )

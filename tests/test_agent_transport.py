@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from snapcoord.agent import CHANNEL_DIR, TRANSFER_DIR, AgentTransport
 from snapcoord.agent_link import AgentLink, AgentUnavailable
 from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
-from snapcoord.guest import ConnectionLost
+from snapcoord.guest import ConnectionLost, shell_transport
 from snapcoord.hooks.databases import mysql_pause, pause
 from snapcoord.hooks.guest import watchdog
 from snapcoord.settings import DumpConfig, GuestConfig
@@ -342,3 +344,54 @@ def test_kill_sessions_through_the_agent_ends_the_detached_lock_session(
     finally:
         held.release()
     assert leftovers(CHANNEL_DIR) == []
+
+
+# -- what killed runs leave, and streams kept on SSH ---------------------------------------------
+
+
+def test_opening_removes_what_killed_runs_of_this_coordinator_left_in_the_guest(
+    agent: LabAgent,
+) -> None:
+    from snapcoord import agent as agent_module
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = agent_module._HOST
+    dead = [f"{TRANSFER_DIR}/{host}.{gone.pid}.aa", f"{CHANNEL_DIR}/{host}.{gone.pid}.bb"]
+    kept = [f"{TRANSFER_DIR}/{host}.1.cc", f"{TRANSFER_DIR}/other-host.{gone.pid}.dd"]
+    for folder in dead + kept:
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "out").write_bytes(b"partial dump")
+    opened = make_transport(agent)
+    opened.close()
+    assert [Path(f).exists() for f in dead] == [False, False]
+    assert [Path(f).exists() for f in kept] == [True, True]
+
+
+def test_dump_transport_ssh_streams_over_ssh_and_runs_commands_through_the_agent(
+    agent: LabAgent, ssh_guest: lab.SshGuest
+) -> None:
+    link = agent.link()
+    reads: list[str] = []
+    original = link.read_file
+
+    def counting(path: str, **kwargs: Any) -> tuple[bytes, bool]:
+        reads.append(path)
+        return original(path, **kwargs)
+
+    link.read_file = counting  # type: ignore[method-assign]
+    table = ssh_guest.guest_table(transport="agent", dump_transport="ssh")
+    guest = parse_table(GuestConfig, table)
+    streams = shell_transport(replace(guest, transport="ssh"), vm="lab")
+    opened = AgentTransport(guest, lambda: link, vm="lab", streams=streams)
+    opened.open()
+    try:
+        assert "streams: ssh" in opened.description
+        got = bytearray()
+        result = opened.run_streaming(["head", "-c", "100000", "/dev/zero"], timeout=30,
+                                      consume=got.extend)  # fmt: skip
+        assert result.ok and bytes(got) == bytes(100000)
+        assert not [path for path in reads if path.startswith(TRANSFER_DIR)]
+        assert opened.run(["id", "-u"], timeout=10).stdout == b"0\n"  # the agent: root
+    finally:
+        opened.close()
