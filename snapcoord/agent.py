@@ -55,9 +55,20 @@ log = logging.getLogger("snapcoord.agent")
 #: This coordinator's name in the guest-side folders' names (no dots: they separate fields).
 _HOST = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
 
-#: Where transfers and channels live in the guest: root-only, made by the commands below.
-TRANSFER_DIR = "/var/lib/snapcoord/transfer"
+#: Where transfers live in the guest (on disk: a dump may be large), under the guest's state
+#: folder: ``/var/lib/snapcoord``, or what ``SNAPCOORD_GUEST_STATE`` says in the agent's
+#: environment (an admin's choice in qemu-guest-agent's unit; the lab's stand-in guests use it).
+#: Channels live in RAM. Both root-only, made by the commands below.
+STATE_DIR = "/var/lib/snapcoord"
 CHANNEL_DIR = "/run/snapcoord/channel"
+
+# Prints the guest's state folder, and "systemd" where systemd runs; exit 3 without timeout(1).
+_PROBE = r"""
+command -v timeout >/dev/null || exit 3
+printf '%s\n' "${SNAPCOORD_GUEST_STATE:-/var/lib/snapcoord}"
+[ -d /run/systemd/system ] && echo systemd
+exit 0
+"""
 #: How long one agent call may take (the link's own timeout): a stalled agent is not waited on.
 CALL_SECONDS = 10.0
 #: The first poll of a command's status, and the longest pause between polls.
@@ -168,6 +179,7 @@ class AgentTransport:
         self._disconnect = disconnect
         self._link: AgentLink | None = None
         self._systemd = False
+        self.transfer_dir = f"{STATE_DIR}/transfer"
         self._generation = 0
         self._lock = threading.Lock()
         self.description = "guest agent"
@@ -177,13 +189,19 @@ class AgentTransport:
         self._link = self._connect()
         self.description = self._link.description
         self._link.ping(timeout=min(CALL_SECONDS, self.guest.connect_timeout))
-        probe = self.run(
-            ["sh", "-c", "command -v timeout >/dev/null || exit 3; test -d /run/systemd/system"],
-            timeout=self.guest.connect_timeout,
-        )
+        probe = self.run(["sh", "-c", _PROBE], timeout=self.guest.connect_timeout)
         if probe.returncode == 3:
             raise GuestError("the guest has no `timeout` (coreutils)", vm=self.vm)
-        self._systemd = probe.returncode == 0
+        words = probe.stdout.decode(errors="replace").split("\n")
+        state = words[0] if probe.ok else ""
+        if not state.startswith("/") or "/../" in f"{state}/" or not state.isprintable():
+            raise GuestError(
+                f"the guest's state folder is not an absolute path ({state!r}): "
+                f"{probe.error_text()}",
+                vm=self.vm,
+            )
+        self.transfer_dir = f"{state.rstrip('/')}/transfer"
+        self._systemd = "systemd" in words[1:]
         self._remove_leftovers()
         if self.streams is not None:
             self.streams.open()
@@ -194,13 +212,13 @@ class AgentTransport:
         it was killed (a partial dump, a channel's FIFOs): named by its host and PID."""
         listing = self.run(
             ["sh", "-c", 'for d in "$@"; do [ -d "$d" ] && ls -1 -- "$d"; done; exit 0', "sh",
-             TRANSFER_DIR, CHANNEL_DIR],
+             self.transfer_dir, CHANNEL_DIR],
             timeout=self.guest.connect_timeout,
         )  # fmt: skip
         names = listing.stdout.decode(errors="replace").split()
         dead = _left_by_dead_runs(names)
         if dead:
-            paths = [f"{base}/{name}" for name in dead for base in (TRANSFER_DIR, CHANNEL_DIR)]
+            paths = [f"{base}/{name}" for name in dead for base in (self.transfer_dir, CHANNEL_DIR)]
             log.info("%s: removing what killed runs left in the guest: %s", self.vm, dead)
             self._run(["rm", "-rf", "--", *paths], timeout=60, stdin=None)
 
@@ -268,7 +286,7 @@ class AgentTransport:
         limited = ["timeout", "-s", "KILL", _seconds(timeout), *argv]
         if stdin is not None and len(stdin) > self.link.max_input:
             return self._run_with_file(argv, timeout=timeout, stdin=stdin)
-        pid = self.link.exec(limited, stdin=stdin, timeout=CALL_SECONDS)
+        pid = self._exec(limited, stdin=stdin)
         status = self._wait(pid, started + timeout + GRACE_SECONDS, argv)
         if status.truncated:
             raise GuestError(
@@ -297,6 +315,27 @@ class AgentTransport:
                 )
             time.sleep(pause)
             pause = min(LONGEST_POLL, pause * 2)
+
+    def _exec(self, argv: Sequence[str], *, stdin: bytes | None) -> int:
+        """``guest-exec``; a refusal says why in one line (frozen file systems, blocked RPCs)."""
+        try:
+            return self.link.exec(argv, stdin=stdin, timeout=CALL_SECONDS)
+        except AgentCommandError as exc:
+            if "frozen" in exc.message:
+                raise GuestError(
+                    "the guest's file systems are frozen: its agent refuses to run commands",
+                    vm=self.vm,
+                    hint="thaw them (virsh domfsthaw DOMAIN, or qm guest cmd VMID "
+                    "fsfreeze-thaw) once no backup is running",
+                ) from None
+            if "disabled" in exc.message:
+                raise GuestError(
+                    f"the guest agent refuses to run commands ({exc.message})",
+                    vm=self.vm,
+                    hint="allow guest-exec, guest-exec-status and guest-file-* in the guest's "
+                    "/etc/qemu/qemu-ga.conf (block-rpcs / allow-rpcs)",
+                ) from None
+            raise
 
     def _status(self, pid: int, argv: Sequence[str]) -> ExecStatus:
         """The status of a command that started: an agent that stopped answering, or forgot the
@@ -354,7 +393,7 @@ class AgentTransport:
         return _shielded(call) if shield else call()
 
     def _transfer_dir(self) -> str:
-        folder = f"{TRANSFER_DIR}/{_folder_name()}"
+        folder = f"{self.transfer_dir}/{_folder_name()}"
         self._checked(["sh", "-c", _PRIVATE_DIR, "sh", folder], timeout=CALL_SECONDS)
         return folder
 
@@ -371,7 +410,7 @@ class AgentTransport:
         and its sha256 in the guest is compared with what arrived."""
         started = time.monotonic()
         link = self.link
-        folder = f"{TRANSFER_DIR}/{_folder_name()}"
+        folder = f"{self.transfer_dir}/{_folder_name()}"
         out = f"{folder}/out"
         produce = ["sh", "-c", _PRODUCE, "sh", folder, _seconds(timeout), *argv]
         digest = hashlib.sha256()
@@ -379,7 +418,7 @@ class AgentTransport:
         try:
             if len(stdin) > link.max_input:
                 raise GuestError("a streamed command's input is too large", vm=self.vm)
-            pid = link.exec(produce, stdin=stdin, timeout=CALL_SECONDS)
+            pid = self._exec(produce, stdin=stdin)
             deadline = started + timeout + GRACE_SECONDS
             pause = FIRST_POLL
             status: ExecStatus | None = None
@@ -475,7 +514,7 @@ class AgentTransport:
         folder = self._transfer_dir()
         try:
             consume = ["sh", "-c", _CONSUME, "sh", folder, _seconds(timeout), *argv]
-            pid = link.exec(consume, stdin=None, timeout=CALL_SECONDS)
+            pid = self._exec(consume, stdin=None)
             number = 0
             pending = stdin
             deadline = started + timeout + GRACE_SECONDS

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from snapcoord.agent import CHANNEL_DIR, TRANSFER_DIR, AgentTransport
+from snapcoord.agent import CHANNEL_DIR, AgentTransport
 from snapcoord.agent_link import AgentLink, AgentUnavailable
 from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
@@ -64,7 +64,7 @@ def transport(agent: LabAgent) -> Iterator[AgentTransport]:
     opened.close()
 
 
-def leftovers(folder: str) -> list[str]:
+def leftovers(folder: str | Path) -> list[str]:
     path = Path(folder)
     return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
@@ -104,7 +104,7 @@ def test_stdin_larger_than_one_exec_goes_through_a_root_only_file(agent: LabAgen
     data = os.urandom(5000)
     result = opened.run(["sha256sum"], timeout=10, stdin=data)
     assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 def test_output_larger_than_the_agent_keeps_is_an_error_not_a_truncated_answer(
@@ -152,7 +152,7 @@ def test_a_stream_out_arrives_exactly_in_chunks_and_leaves_nothing(
     )
     assert result.ok and result.stderr == b"done\n"
     assert bytes(got) == data
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 def test_a_stream_out_whose_bytes_changed_on_the_way_fails_on_the_guest_sha256(
@@ -168,7 +168,7 @@ def test_a_stream_out_whose_bytes_changed_on_the_way_fails_on_the_guest_sha256(
     opened = make_transport(agent, link)
     with pytest.raises(GuestError, match="sha256 differs"):
         opened.run_streaming(["head", "-c", "100000", "/dev/urandom"], timeout=30, consume=None)
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 def test_a_consumer_that_fails_kills_the_guest_command_and_removes_the_file(
@@ -189,7 +189,7 @@ def test_a_consumer_that_fails_kills_the_guest_command_and_removes_the_file(
         )
     assert seen
     wait_for(lambda: not processes_with("# 4243"), 5, "the producer killed in the guest")
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 def test_a_stream_in_reaches_the_command_in_order_and_leaves_nothing(agent: LabAgent) -> None:
@@ -200,7 +200,7 @@ def test_a_stream_in_reaches_the_command_in_order_and_leaves_nothing(agent: LabA
     )
     assert result.ok
     assert result.stdout.split()[0].decode() == hashlib.sha256(b"head:" + data).hexdigest()
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 def test_a_stream_in_whose_command_fails_early_stops_sending(agent: LabAgent) -> None:
@@ -221,7 +221,7 @@ def test_a_stream_in_whose_command_fails_early_stops_sending(agent: LabAgent) ->
     )
     assert result.returncode == 5 and b"refused" in result.stderr
     assert len(writes) < 100  # 512 chunks were there to send
-    assert leftovers(TRANSFER_DIR) == []
+    assert leftovers(agent.transfer_dir) == []
 
 
 # -- channels ---------------------------------------------------------------------------------
@@ -357,8 +357,9 @@ def test_opening_removes_what_killed_runs_of_this_coordinator_left_in_the_guest(
     gone = subprocess.Popen(["true"])
     gone.wait()
     host = agent_module._HOST
-    dead = [f"{TRANSFER_DIR}/{host}.{gone.pid}.aa", f"{CHANNEL_DIR}/{host}.{gone.pid}.bb"]
-    kept = [f"{TRANSFER_DIR}/{host}.1.cc", f"{TRANSFER_DIR}/other-host.{gone.pid}.dd"]
+    transfer = agent.transfer_dir
+    dead = [f"{transfer}/{host}.{gone.pid}.aa", f"{CHANNEL_DIR}/{host}.{gone.pid}.bb"]
+    kept = [f"{transfer}/{host}.1.cc", f"{transfer}/other-host.{gone.pid}.dd"]
     for folder in dead + kept:
         Path(folder).mkdir(parents=True)
         (Path(folder) / "out").write_bytes(b"partial dump")
@@ -391,7 +392,18 @@ def test_dump_transport_ssh_streams_over_ssh_and_runs_commands_through_the_agent
         result = opened.run_streaming(["head", "-c", "100000", "/dev/zero"], timeout=30,
                                       consume=got.extend)  # fmt: skip
         assert result.ok and bytes(got) == bytes(100000)
-        assert not [path for path in reads if path.startswith(TRANSFER_DIR)]
+        assert not [path for path in reads if path.startswith(str(agent.transfer_dir))]
         assert opened.run(["id", "-u"], timeout=10).stdout == b"0\n"  # the agent: root
     finally:
         opened.close()
+
+
+def test_an_agent_that_blocks_guest_exec_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    blocked = start_agent(tmp_path / "blocked", blocked=("guest-exec",))
+    try:
+        with pytest.raises(GuestError) as info:
+            make_transport(blocked)
+        assert "refuses to run commands" in info.value.message
+        assert info.value.hint is not None and "qemu-ga.conf" in info.value.hint
+    finally:
+        blocked.stop()
