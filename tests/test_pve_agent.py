@@ -5,6 +5,7 @@ agent transport's calls, their limits and their faults."""
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from urllib3.exceptions import InsecureRequestWarning
 
 from snapcoord.adapters.base import VM
+from snapcoord.adapters.permissions import proxmox_agent_transport_privileges
 from snapcoord.adapters.proxmox import ProxmoxAdapter
 from snapcoord.adapters.proxmox_agent import ProxmoxAgentLink
 from snapcoord.agent_link import AgentCommandError, AgentUnavailable, ExecStatus
@@ -378,3 +380,14 @@ def test_any_answer_is_understood_or_one_line(
     elif method == "read_file":
         data, eof = result  # type: ignore[misc]
         assert isinstance(data, bytes) and len(data) <= 64 and isinstance(eof, bool)
+
+
+def test_first_setup_grants_each_versions_agent_transport_privilege() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "first-setup.md").read_text()
+    for major in (8, 9):
+        (line,) = re.findall(
+            rf'^pveum role add SnapcoordAgent -privs "([^"]*)"\s+# agent transport on PVE {major}$',
+            text,
+            re.M,
+        )
+        assert tuple(sorted(line.split(","))) == proxmox_agent_transport_privileges(major)
