@@ -18,7 +18,9 @@ Agent.pm`` @ e6352be6, pve-http-server; tests/pve_api/data/pve-agent-api.json ``
   concatenates them; before qemu-server 9.1.5 (every Proxmox VE 8) it takes no ``offset``,
   ``count`` or ``decode`` and returns up to 16 MiB from the start, decoded;
 * ``file-write`` replaces the file (mode ``wb``) with ``content``, at most 60 KiB of base64 with
-  ``encode=0``;
+  ``encode=0``. qemu-ga makes a *new* file mode 0666 whatever its umask (qga/commands-posix.c
+  ``safe_open_or_create``, Debian 12's qemu 7.2); an existing file keeps its mode: create a
+  private file 0600 first;
 * a request body is at most 512 KiB (64 KiB before pve-http-server 5.2.1, assumed on PVE 8);
 * a value that is the empty string is dropped by the form decoding (undefined in Perl): an empty
   argument, empty stdin or an empty file cannot be sent.
@@ -87,7 +89,9 @@ def _answers(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class ProxmoxAgentLink:
-    """The guest agent of one qemu VM, through the Proxmox VE API."""
+    """The guest agent of one qemu VM, through the Proxmox VE API. The ``timeout`` arguments
+    are not sent: each call is bounded by the adapter's HTTP timeout (30 s) and by the API's own
+    wait for the agent (a 3 s guest-ping, then 5 s for the command)."""
 
     def __init__(self, adapter: ProxmoxAdapter, vm: VM) -> None:
         self.adapter = adapter

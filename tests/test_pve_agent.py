@@ -5,7 +5,9 @@ agent transport's calls, their limits and their faults."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from proxmoxer.core import ResourceException
 from urllib3.exceptions import InsecureRequestWarning
 
 from snapcoord.adapters.base import VM
@@ -180,7 +183,13 @@ def test_file_write_then_read_back_with_offsets(link: ProxmoxAgentLink, tmp_path
     data = bytes(range(256)) * 100  # 25600 bytes, every value
     link.write_file(target, data, timeout=10)
     assert Path(target).read_bytes() == data
-    assert Path(target).stat().st_mode & 0o777 == 0o600 or Path(target).exists()
+    # qemu-ga (qga/commands-posix.c safe_open_or_create) makes a new file 0666 whatever the
+    # umask; a file that exists keeps its mode (mode wb truncates it): create it 0600 first
+    assert Path(target).stat().st_mode & 0o777 == 0o666
+    private = tmp_path / "private"
+    private.touch(mode=0o600)
+    link.write_file(str(private), b"secret", timeout=10)
+    assert (private.read_bytes(), private.stat().st_mode & 0o777) == (b"secret", 0o600)
     assert link.read_file(target, offset=0, count=len(data), timeout=10) == (data, False)
     assert link.read_file(target, offset=1000, count=500, timeout=10) == (data[1000:1500], False)
     assert link.read_file(target, offset=25000, count=4096, timeout=10) == (data[25000:], True)
@@ -241,6 +250,44 @@ def test_a_stopped_agent_is_unavailable_with_the_fix_and_comes_back(
         assert "qemu-guest-agent" in (caught.value.hint or "")
     agent.start()
     assert run(link, ["/bin/true"]).returncode == 0
+
+
+def test_an_agent_that_stops_answering_is_unavailable(
+    link: ProxmoxAgentLink, agent: LabAgent
+) -> None:
+    """qemu-ga alive but not answering (stopped with SIGSTOP): the API's 3 s guest-ping fails."""
+    link.ping(timeout=5)
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(AgentUnavailable, match="QEMU guest agent is not running"):
+            link.exec(["/bin/true"], stdin=None, timeout=5)
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    assert run(link, ["/bin/true"]).returncode == 0
+
+
+def test_the_api_answers_map_to_the_agent_errors(link: ProxmoxAgentLink) -> None:
+    """What the API's handlers die with (data/pve-agent-api.json, _behaviour), as the link
+    reports it; the double answers the first three in the tests above."""
+
+    def mapped(status: int, reason: str, errors: dict[str, str] | None = None) -> Exception:
+        exc = ResourceException(status, reason, reason, errors)
+        return link._error(exc, "post", f"{link.base}/exec")
+
+    timeout = mapped(500, "VM 100 qga command 'guest-exec' failed - got timeout")
+    assert isinstance(timeout, AgentUnavailable) and "did not answer guest-exec" in str(timeout)
+    assert "qm set 100 --agent 1" in (timeout.hint or "")
+    assert isinstance(mapped(500, "VM 100 is not running"), AgentUnavailable)
+    assert isinstance(mapped(500, "Agent error: can't execute command"), AgentCommandError)
+    configured = mapped(500, "No QEMU guest agent configured")
+    assert isinstance(configured, GuestError) and not isinstance(configured, AgentUnavailable)
+    other = mapped(500, "Configuration file 'nodes/pve1/qemu-server/100.conf' does not exist")
+    assert isinstance(other, HypervisorError)  # the adapter's own mapping (VMNotFound)
+    forbidden = mapped(403, "Permission check failed (/vms/100, VM.GuestAgent.Unrestricted)")
+    assert isinstance(forbidden, HypervisorError)
+    assert "VM.GuestAgent.Unrestricted on /vms/100" in (forbidden.hint or "")
+    unknown = mapped(400, "Parameter verification failed.", {"file": "property is missing"})
+    assert isinstance(unknown, HypervisorError) and "file: property is missing" in str(unknown)
 
 
 def test_a_stopped_vm_is_unavailable(link: ProxmoxAgentLink, double: PveApiDouble) -> None:
@@ -319,6 +366,28 @@ def test_pve8_needs_vm_monitor_and_reads_without_offset(
             double, "POST", f"{AGENT}/file-write", data={"file": target, "content": "/" * 30000}
         )
         assert (big.status_code, big.reason) == (501, "for data too large")  # 90 KB form-encoded
+    finally:
+        double.stop()
+
+
+def test_pve9_with_an_older_qemu_server_reads_without_offset(
+    cert: Cert, agent: LabAgent, tmp_path: Path
+) -> None:
+    """A PVE 9 whose qemu-server predates 9.1.5 refuses offset/count/decode (400); the link
+    then reads the whole file and keeps the slice, from then on."""
+    double = _double(cert, agent, pve_major=8)
+    try:
+        with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+            link = adapter.guest_agent(adapter.find_vm("db1"))
+            assert isinstance(link, ProxmoxAgentLink)
+            link._legacy_read = False  # as on PVE 9: try the parameters first
+            target = tmp_path / "old-qemu-server"
+            target.write_bytes(bytes(range(256)) * 3)
+            got = link.read_file(str(target), offset=300, count=10, timeout=5)
+            assert got == (bytes(range(256))[44:54], False)
+            assert link._legacy_read
+        reads = [p for m, p in double.calls() if p.endswith("/agent/file-read")]
+        assert len(reads) == 2  # the refused one, then the old form
     finally:
         double.stop()
 
