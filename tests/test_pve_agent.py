@@ -5,6 +5,7 @@ agent transport's calls, their limits and their faults."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -26,6 +27,8 @@ from snapcoord.adapters.permissions import proxmox_agent_transport_privileges
 from snapcoord.adapters.proxmox import ProxmoxAdapter
 from snapcoord.adapters.proxmox_agent import ProxmoxAgentLink
 from snapcoord.agent_link import AgentCommandError, AgentUnavailable, ExecStatus
+from snapcoord.check import Checker, Skip
+from snapcoord.config import parse_config
 from snapcoord.errors import (
     ExitCode,
     GuestError,
@@ -36,9 +39,11 @@ from snapcoord.errors import (
 from tests import hostile_json
 from tests.pve_api import PveApiDouble
 from tests.pve_api.testing import (
+    TOKEN_ENV,
     TOKEN_ID,
     TOKEN_SECRET,
     Cert,
+    hypervisor_table,
     make_cert,
     start_double,
     token_settings,
@@ -460,3 +465,34 @@ def test_first_setup_grants_each_versions_agent_transport_privilege() -> None:
             re.M,
         )
         assert tuple(sorted(line.split(","))) == proxmox_agent_transport_privileges(major)
+
+
+def test_check_asks_for_the_agent_transports_privilege(
+    double: PveApiDouble, cert: Cert, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``snapcoord check`` on a VM with transport = "agent" (the schema's choice comes with the
+    transport itself: here the parsed setting is replaced)."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN_SECRET)
+    config = parse_config(
+        {
+            "defaults": {"store": "/nonexistent/store", "label": "test"},
+            "hypervisors": {"pve": hypervisor_table(double, cert)},
+            "vms": {"db": {"hypervisor": "pve", "vmid": 100, "guest": {"host": "127.0.0.1"}}},
+        }
+    )
+    checker = Checker(config, "db")
+    assert checker.vm_cfg.guest is not None
+    assert "guest-agent" not in checker._operations()
+    guest = dataclasses.replace(checker.vm_cfg.guest, transport="agent")
+    checker.vm_cfg = dataclasses.replace(checker.vm_cfg, guest=guest)
+    assert checker._operations() == ["snapshot", "guest-agent"]
+    double.grant(TOKEN_ID, "/", {"VM.Audit", "VM.Snapshot"})
+    with ProxmoxAdapter("pve", token_settings(double, cert)) as adapter:
+        checker.adapter = adapter
+        checker.vm = adapter.find_vm("100")
+        with pytest.raises(Skip):
+            checker._privileges()
+        (finding,) = checker.findings
+        assert "lacks VM.GuestAgent.Unrestricted on the VM" in finding.detail
+        double.grant(TOKEN_ID, "/", {"VM.Audit", "VM.Snapshot", "VM.GuestAgent.Unrestricted"})
+        assert checker._privileges().startswith("enough to snapshot")
