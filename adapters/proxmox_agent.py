@@ -122,7 +122,7 @@ class ProxmoxAgentLink:
             raise self._error(exc, method, path) from None
 
     def _error(self, exc: ResourceException, method: str, path: str) -> Exception:
-        status, reason = exc.status_code, str(exc.content or "").strip()
+        status, reason = exc.status_code, _reason(exc)
         vm = self.vm.name
         if status == 403:
             needed = " or ".join(proxmox_agent_transport_privileges(self.pve_major))
@@ -262,6 +262,16 @@ class ProxmoxAgentLink:
 
     def close(self) -> None:
         pass  # the adapter's session is the adapter's
+
+
+def _reason(exc: ResourceException) -> str:
+    """The reason phrase: the API writes the message's UTF-8 bytes, which HTTP clients read as
+    Latin-1 (an agent error quoting a path or the agent's own curly quotes)."""
+    reason = str(exc.content or "").strip()
+    try:
+        return reason.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return reason
 
 
 def _flag(answer: Mapping[str, Any], key: str, *, required: bool = False) -> bool:

@@ -304,8 +304,9 @@ def test_a_stopped_vm_is_unavailable(link: ProxmoxAgentLink, double: PveApiDoubl
 def test_an_agent_error_is_an_agent_command_error(link: ProxmoxAgentLink, tmp_path: Path) -> None:
     with pytest.raises(AgentCommandError, match="Agent error: failed to open file"):
         link.read_file(str(tmp_path / "missing"), offset=0, count=10, timeout=5)
-    with pytest.raises(AgentCommandError, match="Agent error: "):
+    with pytest.raises(AgentCommandError, match="Agent error: ") as caught:
         link.exec(["/nonexistent/program"], stdin=None, timeout=5)
+    assert "“/nonexistent/program”" in str(caught.value)  # the agent's UTF-8 quotes, intact
 
 
 def test_containers_have_no_guest_agent(adapter: ProxmoxAdapter) -> None:
