@@ -183,6 +183,16 @@ def test_stdin_and_output_are_exact_bytes_utf8_or_not(link: ProxmoxAgentLink) ->
     assert run(link, ["/bin/echo", "hé"]).stdout == "hé\n".encode()  # argv: UTF-8 text
 
 
+def test_the_limits_hold_for_the_worst_case_bytes(link: ProxmoxAgentLink, tmp_path: Path) -> None:
+    """0xFF is the costliest byte form-encoded: %C3%BF in input-data, '/' (%2F) in base64."""
+    assert run(link, ["/usr/bin/wc", "-c"], b"\xff" * link.max_input).stdout.strip() == (
+        str(link.max_input).encode()
+    )
+    target = tmp_path / "worst"
+    link.write_file(str(target), b"\xff" * link.max_write, timeout=10)
+    assert target.read_bytes() == b"\xff" * link.max_write
+
+
 def test_file_write_then_read_back_with_offsets(link: ProxmoxAgentLink, tmp_path: Path) -> None:
     target = str(tmp_path / "chunks")
     data = bytes(range(256)) * 100  # 25600 bytes, every value
@@ -358,6 +368,9 @@ def test_pve8_needs_vm_monitor_and_reads_without_offset(
             assert adapter.missing_privileges(vm, ["guest-agent"]) == ["VM.Monitor"]
             double.grant(TOKEN_ID, "/vms/100", {"VM.Audit", "VM.Monitor"})
             assert run(link, ["/bin/cat"], b"eight").stdout == b"eight"  # type: ignore[arg-type]
+            worst = b"\xff" * link.max_input  # fits PVE 8's 64 KiB request body
+            assert run(link, ["/bin/cat"], worst).stdout == worst  # type: ignore[arg-type]
+            link.write_file(str(tmp_path / "worst"), b"\xff" * link.max_write, timeout=5)
             target = str(tmp_path / "old")
             data = bytes(range(256)) * 40
             link.write_file(target, data, timeout=5)
