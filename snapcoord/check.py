@@ -141,6 +141,8 @@ class Checker:
             operations.append("prune")
         if cfg.quiesce:
             operations.append("quiesce")
+        if cfg.guest is not None and cfg.guest.transport == "agent":
+            operations.append("guest-agent")  # exec, exec-status, file-read, file-write
         return operations
 
     def _privileges(self) -> str:
