@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from snapcoord import cancel
-from snapcoord.agent_link import AgentLink
 from snapcoord.errors import SnapshotNotFound, TaskTimeout, UnsupportedOperation
 from snapcoord.settings import HypervisorSettings
 
@@ -170,15 +169,6 @@ class Adapter(ABC):
             f"{self.type_name or 'this'} hypervisor has no guest-agent freeze for backups",
             vm=vm.name,
             hint="the freeze hook brackets backups of QEMU VMs on Proxmox VE or libvirt",
-        )
-
-    def guest_agent(self, vm: VM) -> AgentLink:
-        """The VM's QEMU guest agent, for ``[vms.X.guest] transport = "agent"``: guest commands
-        and files through the hypervisor, no connection into the guest of its own."""
-        raise UnsupportedOperation(
-            f"the {self.type_name or 'this'} hypervisor gives no guest agent transport",
-            vm=vm.name,
-            hint='use transport = "ssh" for this VM',
         )
 
     def thaw_filesystems(self, vm: VM) -> bool:

@@ -77,6 +77,9 @@ FIRST_POLL, LONGEST_POLL = 0.001, 0.02
 #: timeout; its end then has to reach us).
 GRACE_SECONDS = 5.0
 
+# Every argument carries one leading character: strip it, run the command.
+_UNPREFIX = 'for a; do shift; set -- "$@" "${a#x}"; done; exec "$@"'
+
 # $1 = a directory to make, root-only; refuses a link or a directory another user owns.
 _PRIVATE_DIR = r"""
 umask 077
@@ -317,7 +320,11 @@ class AgentTransport:
             pause = min(LONGEST_POLL, pause * 2)
 
     def _exec(self, argv: Sequence[str], *, stdin: bytes | None) -> int:
-        """``guest-exec``; a refusal says why in one line (frozen file systems, blocked RPCs)."""
+        """``guest-exec``; a refusal says why in one line (frozen file systems, blocked RPCs).
+        Proxmox's API drops empty form values, so a command with an empty argument is sent with
+        every argument prefixed by one character that a wrapper strips again."""
+        if "" in argv:
+            argv = ["sh", "-c", _UNPREFIX, "sh", *(f"x{arg}" for arg in argv)]
         try:
             return self.link.exec(argv, stdin=stdin, timeout=CALL_SECONDS)
         except AgentCommandError as exc:
@@ -534,8 +541,8 @@ class AgentTransport:
                 status = None
                 if time.monotonic() > deadline:
                     break
-            if status is None:
-                link.write_file(f"{folder}/end", b"", timeout=CALL_SECONDS)
+            if status is None:  # (not empty: Proxmox's API cannot write an empty file)
+                link.write_file(f"{folder}/end", b"end\n", timeout=CALL_SECONDS)
                 status = self._wait(pid, deadline, argv)
             return Completed(
                 tuple(argv),

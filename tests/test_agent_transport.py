@@ -407,3 +407,8 @@ def test_an_agent_that_blocks_guest_exec_is_one_line_with_the_fix(tmp_path: Path
         assert info.value.hint is not None and "qemu-ga.conf" in info.value.hint
     finally:
         blocked.stop()
+
+
+def test_empty_arguments_reach_the_command_as_empty_arguments(transport: AgentTransport) -> None:
+    result = transport.run(["sh", "-c", 'printf "[%s]" "$@"', "sh", "", "x", "", "-x"], timeout=10)
+    assert result.stdout == b"[][x][][-x]"
