@@ -147,6 +147,15 @@ class Adapter(ABC):
         has no privileges to ask about: a libvirt connection may do everything or nothing."""
         return []
 
+    def guest_agent(self, vm: VM) -> AgentLink:
+        """The VM's QEMU guest agent, for ``[vms.X.guest] transport = "agent"``
+        (snapcoord/agent.py). Raises when the hypervisor has none to offer."""
+        raise UnsupportedOperation(
+            f"{self.type_name or 'this'} hypervisor offers no QEMU guest agent transport",
+            vm=vm.name,
+            hint="set [vms.X.guest] transport = 'ssh' for this VM",
+        )
+
     def set_guest_time(self, vm: VM, epoch: float) -> bool:
         """Set the guest's clock through the hypervisor (its guest agent or tools); ``False``
         when this hypervisor cannot (the caller then sets it from inside the guest)."""
@@ -160,17 +169,6 @@ class Adapter(ABC):
             f"{self.type_name or 'this'} hypervisor has no guest-agent freeze for backups",
             vm=vm.name,
             hint="the freeze hook brackets backups of QEMU VMs on Proxmox VE or libvirt",
-        )
-
-    def guest_agent(self, vm: VM) -> AgentLink:
-        """The path to ``vm``'s QEMU guest agent through this hypervisor (``transport =
-        "agent"``). Raises :class:`snapcoord.agent_link.AgentUnavailable` (with the fix) when
-        the VM has no agent configured; whether the agent answers is the link's ``ping``."""
-        raise UnsupportedOperation(
-            f"{self.type_name or 'this'} hypervisor has no QEMU guest agent to run commands "
-            "through",
-            vm=vm.name,
-            hint='transport = "agent" works on libvirt and Proxmox VE; use "ssh" here',
         )
 
     def thaw_filesystems(self, vm: VM) -> bool:

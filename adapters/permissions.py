@@ -12,7 +12,8 @@ Proxmox VE (privileges on :data:`PROXMOX_ACL_PATH`, or a pool or ``/vms`` above 
 - proxmox/qemu-server ``src/PVE/API2/Qemu.pm`` and ``src/PVE/API2/Qemu/Agent.pm`` at
   e6352be67f70042a7433a3a3c712b36d02f9f7cb (9.2.6); the PVE 8 agent privilege from
   ``Agent.pm`` before b92a40ce8a861e127ab3ab484b63544fba44a705 ("api: agent: use more specific
-  guest agent privileges", qemu-server 9.0.2), i.e. at f485c9cbe717b9be612b70580f301d6cce115abb;
+  guest agent privileges", first in qemu-server 9.0.3), i.e. at
+  f485c9cbe717b9be612b70580f301d6cce115abb;
 - proxmox/pve-container ``src/PVE/API2/LXC/Snapshot.pm`` at
   94f558522ef61f9858c39c264d0ac4e697e49268;
 - proxmox/pve-manager ``PVE/API2/Tasks.pm`` and ``PVE/API2/Cluster.pm`` at
@@ -34,6 +35,11 @@ POST .../agent/ping                        PVE 8: VM.Monitor; PVE 9: VM.GuestAge
 POST .../agent/fsfreeze-status             PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.Audit or
                                            VM.GuestAgent.FileSystemMgmt
 POST .../agent/fsfreeze-thaw               PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.FileSystemMgmt
+POST .../agent/exec, GET .../exec-status   PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.Unrestricted
+GET .../agent/file-read                    PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.FileRead or
+                                           VM.GuestAgent.Unrestricted
+POST .../agent/file-write                  PVE 8: VM.Monitor; PVE 9: VM.GuestAgent.FileWrite or
+                                           VM.GuestAgent.Unrestricted
 =========================================  =====================================================
 
 vSphere: the role's privileges on the VM, from VMware's API reference ("Required privilege" of
@@ -79,6 +85,15 @@ PROXMOX_AGENT: Mapping[int, Mapping[str, tuple[str, ...]]] = {
     },
 }
 
+#: Proxmox VE privileges of the agent transport (``[vms.X.guest] transport = "agent"``), per
+#: major version: exec, exec-status, file-read and file-write on ``/vms/{vmid}``. PVE 9 asks
+#: VM.GuestAgent.Unrestricted for exec and exec-status (file-read and file-write would also take
+#: VM.GuestAgent.FileRead / FileWrite, which Unrestricted covers); PVE 8 VM.Monitor for all.
+PROXMOX_AGENT_TRANSPORT: Mapping[int, tuple[str, ...]] = {
+    8: ("VM.Monitor",),
+    9: ("VM.GuestAgent.Unrestricted",),
+}
+
 #: vSphere privileges per operation, on the VM (or a folder above it, propagated).
 #: ``revert`` powers the VM on (or off) afterwards to keep the power state it had before.
 VSPHERE: Mapping[str, tuple[str, ...]] = {
@@ -116,6 +131,11 @@ def proxmox_privileges(
     agent_table = PROXMOX_AGENT[8 if pve_major < 9 else 9]
     extra = union(agent_table, [n for n in names if n in agent_table])
     return tuple(sorted({*base, *extra}))
+
+
+def proxmox_agent_transport_privileges(pve_major: int) -> tuple[str, ...]:
+    """What the agent transport needs on Proxmox VE ``pve_major``."""
+    return PROXMOX_AGENT_TRANSPORT[8 if pve_major < 9 else 9]
 
 
 def vsphere_privileges(operations: Iterable[str] | None = None) -> tuple[str, ...]:

@@ -31,7 +31,11 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from snapcoord import cancel
 from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
-from snapcoord.adapters.permissions import proxmox_privileges
+from snapcoord.adapters.permissions import (
+    proxmox_agent_transport_privileges,
+    proxmox_privileges,
+)
+from snapcoord.agent_link import AgentLink
 from snapcoord.errors import (
     HypervisorError,
     SnapshotExists,
@@ -367,6 +371,14 @@ class ProxmoxAdapter(Adapter):
 
     def _request(self, method: str, path: str, /, vm: str | None = None, **params: Any) -> Any:
         """One API call (``path`` relative to /api2/json); errors become snapcoord errors."""
+        try:
+            return self._send(method, path, vm, params)
+        except ResourceException as exc:
+            raise self._api_error(exc, method, path, vm) from None
+
+    def _send(self, method: str, path: str, vm: str | None, params: Mapping[str, Any]) -> Any:
+        """:meth:`_request` that leaves the API's own error (:class:`ResourceException`) to the
+        caller, for callers that tell its answers apart (adapters/proxmox_agent.py)."""
         self.connect()
         for attempt in (1, 2):
             try:
@@ -376,7 +388,7 @@ class ProxmoxAdapter(Adapter):
                     log.info("ticket for %s refused (expired?): logging in again", self.where)
                     self._relogin()
                     continue
-                raise self._api_error(exc, method, path, vm) from None
+                raise
             except requests.RequestException as exc:
                 raise self._network_error(exc, vm) from None
         raise AssertionError("unreachable")
@@ -580,12 +592,22 @@ class ProxmoxAdapter(Adapter):
         held = answer.get(path, {})
         if not isinstance(held, dict) or not all(isinstance(k, str) for k in held):
             raise TypeError(f"the privileges on {path} are not a map of names")
+        major = self.major_version()
         wanted = proxmox_privileges(
-            [op for op in operations if op != "quiesce"],
+            [op for op in operations if op not in ("quiesce", "guest-agent")],
             agent="quiesce" in operations,
-            pve_major=self.major_version(),
+            pve_major=major,
         )
+        if "guest-agent" in operations:
+            wanted = tuple(sorted({*wanted, *proxmox_agent_transport_privileges(major)}))
         return [priv for priv in wanted if priv not in held]
+
+    def guest_agent(self, vm: VM) -> AgentLink:
+        """The VM's QEMU guest agent through ``nodes/{node}/qemu/{vmid}/agent/*``
+        (adapters/proxmox_agent.py); containers have none."""
+        from snapcoord.adapters.proxmox_agent import guest_agent_link
+
+        return guest_agent_link(self, vm)
 
     @_checked_answers
     def major_version(self) -> int:

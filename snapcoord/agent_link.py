@@ -19,8 +19,12 @@ sends a request the path refuses. Checked in the sources:
   (``REMOTE_STRING_MAX``), so the base64 of a chunk stays under it;
 * qemu-server ``src/PVE/API2/Qemu/Agent.pm`` @ e6352be6: ``exec``'s ``input-data`` is at most
   64 KiB, ``file-write``'s ``content`` at most 60 KiB (mode ``wb``: it replaces the file),
-  ``file-read`` at most 16 MiB from ``offset`` (``decode=0`` keeps it base64: binary-safe), and
-  ``exec-status`` decodes the output into a JSON string (not binary-safe).
+  ``file-read`` at most 16 MiB from ``offset`` (``decode=0`` keeps it base64; ``offset`` only
+  since qemu-server 9.1.5), ``exec-status`` decodes the output into a JSON string whose
+  characters are the bytes (U+0000-U+00FF: binary-safe read back as Latin-1), and empty form
+  values are dropped (no empty argument, stdin or file): adapters/proxmox_agent.py;
+* qemu ``qga/commands-posix.c``: ``guest-file-open`` creates a new file with mode 0666
+  (``DEFAULT_NEW_FILE_MODE``) whatever the umask: private files live in root-only folders.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from snapcoord.errors import GuestError
+from snapcoord.guest import GuestUnreachable
 
 #: What to tell an admin whose VM has no working agent, per hypervisor type.
 AGENT_FIX = {
@@ -42,7 +47,7 @@ AGENT_FIX = {
 }
 
 
-class AgentUnavailable(GuestError):
+class AgentUnavailable(GuestUnreachable):
     """No agent answers: none configured for the VM, the VM is not running, or qemu-ga is not
     running in the guest. Retryable inside a window (the agent may be restarting)."""
 
@@ -96,7 +101,8 @@ class AgentLink(Protocol):
         ...
 
     def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
-        """Create or replace ``path`` (mode 0600, as qemu-ga creates files) with ``data``."""
+        """Create or replace ``path`` with ``data`` (a new file is 0666: keep it in a root-only
+        folder)."""
         ...
 
     def close(self) -> None: ...

@@ -22,13 +22,14 @@ from snapcoord import guest_clock, store
 from snapcoord.adapters import open_adapter
 from snapcoord.adapters.base import VM, Adapter
 from snapcoord.errors import ExitCode, Interrupted, SnapcoordError
-from snapcoord.guest import Transport, open_transport
+from snapcoord.guest import Transport
 from snapcoord.hooks import archive, databases
 from snapcoord.hooks.guest.services import GuestServices, Services
 from snapcoord.outcome import Outcome
 from snapcoord.plans.fallback import Fallback
 from snapcoord.settings import Config, VMConfig
 from snapcoord.status import read_last_run
+from snapcoord.transports import open_transport
 from snapcoord.watchdog_rule import watchdog_problem
 
 
@@ -140,6 +141,8 @@ class Checker:
             operations.append("prune")
         if cfg.quiesce:
             operations.append("quiesce")
+        if cfg.guest is not None and cfg.guest.transport == "agent":
+            operations.append("guest-agent")  # exec, exec-status, file-read, file-write
         return operations
 
     def _privileges(self) -> str:
@@ -168,7 +171,9 @@ class Checker:
     def _guest_checks(self) -> None:
         guest = self.vm_cfg.guest
         assert guest is not None
-        self.transport = open_transport(guest, vm=self.key)
+        if guest.transport == "agent" and self.vm is None:
+            return  # the agent is reached through the hypervisor: its problem is reported
+        self.transport = open_transport(self.config, self.key, adapter=self.adapter)
         self.services = Services(self.transport, guest, vm=self.key)
         if not self._check("guest", self._open_guest):
             return

@@ -145,6 +145,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     config = _load(args)
     counted = f"{plural(len(config.hypervisors), 'hypervisor')}, {plural(len(config.vms), 'VM')}"
     print(f"{config.source}: ok ({counted})")
+    for key, vm in config.vms.items():
+        if vm.guest is not None and vm.guest.transport == "agent":
+            kind = config.hypervisors[vm.hypervisor].type
+            need = (
+                "a container (lxc) has none: it keeps transport = 'exec' (pct exec) or 'ssh'"
+                if kind == "proxmox"
+                else "the domain needs the org.qemu.guest_agent.0 channel"
+            )
+            print(f"{key}: guest commands through the QEMU guest agent ({kind}); {need}")
     return ExitCode.OK
 
 

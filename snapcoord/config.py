@@ -339,6 +339,37 @@ def _renamed(table: dict[str, Any], old: str, new: str, path: str, check: _Valid
     del table[old]
 
 
+#: Hypervisors whose API reaches a QEMU guest agent (docs/guest.md, "The guest agent transport").
+AGENT_HYPERVISORS = ("libvirt", "proxmox")
+
+
+def _check_agent_transport(
+    guest: dict[str, Any], hypervisor: HypervisorSettings | None, gpath: str, check: _Validator
+) -> None:
+    """``transport = "agent"``: a QEMU hypervisor; SSH's keys mean nothing (``guest``: the keys
+    the table sets); containers keep ``exec`` (``pct exec``) or SSH."""
+    kind = getattr(hypervisor, "type", None)
+    if kind is not None and kind not in AGENT_HYPERVISORS:
+        check.problems.append(
+            f"{gpath}.transport: 'agent' needs a libvirt or proxmox hypervisor (QEMU's guest "
+            f"agent), not {kind}; use 'ssh'"
+        )
+    ssh_keys = [key for key in SSH_ONLY_KEYS if key in guest]
+    if ssh_keys and guest.get("dump_transport") != "ssh":
+        check.warnings.append(
+            f"{gpath}: {', '.join(ssh_keys)} ignored with transport = 'agent' (no SSH is used "
+            "unless dump_transport = 'ssh')"
+        )
+    if guest.get("sudo"):
+        check.warnings.append(
+            f"{gpath}.sudo: ignored with transport = 'agent' (the agent runs commands as root)"
+        )
+
+
+SSH_ONLY_KEYS = ("host", "port", "user", "identity_file", "known_hosts", "host_key_fingerprint",
+                 "accept_new_host_key", "ssh_config", "ssh_options")  # fmt: skip
+
+
 def _parse_vm(
     name: str,
     table: Any,
@@ -383,6 +414,13 @@ def _parse_vm(
             check.problems.append(
                 f"{gpath}.exec_prefix: required when transport = 'exec' ([] runs locally)"
             )
+        if guest.get("transport") == "agent":
+            given = {**table["guest"], "dump_transport": guest.get("dump_transport")}
+            _check_agent_transport(given, hypervisors.get(hypervisor or ""), gpath, check)
+            if guest.get("dump_transport") == "ssh" and "host" not in table["guest"]:
+                check.problems.append(f"{gpath}.host: required when dump_transport = 'ssh'")
+        elif "dump_transport" in table["guest"]:
+            check.warnings.append(f"{gpath}.dump_transport: ignored unless transport = 'agent'")
     if "dump" in table and (guest is None or not guest.get("dump")):
         check.warnings.append(f"{path}.dump: ignored unless {path}.guest.dump = true")
     guest_cfg = None

@@ -450,10 +450,10 @@ def _end_lock_sessions(config: Config, key: str, freeze: FreezeState | None) -> 
     guest = config.vm(key).guest
     if guest is None or guest.consistency != "pause" or freeze is None:
         return []
-    from snapcoord.guest import open_transport
     from snapcoord.hooks.databases.pause import kill_sessions
+    from snapcoord.transports import open_transport
 
-    transport = open_transport(guest, vm=key)
+    transport = open_transport(config, key)
     transport.open()
     try:
         pids = kill_sessions(transport, vm=key, sudo=guest.sudo, timeout=guest.command_timeout)

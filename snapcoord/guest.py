@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import selectors
 import shlex
@@ -84,7 +85,16 @@ class Transport(Protocol):
 
     def warm(self, count: int, *, sudo: bool) -> None: ...
 
-    def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]: ...
+    def open_channel(self, argv: Sequence[str], *, sudo: bool = False) -> Channel:
+        """A long-lived command in the guest that snapcoord feeds on stdin and reads line by
+        line (the pause's lock session). Not started yet: :meth:`Channel.start`."""
+        ...
+
+    def detached(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped so that a process it leaves running (the watchdog) outlives the
+        transport's own call: unchanged over SSH and exec (``setsid`` is enough there); over the
+        guest agent, in a systemd scope of its own (qemu-ga's processes die when it restarts)."""
+        ...
 
     @property
     def generation(self) -> int:
@@ -100,6 +110,110 @@ class Transport(Protocol):
 
 def _privileged(argv: Sequence[str], sudo: bool) -> list[str]:
     return ["sudo", "-n", "--", *argv] if sudo else list(argv)
+
+
+class Channel(Protocol):
+    """A long-lived command in the guest, fed on stdin and read line by line."""
+
+    def start(self) -> None: ...
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the command's stdin. A channel that ended swallows it: the next
+        :meth:`readline` says so."""
+        ...
+
+    def readline(self, timeout: float) -> str | None:
+        """The next stdout line (without newline); ``None`` once the command ended; raises
+        :class:`TimeoutError` when no line came within ``timeout``."""
+        ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def exit_code(self) -> int | None:
+        """The command's exit status once it ended (128 + N for signal N)."""
+        ...
+
+    def error_text(self) -> str:
+        """Its last non-empty stderr line, or ''."""
+        ...
+
+    def close(self, *, wait: float = 5.0) -> None:
+        """End it: end of input first, killed if it has not ended within ``wait``."""
+        ...
+
+
+class ProcessChannel:
+    """A channel through a local process that carries the command (ssh, an exec prefix)."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self._command = list(command)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[bytes] = []
+
+    def start(self) -> None:
+        self._process = spawn(
+            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            self._lines.put(raw.rstrip(b"\n").decode("utf-8", errors="replace"))
+        self._lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        for raw in self._process.stderr:
+            self._stderr.append(raw)
+
+    def write(self, data: bytes) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        try:
+            self._process.stdin.write(data)
+            self._process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the command ended: the next read says so
+
+    def readline(self, timeout: float) -> str | None:
+        try:
+            line = self._lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            raise TimeoutError from None
+        if line is None:
+            self._lines.put(None)  # later reads see the end too
+        return line
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def exit_code(self) -> int | None:
+        code = self._process.poll() if self._process is not None else None
+        return 128 - code if code is not None and code < 0 else code
+
+    def error_text(self) -> str:
+        if self.alive:
+            time.sleep(0.05)  # a last line on its way
+        lines = [ln.strip() for ln in b"".join(self._stderr).decode(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        return lines[-1] if lines else ""
+
+    def close(self, *, wait: float = 5.0) -> None:
+        process = self._process
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            if process.stdin is not None:
+                process.stdin.close()
+        try:
+            process.wait(timeout=wait)
+        except Exception:
+            kill_group(process)
+            process.wait()
 
 
 def _shielded(call: Callable[[], Completed]) -> Completed:
@@ -143,6 +257,12 @@ class _Streaming:
 
     def command_line(self, argv: Sequence[str], *, sudo: bool = False) -> list[str]:
         raise NotImplementedError
+
+    def open_channel(self, argv: Sequence[str], *, sudo: bool = False) -> Channel:
+        return ProcessChannel(self.command_line(argv, sudo=sudo))
+
+    def detached(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
 
     def _checked(
         self, argv: Sequence[str], call: Callable[[], Completed], *, shield: bool
@@ -656,8 +776,9 @@ class SshTransport(_Streaming):
             shell.close()
 
 
-def open_transport(guest: GuestConfig, *, vm: str) -> Transport:
-    """Build (not yet open) the transport a ``[vms.X.guest]`` table asks for."""
+def shell_transport(guest: GuestConfig, *, vm: str) -> Transport:
+    """Build (not yet open) the SSH or exec transport a ``[vms.X.guest]`` table asks for; the
+    factory for every transport is :func:`snapcoord.transports.open_transport`."""
     if guest.transport == "exec":
         return ExecTransport(list(guest.exec_prefix), vm=vm)
     return SshTransport(guest, vm=vm)

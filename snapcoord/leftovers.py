@@ -13,11 +13,11 @@ import json
 
 from snapcoord.config import Config
 from snapcoord.errors import GuestError, PreflightError
-from snapcoord.guest import open_transport
 from snapcoord.hooks import databases
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.journal import Journal, RunRecord
+from snapcoord.transports import open_transport
 
 #: The journal's ``pending`` names this undo from just before a watchdog is armed.
 DISARM = "disarm guest watchdog"
@@ -70,7 +70,7 @@ def check_unfinished_run(config: Config, vm_key: str, record: RunRecord) -> str:
     guest = config.vm(vm_key).guest
     if guest is None:
         raise PreflightError(refuse, vm=vm_key, hint=hint)
-    transport = open_transport(guest, vm=vm_key)
+    transport = open_transport(config, vm_key)
     try:
         transport.open()
         services = Services(transport, guest, vm=vm_key)

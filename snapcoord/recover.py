@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, PreflightError, ServiceNotRestored, SnapcoordError
-from snapcoord.guest import open_transport
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.leftovers import DISARM, read_record, unfinished
@@ -13,6 +12,7 @@ from snapcoord.naming import new_run_id
 from snapcoord.outcome import Outcome
 from snapcoord.run import ServiceWindow
 from snapcoord.session import Session
+from snapcoord.transports import open_transport
 
 
 def recover_vm(config: Config, key: str) -> Outcome:
@@ -42,7 +42,7 @@ def recover(config: Config, vm_key: str) -> list[str]:
             raise PreflightError(
                 "the journal names guest services but the VM has no [guest]", vm=vm_key
             )
-        transport = open_transport(vm_cfg.guest, vm=vm_key)
+        transport = open_transport(config, vm_key)
         transport.open()
         lines = []
         try:

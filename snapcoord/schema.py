@@ -356,7 +356,18 @@ VM: dict[str, Key] = {
 
 GUEST: dict[str, Key] = {
     "transport": Key(
-        "choice", "how to run commands in the guest", default="ssh", choices=("ssh", "exec")
+        "choice",
+        "how to run commands in the guest: ssh, exec (an argv prefix) or agent (the QEMU guest "
+        "agent through the hypervisor: libvirt or Proxmox VE VMs)",
+        default="ssh",
+        choices=("ssh", "exec", "agent"),
+    ),
+    "dump_transport": Key(
+        "choice",
+        "transport = 'agent': where dumps and archives stream: 'agent' (a root-only file in the "
+        "guest read back in chunks) or 'ssh' (the guest's sshd, set host)",
+        default="agent",
+        choices=("agent", "ssh"),
     ),
     "host": Key(
         "str",

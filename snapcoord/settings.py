@@ -111,6 +111,7 @@ HYPERVISOR_SETTINGS: dict[str, type[HypervisorSettings]] = {
 @dataclass(frozen=True)
 class GuestConfig:
     transport: str
+    dump_transport: str
     host: str | None
     port: int | None
     user: str | None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -28,6 +29,13 @@ from snapcoord.agent_link import AgentCommandError, AgentUnavailable, QgaLink
 from tests.lab.common import stop_pid, which
 
 QGA = "/usr/sbin/qemu-ga"
+#: What a qemu-ga in the lab must never do: it runs on this machine (in the test's sandbox, whose
+#: mounts and clock are the host's), so freezing file systems, setting the clock or shutting down
+#: would hit the host. Blocked with ``-b``; the real guest's agent does them (tests/realvm_guest).
+HOST_WIDE = ("guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw",
+             "guest-fstrim", "guest-set-time", "guest-shutdown", "guest-suspend-disk",
+             "guest-suspend-ram", "guest-suspend-hybrid", "guest-set-user-password",
+             "guest-set-vcpus", "guest-set-memory-blocks")  # fmt: skip
 _DELIMITER = b"\xff"
 
 
@@ -43,6 +51,14 @@ class LabAgent:
         return self.workdir / "qga.sock"
 
     @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def transfer_dir(self) -> Path:
+        return self.state_dir / "transfer"
+
+    @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
@@ -52,14 +68,26 @@ class LabAgent:
         state = str(self.workdir)
         argv = [QGA, "-m", "unix-listen", "-p", str(self.socket), "-t", state,
                 "-f", f"{state}/qga.pid", "-l", f"{state}/qga.log"]  # fmt: skip
-        if self.blocked:
-            argv += ["-b", ",".join(self.blocked)]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        argv += ["-b", ",".join((*HOST_WIDE, *self.blocked))]
+        # The guest's state folder (dumps in transit) in the test's own directory, not the
+        # machine's /var/lib: commands the agent runs inherit its environment.
+        env = {**os.environ, "SNAPCOORD_GUEST_STATE": str(self.state_dir)}
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
         deadline = time.monotonic() + 10
-        while not self.socket.exists():
+        while not self._accepts():  # the socket file exists once bound, before listen()
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qemu-ga did not start: {self.log()}")
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> None:
         for link in self.links:

@@ -416,3 +416,74 @@ def test_config_check_refuses_a_short_watchdog_with_exit_2(tmp_path: Path) -> No
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"snapcoord: error: {path}: vms.db1.guest.watchdog_seconds: 60 s ")
     assert line.endswith("set watchdog_seconds to at least 241 or lower stop_timeout")
+
+
+def agent_vm(hypervisor_type: str, **guest: Any) -> dict[str, Any]:
+    hv: dict[str, Any] = {"type": hypervisor_type}
+    if hypervisor_type == "proxmox":
+        hv.update(host="pve", token_id="u@pve!t", token_secret={"env": "SNAPCOORD_TEST_TOKEN"})
+    if hypervisor_type == "vsphere":
+        hv.update(host="vc", user="u", password={"env": "SNAPCOORD_TEST_TOKEN"})
+    return {
+        "hypervisors": {"hv": hv},
+        "vms": {"db": {"hypervisor": "hv", "guest": {"transport": "agent", **guest}}},
+    }
+
+
+def test_the_agent_transport_needs_no_host_and_a_qemu_hypervisor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SNAPCOORD_TEST_TOKEN", "s")
+    for kind in ("libvirt", "proxmox"):
+        config = parse_config(agent_vm(kind))
+        guest = config.vm("db").guest
+        assert guest is not None and (guest.transport, guest.dump_transport) == ("agent", "agent")
+        assert config.warnings == ()
+    with pytest.raises(ConfigError) as info:
+        parse_config(agent_vm("vsphere"))
+    assert info.value.problems == [
+        "vms.db.guest.transport: 'agent' needs a libvirt or proxmox hypervisor (QEMU's guest "
+        "agent), not vsphere; use 'ssh'"
+    ]
+
+
+def test_the_agent_transport_warns_about_what_it_ignores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAPCOORD_TEST_TOKEN", "s")
+    config = parse_config(agent_vm("libvirt", host="db1", known_hosts="/etc/kh", sudo=True))
+    assert config.warnings == (
+        "vms.db.guest: host, known_hosts ignored with transport = 'agent' (no SSH is used "
+        "unless dump_transport = 'ssh')",
+        "vms.db.guest.sudo: ignored with transport = 'agent' (the agent runs commands as root)",
+    )
+    kept = parse_config(agent_vm("libvirt", host="db1", dump_transport="ssh"))
+    assert kept.warnings == ()
+    with pytest.raises(ConfigError) as info:
+        parse_config(agent_vm("libvirt", dump_transport="ssh"))
+    assert info.value.problems == ["vms.db.guest.host: required when dump_transport = 'ssh'"]
+    raw = agent_vm("libvirt", host="db1", dump_transport="ssh")
+    raw["vms"]["db"]["guest"]["transport"] = "ssh"
+    assert parse_config(raw).warnings == (
+        "vms.db.guest.dump_transport: ignored unless transport = 'agent'",
+    )
+
+
+def test_config_check_says_what_the_agent_transport_needs(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[hypervisors.pve]\ntype = "proxmox"\nhost = "pve"\ntoken_id = "u@pve!t"\n'
+        'token_secret = { env = "SNAPCOORD_TEST_TOKEN" }\n[hypervisors.virt]\ntype = "libvirt"\n'
+        '[vms.db1]\nhypervisor = "pve"\n[vms.db1.guest]\ntransport = "agent"\n'
+        '[vms.db2]\nhypervisor = "virt"\n[vms.db2.guest]\ntransport = "agent"\n'
+    )
+    path.chmod(0o600)
+    proc = snapcoord("-c", str(path), "config", "check", env={"SNAPCOORD_TEST_TOKEN": "s"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert (
+        "db1: guest commands through the QEMU guest agent (proxmox); a container (lxc) has "
+        "none: it keeps transport = 'exec' (pct exec) or 'ssh'"
+    ) in lines
+    assert (
+        "db2: guest commands through the QEMU guest agent (libvirt); the domain needs the "
+        "org.qemu.guest_agent.0 channel"
+    ) in lines

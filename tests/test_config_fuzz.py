@@ -297,9 +297,15 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
         guest = vm.get("guest")
         if guest is not None:
             transport = guest.get("transport", schema.GUEST["transport"].default)
-            needed = "host" if transport == "ssh" else "exec_prefix"
-            if needed not in guest:
-                guest[needed] = draw(valid_value(schema.GUEST[needed]))
+            hypervisor_type = config["hypervisors"][vm["hypervisor"]]["type"]
+            if transport == "agent" and hypervisor_type not in ("libvirt", "proxmox"):
+                guest["transport"] = transport = "ssh"  # the agent is QEMU's (configuration.md)
+            needed = {"ssh": ["host"], "exec": ["exec_prefix"], "agent": []}[transport]
+            if transport == "agent" and guest.get("dump_transport") == "ssh":
+                needed = ["host"]  # the streams go over SSH
+            for key in needed:
+                if key not in guest:
+                    guest[key] = draw(valid_value(schema.GUEST[key]))
             if not _watchdog_outlasts_the_stops(guest):  # a rule across keys (configuration.md)
                 guest.update(stop_timeout=1.0, parallel_services=True)  # 2 s < watchdog >= 10 s
         config["vms"][name] = vm

@@ -18,7 +18,7 @@ import pytest
 
 from snapcoord.config import parse_table
 from snapcoord.errors import GuestError
-from snapcoord.guest import ConnectionLost, ExecTransport, SshTransport, open_transport
+from snapcoord.guest import ConnectionLost, ExecTransport, SshTransport, shell_transport
 from snapcoord.hooks.guest.services import Services
 from snapcoord.settings import GuestConfig
 from snapcoord.shell import CHUNK
@@ -428,6 +428,6 @@ def test_exec_transport_runs_through_the_prefix() -> None:
 
 def test_exec_transport_with_a_missing_prefix_command_fails_in_preflight() -> None:
     table = {"transport": "exec", "exec_prefix": ["pct-does-not-exist", "exec", "101", "--"]}
-    transport = open_transport(parse_table(GuestConfig, table), vm="ct")
+    transport = shell_transport(parse_table(GuestConfig, table), vm="ct")
     with pytest.raises(GuestError, match="pct-does-not-exist"):
         transport.open()

@@ -17,7 +17,7 @@ import pytest
 from snapcoord import store
 from snapcoord.config import Config, VMConfig, parse_config
 from snapcoord.errors import ExitCode, PreflightError
-from snapcoord.guest import Transport, open_transport
+from snapcoord.guest import Transport, shell_transport
 from snapcoord.hooks.databases import dumpfile, mysql
 from snapcoord.secrets import Secret
 from snapcoord.shell import Completed
@@ -86,7 +86,7 @@ def transport_for(ssh_guest: lab.SshGuest) -> Iterator[Any]:
 
     def make(vm: VMConfig) -> RecordingTransport:
         assert vm.guest is not None
-        transport = RecordingTransport(open_transport(vm.guest, vm=vm.key))
+        transport = RecordingTransport(shell_transport(vm.guest, vm=vm.key))
         transport.open()
         opened.append(transport)
         return transport
@@ -445,7 +445,7 @@ def test_a_connection_lost_while_a_dump_loads_is_a_failed_restore(
     )
     vm = vm_config(ssh_guest, tmp_path)
     assert vm.guest is not None
-    transport = CuttingTransport(open_transport(vm.guest, vm="lab"), ssh_guest)
+    transport = CuttingTransport(shell_transport(vm.guest, vm="lab"), ssh_guest)
     transport.open()
     try:
         with pytest.raises(dumpfile.RestoreFailed, match="lost the SSH connection") as info:
@@ -577,7 +577,7 @@ def test_a_dump_that_exits_0_without_the_completion_line_is_refused(
     )
     vm = config.vm("lab")
     assert vm.guest is not None
-    transport = open_transport(vm.guest, vm="lab")
+    transport = shell_transport(vm.guest, vm="lab")
     transport.open()
     try:
         run = store.RunDir.begin(root, "lab", "snap-cut")

@@ -16,7 +16,7 @@ import pytest
 from snapcoord import store
 from snapcoord.config import VMConfig, parse_config
 from snapcoord.errors import PreflightError
-from snapcoord.guest import SshTransport, Transport, open_transport
+from snapcoord.guest import SshTransport, Transport, shell_transport
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases import dumpfile, postgresql
 from snapcoord.hooks.guest.services import Services
@@ -312,7 +312,7 @@ def test_a_cut_stream_records_no_valid_dump(
              "generate_series(10, 60000) g;", pg_fixture.SHOP)  # fmt: skip
     vm = pg_vm(ssh_guest, tmp_path, compression="none")
     assert vm.guest is not None
-    inner = open_transport(vm.guest, vm="lab")
+    inner = shell_transport(vm.guest, vm="lab")
     inner.open()
     cutting = CuttingTransport(inner, ssh_guest)
     try:
@@ -356,7 +356,7 @@ def test_preflight_refuses_what_cannot_work(
 
 def preflight(vm: VMConfig) -> dumpfile.DumpPlan:
     assert vm.guest is not None
-    transport = open_transport(vm.guest, vm="lab")
+    transport = shell_transport(vm.guest, vm="lab")
     transport.open()
     try:
         return postgresql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)

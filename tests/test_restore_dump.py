@@ -13,7 +13,7 @@ import pytest
 
 from snapcoord import store
 from snapcoord.errors import ExitCode
-from snapcoord.guest import open_transport
+from snapcoord.guest import shell_transport
 from snapcoord.hooks.databases import mysql
 from snapcoord.plans.restore import DumpSource, restore_dump
 from tests import lab
@@ -32,7 +32,7 @@ def dumped(
     config = make_config(ssh_guest, tmp_path / "store", databases=IDOIT)
     vm = config.vm("lab")
     assert vm.guest is not None
-    transport = open_transport(vm.guest, vm="lab")
+    transport = shell_transport(vm.guest, vm="lab")
     transport.open()
     try:
         _, folder = take_dump(transport, vm, config.store, "snap-1")
@@ -84,7 +84,7 @@ def test_loading_without_dropping_first_fails_with_errno_150_and_loses_a_table(
 
     # the same dump with the drop first restores exactly
     vm = config.vm("lab")
-    transport = open_transport(vm.guest, vm="lab")
+    transport = shell_transport(vm.guest, vm="lab")
     transport.open()
     try:
         restored = mysql.restore(

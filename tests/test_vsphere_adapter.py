@@ -435,4 +435,4 @@ def test_vsphere_has_no_qemu_guest_agent(adapter: VSphereAdapter, vm: VM) -> Non
     """The adapter interface's default: one line naming the transports that do work."""
     with pytest.raises(UnsupportedOperation, match="no QEMU guest agent") as info:
         adapter.guest_agent(vm)
-    assert info.value.vm == vm.name and info.value.hint and '"ssh"' in info.value.hint
+    assert info.value.vm == vm.name and info.value.hint and "ssh" in info.value.hint

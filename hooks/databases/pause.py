@@ -15,11 +15,7 @@ RAM, the session that was running when it was taken comes back, and :func:`kill_
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
-import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +23,6 @@ from typing import Any, Protocol
 
 from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
 from snapcoord.guest import Transport
-from snapcoord.shell import kill_group, spawn
 from snapcoord.text import clip
 
 log = logging.getLogger("snapcoord.pause")
@@ -137,7 +132,8 @@ class WritePause(Protocol):
 
 
 class LockSession:
-    """One long-lived client process in the guest, fed SQL on stdin, read line by line."""
+    """One long-lived client in the guest, fed SQL on stdin, read line by line, through the
+    transport's channel (a process over SSH or exec; a detached holder over the guest agent)."""
 
     def __init__(
         self,
@@ -154,41 +150,15 @@ class LockSession:
         self.limit = int(limit)
         argv = ["sh", "-c", SESSION_SCRIPT, "snapcoord-session", str(len(option_file)),
                 str(self.limit), *client_argv]  # fmt: skip
-        self._command = transport.command_line(argv, sudo=sudo)
+        self._channel = transport.open_channel(argv, sudo=sudo)
         self._option_file = option_file
-        self._process: subprocess.Popen[bytes] | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stderr: list[bytes] = []
         self._marks = 0
         self.started: float | None = None  # monotonic: the guest's time limit counts from here
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self._process = spawn(
-            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self._write(self._option_file)
-
-    def _read_stdout(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
-            self._lines.put(raw.rstrip(b"\n").decode("utf-8", errors="replace"))
-        self._lines.put(None)
-
-    def _read_stderr(self) -> None:
-        assert self._process is not None and self._process.stderr is not None
-        for raw in self._process.stderr:
-            self._stderr.append(raw)
-
-    def _write(self, data: bytes) -> None:
-        assert self._process is not None and self._process.stdin is not None
-        try:
-            self._process.stdin.write(data)
-            self._process.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass  # the session ended: the next read says so
+        self._channel.start()
+        self._channel.write(self._option_file)
 
     def remaining(self) -> float:
         if self.started is None:
@@ -201,21 +171,19 @@ class LockSession:
         self._marks += 1
         mark = f"{_MARK}{self._marks}"
         statement = sql.strip().rstrip(";")
-        self._write(f"{statement};\nSELECT '{mark}';\n".encode())
+        self._channel.write(f"{statement};\nSELECT '{mark}';\n".encode())
         deadline = time.monotonic() + timeout
         rows: list[list[str]] = []
         while True:
-            left = deadline - time.monotonic()
             try:
-                line = self._lines.get(timeout=max(0.0, left))
-            except queue.Empty:
+                line = self._channel.readline(deadline - time.monotonic())
+            except TimeoutError:
                 raise LockLost(
                     f"the database session in the guest did not answer {_first_word(sql)} "
                     f"within {timeout:.0f} s",
                     vm=self.vm,
                 ) from None
             if line is None:
-                self._lines.put(None)  # later reads see the end too
                 raise LockLost(
                     f"the database session in the guest ended during {_first_word(sql)}: "
                     f"{self.error_text()}",
@@ -226,36 +194,23 @@ class LockSession:
             rows.append(line.split("\t"))
 
     def error_text(self) -> str:
-        if self._process is not None and self._process.poll() is None:
-            time.sleep(0.05)
-        lines = [ln.strip() for ln in b"".join(self._stderr).decode(errors="replace").splitlines()]
-        lines = [ln for ln in lines if ln]
-        if lines:
-            return clip(lines[-1], 300)
-        code = self._process.poll() if self._process is not None else None
+        text = self._channel.error_text()
+        if text:
+            return clip(text, 300)
+        code = self._channel.exit_code()
         if code == 255:
-            return "the SSH connection was lost"
-        if code in (137, -9):
+            return "the connection to the guest was lost"
+        if code == 137:
             return "killed (pause_timeout reached)"
         return f"exit status {code}" if code is not None else "no answer"
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._channel.alive
 
     def close(self, *, wait: float = 5.0) -> None:
-        """End the session: EOF on its stdin ends the client; kill the local end if it hangs."""
-        process = self._process
-        if process is None:
-            return
-        with contextlib.suppress(OSError):
-            if process.stdin is not None:
-                process.stdin.close()
-        try:
-            process.wait(timeout=wait)
-        except Exception:
-            kill_group(process)
-            process.wait()
+        """End the session: end of input ends the client; killed if it hangs."""
+        self._channel.close(wait=wait)
 
 
 def _first_word(sql: str) -> str:

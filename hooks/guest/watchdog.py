@@ -152,7 +152,8 @@ def arm(
         database or "",
         triggers,
     ]
-    result = transport.run(argv, sudo=sudo, timeout=timeout)
+    # detached: the watchdog outlives the agent that started it (a restart of qemu-ga)
+    result = transport.run(transport.detached(argv), sudo=sudo, timeout=timeout)
     text = result.stdout.decode(errors="replace").strip()
     if not result.ok or not text.isdigit():
         raise GuestError(f"cannot arm the guest watchdog: {result.error_text()}", vm=vm)

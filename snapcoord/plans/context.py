@@ -11,13 +11,14 @@ from snapcoord.adapters.base import VM, Adapter, Snapshot
 from snapcoord.errors import (
     SnapcoordError,
 )
-from snapcoord.guest import Transport, open_transport
+from snapcoord.guest import Transport
 from snapcoord.hooks import commands
 from snapcoord.hooks.databases.pause import WritePause
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.run import ServiceWindow, Step
 from snapcoord.settings import Config, GuestConfig, VMConfig
+from snapcoord.transports import open_transport
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunContext:
         adapter = open_adapter(vm_cfg.hypervisor, config.hypervisors[vm_cfg.hypervisor])
         ctx = cls(config, vm_cfg, run_id, adapter)
         if vm_cfg.guest is not None:
-            ctx.transport = open_transport(vm_cfg.guest, vm=vm_key)
+            ctx.transport = open_transport(config, vm_key, adapter=adapter)
             ctx.services = Services(ctx.transport, vm_cfg.guest, vm=vm_key)
         return ctx
 

@@ -4,6 +4,7 @@ the tests' own additions (data/pve-check-api.json); behaviour from data/NOTES.md
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import re
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from snapcoord.agent_link import AgentCommandError, AgentUnavailable
 
 from .cluster import TASK_TYPES, ApiError, Cluster, Guest, Snap, die, param_error
 
@@ -35,6 +38,8 @@ class Request:
     check_login: Callable[[str, str], bool]
     #: (authid, ACL path) -> {privilege: propagate}
     permissions: Callable[[str, str], dict[str, int]]
+    #: the Proxmox VE major version the double claims (GET /version)
+    pve_major: int = 9
 
 
 Handler = Callable[[Request], Any]
@@ -382,19 +387,16 @@ def guest_shutdown(req: Request, type_: str) -> str:
 
 def _agent(req: Request) -> Guest:
     guest = _guest(req, "qemu")
-    if not guest.agent_enabled:
-        raise die("No QEMU guest agent configured")
-    if guest.status != "running":
-        raise die(f"VM {guest.vmid} is not running")
-    if not guest.agent_running:
-        raise die("QEMU guest agent is not running")
+    _assert_agent_available(guest)
     return guest
 
 
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/ping")
 def agent_ping(req: Request) -> dict[str, Any]:
-    _agent(req)
-    return {"result": {}}
+    guest = _agent(req)
+    if guest.agent_link is None:
+        return {"result": {}}
+    return {"result": _mon_cmd(guest, "guest-ping")}
 
 
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/fsfreeze-freeze")
@@ -412,6 +414,163 @@ def agent_thaw(req: Request) -> dict[str, Any]:
 @handles("POST /nodes/{node}/qemu/{vmid}/agent/fsfreeze-status")
 def agent_status(req: Request) -> dict[str, Any]:
     return {"result": "frozen" if _agent(req).fs_frozen else "thawed"}
+
+
+# -- the guest agent's commands (data/pve-agent-api.json, _behaviour) -----------------------
+
+#: mon_cmd's timeout for the guest commands below (src/PVE/QMPClient.pm: the 5 s default)
+QGA_TIMEOUT = 5.0
+#: qga_check_running: the guest-ping that decides whether the agent runs
+PING_TIMEOUT = 3.0
+#: file-read's maximum and chunk size (src/PVE/API2/Qemu/Agent.pm)
+MAX_READ_SIZE = 16 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+#: ``die`` without a newline: Perl appends where it died
+WIDE_CHARACTER = "Wide character in subroutine entry at /usr/share/perl5/PVE/{where}."
+
+
+def _agent_answers(guest: Guest) -> bool:
+    """qga_check_running: guest-ping within 3 s. A VM whose agent option is disabled has no qga
+    socket (mon_cmd dies); an agent that answers the ping with an error still runs."""
+    if not guest.agent_enabled:
+        return False
+    if guest.agent_link is None:
+        return guest.agent_running
+    try:
+        guest.agent_link.command("guest-ping", None, timeout=PING_TIMEOUT)
+    except AgentUnavailable:
+        return False
+    except AgentCommandError:
+        return True
+    return True
+
+
+def _assert_agent_available(guest: Guest) -> None:
+    if guest.agent is None:
+        raise die("No QEMU guest agent configured")
+    if guest.status != "running":
+        raise die(f"VM {guest.vmid} is not running")
+    if not _agent_answers(guest):
+        raise die("QEMU guest agent is not running")
+
+
+def _mon_cmd(guest: Guest, execute: str, arguments: dict[str, Any] | None = None) -> Any:
+    """mon_cmd(vmid, "guest-..."): the agent's ``return``, or ``{"error": {...}}`` when the
+    agent answered an error; dies like QMPClient when it does not answer."""
+    link = guest.agent_link
+    if link is None:
+        raise die("unable to open monitor socket")
+    try:
+        return link.command(execute, arguments, timeout=QGA_TIMEOUT)
+    except AgentCommandError as exc:
+        return {
+            "error": {"class": "GenericError", "desc": exc.message.removeprefix("Agent error: ")}
+        }
+    except AgentUnavailable as exc:
+        reason = (
+            "got timeout"
+            if "no answer" in exc.message
+            else (f"unable to connect to VM {guest.vmid} qga socket - {exc.message}")
+        )
+        raise die(f"VM {guest.vmid} qga command '{execute}' failed - {reason}") from None
+
+
+def _check_agent_error(result: Any, errmsg: str) -> None:
+    if isinstance(result, dict) and isinstance(result.get("error"), dict):
+        desc = result["error"].get("desc")
+        if desc:
+            raise die(f"Agent error: {desc}")
+    if result is None:
+        raise die(f"Agent error: {errmsg}")
+
+
+def _agent_cmd(guest: Guest, cmd: str, params: dict[str, Any], errmsg: str) -> Any:
+    _assert_agent_available(guest)
+    result = _mon_cmd(guest, f"guest-{cmd}", params)
+    _check_agent_error(result, errmsg)
+    return result
+
+
+def _perl_bytes(text: str, where: str) -> bytes:
+    """encode_base64 of a Perl character string: its Latin-1 bytes, or the die of a character
+    above U+00FF."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise die(WIDE_CHARACTER.format(where=where)) from None
+
+
+@handles("POST /nodes/{node}/qemu/{vmid}/agent/exec")
+def agent_exec(req: Request) -> Any:
+    guest = _guest(req, "qemu")
+    cmd = list(req.params["command"])
+    args: dict[str, Any] = {"capture-output": True}
+    args["path"] = cmd[0] if cmd else None
+    args["arg"] = cmd[1:]
+    data = req.params.get("input-data")
+    if data is not None:
+        args["input-data"] = base64.b64encode(
+            _perl_bytes(data, "QemuServer/Agent.pm line 135")
+        ).decode()
+    if "input-data" not in args and args["path"] is None:
+        raise die("command or input-data (or both) required")
+    if args["path"] is None:
+        del args["path"]
+    return _agent_cmd(guest, "exec", args, "can't execute command")
+
+
+@handles("GET /nodes/{node}/qemu/{vmid}/agent/exec-status")
+def agent_exec_status(req: Request) -> Any:
+    guest = _guest(req, "qemu")
+    pid = int(req.params["pid"])
+    result = _agent_cmd(guest, "exec-status", {"pid": pid}, f"can't get exec status for '{pid}'")
+    for key in ("out-data", "err-data"):
+        if result.get(key):  # decoded bytes, written one code point per byte
+            result[key] = base64.b64decode(result[key]).decode("latin-1")
+    return {k: (int(v) if isinstance(v, bool) else v) for k, v in result.items()}
+
+
+@handles("GET /nodes/{node}/qemu/{vmid}/agent/file-read")
+def agent_file_read(req: Request) -> dict[str, Any]:
+    guest = _guest(req, "qemu")
+    count = int(req.params.get("count", MAX_READ_SIZE))
+    decode = bool(req.params.get("decode", True))
+    offset = int(req.params.get("offset", 0))
+    handle = _agent_cmd(guest, "file-open", {"path": req.params["file"]}, "can't open file")
+    if offset > 0:
+        seek = _mon_cmd(
+            guest, "guest-file-seek", {"handle": handle, "offset": offset, "whence": "set"}
+        )
+        _check_agent_error(seek, "can't seek to offset position")
+    bytes_read, eof, parts = 0, False, []
+    while bytes_read < count and not eof:
+        chunk_size = min(count - bytes_read, READ_CHUNK)
+        read = _mon_cmd(guest, "guest-file-read", {"handle": handle, "count": chunk_size})
+        _check_agent_error(read, "can't read from file")
+        chunk = read["buf-b64"]
+        parts.append(base64.b64decode(chunk).decode("latin-1") if decode else chunk)
+        bytes_read += int(read["count"])
+        eof = bool(read.get("eof"))
+    _mon_cmd(guest, "guest-file-close", {"handle": handle})  # an error here is only warned
+    result: dict[str, Any] = {"content": "".join(parts), "bytes-read": bytes_read}
+    if not eof:
+        result["truncated"] = 1
+    return result
+
+
+@handles("POST /nodes/{node}/qemu/{vmid}/agent/file-write")
+def agent_file_write(req: Request) -> None:
+    guest = _guest(req, "qemu")
+    content = req.params["content"]
+    encode = bool(req.params.get("encode", True))
+    # encode_base64 without an end-of-line argument: lines of 76 characters (qemu-ga takes them)
+    raw = _perl_bytes(content, "API2/Qemu/Agent.pm line 624") if encode else b""
+    buf = base64.encodebytes(raw).decode() if encode else content
+    path = req.params["file"]
+    handle = _agent_cmd(guest, "file-open", {"path": path, "mode": "wb"}, "can't open file")
+    _agent_cmd(guest, "file-write", {"handle": handle, "buf-b64": buf}, "can't write to file")
+    _agent_cmd(guest, "file-close", {"handle": handle}, "can't close file")
+    return None
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -514,6 +673,8 @@ def nodes(req: Request) -> list[dict[str, Any]]:
 
 @handles("GET /version")
 def version(req: Request) -> dict[str, Any]:
+    if req.pve_major == 8:
+        return {"version": "8.4.1", "release": "8.4", "repoid": "2a5fa54a", "console": "html5"}
     return {"version": "9.0.5", "release": "9.0", "repoid": "14a22df3", "console": "html5"}
 
 

@@ -27,11 +27,15 @@ TASK_TYPES = {
 class ApiError(Exception):
     """An error answered synchronously: status, message (first line = reason phrase), errors."""
 
-    def __init__(self, status: int, message: str, errors: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, errors: dict[str, str] | None = None, *, bare: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.errors = errors
+        #: answered by the HTTP server itself, before any handler: no JSON body
+        self.bare = bare
 
 
 def die(message: str) -> ApiError:
@@ -64,6 +68,10 @@ class Guest:
     lock_until: float | None = None  # monotonic; None = until unlocked
     agent: str | None = None  # qemu config 'agent' property string, e.g. "1", "enabled=1"
     agent_running: bool = False
+    #: the stand-in guest agent the agent endpoints forward to (Cluster.attach_agent): a link
+    #: with ``command(execute, arguments, timeout=...)`` to a real qemu-ga (tests/qga_fixture);
+    #: with one, whether the agent runs is what its guest-ping answers, not ``agent_running``
+    agent_link: Any = None
     template: bool = False
     #: every disk's storage can take snapshots (GET .../feature?feature=snapshot); False models
     #: a raw disk on directory storage or LVM (thick)
@@ -150,6 +158,16 @@ class Cluster:
         self.add_guest(201, "qemu", "pve3", "db-remote", agent="enabled=1", agent_running=True)
         self.add_guest(202, "qemu", "pve2", "noagent", status="running")
         self.add_guest(203, "qemu", "pve2", "stopped1", status="stopped")
+
+    def attach_agent(self, vmid: int, socket: Any) -> None:
+        """Back the VM's guest agent with the real qemu-ga listening on ``socket``."""
+        from tests.qga_fixture import SocketAgentLink
+
+        with self.lock:
+            guest = self.guests[vmid]
+            if guest.agent_link is not None:
+                guest.agent_link.close()
+            guest.agent_link = SocketAgentLink(socket, vm=f"VM {vmid}")
 
     def lock_guest(self, vmid: int, lock: str = "backup", seconds: float | None = None) -> None:
         """Set the config lock, released after ``seconds`` (None: until unlock_guest)."""

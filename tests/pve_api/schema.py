@@ -14,7 +14,7 @@ from typing import Any
 DATA = Path(__file__).parent / "data"
 SCHEMA_FILE = DATA / "pve-snapshot-api.json"
 #: endpoints beyond the shared subset, in the same shape (what ``snapcoord check`` asks)
-EXTRA_SCHEMA_FILES = (DATA / "pve-check-api.json",)
+EXTRA_SCHEMA_FILES = (DATA / "pve-check-api.json", DATA / "pve-agent-api.json")
 
 NODE_RE = re.compile(r"^([a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?)$")
 VMID_RE = re.compile(r"^[1-9][0-9]{2,8}$")
@@ -81,6 +81,19 @@ class Schema:
             for item in json.loads(file.read_text(encoding="utf-8"))["endpoints"]
         ]
         self.endpoints: list[Endpoint] = []
+        #: what a double claiming Proxmox VE 8 does differently (the files' ``_pve8``): its one
+        #: guest agent privilege, parameters its endpoints lack, its POST size limit
+        self.pve8_permission: tuple[str, ...] = ()
+        self.pve8_absent: dict[str, frozenset[str]] = {}
+        self.pve8_max_post: int | None = None
+        for file in (path, *extra):
+            pve8 = json.loads(file.read_text(encoding="utf-8")).get("_pve8")
+            if pve8:
+                self.pve8_permission = tuple(pve8["permission"])
+                self.pve8_absent.update(
+                    {name: frozenset(keys) for name, keys in pve8["absent_parameters"].items()}
+                )
+                self.pve8_max_post = int(pve8["max_post"])
         for item in items:
             segments = tuple(s for s in item["path"].split("/") if s)
             self.endpoints.append(
@@ -100,7 +113,7 @@ class Schema:
             for item in items
             if (item.get("permissions") or {}).get("check", [None])[0] == "perm"
             for priv in item["permissions"]["check"][2]
-        )
+        ) | frozenset(self.pve8_permission)
         # Most literal segments first, so /status/current wins over a placeholder.
         self.endpoints.sort(key=lambda e: -e.literal_count)
 
@@ -153,19 +166,38 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def validate(endpoint: Endpoint, params: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Check ``params`` (path and query/body merged) like PVE::JSONSchema::validate.
+def validate(
+    endpoint: Endpoint, params: dict[str, Any], absent: frozenset[str] = frozenset()
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Check ``params`` (path and query/body merged) like PVE::JSONSchema::validate; ``absent``
+    names parameters this version's endpoint does not have.
 
     Returns (errors by parameter name, converted values).
     """
     errors: dict[str, str] = {}
     clean: dict[str, Any] = {}
     for key, value in params.items():
+        if value is None:  # undefined: as if not given (a required one is missing below)
+            continue
         spec = endpoint.params.get(key)
-        if spec is None:
+        if spec is None or key in absent:
             _add(errors, key, UNKNOWN)
             continue
         kind = spec["type"]
+        if kind == "array":
+            # RESTHandler's normalize_legacy_param_formats: one form value is a one-element
+            # array; items are checked like any value of their type
+            items = value if isinstance(value, list) else [value]
+            item_kind = (spec.get("items") or {}).get("type", "string")
+            bad = [
+                i for i, v in enumerate(items)
+                if isinstance(v, list | dict) or not _type_ok(item_kind, v)[0]
+            ]  # fmt: skip
+            for index in bad:  # check_prop's path for an item: name[index]
+                _add(errors, f"{key}[{index}]", f"type check ('{item_kind}') failed")
+            if not bad:
+                clean[key] = [_type_ok(item_kind, v)[1] for v in items]
+            continue
         if isinstance(value, list | dict):
             _add(errors, key, f"type check ('{kind}') failed - got {_shown(value)}")
             continue
@@ -201,6 +233,6 @@ def validate(endpoint: Endpoint, params: dict[str, Any]) -> tuple[dict[str, str]
                 )
         clean[key] = converted
     for key, spec in endpoint.params.items():
-        if not spec.get("optional") and key not in params:
+        if not spec.get("optional") and params.get(key) is None and key not in absent:
             _add(errors, key, MISSING)
     return errors, clean

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from . import api
 from .cluster import ApiError, Cluster, param_error
@@ -23,6 +23,8 @@ from .schema import Schema, validate
 BASE = "/api2/json"
 CONFLICT = "duplicate parameter (already defined in URI) with conflicting values!"
 TICKET_LIFETIME = 7200
+#: pve-http-server's limit_max_post since 5.2.1 (Proxmox VE 9; 8 is in the schema's _pve8)
+MAX_POST = 512 * 1024
 TOKEN_HEADER_RE = re.compile(r"(?:^|\s)PVEAPIToken(?:=| )([^;]*)")
 TOKEN_ID_RE = re.compile(r"^([^\s:/]+@[A-Za-z][A-Za-z0-9\.\-_]+)!([A-Za-z][A-Za-z0-9\.\-_]+)$")
 # Unauthenticated calls (manager PVE/HTTPServer.pm auth_handler).
@@ -59,8 +61,13 @@ class PveApiDouble:
         tls_key: str | None = None,
         auth_fail_delay: float = 0.0,
         seed: bool = True,
+        pve_major: int = 9,
     ) -> None:
         self.schema = Schema()
+        #: the Proxmox VE major version claimed (GET /version); 8 also means VM.Monitor for the
+        #: guest agent endpoints, file-read without count/decode/offset and 64 KiB POST bodies
+        #: (data/pve-agent-api.json, _pve8)
+        self.pve_major = pve_major
         self.cluster = Cluster(task_seconds=task_seconds)
         if seed:
             self.cluster.seed()
@@ -105,6 +112,8 @@ class PveApiDouble:
         path = re.sub(r"\{(\w+)\}", lambda m: str(params.get(m.group(1), "")), check[1])
         wanted: list[str] = list(check[2])
         any_of = len(check) > 4 and check[3] == "any" and bool(check[4])
+        if self.pve_major == 8 and "/agent/" in endpoint_raw["path"]:
+            wanted, any_of = list(self.schema.pve8_permission), False
         held = self.permissions(authid, path)
         if any_of:
             if not any(p in held for p in wanted):
@@ -233,6 +242,28 @@ class PveApiDouble:
         return self.verify_ticket(password) == user  # ticket renewal
 
 
+def decode_urlencoded(data: str) -> dict[str, Any]:
+    """pve-http-server's decode_urlencoded: values decoded as UTF-8 (malformed bytes become
+    U+FFFD), a repeated key an array; a key without a value (``k=``: Perl's split drops the
+    empty field) is undefined (None), and it replaces what the key had."""
+    result: dict[str, Any] = {}
+    for pair in re.split(r"[&;]", data):
+        if not pair:
+            continue
+        fields = pair.split("=")
+        while len(fields) > 1 and fields[-1] == "":
+            fields.pop()
+        key = unquote_to_bytes(fields[0].replace("+", " ")).decode("latin-1")
+        value: Any = None
+        if len(fields) > 1:
+            value = unquote_to_bytes(fields[1].replace("+", " ")).decode("utf-8", "replace")
+            old = result.get(key)
+            if old is not None:
+                value = [*old, value] if isinstance(old, list) else [old, value]
+        result[key] = value
+    return result
+
+
 class _Handler(BaseHTTPRequestHandler):
     #: the request being answered, until it is logged (:meth:`_record`)
     _pending: tuple[str, str, dict[str, Any]] | None = None
@@ -271,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(status)
         raw = b"" if body is None else json.dumps(body).encode()
         phrase = (reason or "").split("\n")[0].strip() or None
+        if phrase is not None:  # Perl writes the text's UTF-8 bytes; http.server sends Latin-1
+            phrase = phrase.encode("utf-8").decode("latin-1")
         self.send_response(status, phrase)
         if body is not None:
             self.send_header("Content-Type", "application/json;charset=UTF-8")
@@ -279,6 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def _fail(self, error: ApiError) -> None:
+        if error.bare:  # the HTTP server's own error: a status line, no JSON
+            self._send(error.status, None, error.message)
+            return
         if error.status == 401:
             time.sleep(self.double.auth_fail_delay)
             self._send(401, None, error.message)  # no JSON body on auth failures
@@ -291,10 +327,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _params(self, method: str, query: str) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        for key, values in parse_qs(query, keep_blank_values=True).items():
-            params[key] = values[0] if len(values) == 1 else values
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        limit = MAX_POST if self.double.pve_major > 8 else self.double.schema.pve8_max_post
+        if limit is not None and length > limit:
+            self.close_connection = True  # PVE answers >= 400 with Connection: close
+            raise ApiError(501, "for data too large", bare=True)
         if body:
             ctype = self.headers.get("Content-Type", "")
             if "application/json" in ctype:
@@ -303,8 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise param_error({"_root": "type check ('object') failed"})
                 params.update(data)
             else:
-                for key, values in parse_qs(body.decode(), keep_blank_values=True).items():
-                    params[key] = values[0] if len(values) == 1 else values
+                params.update(decode_urlencoded(body.decode("latin-1")))
+        params.update(decode_urlencoded(query))  # the query wins, as in extract_params
         return params
 
     def _authenticate(self, method: str, rel: str) -> tuple[str, bool]:
@@ -374,7 +412,10 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in path_params.items():
                 if key in params and params[key] != value:
                     raise param_error({key: CONFLICT})
-            errors, clean = validate(endpoint, {**params, **path_params})
+            absent: frozenset[str] = frozenset()
+            if double.pve_major == 8:
+                absent = double.schema.pve8_absent.get(endpoint.name, frozenset())
+            errors, clean = validate(endpoint, {**params, **path_params}, absent)
             if errors:
                 raise param_error(errors)
             if user:
@@ -386,6 +427,7 @@ class _Handler(BaseHTTPRequestHandler):
                 user=user,
                 issue_ticket=double.issue_ticket,
                 check_login=double.check_login,
+                pve_major=double.pve_major,
             )
             with double.cluster.lock:
                 result = api.HANDLERS[endpoint.name](request)
