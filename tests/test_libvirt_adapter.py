@@ -299,6 +299,39 @@ def test_guest_agent_needs_the_agent_channel(adapter: LibvirtAdapter) -> None:
     link.close()
 
 
+def test_guest_agent_call_that_libvirtd_never_answers_is_abandoned(
+    adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt's own timeout ends a call to an agent that does not answer (tested on the real
+    guest); a libvirtd that itself hangs is left behind after the margin, and the link's next
+    call opens a new connection."""
+    import libvirt_qemu
+
+    from snapcoord.adapters import libvirt_agent
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hangs(domain: object, text: str, seconds: int, flags: int) -> str:
+        calls.append(seconds)
+        release.wait(30)
+        return '{"return":{}}'
+
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", hangs)
+    monkeypatch.setattr(libvirt_agent, "SYNC_SECONDS", 0)
+    monkeypatch.setattr(libvirt_agent, "RPC_MARGIN", 0.2)
+    link = adapter.guest_agent(adapter.find_vm("agent1"))
+    assert isinstance(link, LibvirtAgentLink)
+    try:
+        with pytest.raises(AgentUnavailable, match="libvirt did not return guest-ping") as info:
+            link.ping(timeout=0.1)
+        assert calls == [1] and "check libvirtd" in (info.value.hint or "")
+        assert link._conn is None  # the next call starts on a new connection
+    finally:
+        release.set()
+        link.close()
+
+
 def test_guest_agent_timeouts_are_whole_seconds_never_a_special_value() -> None:
     """qemuAgentCommand: -2 blocks forever, -1 is libvirt's default, 0 does not wait."""
     assert [libvirt_seconds(t) for t in (0.2, 1, 1.01, 29.5, 30)] == [1, 1, 2, 30, 30]
