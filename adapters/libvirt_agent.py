@@ -118,6 +118,9 @@ class LibvirtAgentLink(QgaLink):
     max_input = 64 << 10
     max_read = 2 << 20
     max_write = 64 << 10
+    #: per stream: stdout and stderr base64-encoded in one exec-status reply stay under 3 MiB
+    #: (about 3 MiB of output already fails, and then qemu-ga has forgotten the command)
+    max_output: int | None = 1 << 20
 
     def __init__(self, uri: str, *, uuid: str, vm: str) -> None:
         super().__init__(vm=vm)
