@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -177,6 +178,12 @@ class _TicketAuth(ProxmoxHTTPAuth):  # type: ignore[misc]
         self.birth_time = time.monotonic()
         self.pve_auth_ticket = data["ticket"]
         self.csrf_prevention_token = data["CSRFPreventionToken"]
+
+
+class ApiUnreachable(HypervisorError):
+    """The API did not answer (no connection, or no answer in time): it may answer again. The
+    agent transport's link takes it for a guest agent that does not answer, retried inside a
+    window like a lost SSH connection (adapters/proxmox_agent.py)."""
 
 
 class _LoginRefused(Exception):
@@ -438,7 +445,7 @@ class ProxmoxAdapter(Adapter):
     def _network_error(
         self, exc: requests.RequestException, vm: str | None = None
     ) -> HypervisorError:
-        if isinstance(exc, requests.exceptions.SSLError):
+        if isinstance(exc, requests.exceptions.SSLError) and not _handshake_cut(exc):
             hint = "set ca_file (the cluster CA: /etc/pve/pve-root-ca.pem) or thumbprint"
             if self.settings.thumbprint:
                 hint = (
@@ -449,8 +456,8 @@ class ProxmoxAdapter(Adapter):
                 f"TLS certificate of {self.where} not accepted: {_short(exc)}", vm=vm, hint=hint
             )
         if isinstance(exc, requests.exceptions.Timeout):
-            return HypervisorError(f"{self.where} did not answer within {HTTP_TIMEOUT:g} s", vm=vm)
-        return HypervisorError(f"cannot reach {self.where}: {_short(exc)}", vm=vm)
+            return ApiUnreachable(f"{self.where} did not answer within {HTTP_TIMEOUT:g} s", vm=vm)
+        return ApiUnreachable(f"cannot reach {self.where}: {_short(exc)}", vm=vm)
 
     # -- guests ---------------------------------------------------------------------------
 
@@ -858,6 +865,25 @@ class ProxmoxAdapter(Adapter):
             first_interval=POLL_INTERVAL,
             max_interval=MAX_POLL_INTERVAL,
         )
+
+
+def _handshake_cut(exc: BaseException) -> bool:
+    """Whether a TLS error is the connection ending during the handshake (EOF, reset: the API
+    went away, as when pveproxy restarts), not a certificate that was refused. Nothing was sent:
+    the next connection verifies the certificate again."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(item, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
+            return True
+        pending += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
+    return False
 
 
 def _short(exc: BaseException) -> str:

@@ -39,6 +39,7 @@ from proxmoxer.core import ResourceException
 
 from snapcoord.adapters.base import VM
 from snapcoord.adapters.permissions import proxmox_agent_transport_privileges
+from snapcoord.adapters.proxmox import ApiUnreachable
 from snapcoord.agent_link import AGENT_FIX, AgentCommandError, AgentUnavailable, ExecStatus
 from snapcoord.errors import GuestError, HypervisorError, UnsupportedOperation
 from snapcoord.text import clip
@@ -122,6 +123,10 @@ class ProxmoxAgentLink:
             return self.adapter._send(method, path, self.vm.name, params)
         except ResourceException as exc:
             raise self._error(exc, method, path) from None
+        except ApiUnreachable as exc:
+            # The API is the only way to the guest: while it does not answer, the agent does
+            # not either (retried within a window's reconnect budget, as a lost SSH link is).
+            raise AgentUnavailable(exc.message, vm=self.vm.name, hint=exc.hint) from None
 
     def _error(self, exc: ResourceException, method: str, path: str) -> Exception:
         status, reason = exc.status_code, _reason(exc)

@@ -193,6 +193,7 @@ class AgentTransport:
         self._link: AgentLink | None = None
         self._systemd = False
         self.transfer_dir = f"{STATE_DIR}/transfer"
+        self._unremoved: list[str] = []  # transfer folders to remove again at close
         self._generation = 0
         self._lock = threading.Lock()
         self.description = "guest agent"
@@ -244,7 +245,10 @@ class AgentTransport:
     def close(self) -> None:
         if self.streams is not None:
             self.streams.close()
+        unremoved, self._unremoved = self._unremoved, []
         if self._link is not None:
+            for folder in unremoved:
+                self._remove(folder, last=True)
             self._link.close()
             self._link = None
         if self._disconnect is not None:
@@ -422,11 +426,22 @@ class AgentTransport:
         self._checked(["sh", "-c", _PRIVATE_DIR, "sh", folder], timeout=CALL_SECONDS)
         return folder
 
-    def _remove(self, folder: str) -> None:
+    def _remove(self, folder: str, *, last: bool = False) -> None:
+        """Remove a transfer folder; one the agent could not reach for (the API or the agent
+        did not answer just then) is tried again when the transport closes, after the unwind
+        reached the guest again; past that, a later run removes it (:meth:`_remove_leftovers`)."""
         try:
             self._run(["rm", "-rf", "--", folder], timeout=CALL_SECONDS, stdin=None)
         except GuestError as exc:
-            log.warning("%s: could not remove %s in the guest: %s", self.vm, folder, exc)
+            if not last:
+                self._unremoved.append(folder)
+            log.warning(
+                "%s: could not remove %s in the guest%s: %s",
+                self.vm,
+                folder,
+                " (a later run removes it)" if last else " (tried again at the end)",
+                exc,
+            )
 
     def _stream_out(
         self, argv: Sequence[str], *, timeout: float, stdin: bytes, consume: Consumer | None
