@@ -56,8 +56,10 @@ def recover(config: Config, vm_key: str) -> list[str]:
         held = False
         try:
             # another coordinator's run in the guest: refuse (exit 75) before starting anything
+            # (the lease of the run it recovers is taken over: the VM lock proves it gone)
             lease.take(transport, holder, seconds=guest.watchdog_seconds, vm=vm_key,
-                       sudo=guest.sudo, timeout=guest.command_timeout)  # fmt: skip
+                       sudo=guest.sudo, timeout=guest.command_timeout,
+                       take_over=[record.run])  # fmt: skip
             held = True
             services = Services(transport, vm_cfg.guest, vm=vm_key)
             state = services.probe()

@@ -40,9 +40,11 @@ MAX_BYTES = 1024
 # ("new KEY VALUE"). Verdicts: taken, busy, corrupt, released, absent, other, unsafe REASON.
 SCRIPT = r"""
 umask 077
-d=__DIR__; f=$d/lease
+d=${SNAPCOORD_LEASE_DIR:-__DIR__}; f=$d/lease
 action=$1; run=$2; secs=$3; host=$4; cpid=$5; cmd=$6; before=$7; shift 7
 unsafe() { echo "verdict unsafe $*"; exit 0; }
+case $d in /?*) ;; *) unsafe "SNAPCOORD_LEASE_DIR must be an absolute path";; esac
+echo "dir $d"
 command -v flock >/dev/null 2>&1 || unsafe "flock (util-linux) is not installed in the guest"
 me=$(id -u)
 for p in "${d%/*}" "$d"; do
@@ -53,8 +55,12 @@ for p in "${d%/*}" "$d"; do
   [ -L "$p" ] && unsafe "$p is a symbolic link"
   [ -d "$p" ] || unsafe "$p is not a directory"
   owner=$(stat -c %u "$p") && mode=$(stat -c %a "$p") || unsafe "cannot stat $p"
-  want=$me; [ "$p" = "$d" ] || want=0
-  [ "$owner" = "$want" ] || unsafe "$p belongs to uid $owner, not uid $want"
+  # ssh's rule: the directory is ours, its parent root's or ours; nobody else may write
+  if [ "$p" = "$d" ]; then
+    [ "$owner" = "$me" ] || unsafe "$p belongs to uid $owner, not uid $me"
+  else
+    [ "$owner" = 0 ] || [ "$owner" = "$me" ] || unsafe "$p belongs to uid $owner"
+  fi
   [ $(( 0$mode & 18 )) -eq 0 ] || unsafe "$p is writable by others (mode $mode)"
 done
 [ -L "$d/lease.lock" ] && unsafe "$d/lease.lock is a symbolic link"
@@ -71,12 +77,16 @@ if [ -f "$f" ]; then
     echo "verdict corrupt it is longer than __MAX__ bytes"; exit 0
   fi
   sed 's/^/old /' "$f"
-  hrun=$(sed -n 's/^run //p' "$f" | head -n 1)
-  hexp=$(sed -n 's/^expires //p' "$f" | head -n 1)
-  hsince=$(sed -n 's/^since //p' "$f" | head -n 1)
-  case $hexp in ''|*[!0-9]*) echo "verdict corrupt"; exit 0;; esac
-  case $hsince in ''|*[!0-9]*) echo "verdict corrupt"; exit 0;; esac
-  case $hrun in ''|*[!A-Za-z0-9._:-]*) echo "verdict corrupt"; exit 0;; esac
+  # what LeaseRecord.parse accepts: six lines, each field once, each of its shape
+  [ $(( $(wc -l < "$f") )) -eq 6 ] || { echo "verdict corrupt"; exit 0; }
+  for re in '^host [A-Za-z0-9._-]\{1,64\}$' '^pid [0-9]\{1,12\}$' \
+            '^run [A-Za-z0-9._:-]\{1,64\}$' '^command [a-z][a-z-]\{0,31\}$' \
+            '^since [0-9]\{1,12\}$' '^expires [0-9]\{1,12\}$'; do
+    [ "$(grep -c -- "$re" "$f")" = 1 ] || { echo "verdict corrupt"; exit 0; }
+  done
+  hrun=$(sed -n 's/^run //p' "$f")
+  hexp=$(sed -n 's/^expires //p' "$f")
+  hsince=$(sed -n 's/^since //p' "$f")
 fi
 if [ "$action" = release ]; then
   if [ -z "$hrun" ]; then echo "verdict absent"
@@ -162,24 +172,26 @@ class LeaseRecord:
     expires: int  # epoch seconds, guest clock
 
     @classmethod
-    def parse(cls, lines: list[str], *, vm: str) -> LeaseRecord:
+    def parse(cls, lines: list[str], *, vm: str, file: str = LEASE_FILE) -> LeaseRecord:
         """``lines``: the file's lines. :class:`CorruptLease` (one line, the first problem)."""
         values: dict[str, str] = {}
         for number, line in enumerate(lines, 1):
             key, _, value = line.partition(" ")
             if key not in _FIELDS:
-                raise _corrupt(f"line {number} is not one of {', '.join(_FIELDS)}", vm=vm)
+                raise _corrupt(
+                    f"line {number} is not one of {', '.join(_FIELDS)}", vm=vm, file=file
+                )
             if key in values:
-                raise _corrupt(f"{key} appears twice", vm=vm)
+                raise _corrupt(f"{key} appears twice", vm=vm, file=file)
             values[key] = value
         missing = [k for k in _FIELDS if k not in values]
         if missing:
-            raise _corrupt(f"no {', '.join(missing)}", vm=vm)
+            raise _corrupt(f"no {', '.join(missing)}", vm=vm, file=file)
         shapes = {"host": _HOST, "run": TOKEN, "command": _COMMAND, "pid": _NUMBER,
                   "since": _NUMBER, "expires": _NUMBER}  # fmt: skip
         for key, shape in shapes.items():
             if not shape.fullmatch(values[key]):
-                raise _corrupt(f"its {key} is not what snapcoord writes", vm=vm)
+                raise _corrupt(f"its {key} is not what snapcoord writes", vm=vm, file=file)
         return cls(
             host=values["host"],
             pid=int(values["pid"]),
@@ -199,19 +211,22 @@ class Answer:
 
     verdict: str
     reason: str  # for "unsafe"
+    where: str  # the lease's directory in the guest
     now: int | None  # the guest's clock when it decided
     old: list[str]  # the lease file before
     new: list[str]  # the lease file after (taken)
 
     @classmethod
     def parse(cls, stdout: bytes, *, vm: str) -> Answer:
-        verdict, reason, now = "", "", None
+        verdict, reason, now, where = "", "", None, LEASE_DIR
         old: list[str] = []
         new: list[str] = []
         for raw in stdout.decode("utf-8", errors="replace").splitlines():
             tag, _, rest = raw.partition(" ")
             if tag == "verdict":
                 verdict, _, reason = rest.partition(" ")
+            elif tag == "dir" and rest.startswith("/"):
+                where = rest
             elif tag == "now" and _NUMBER.fullmatch(rest):
                 now = int(rest)
             elif tag == "old":
@@ -220,7 +235,7 @@ class Answer:
                 new.append(rest)
         if verdict not in ("taken", "busy", "corrupt", "released", "absent", "other", "unsafe"):
             raise GuestError("the guest lease command gave no verdict", vm=vm)
-        return cls(verdict, reason, now, old, new)
+        return cls(verdict, reason, where, now, old, new)
 
 
 @dataclass(frozen=True)
@@ -248,17 +263,18 @@ def take(
             holder.host, str(holder.pid), holder.command, str(int(taken_before)),
             *take_over]  # fmt: skip
     answer = _run(transport, argv, vm=vm, sudo=sudo, timeout=timeout)
+    file = f"{answer.where}/lease"
     if answer.verdict == "busy":
-        raise GuestBusy(LeaseRecord.parse(answer.old, vm=vm), vm=vm)
+        raise GuestBusy(LeaseRecord.parse(answer.old, vm=vm, file=file), vm=vm)
     if answer.verdict != "taken" or answer.now is None:
         raise GuestError(f"the guest lease command answered {answer.verdict!r}", vm=vm)
-    record = LeaseRecord.parse(answer.new, vm=vm)
+    record = LeaseRecord.parse(answer.new, vm=vm, file=file)
     if record.run != holder.run:
         raise GuestError("the guest lease names another run after taking it", vm=vm)
     replaced = None
     if answer.old:
         try:
-            previous = LeaseRecord.parse(answer.old, vm=vm)
+            previous = LeaseRecord.parse(answer.old, vm=vm, file=file)
         except CorruptLease:
             previous = None  # shape checked by the guest (run, since, expires): overwritten
         if previous is not None and previous.run != holder.run:
@@ -285,23 +301,24 @@ def _run(transport: Transport, argv: list[str], *, vm: str, sudo: bool, timeout:
         raise UnsafeLeaseDir(
             f"the guest lease cannot be taken safely: {answer.reason}",
             vm=vm,
-            hint=f"{LEASE_DIR} in the guest must be root's, mode 0700, not a link; "
+            hint=f"{answer.where} in the guest must be root's, mode 0700, not a link; "
             "remove what is there if nobody else made it",
         )
     if answer.verdict == "corrupt":
+        file = f"{answer.where}/lease"
         if answer.reason:
-            raise _corrupt(answer.reason, vm=vm)
+            raise _corrupt(answer.reason, vm=vm, file=file)
         # the guest's own check failed; say which field the strict parse finds wrong
-        LeaseRecord.parse(answer.old, vm=vm)
-        raise _corrupt("its run, since or expires is not what snapcoord writes", vm=vm)
+        LeaseRecord.parse(answer.old, vm=vm, file=file)
+        raise _corrupt("it is not what snapcoord writes", vm=vm, file=file)
     return answer
 
 
-def _corrupt(problem: str, *, vm: str) -> CorruptLease:
+def _corrupt(problem: str, *, vm: str, file: str) -> CorruptLease:
     return CorruptLease(
-        f"the guest's lease file {LEASE_FILE} is not one snapcoord wrote ({problem}): not used",
+        f"the guest's lease file {file} is not one snapcoord wrote ({problem}): not used",
         vm=vm,
-        hint=f"remove it in the guest (rm {LEASE_FILE}) once no coordinator works on this VM",
+        hint=f"remove it in the guest (rm {file}) once no coordinator works on this VM",
     )
 
 

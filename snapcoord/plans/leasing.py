@@ -25,6 +25,10 @@ class GuestLease:
         self.ctx = ctx
         self.held = False  # a take was sent: the undo releases (a no-op if it never landed)
         self.record: lease.LeaseRecord | None = None
+        #: runs of this coordinator whose lease this run may take over: the unfinished run its
+        #: journal names, once the guest was checked (snapcoord/session.py); its VM lock
+        #: proves that run is gone
+        self.inherit: tuple[str, ...] = ()
 
     def _holder(self) -> lease.Holder:
         command = re.sub(r"[^a-z-]", "-", self.ctx.command.lower()).strip("-") or "run"
@@ -55,9 +59,9 @@ class GuestLease:
         assert ctx.transport is not None
         was_held, self.held = self.held, True
         try:
-            taken = self._take(seconds, take_over, taken_before)
-        except lease.GuestBusy:
-            self.held = was_held  # refused: nothing of ours is in the guest (unless renewing)
+            taken = self._take(seconds, take_over + self.inherit, taken_before)
+        except (lease.GuestBusy, lease.CorruptLease, lease.UnsafeLeaseDir):
+            self.held = was_held  # refused: the guest wrote nothing (a renewal stays held)
             raise
         self.record = taken.record
         old = taken.replaced
