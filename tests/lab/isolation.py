@@ -97,7 +97,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 QEMU_GROUP = "realvm"
 QEMU_MODULES = ("tests/test_realvm.py", "tests/test_realvm_boot.py",
                 "tests/test_realvm_fsfreeze.py", "tests/test_realvm_install.py",
-                "tests/test_libvirt_qemu.py")  # fmt: skip
+                "tests/test_realvm_lease.py", "tests/test_libvirt_qemu.py")  # fmt: skip
 
 
 def in_qemu_group(nodeid: str) -> bool:
