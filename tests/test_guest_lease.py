@@ -358,17 +358,10 @@ def test_revert_ends_the_lock_session_of_the_run_that_took_the_snapshot(
 ) -> None:
     """The snapshot's own run (its description: run=...) is the one whose processes a RAM
     snapshot brings back: its lock session ends, another run's does not."""
-    from dataclasses import replace
-
-    from tests.libvirt_nodes import DEFAULT_DOMAINS, write_node
+    from tests.libvirt_nodes import naming_run, write_node
 
     own = "20260101T020000Z-aaaaaa"
-    db1 = DEFAULT_DOMAINS[0]
-    snaps = tuple(
-        replace(s, description=f"snapcoord: label=manual run={own}") if s.name == TARGET else s
-        for s in db1.snapshots
-    )
-    node = write_node(tmp_path / "node", (replace(db1, snapshots=snaps), *DEFAULT_DOMAINS[1:]))
+    node = write_node(tmp_path / "node", naming_run(TARGET, own))
     config = coordinator(tmp_path, "a", node, ssh_guest.guest_table())
     resurrected, other = marked_session(own), marked_session(OTHER_RUN)
     try:

@@ -4,7 +4,6 @@ with memory state resumes with them stopped: simulated by stopping them before t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from snapcoord.guest import SshTransport
@@ -20,10 +19,10 @@ from tests.guest_fixtures import (
     watchdog_pids,
 )
 from tests.libvirt_nodes import (
-    DEFAULT_DOMAINS,
     NodeFactory,
     libvirt_node,  # noqa: F401 - fixture
     libvirt_node_factory,  # noqa: F401 - fixture
+    naming_run,
 )
 from tests.test_guest_transport import table
 
@@ -92,19 +91,6 @@ SNAPSHOT_RUN = "20260101T020000Z-aaaaaa"  # the run that took TARGET (its descri
 OTHER_RUN = "20260101T020000Z-bbbbbb"  # another coordinator's run, live in the guest
 
 
-def node_naming_the_run(factory: NodeFactory) -> str:
-    """The default node, with TARGET's description naming the run that took it, as snapcoord
-    writes it (``run=<id>``)."""
-    db1 = DEFAULT_DOMAINS[0]
-    snaps = tuple(
-        replace(s, description=f"snapcoord: label=manual run={SNAPSHOT_RUN}")
-        if s.name == TARGET
-        else s
-        for s in db1.snapshots
-    )
-    return factory((replace(db1, snapshots=snaps), *DEFAULT_DOMAINS[1:]))
-
-
 def test_revert_stops_watchdogs_the_snapshot_memory_brought_back(
     ssh_guest: lab.SshGuest,
     lab_services: lab.GuestServices,
@@ -137,7 +123,7 @@ def test_revert_stops_watchdogs_the_snapshot_memory_brought_back(
     try:
         assert lab.process_group(dog.pid), "the watchdog is not running"
         lab_services.stop("cron")  # the snapshot was taken with it stopped
-        node = node_naming_the_run(libvirt_node_factory)
+        node = libvirt_node_factory(naming_run(TARGET, SNAPSHOT_RUN))
         config = guest_config(tmp_path, node, ssh_guest.guest_table(), vm="db1")
         code, summary, stderr = revert(config, tmp_path / "observe.jsonl", "--no-safety-snapshot")
         assert code == 0, stderr
