@@ -6,7 +6,10 @@ name the same guest) never see each other's. So every run that brackets a guest 
 lease *in the guest*: ``/run/snapcoord/lease``, taken and released by one guest command each,
 atomically under ``flock`` on ``/run/snapcoord/lease.lock``. The directory must be the running
 user's (root, through sudo), not writable by anybody else, and not a link, as ssh checks its own
-files: a directory another user planted is refused, nothing is written through it.
+files: a directory another user planted is refused, nothing is written through it. A guest whose
+environment sets ``SNAPCOORD_LEASE_DIR`` (an absolute path, checked the same way) uses that
+directory instead: the stand-in guests of the demo and the tests are one machine through
+``exec``, each a guest of its own.
 
 The lease names its holder (coordinator host, PID, run id, command, since) and ends at
 ``expires``, both on the **guest's** clock (``date +%s`` in the guest): a second coordinator's
