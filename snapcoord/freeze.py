@@ -456,7 +456,9 @@ def _end_lock_sessions(config: Config, key: str, freeze: FreezeState | None) -> 
     transport = open_transport(config, key)
     transport.open()
     try:
-        pids = kill_sessions(transport, vm=key, sudo=guest.sudo, timeout=guest.command_timeout)
+        pids = kill_sessions(  # the holder's run's only: never another coordinator's
+            transport, runs=[freeze.run], vm=key, sudo=guest.sudo, timeout=guest.command_timeout
+        )
     finally:
         transport.close()
     return [f"ended the lock session (pid {', '.join(map(str, pids))})"] if pids else []

@@ -3,9 +3,12 @@ stopped, then disarm its watchdog (snapcoord/leftovers.py says what a journal me
 
 from __future__ import annotations
 
+import os
+import socket
+
 from snapcoord.config import Config
 from snapcoord.errors import ExitCode, PreflightError, ServiceNotRestored, SnapcoordError
-from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest import lease, watchdog
 from snapcoord.hooks.guest.services import Services
 from snapcoord.leftovers import DISARM, read_record, unfinished
 from snapcoord.naming import new_run_id
@@ -29,7 +32,8 @@ def recover_vm(config: Config, key: str) -> Outcome:
 
 def recover(config: Config, vm_key: str) -> list[str]:
     vm_cfg = config.vm(vm_key)
-    with Session(config, vm_key, new_run_id()) as session:  # a live run holds it: exit 75
+    run_id = new_run_id()
+    with Session(config, vm_key, run_id) as session:  # a live run holds it: exit 75
         journal = session.journal
         record = read_record(config, vm_key)
         if record is None:
@@ -45,7 +49,18 @@ def recover(config: Config, vm_key: str) -> list[str]:
         transport = open_transport(config, vm_key)
         transport.open()
         lines = []
+        guest = vm_cfg.guest
+        holder = lease.Holder.of(
+            host=socket.gethostname(), pid=os.getpid(), run=run_id, command="recover"
+        )
+        held = False
         try:
+            # another coordinator's run in the guest: refuse (exit 75) before starting anything
+            # (the lease of the run it recovers is taken over: the VM lock proves it gone)
+            lease.take(transport, holder, seconds=guest.watchdog_seconds, vm=vm_key,
+                       sudo=guest.sudo, timeout=guest.command_timeout,
+                       take_over=[record.run])  # fmt: skip
+            held = True
             services = Services(transport, vm_cfg.guest, vm=vm_key)
             state = services.probe()
             state.stopped = list(stopped)
@@ -85,6 +100,9 @@ def recover(config: Config, vm_key: str) -> list[str]:
                     "disarmed the watchdog" if outcome.was_armed else "the watchdog had already run"
                 )
         finally:
+            if held:
+                lease.release(transport, run_id, vm=vm_key, sudo=guest.sudo,
+                              timeout=guest.command_timeout)  # fmt: skip
             transport.close()
         journal.clear()
         return lines or ["nothing was left stopped"]

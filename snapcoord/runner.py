@@ -34,6 +34,7 @@ def run_plan(
     run_id = new_run_id()
     ctx = RunContext.create(config, key, run_id)
     ctx.keep_connection = after is not None
+    ctx.command = title
     steps = build(ctx)
     if dry_run:
         plan = _plan_lines(key, steps, ctx)

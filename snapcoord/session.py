@@ -45,6 +45,10 @@ class Session:
         previous = read_record(self.config, self.key)
         if previous is not None and unfinished(previous):
             ctx.notes.append(check_unfinished_run(self.config, self.key, previous))
+        if previous is not None and ctx.lease is not None:
+            # a run of ours that did not finish (killed): it is gone (we hold the VM lock), so
+            # is its hold on the guest (docs/lease.md)
+            ctx.lease.inherit = (previous.run,)
         self.journal.clear()
         self.owns_journal = True
         written: list[dict[str, Any]] = []

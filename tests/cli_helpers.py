@@ -145,7 +145,13 @@ def stand_in_guest(
             "vms.db1": {"hypervisor": "lab"},
             "vms.db1.guest": {
                 "transport": "exec",
-                "exec_prefix": ["env", f"PATH={search}/usr/bin:/bin", f"DEMO_STATE={state}"],
+                # a guest of its own: its own lease directory (docs/lease.md)
+                "exec_prefix": [
+                    "env",
+                    f"PATH={search}/usr/bin:/bin",
+                    f"DEMO_STATE={state}",
+                    f"SNAPCOORD_LEASE_DIR={state}/lease",
+                ],
                 "database": "mariadb",
                 **(guest or {}),
             },

@@ -52,6 +52,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import idoit_fixture, lab, pg_fixture
+from tests.lab import sandbox
 
 
 @pytest.hookimpl(wrapper=True)
@@ -83,6 +84,15 @@ def _require_services() -> None:
     for name, package in packages.items():
         if not lab.init_script_exists(name):
             lab.require(f"/etc/init.d/{name}", package)
+
+
+@pytest.fixture(autouse=True)
+def _no_guest_lease_left() -> None:
+    """Every test starts without a guest lease in its sandbox: a run an earlier test killed
+    holds the sandbox's guest until its lease expires, and each test's runs are a coordinator
+    of their own (their own store)."""
+    if sandbox.active():
+        lab.clear_guest_lease()
 
 
 @pytest.fixture(scope="session")

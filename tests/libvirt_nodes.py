@@ -11,7 +11,7 @@ test argument (a ``test:///.../node.xml`` URI), or call :func:`write_node` for a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -115,6 +115,21 @@ def _snapshot_xml(dom: DomainSpec, snap: SnapSpec) -> str:
         f"<active>{int(snap.current)}</active>"
         "</test:domainsnapshot>"
     )
+
+
+def naming_run(
+    snapshot: str, run: str, domains: Sequence[DomainSpec] = DEFAULT_DOMAINS
+) -> tuple[DomainSpec, ...]:
+    """``domains`` with snapshot ``snapshot``'s description naming the run that took it, as
+    snapcoord writes it (``run=<id>``): a revert to it ends that run's processes, which the
+    snapshot's memory would bring back (docs/lease.md)."""
+
+    def named(snap: SnapSpec) -> SnapSpec:
+        if snap.name != snapshot:
+            return snap
+        return replace(snap, description=f"{snap.description} run={run}".strip())
+
+    return tuple(replace(d, snapshots=tuple(named(s) for s in d.snapshots)) for d in domains)
 
 
 def node_xml(domains: Sequence[DomainSpec] = DEFAULT_DOMAINS) -> str:

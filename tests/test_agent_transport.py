@@ -269,7 +269,7 @@ def test_the_watchdog_armed_through_the_agent_outlives_the_call_and_disarms(
     )  # fmt: skip
     assert watchdog.running(transport, "agent-unit", vm="lab", sudo=False, timeout=10)
     assert dog.pid in processes_with(dog.marker)
-    assert watchdog.kill_all(transport, vm="lab", sudo=False, timeout=10)
+    assert watchdog.kill_runs(transport, ["agent-unit"], vm="lab", sudo=False, timeout=10)
     assert not watchdog.running(transport, "agent-unit", vm="lab", sudo=False, timeout=10)
 
 
@@ -339,7 +339,7 @@ def test_kill_sessions_through_the_agent_ends_the_detached_lock_session(
     held.hold()
     try:
         assert not write_commits(server)
-        assert pause.kill_sessions(transport, vm="lab", sudo=False, timeout=30)
+        assert pause.kill_sessions(transport, runs=["agent-unit"], vm="lab", sudo=False, timeout=30)
         wait_for(lambda: write_commits(server, wait=5), 30, "commits to flow after the kill")
     finally:
         held.release()

@@ -772,8 +772,46 @@ def render_reliability(results: dict[tuple[str, str], Observation]) -> str:
                 f"{expect.restored} | {observed} | {verdict} |"
             )
     passed = sum(1 for o in results.values() if not o.problems)
-    lines += ["", f"{passed} of {len(CELLS)} cells pass.", ""]
+    lines += ["", f"{passed} of {len(CELLS)} cells pass.", "", *two_coordinators_section(), ""]
     return "\n".join(lines)
+
+
+#: The rows for two coordinators against one guest: each a test of tests/test_guest_lease.py.
+TWO_COORDINATORS = (
+    ("the first holds the guest (`freeze`)", "the second's snapshot and revert",
+     "exit 75 naming the holder (host, PID, run, command) and since when; no service touched, "
+     "no revert call; the first's own second run meets its VM lock as before",
+     "test_a_second_coordinator_is_refused_while_the_first_holds_the_guest"),
+    ("the first is killed (SIGKILL) inside its window", "the second's snapshot",
+     "exit 75 while the dead run's lease lasts; the lease ends no later than the dead run's "
+     "watchdog fires (guest clock); then the second runs and notes the expired lease it took",
+     "test_a_killed_coordinators_lease_ends_no_later_than_its_watchdog"),
+    ("the lease file is corrupt or hostile", "any run",
+     "exit 4, one line naming the file and the problem; nothing stopped, the file left as is",
+     "test_a_corrupt_lease_file_is_one_line_and_nothing_is_stopped"),
+    ("the lease directory was planted by another user (owner, mode, link)", "any run",
+     "exit 4, one line; nothing written through it, nothing stopped",
+     "test_a_lease_directory_planted_by_another_user_is_refused"),
+    ("another run's watchdog and lock session live in the guest", "our recover and revert",
+     "they end only their own runs' processes (the journal's run; the snapshot's run and the "
+     "lease its memory held); the other run's survive",
+     "test_recover_and_revert_end_only_their_own_runs_processes"),
+)  # fmt: skip
+
+
+def two_coordinators_section() -> list[str]:
+    """The section of docs/reliability.md for two coordinators against one guest (lease.md)."""
+    return [
+        "## Two coordinators, one guest",
+        "",
+        "Two coordinators — two configurations with stores of their own, so neither sees the "
+        "other's VM lock — against one loopback guest ([lease.md](lease.md)); "
+        "`tests/test_guest_lease.py`:",
+        "",
+        "| situation | run | what happens | test |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | `{d}` |" for a, b, c, d in TWO_COORDINATORS),
+    ]
 
 
 def test_reliability_docs_are_the_matrix_results(

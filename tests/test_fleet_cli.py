@@ -296,7 +296,12 @@ def guest_fleet_config(
         tables[f"vms.{key}"] = {"hypervisor": "pa", "vmid": 1000 + i}
         tables[f"vms.{key}.guest"] = {
             "transport": "exec",
-            "exec_prefix": ["env", f"PATH={DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state}"],
+            "exec_prefix": [
+                "env",
+                f"PATH={DEMO_BIN}:/usr/bin:/bin",
+                f"DEMO_STATE={state}",
+                f"SNAPCOORD_LEASE_DIR={state}/lease",
+            ],
             "database": "mariadb",
         }
     return write_config(path, tables), states

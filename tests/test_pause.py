@@ -146,7 +146,13 @@ def test_kill_sessions_ends_marked_clients(server: lab.ScratchMariaDB) -> None:
     held.hold()
     assert not write_commits(server)
     transport = ExecTransport([], vm="db1")
-    killed = pause.kill_sessions(transport, vm="db1", sudo=False, timeout=30)
+    # another run's sessions only: this one (run "unit") is left alone, commits stay held
+    assert (
+        pause.kill_sessions(transport, runs=["uni", "unit2"], vm="db1", sudo=False, timeout=30)
+        == []
+    )
+    assert not write_commits(server)
+    killed = pause.kill_sessions(transport, runs=["unit"], vm="db1", sudo=False, timeout=30)
     assert killed
     assert write_commits(server, wait=5)
     held.release()
@@ -254,7 +260,7 @@ def test_a_killed_lock_session_leaves_no_password_behind(server: lab.ScratchMari
         fds = [os.readlink(f"/proc/{pid}/fd/9") for pid in sessions if os.path.exists(
             f"/proc/{pid}/fd/9")]  # fmt: skip
         assert fds and all(fd.startswith("pipe:") for fd in fds), fds
-        assert pause.kill_sessions(transport, vm="db1", sudo=False, timeout=30)
+        assert pause.kill_sessions(transport, runs=["unit"], vm="db1", sudo=False, timeout=30)
         wait_for(lambda: write_commits(server), 30, "commits to flow after the kill")
     finally:
         held.release()

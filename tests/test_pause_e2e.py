@@ -28,10 +28,11 @@ from tests.guest_fixtures import (
     run_observed,
     wait_for,
 )
-from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+from tests.libvirt_nodes import libvirt_node, naming_run, write_node  # noqa: F401 - fixture
 
 MARKER = "snapcoord-pause:"
 REVERT_TARGET = "snapcoord-manual-20260101T020000Z"  # a running-state snapshot of db1 in the node
+SNAPSHOT_RUN = "20260101T020000Z-aaaaaa"  # the run that took it (staged: naming_run)
 
 
 @pytest.fixture
@@ -367,12 +368,14 @@ def test_revert_ends_a_lock_session_the_snapshot_brought_back_and_proves_a_write
 ) -> None:
     """A RAM snapshot taken while writes were held resumes with that lock session. libvirt's
     test driver holds no guest memory, so the resumed session is staged: a client holding
-    BACKUP STAGE BLOCK_COMMIT with a snapcoord marker, as the snapshot's would be."""
-    config = pause_config(tmp_path, libvirt_node, ssh_guest.guest_table(), vm="db1")
+    BACKUP STAGE BLOCK_COMMIT with the snapcoord marker of the run that took the snapshot (its
+    description names it), as the snapshot's would be."""
+    node = write_node(tmp_path / "node", naming_run(REVERT_TARGET, SNAPSHOT_RUN))
+    config = pause_config(tmp_path, node, ssh_guest.guest_table(), vm="db1")
     holder = subprocess.Popen(
         [
             *lab.mysql_argv(None, "--unbuffered", "--skip-reconnect"),
-            f"--init-command=SET @m='{MARKER}x'",
+            f"--init-command=SET @m='{MARKER}{SNAPSHOT_RUN}'",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -205,7 +205,8 @@ def test_recover_over_a_selection_each_vm_on_its_own(tmp_path: Path, libvirt_nod
     state2.mkdir()
     for name in STAND_IN_SERVICES:
         (state2 / f"{name}.running").touch()
-    prefix = ["env", f"PATH={wrapper}:{DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state2}"]
+    prefix = ["env", f"PATH={wrapper}:{DEMO_BIN}:/usr/bin:/bin", f"DEMO_STATE={state2}",
+              f"SNAPCOORD_LEASE_DIR={state2}/lease"]  # a guest of its own  # fmt: skip
     with config.open("a") as extra:
         extra.write(
             '\n[vms.db2]\nhypervisor = "lab"\nname = "web1"\n'

@@ -18,7 +18,12 @@ from tests.guest_fixtures import (
     wait_for,
     watchdog_pids,
 )
-from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
+from tests.libvirt_nodes import (
+    NodeFactory,
+    libvirt_node,  # noqa: F401 - fixture
+    libvirt_node_factory,  # noqa: F401 - fixture
+    naming_run,
+)
 from tests.test_guest_transport import table
 
 TARGET = "snapcoord-manual-20260101T020000Z"  # a running-state snapshot of db1 in the node
@@ -82,34 +87,54 @@ def test_revert_with_a_service_that_cannot_start_exits_6(
     assert "apache2 could not be started" in stderr
 
 
+SNAPSHOT_RUN = "20260101T020000Z-aaaaaa"  # the run that took TARGET (its description says so)
+OTHER_RUN = "20260101T020000Z-bbbbbb"  # another coordinator's run, live in the guest
+
+
 def test_revert_stops_watchdogs_the_snapshot_memory_brought_back(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
+    ssh_guest: lab.SshGuest,
+    lab_services: lab.GuestServices,
+    tmp_path: Path,
+    libvirt_node_factory: NodeFactory,
 ) -> None:
     """A RAM snapshot holds the watchdog of the run that took it: after a revert it is alive
-    again and would start services in the middle of the next run. The revert stops every
-    snapcoord watchdog in the guest (simulated: one armed before the revert) and says so."""
+    again and would start services in the middle of the next run. The revert stops that run's
+    watchdog (simulated: one armed before the revert) and says so; another run's watchdog (a
+    live coordinator's) is left alone."""
     transport = SshTransport(table(ssh_guest), vm="lab")
     transport.open()
     try:
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="20260101T020000Z-aaaaaa", init="sysv", seconds=600,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
+        dog, other = (
+            watchdog.arm(
+                transport,
+                vm="lab",
+                run_id=run,
+                init="sysv",
+                seconds=600,
+                services=["cron"],
+                database=None,
+                sudo=False,
+                timeout=30,
+            )
+            for run in (SNAPSHOT_RUN, OTHER_RUN)
+        )
     finally:
         transport.close()
     try:
         assert lab.process_group(dog.pid), "the watchdog is not running"
         lab_services.stop("cron")  # the snapshot was taken with it stopped
-        config = guest_config(tmp_path, libvirt_node, ssh_guest.guest_table(), vm="db1")
+        node = libvirt_node_factory(naming_run(TARGET, SNAPSHOT_RUN))
+        config = guest_config(tmp_path, node, ssh_guest.guest_table(), vm="db1")
         code, summary, stderr = revert(config, tmp_path / "observe.jsonl", "--no-safety-snapshot")
         assert code == 0, stderr
-        assert watchdog_pids("20260101T020000Z-aaaaaa") == []
+        assert watchdog_pids(SNAPSHOT_RUN) == []
         wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
+        assert watchdog_pids(OTHER_RUN) == [other.pid], "another run's watchdog survives"
         notes = " ".join(summary["notes"])  # type: ignore[arg-type]
         assert f"stopped 1 snapcoord watchdog(s) that the revert brought back (pid {dog.pid})" in (
             notes
         )
         assert lab_services.all_running()
     finally:
-        for pid in watchdog_pids("20260101T020000Z-aaaaaa"):  # only if the test failed
+        for pid in watchdog_pids(SNAPSHOT_RUN) + watchdog_pids(OTHER_RUN):
             lab.run(["kill", "-s", "TERM", "--", f"-{pid}"], check=False)

@@ -34,6 +34,7 @@ STEPS = [
     "check VM and snapshot name",
     "connect to guest",
     "check guest services and sudo",
+    "take guest lease",
     "arm guest watchdog",
     "stop services",
     "stop database",
@@ -42,7 +43,8 @@ STEPS = [
 ]
 HYPERVISOR = ["disconnect from hypervisor lab"]
 GUEST = ["disconnect from guest", *HYPERVISOR]
-ARMED = ["disarm guest watchdog", *GUEST]
+LEASED = ["release guest lease", *GUEST]  # released last, once everything else is back
+ARMED = ["disarm guest watchdog", *LEASED]
 # The undos that must run, in order, when the step at that position fails.
 EXPECTED_UNDOS = [
     [],
@@ -50,7 +52,8 @@ EXPECTED_UNDOS = [
     HYPERVISOR,
     GUEST,  # pushed before connecting: a half-open master is closed too
     GUEST,
-    ["disarm guest watchdog", *GUEST],  # pushed before arming (nothing armed: a no-op)
+    LEASED,  # pushed before taking it: a take whose answer was lost is released too
+    ARMED,  # pushed before arming (nothing armed: a no-op)
     ["start services", *ARMED],  # a stop that failed half-way is undone too
     ["start database", "start services", *ARMED],
     ["start database", "start services", *ARMED],
@@ -79,7 +82,7 @@ def test_failure_at_every_step_unwinds_exactly_and_restores_services(
     real_do = steps[position].do
 
     def fail() -> None:
-        if position in (6, 7) and real_do is not None:
+        if position in (7, 8) and real_do is not None:
             real_do()  # the stop happened, then something went wrong
         raise injected
 
@@ -107,6 +110,7 @@ def test_failure_at_every_step_unwinds_exactly_and_restores_services(
     assert running_stand_ins(state) == STAND_IN_SERVICES
     assert result.window.still_down == []
     assert ctx.watchdog is None
+    assert not (state / "lease" / "lease").exists()  # the guest lease is released (or not taken)
     assert len(armed) == (1 if position > STEPS.index("arm guest watchdog") else 0)
     for pid in armed:  # the guest-side watchdog process is really gone (TERM is asynchronous)
         assert _gone_within(pid, seconds=5)

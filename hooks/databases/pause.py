@@ -49,15 +49,20 @@ fi
 timeout -s KILL "$limit" "$@"
 """
 
-# Kill every snapcoord lock session in the guest (their argv carries the marker); prints the PIDs.
-# The pattern is split so that this script's own command line does not match it.
+# $@ = run ids. Kill those runs' snapcoord lock sessions in the guest (their argv carries the
+# marker with the run id), never another run's; prints the PIDs. The pattern is split so that
+# this script's own command line does not match it.
 KILL_SCRIPT = r"""
 p="snapcoord-""pause:"
 for d in /proc/[0-9]*; do
   pid=${d#/proc/}
   [ "$pid" = $$ ] && continue
-  cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
-  case $cmd in *"$p"*) kill -s KILL "$pid" 2>/dev/null && echo "$pid";; esac
+  cmd="$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) " || continue
+  for run in "$@"; do
+    case $cmd in
+      *"$p$run"[!A-Za-z0-9._:-]*) kill -s KILL "$pid" 2>/dev/null && echo "$pid"; break;;
+    esac
+  done
 done
 exit 0
 """
@@ -218,10 +223,15 @@ def _first_word(sql: str) -> str:
     return " ".join(words[:3]) if words else "(nothing)"
 
 
-def kill_sessions(transport: Transport, *, vm: str, sudo: bool, timeout: float) -> list[int]:
-    """End every snapcoord lock session in the guest (after a revert to a snapshot with RAM:
-    the session that held the lock when it was taken resumes with it). Returns their PIDs."""
-    result = transport.run(["sh", "-c", KILL_SCRIPT], sudo=sudo, timeout=timeout)
+def kill_sessions(
+    transport: Transport, *, runs: Sequence[str], vm: str, sudo: bool, timeout: float
+) -> list[int]:
+    """End the snapcoord lock sessions of runs ``runs`` in the guest, never another run's
+    (after a revert to a snapshot with RAM: the session that held the lock when it was taken
+    resumes with it). Returns their PIDs."""
+    if not runs:
+        return []
+    result = transport.run(["sh", "-c", KILL_SCRIPT, "sh", *runs], sudo=sudo, timeout=timeout)
     if not result.ok:
         raise GuestError(f"looking for lock sessions failed: {result.error_text()}", vm=vm)
     return [int(w) for w in result.stdout.decode().split() if w.isdigit()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +72,21 @@ done
 exit 0
 """
 
-# Kills every snapcoord watchdog (any run) with its process group; prints the PIDs. The prefix
-# is put together here so that this script's own command line (and sudo's) never contains it.
-_KILL_ALL = r"""
+# $@ = run ids. Kills the watchdogs of those runs (no other run's) with their process groups;
+# prints the PIDs. The prefix is put together here so that this script's own command line (and
+# sudo's) never contains a marker.
+_KILL_RUNS = r"""
 prefix="snapcoord-watch"; prefix="${prefix}dog-"
 for f in /proc/[0-9]*/cmdline; do
   pid=${f#/proc/}; pid=${pid%/cmdline}
   [ "$pid" = "$$" ] && continue
-  case "$(tr '\0' ' ' < "$f" 2>/dev/null)" in
-    *" $prefix"*) kill -s TERM -- "-$pid" 2>/dev/null || kill -s TERM "$pid" 2>/dev/null
-                  echo "$pid";;
-  esac
+  cmd=" $(tr '\0' ' ' < "$f" 2>/dev/null) "
+  for run in "$@"; do
+    case "$cmd" in
+      *" $prefix$run "*) kill -s TERM -- "-$pid" 2>/dev/null || kill -s TERM "$pid" 2>/dev/null
+                         echo "$pid"; break;;
+    esac
+  done
 done
 exit 0
 """
@@ -203,11 +208,16 @@ def run_id_of(marker: str) -> str:
     return marker.removeprefix(MARKER_PREFIX)
 
 
-def kill_all(transport: Transport, *, vm: str, sudo: bool, timeout: float) -> list[int]:
-    """Kill every snapcoord watchdog in the guest, whichever run armed it; returns their PIDs.
-    After a revert to a snapshot with RAM, the watchdog of the run that took it is alive again
-    and would start services in the middle of a later run."""
-    result = transport.run(["sh", "-c", _KILL_ALL], sudo=sudo, timeout=timeout)
+def kill_runs(
+    transport: Transport, runs: Collection[str], *, vm: str, sudo: bool, timeout: float
+) -> list[int]:
+    """Kill the watchdogs of runs ``runs`` in the guest, never another run's (another
+    coordinator's live run may have one); returns their PIDs. After a revert to a snapshot with
+    RAM, the watchdog of the run that took it is alive again and would start services in the
+    middle of a later run."""
+    if not runs:
+        return []
+    result = transport.run(["sh", "-c", _KILL_RUNS, "sh", *runs], sudo=sudo, timeout=timeout)
     if not result.ok:
         raise GuestError(f"cannot look for guest watchdogs: {result.error_text()}", vm=vm)
     return [int(w) for w in result.stdout.decode(errors="replace").split() if w.isdigit()]

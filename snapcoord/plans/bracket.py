@@ -75,6 +75,8 @@ class Bracket:
         return self.services.state
 
     def arm(self) -> None:
+        if self.ctx.lease is not None:  # ends no later than the watchdog fires (guest clock)
+            self.ctx.lease.renew(self.guest.watchdog_seconds)
         st = self.state
         database = st.database if self.database and st.database_running else None
         order = ([database] if database else []) + list(reversed(st.to_stop()))

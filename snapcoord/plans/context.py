@@ -16,6 +16,7 @@ from snapcoord.hooks import commands
 from snapcoord.hooks.databases.pause import WritePause
 from snapcoord.hooks.guest import watchdog
 from snapcoord.hooks.guest.services import Services
+from snapcoord.plans.leasing import GuestLease
 from snapcoord.run import ServiceWindow, Step
 from snapcoord.settings import Config, GuestConfig, VMConfig
 from snapcoord.transports import open_transport
@@ -47,6 +48,10 @@ class RunContext:
     keep_connection: bool = False
     #: ``freeze``: when it froze, until when at most, who asked (snapcoord/freeze.py)
     freeze: dict[str, Any] | None = None
+    #: the command the run is for (``snapshot``, ``revert``...): named in the guest lease
+    command: str = ""
+    #: this run's hold on its guest (plans/leasing.py); the plans that bracket a guest take it
+    lease: GuestLease | None = None
 
     @classmethod
     def create(cls, config: Config, vm_key: str, run_id: str) -> RunContext:
@@ -56,6 +61,7 @@ class RunContext:
         if vm_cfg.guest is not None:
             ctx.transport = open_transport(config, vm_key, adapter=adapter)
             ctx.services = Services(ctx.transport, vm_cfg.guest, vm=vm_key)
+            ctx.lease = GuestLease(ctx)
         return ctx
 
     @property
@@ -111,11 +117,13 @@ def _find_vm(ctx: RunContext) -> None:
     ctx.vm = ctx.adapter.find_vm(ctx.vm_cfg.ref)
 
 
-def guest_connect_steps(ctx: RunContext) -> list[Step]:
-    """Open the guest connection (closed on unwind) and probe its services and sudo."""
+def guest_connect_steps(ctx: RunContext, *, lease: bool = False) -> list[Step]:
+    """Open the guest connection (closed on unwind) and probe its services and sudo; with
+    ``lease`` (a run that brackets the guest) then take the guest lease (released last)."""
     if ctx.transport is None or ctx.services is None:
         return []
     transport, services = ctx.transport, ctx.services
+    held = [ctx.lease.step()] if lease and ctx.lease is not None else []
     return [
         Step(
             "connect to guest",
@@ -130,6 +138,7 @@ def guest_connect_steps(ctx: RunContext) -> list[Step]:
             lambda: _probe(ctx, services),
             describe="detect init system; which services exist and run",
         ),
+        *held,
     ]
 
 

@@ -54,7 +54,7 @@ def freeze_steps(ctx: RunContext, *, wait: Callable[[], None], label: str = "fre
             *after,
         ]
     return [
-        *guest_connect_steps(ctx),
+        *guest_connect_steps(ctx, lease=True),
         *before,
         Step(
             "frozen: wait for thaw",

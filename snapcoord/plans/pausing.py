@@ -82,6 +82,8 @@ class Pause:
         ctx = self.ctx
         assert ctx.transport is not None and self.plan is not None
         kind = self._kind()
+        if ctx.lease is not None:  # ends no later than the guest ends the lock session
+            ctx.lease.renew(ctx.guest.pause_timeout)
         self.pause = kind.pause(
             ctx.transport,
             vm=ctx.key,

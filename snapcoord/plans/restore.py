@@ -96,7 +96,7 @@ def restore_dump_steps(
 
     drop = ", ".join(dump.to_drop) or "none"
     return [
-        *guest_connect_steps(ctx),
+        *guest_connect_steps(ctx, lease=True),
         Step("check database", check_database, describe="the database answers (it stays up)"),
         *Bracket(ctx).steps(database=False),
         Step(

@@ -20,7 +20,7 @@ from snapcoord.errors import (
 from snapcoord.guest import GuestUnreachable
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases import pause
-from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest import lease, watchdog
 from snapcoord.naming import description, snapshot_name
 from snapcoord.plans.context import RunContext, connect_steps
 from snapcoord.run import Step
@@ -45,6 +45,7 @@ class RevertTarget:
 
     snapshot: Snapshot | None = None
     power: PowerState | None = None  # before the revert
+    connected: bool = False  # the guest connection is open (closed by the lease's undo)
 
     def require_snapshot(self) -> Snapshot:
         assert self.snapshot is not None, "choose snapshot must run first"
@@ -92,6 +93,18 @@ def revert_steps(ctx: RunContext, *, target: str | None, safety: bool) -> list[S
         *connect_steps(ctx),
         Step("choose snapshot", choose, describe=f"--to {target}" if target else "newest"),
     ]
+    if ctx.services is not None:
+        steps.append(
+            Step(
+                "take guest lease",
+                lambda: _lease_before_revert(ctx, found),
+                lambda: _release_lease(ctx, found),
+                undo_name="release guest lease",
+                undo_first=True,
+                describe="refuse (exit 75) if another coordinator holds the guest; "
+                "taken again once the guest is back",
+            )
+        )
     if safety:
         steps.append(
             Step("safety snapshot", safety_snapshot, describe="snapshot of the current state first")
@@ -121,57 +134,133 @@ def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
             "through the guest agent"
         )
     _wait_for_guest(ctx)
-    try:
-        killed = watchdog.kill_all(
+    found.connected = True  # closed by the lease's undo, after it released the lease
+    runs = _resurrected_runs(ctx, found)
+    killed = watchdog.kill_runs(
+        ctx.transport,
+        runs,
+        vm=ctx.key,
+        sudo=ctx.guest.sudo,
+        timeout=ctx.guest.command_timeout,
+    )
+    if killed:
+        ctx.notes.append(
+            f"stopped {len(killed)} snapcoord watchdog(s) that the revert brought back "
+            f"(pid {', '.join(map(str, killed))}): the snapshot's memory held them"
+        )
+    stale = pause.kill_sessions(
+        ctx.transport,
+        runs=runs,
+        vm=ctx.key,
+        sudo=ctx.guest.sudo,
+        timeout=ctx.guest.command_timeout,
+    )
+    if stale:
+        ctx.notes.append(
+            f"ended {len(stale)} snapcoord lock session process(es) that the revert brought "
+            f"back (pid {', '.join(map(str, stale))}): the snapshot's memory held them"
+        )
+    clock = guest_clock.sync_after_revert(
+        ctx.adapter,
+        ctx.require_vm(),
+        ctx.transport,
+        vm_key=ctx.key,
+        sudo=ctx.guest.sudo,
+        timeout=ctx.guest.command_timeout,
+    )
+    if clock:
+        ctx.notes.append(clock)
+    if ctx.lease is not None:  # its expiry again, on the guest's corrected clock
+        ctx.lease.renew(ctx.guest.watchdog_seconds)
+    state = ctx.services.probe()
+    window = ctx.window
+    if state.database is not None and not state.running.get(state.database):
+        state.stopped.append(state.database)
+        ctx.services.start_database(window)
+    down = [s for s in state.services if not state.running.get(s)]
+    state.stopped.extend(down)
+    ctx.services.start(down, window)
+    snapshot = found.require_snapshot()
+    kind = databases.get(state.kind) if state.kind else None
+    if kind and kind.PAUSE_METHODS and (stale or snapshot.memory or _paused(snapshot)):
+        kind.prove_writes(
             ctx.transport,
             vm=ctx.key,
-            sudo=ctx.guest.sudo,
-            timeout=ctx.guest.command_timeout,
+            guest=ctx.guest,
+            options=ctx.vm_cfg.dump,
+            run_id=ctx.run_id,
         )
-        if killed:
-            ctx.notes.append(
-                f"stopped {len(killed)} snapcoord watchdog(s) that the revert brought back "
-                f"(pid {', '.join(map(str, killed))}): the snapshot's memory held them"
-            )
-        stale = pause.kill_sessions(
-            ctx.transport, vm=ctx.key, sudo=ctx.guest.sudo, timeout=ctx.guest.command_timeout
-        )
-        if stale:
-            ctx.notes.append(
-                f"ended {len(stale)} snapcoord lock session process(es) that the revert brought "
-                f"back (pid {', '.join(map(str, stale))}): the snapshot's memory held them"
-            )
-        clock = guest_clock.sync_after_revert(
-            ctx.adapter,
-            ctx.require_vm(),
-            ctx.transport,
-            vm_key=ctx.key,
-            sudo=ctx.guest.sudo,
-            timeout=ctx.guest.command_timeout,
-        )
-        if clock:
-            ctx.notes.append(clock)
-        state = ctx.services.probe()
-        window = ctx.window
-        if state.database is not None and not state.running.get(state.database):
-            state.stopped.append(state.database)
-            ctx.services.start_database(window)
-        down = [s for s in state.services if not state.running.get(s)]
-        state.stopped.extend(down)
-        ctx.services.start(down, window)
-        snapshot = found.require_snapshot()
-        kind = databases.get(state.kind) if state.kind else None
-        if kind and kind.PAUSE_METHODS and (stale or snapshot.memory or _paused(snapshot)):
-            kind.prove_writes(
-                ctx.transport,
-                vm=ctx.key,
-                guest=ctx.guest,
-                options=ctx.vm_cfg.dump,
-                run_id=ctx.run_id,
-            )
-            ctx.notes.append("a test write committed: no lock from the snapshot is held")
-    finally:
+        ctx.notes.append("a test write committed: no lock from the snapshot is held")
+
+
+def _lease_before_revert(ctx: RunContext, found: RevertTarget) -> None:
+    """Before the revert changes the guest: refuse if another coordinator holds it. A guest
+    that does not answer (reverting may be what mends it) is noted, not a failure."""
+    if found.power != PowerState.RUNNING or ctx.lease is None:
+        return
+    assert ctx.transport is not None
+    try:
+        ctx.transport.open()
+    except GuestUnreachable as exc:
         ctx.transport.close()
+        ctx.notes.append(
+            f"the guest did not answer before the revert ({exc.message}): its lease was not checked"
+        )
+        return
+    try:
+        ctx.lease.take()
+    finally:
+        ctx.transport.close()  # the revert ends this connection's guest side anyway
+
+
+def _release_lease(ctx: RunContext, found: RevertTarget) -> None:
+    """The last undo: release the lease (taken before or after the revert), close the guest
+    connection."""
+    assert ctx.transport is not None
+    try:
+        if ctx.lease is not None and ctx.lease.held:
+            if not found.connected:
+                try:
+                    ctx.transport.open()
+                    found.connected = True
+                except GuestUnreachable as exc:
+                    ctx.notes.append(
+                        f"the guest lease could not be released ({exc.message}): it ends at "
+                        "its expiry"
+                    )
+                    return
+            ctx.lease.release()
+    finally:
+        if found.connected:
+            ctx.transport.close()
+            found.connected = False
+
+
+def _resurrected_runs(ctx: RunContext, found: RevertTarget) -> list[str]:
+    """Take the guest lease after the revert, over the one the snapshot's memory brought back,
+    and return the runs whose processes (watchdog, lock session) the revert may have brought
+    back: the run that took the snapshot (its description says which) and the holder of the
+    lease the snapshot held. Only theirs are ended: never another coordinator's."""
+    snapshot = found.require_snapshot()
+    own = _run_of(snapshot)
+    runs = [own] if own else []
+    if ctx.lease is None:
+        return runs
+    taken_before = 0
+    if snapshot.memory and snapshot.created is not None:  # a lease older than the snapshot
+        taken_before = int(snapshot.created.timestamp())
+    taken = ctx.lease.take(take_over=tuple(runs), taken_before=taken_before)
+    if taken.replaced is not None and taken.replaced.run not in runs:
+        runs.append(taken.replaced.run)
+    return runs
+
+
+def _run_of(snapshot: Snapshot) -> str | None:
+    """The run that took ``snapshot``, from its description (``run=<id>``), if snapcoord's."""
+    for word in snapshot.description.split():
+        if word.startswith("run=") and lease.TOKEN.fullmatch(word[4:]):
+            return word[4:]
+    return None
 
 
 def _paused(snapshot: Snapshot) -> bool:

@@ -26,7 +26,7 @@ def snapshot_steps(ctx: RunContext, *, label: str) -> list[Step]:
             describe=f"list_snapshots; {ctx.snapshot_name} must be free",
         )
     )
-    steps += guest_connect_steps(ctx)
+    steps += guest_connect_steps(ctx, lease=True)
     if ctx.services is not None:
         before, after_snapshot = quiesce_steps(ctx)
         steps += before

@@ -61,10 +61,22 @@ LEFTOVER_MARKERS = (
 )
 
 
+#: The guest lease (hooks/guest/lease.py) in the sandbox's /run: a run a test killed leaves it
+#: until it expires, and every later test's runs are coordinators of stores of their own.
+GUEST_LEASE = Path("/run/snapcoord/lease")
+
+
+def clear_guest_lease() -> None:
+    """Remove a guest lease an earlier test left (never follows a link: unlink)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        GUEST_LEASE.unlink()
+
+
 def end_leftovers() -> list[int]:
     """SIGKILL every process of this sandbox that carries a :data:`LEFTOVER_MARKERS` marker
     (with its process group when it leads one); return their PIDs. They are all the lab's own:
-    the sandbox has no other processes."""
+    the sandbox has no other processes. A guest lease left behind goes too."""
+    clear_guest_lease()
     ended = []
     for pid, _comm, args in process_table():
         if pid == os.getpid() or not any(marker in args for marker in LEFTOVER_MARKERS):
