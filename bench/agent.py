@@ -427,6 +427,99 @@ def dumps(bench: Lab, runs: int, rows: int, chunks: list[float]) -> dict[str, An
     return {"rows": rows, "sql_bytes": sql_bytes, "variants": out}
 
 
+# -- streams ----------------------------------------------------------------------------------
+
+
+def sql_file(path: Path, megabytes: int) -> int:
+    """A file of SQL text like the dump's (compressible as it is), ``megabytes`` MB."""
+    line = (
+        "(12345,'Server 12345 rack 25','SYSID_000000012345','2020-01-01 03:25:45',0,"
+        "'note 827ccb0eea8a706c4c34a16891f84e7b'),"
+    )
+    block = ("INSERT INTO `isys_obj` VALUES " + line * 200 + "\n").encode()
+    with path.open("wb") as handle:
+        for _ in range(megabytes * 1_000_000 // len(block) + 1):
+            handle.write(block)
+    return path.stat().st_size
+
+
+def streams(bench: Lab, runs: int, megabytes: int, chunks: list[float]) -> dict[str, Any]:
+    """``run_streaming(["cat", FILE])`` of a file of SQL text in the guest, consumed and
+    dropped: each transport's own throughput (for the agent: the guest-side copy, the reads
+    in chunks, the sha256 check), without mysqldump or gzip; and ``sha256sum`` of the file in
+    the guest (the agent's check after the last chunk)."""
+    source = bench.work / "stream.sql"
+    size = sql_file(source, megabytes)
+    ssh: Transport = open_transport(load_config(str(bench.config("cmd-ssh", "ssh"))), "db")
+    agent_config = load_config(str(bench.config("cmd-agent", "agent")))
+    via_api = open_transport(agent_config, "db")
+    assert isinstance(via_api, AgentTransport)
+    guest = agent_config.vm("db").guest
+    assert guest is not None
+    second = start_agent(bench.work / "qga-stream")
+    direct = AgentTransport(guest, lambda: second.link("db"), vm="db")
+    variants: dict[str, tuple[Transport, int | None]] = {"ssh": (ssh, None)}
+    variants["agent (API double)"] = (via_api, None)
+    for chunk in chunks:
+        variants[f"agent (API double), chunk {chunk:g} MiB"] = (via_api, int(chunk * MiB))
+    variants["agent (qga socket)"] = (direct, None)
+    for transport in (ssh, via_api, direct):
+        transport.open()
+    ssh.warm(1, sudo=False)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    requests: dict[str, list[int]] = {name: [] for name in variants}
+    checks: list[float] = []
+    try:
+        for index in range(runs):
+            for name, (transport, read_size) in variants.items():
+                link = transport.link if isinstance(transport, AgentTransport) else None
+                default = link.max_read if link is not None else 0  # restored after the run
+                if link is not None and read_size is not None:
+                    link.max_read = read_size
+                got = [0]
+
+                def consume(data: bytes, got: list[int] = got) -> None:
+                    got[0] += len(data)
+
+                before = bench.agent_requests()
+                started = time.perf_counter()
+                result = transport.run_streaming(["cat", str(source)], timeout=600, consume=consume)
+                times[name].append(time.perf_counter() - started)
+                requests[name].append(bench.agent_requests() - before)
+                if link is not None:
+                    link.max_read = default
+                if not result.ok or got[0] != size:
+                    raise SystemExit(f"{name}: {got[0]} of {size} bytes, {result.error_text()}")
+            started = time.perf_counter()
+            ssh.run(["sha256sum", str(source)], timeout=60)
+            checks.append(time.perf_counter() - started)
+            print(
+                f"stream run {index + 1}: "
+                + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()),
+                flush=True,
+            )
+    finally:
+        for transport in (ssh, via_api, direct):
+            transport.close()
+        second.stop()
+        source.unlink(missing_ok=True)
+    base = median(times["ssh"])
+    return {
+        "megabytes": round(size / 1e6, 1),
+        "sha256sum_in_guest": round(median(checks), 3),
+        "variants": {
+            name: {
+                "per_run": [round(v, 3) for v in values],
+                "median": round(median(values), 3),
+                "mb_per_s": round(size / 1e6 / median(values), 1),
+                "ratio": round(median(values) / base, 3),
+                "median_requests": statistics.median(requests[name]),
+            }
+            for name, values in times.items()
+        },
+    }
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -457,10 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         help="extra chunk sizes in MiB for the agent's dump (default 1,12; the product's is 4)",
     )
     parser.add_argument(
+        "--stream-mb", type=int, default=128, help="MB of the stream part's file (default 128)"
+    )
+    parser.add_argument(
         "--skip",
         action="append",
         default=[],
-        choices=["commands", "window", "dump"],
+        choices=["commands", "window", "dump", "stream"],
         help="leave a part out",
     )
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
@@ -480,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["window"] = windows(bench, args.runs, polls)
             if "dump" not in args.skip:
                 result["dump"] = dumps(bench, args.runs, args.rows, chunks)
+            if "stream" not in args.skip:
+                result["stream"] = streams(bench, args.runs, args.stream_mb, chunks)
         finally:
             lab.ensure_running()
     if args.json:
@@ -513,6 +611,15 @@ def print_report(result: dict[str, Any]) -> None:
                 f"  {name:<32} {f['median']:.2f} s  {f['sql_mb_per_s']} MB/s  "
                 f"ratio {f['ratio']:.3f}  {f['median_requests']:g} agent requests"
             )
+    if "stream" in result:
+        st = result["stream"]
+        lines.append(f"stream of {st['megabytes']} MB (cat FILE, consumed and dropped)")
+        for name, f in st["variants"].items():
+            lines.append(
+                f"  {name:<40} {f['median']:.2f} s  {f['mb_per_s']} MB/s  ratio {f['ratio']:.3f}"
+                f"  {f['median_requests']:g} agent requests"
+            )
+        lines.append(f"  sha256sum of the file in the guest: {st['sha256sum_in_guest']:.3f} s")
     print("\n".join(lines))
 
 
