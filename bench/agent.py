@@ -26,7 +26,8 @@ Three parts, each alternating its variants run by run (drift hits all alike), me
 Needs root. Run from the repository root (it re-executes itself in a lab sandbox)::
 
     python3 -m bench.agent [--runs 5] [--rows 1000000] [--commands 100] [--json]
-                           [--poll 0.001,0.005 ...] [--chunks 1,4,12] [--skip PART ...]
+                           [--poll FIRST,LONGEST | --poll none] [--chunks 1,12] [--guest-gzip]
+                           [--stream-mb 128] [--skip commands|window|dump|stream ...]
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ class Lab:
     double: PveApiDouble
     cert: Cert
 
-    def config(self, name: str, transport: str, *, dump: bool = False) -> Path:
+    def config(
+        self, name: str, transport: str, *, dump: bool = False, compress_on: str = "coordinator"
+    ) -> Path:
         table: dict[str, Any]
         if transport == "ssh":
             table = self.guest.guest_table(services=SERVICES, database="mariadb")
@@ -132,7 +135,7 @@ class Lab:
             "vms.db.guest": {**table, "dump": dump},
         }
         if dump:
-            tables["vms.db.dump"] = {"databases": [DATABASE]}
+            tables["vms.db.dump"] = {"databases": [DATABASE], "compress_on": compress_on}
         path = write_config(self.work / f"{name}.toml", tables)
         path.chmod(0o600)
         return path
@@ -390,7 +393,9 @@ def generate(rows: int) -> None:
         )
 
 
-def dumps(bench: Lab, runs: int, rows: int, chunks: list[float]) -> dict[str, Any]:
+def dumps(
+    bench: Lab, runs: int, rows: int, chunks: list[float], *, guest_gzip: bool
+) -> dict[str, Any]:
     started = time.monotonic()
     generate(rows)
     print(f"generated {rows} rows in {time.monotonic() - started:.1f} s", flush=True)
@@ -400,6 +405,11 @@ def dumps(bench: Lab, runs: int, rows: int, chunks: list[float]) -> dict[str, An
     for size in chunks:
         tune = {"read": size * MiB}
         variants[variant_name(tune)] = (agent, tune)
+    if guest_gzip:
+        variants["agent, gzip in the guest"] = (
+            bench.config("dump-agent-guest", "agent", dump=True, compress_on="guest"),
+            {},
+        )
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     try:
         for index in range(runs):
@@ -523,7 +533,9 @@ def streams(bench: Lab, runs: int, megabytes: int, chunks: list[float]) -> dict[
 # -- main -------------------------------------------------------------------------------------
 
 
-def poll_pair(text: str) -> tuple[float, float]:
+def poll_pair(text: str) -> tuple[float, float] | None:
+    if text == "none":
+        return None
     first, _, longest = text.partition(",")
     return float(first), float(longest or first)
 
@@ -550,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         help="extra chunk sizes in MiB for the agent's dump (default 1,12; the product's is 4)",
     )
     parser.add_argument(
+        "--guest-gzip",
+        action="store_true",
+        help="one more dump variant: the agent with compress_on = guest",
+    )
+    parser.add_argument(
         "--stream-mb", type=int, default=128, help="MB of the stream part's file (default 128)"
     )
     parser.add_argument(
@@ -563,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sandbox.enter("bench.agent", sys.argv[1:] if argv is None else list(argv))
     lab.require("qemu-ga")
-    polls = args.poll if args.poll is not None else [(0.001, 0.005), (0.005, 0.05)]
+    polls = [p for p in args.poll if p] if args.poll else [(0.001, 0.005), (0.005, 0.05)]
     chunks = [float(c) for c in args.chunks.split(",") if c]
     result: dict[str, Any] = {"runs": args.runs}
     with started_lab() as bench, lab.lab_lock():
@@ -575,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
             if "window" not in args.skip:
                 result["window"] = windows(bench, args.runs, polls)
             if "dump" not in args.skip:
-                result["dump"] = dumps(bench, args.runs, args.rows, chunks)
+                result["dump"] = dumps(
+                    bench, args.runs, args.rows, chunks, guest_gzip=args.guest_gzip
+                )
             if "stream" not in args.skip:
                 result["stream"] = streams(bench, args.runs, args.stream_mb, chunks)
         finally:
