@@ -19,7 +19,7 @@ import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 
@@ -35,6 +35,9 @@ from snapcoord.errors import (
     VMNotFound,
 )
 from snapcoord.settings import LibvirtSettings
+
+if TYPE_CHECKING:
+    from snapcoord.adapters.libvirt_agent import LibvirtAgentLink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -430,6 +433,27 @@ class LibvirtAdapter(Adapter):
         except libvirt.libvirtError as err:
             raise self._fail(err, "check the guest agent", vm.name) from err
         _require_agent(vm, domain_xml, "the backup's freeze")
+
+    def guest_agent(self, vm: VM) -> LibvirtAgentLink:
+        """The domain's guest agent (adapters/libvirt_agent.py). The domain must have the
+        ``org.qemu.guest_agent.0`` channel, else :class:`AgentUnavailable` with the fix; that
+        qemu-ga answers is for the link's ``ping`` to find out (it may be restarting)."""
+        from snapcoord.adapters.libvirt_agent import LibvirtAgentLink
+        from snapcoord.agent_link import AGENT_FIX, AgentUnavailable
+
+        dom = self._domain(vm, "find the guest agent")
+        try:
+            domain_xml = dom.XMLDesc(0)
+        except libvirt.libvirtError as err:
+            raise self._fail(err, "find the guest agent", vm.name) from err
+        if agent_state(domain_xml) is None:
+            raise AgentUnavailable(
+                f"the domain has no {AGENT_CHANNEL} channel: no QEMU guest agent to run "
+                "commands through",
+                vm=vm.name,
+                hint=AGENT_FIX["libvirt"],
+            )
+        return LibvirtAgentLink(self.uri, uuid=vm.id, vm=vm.name)
 
     def thaw_filesystems(self, vm: VM) -> bool:
         dom = self._domain(vm, "thaw file systems")

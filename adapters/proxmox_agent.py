@@ -110,6 +110,8 @@ class ProxmoxAgentLink:
         # base64 of max_write bytes fits 60 KiB and, at 3 body bytes per character (%2F), the
         # body limit
         self.max_write = 45 * 1024 if modern else 12 * 1024
+        # exec-status: qemu-ga's own 16 MiB (it says truncated past it)
+        self.max_output: int | None = None
         self.fix = AGENT_FIX["proxmox"].replace("VMID", self.vmid)
 
     # -- calls and their errors ---------------------------------------------------------------

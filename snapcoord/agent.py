@@ -77,6 +77,16 @@ FIRST_POLL, LONGEST_POLL = 0.001, 0.02
 #: timeout; its end then has to reach us).
 GRACE_SECONDS = 5.0
 
+# $1 = the most bytes of stdout and of stderr to return, $2.. = the command: what it writes
+# beyond is dropped (a libvirt reply over 4 MiB fails, and makes qemu-ga forget the command);
+# the command's own exit status is kept.
+_CAP_OUTPUT = r"""
+n=$1; shift
+{ rc=$( { { { "$@" 3>&- 4>&- 5>&-; echo $? >&3; } | head -c "$n" >&4; } 2>&1 \
+  | head -c "$n" >&5; } 3>&1 ); } 4>&1 5>&2
+exit "$rc"
+"""
+
 # Every argument carries one leading character: strip it, run the command.
 _UNPREFIX = 'for a; do shift; set -- "$@" "${a#x}"; done; exec "$@"'
 
@@ -286,11 +296,19 @@ class AgentTransport:
 
     def _run(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None) -> Completed:
         started = time.monotonic()
-        limited = ["timeout", "-s", "KILL", _seconds(timeout), *argv]
+        cap = self.link.max_output
+        capped = ["sh", "-c", _CAP_OUTPUT, "sh", str(cap), *argv] if cap else list(argv)
+        limited = ["timeout", "-s", "KILL", _seconds(timeout), *capped]
         if stdin is not None and len(stdin) > self.link.max_input:
             return self._run_with_file(argv, timeout=timeout, stdin=stdin)
         pid = self._exec(limited, stdin=stdin)
         status = self._wait(pid, started + timeout + GRACE_SECONDS, argv)
+        if cap and (len(status.stdout) >= cap or len(status.stderr) >= cap):
+            raise GuestError(
+                f"the output of {argv[0]} is larger than {self.link.description} carries "
+                f"({cap >> 10} KiB)",
+                vm=self.vm,
+            )
         if status.truncated:
             raise GuestError(
                 f"the output of {argv[0]} is larger than the guest agent keeps (16 MiB)",

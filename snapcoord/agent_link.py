@@ -83,6 +83,9 @@ class AgentLink(Protocol):
     max_read: int
     #: raw bytes one write_file call writes at most
     max_write: int
+    #: bytes of stdout (and of stderr) a command may return through exec-status; ``None``:
+    #: qemu-ga's own 16 MiB, past which it says truncated. libvirt needs less (its replies)
+    max_output: int | None
 
     def ping(self, *, timeout: float) -> None:
         """Raise :class:`AgentUnavailable` unless the agent answers within ``timeout``."""
@@ -115,9 +118,11 @@ class QgaLink:
 
     description = "guest agent"
     max_input = 1 << 20
-    #: 3 MiB: its base64 (4 MiB) and the JSON around it stay under libvirt's 4 MiB reply limit
-    max_read = 3 << 20
+    #: 2 MiB: its base64 and the JSON around it stay well under libvirt's 4 MiB reply limit
+    #: (a 3 MiB read already fails there: adapters/libvirt_agent.py)
+    max_read = 2 << 20
     max_write = 1 << 20
+    max_output: int | None = None
 
     def __init__(self, *, vm: str) -> None:
         self.vm = vm

@@ -37,8 +37,10 @@ the guest running. It yields a :class:`RealGuest`:
 * ``ssh(cmd, timeout=60, check=False, input=None)`` -> ``CompletedProcess[str]``: a shell line
   as root over a fresh strict OpenSSH connection (about 1 s each under TCG: batch commands),
 * ``ssh_argv(cmd)``, ``guest_table(**overrides)`` (a ``[vms.X.guest]`` table),
-  ``agent_command({"execute": ...})`` (qemu-guest-agent through libvirt), ``monitor(cmd)``,
-  ``serial_tail()``.
+  ``agent_command({"execute": ...})`` (qemu-guest-agent through libvirt), ``agent_run(argv)``
+  (a command through the agent, no SSH: exit status, stdout, stderr), ``ssh_logins()`` (how
+  many logins sshd accepted, from the guest's journal read through the agent: proof that a
+  run made none), ``monitor(cmd)``, ``serial_tail()``.
 
 Teardown destroys the domain, deletes its snapshots, undefines it and removes the overlay. A
 session that was killed leaves its domain behind; the next session removes it (domains record
@@ -48,6 +50,7 @@ workdir, uri) as guest: ...`` (tests/libvirtd.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -286,6 +289,46 @@ class RealGuest:
         finally:
             conn.close()
         return json.loads(reply)
+
+    def agent_run(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
+        """Run ``argv`` in the guest through qemu-guest-agent (``guest-exec``, never SSH); its
+        exit status (128 + signal for a signal) and its output. For small outputs only: the
+        reply carries them base64-encoded (adapters/libvirt_agent.py has the limits)."""
+        started = self.agent_command(
+            {
+                "execute": "guest-exec",
+                "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True},
+            }
+        )
+        pid = started["return"]["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.agent_command(
+                {"execute": "guest-exec-status", "arguments": {"pid": pid}}
+            )["return"]
+            if status["exited"]:
+                break
+            if time.monotonic() > deadline:
+                raise RealVMError(f"guest (agent): {argv!r} still runs after {timeout:g} s")
+            time.sleep(0.1)
+        code = status["exitcode"] if "exitcode" in status else 128 + status.get("signal", 0)
+        out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+        err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+        return code, out, err
+
+    def ssh_logins(self) -> int:
+        """How many logins sshd accepted since the guest booted: its ``Accepted ...`` lines in
+        the guest's journal, read through the guest agent (so reading them is not a login).
+
+        The count goes up by one for each SSH connection (``ssh()`` makes a fresh one each
+        time) and never for an agent call. A revert to a snapshot rewinds the journal with the
+        rest of the guest: compare with a count taken while that snapshot's state was current.
+        journald writes an entry a moment after sshd sends it: poll for a count to arrive."""
+        journal = "journalctl --quiet --no-pager --output=cat SYSLOG_IDENTIFIER=sshd"
+        code, out, err = self.agent_run(["/bin/sh", "-c", f"{journal} | grep -c '^Accepted '"])
+        if code not in (0, 1):  # grep -c: 1 when nothing matched
+            raise RealVMError(f"guest (agent): reading sshd's journal exited {code}: {err}")
+        return int(out.strip())
 
     def monitor(self, command: str) -> str:
         """A human-monitor command to the running QEMU, through libvirt (``info network``).

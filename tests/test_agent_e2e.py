@@ -292,3 +292,25 @@ def test_an_agent_that_stops_answering_in_the_window_is_healed_by_the_watchdog(
     wait_for(guest_services.all_running, 25 + 10 - (time.monotonic() - started) + 30,
              "the watchdog restarting every service")  # fmt: skip
     os.kill(agent.pid, signal.SIGCONT)
+
+
+def test_a_vm_without_an_agent_configured_is_refused_with_qm_set(
+    run: Callable[..., Any],
+    double: PveApiDouble,
+    cert: Cert,
+    agent: LabAgent,
+    guest_services: lab.GuestServices,
+    tmp_path: Path,
+) -> None:
+    double.cluster.guests[VMID].agent = None  # no `agent` key in the VM's configuration
+    config, _ = agent_config(tmp_path, double, cert)
+    proc = run(config, "snapshot", "db", "--json")
+    assert proc.returncode == 4, proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert "stop services" not in [s["name"] for s in result["steps"]]
+    assert "has no QEMU guest agent configured" in proc.stderr
+    assert f"qm set {VMID} --agent 1" in proc.stderr
+    checked = run(config, "check", "db")
+    assert checked.returncode == 4
+    assert f"qm set {VMID} --agent 1" in checked.stderr
+    assert guest_services.all_running()

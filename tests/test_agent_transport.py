@@ -412,3 +412,18 @@ def test_an_agent_that_blocks_guest_exec_is_one_line_with_the_fix(tmp_path: Path
 def test_empty_arguments_reach_the_command_as_empty_arguments(transport: AgentTransport) -> None:
     result = transport.run(["sh", "-c", 'printf "[%s]" "$@"', "sh", "", "x", "", "-x"], timeout=10)
     assert result.stdout == b"[][x][][-x]"
+
+
+def test_a_link_that_carries_less_output_caps_it_in_the_guest_and_keeps_the_status(
+    agent: LabAgent,
+) -> None:
+    link = agent.link()
+    link.max_output = 1000
+    opened = make_transport(agent, link)
+    small = opened.run(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
+    assert (small.returncode, small.stdout, small.stderr) == (3, b"out\n", b"err\n")
+    with pytest.raises(GuestError, match="larger than"):
+        opened.run(["head", "-c", "5000", "/dev/zero"], timeout=10)
+    with pytest.raises(GuestError, match="larger than"):
+        opened.run(["sh", "-c", "head -c 5000 /dev/zero >&2"], timeout=10)
+    assert opened.run(["true"], timeout=10).ok

@@ -211,3 +211,31 @@ def test_missing_sdk_names_the_extra(
     assert code == 2
     assert "pip install 'snapcoord[vsphere]'" in err
     assert "secret-value" not in err
+
+
+def test_agent_transport_on_a_domain_without_the_agent_channel_is_one_line_with_the_fix(
+    tmp_path: Path, libvirt_node: str
+) -> None:
+    """``transport = "agent"`` needs the domain's org.qemu.guest_agent.0 channel: refused in
+    preflight, before anything in the guest is touched, and ``check`` says the same."""
+    config = write_config(
+        tmp_path / "agent.toml",
+        {
+            "defaults": {"store": str(tmp_path / "store"), "label": "test"},
+            "hypervisors.lab": {"type": "libvirt", "uri": libvirt_node},
+            "vms.db1": {"hypervisor": "lab"},
+            "vms.db1.guest": {"transport": "agent", "services": ["cron"]},
+        },
+    )
+    proc = snapcoord("-c", str(config), "snapshot", "db1", "--json")
+    assert proc.returncode == 4, proc.stderr
+    (run,) = json_lines(proc.stdout)
+    assert "stop services" not in [s["name"] for s in run["steps"]]
+    errors = [line for line in proc.stderr.splitlines() if "org.qemu.guest_agent.0" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "db1: the domain has no" in errors[0] and "qemu-guest-agent" in errors[0]
+    assert "Traceback" not in proc.stderr
+    checked = snapcoord("-c", str(config), "check", "db1")
+    assert checked.returncode != 0
+    assert "org.qemu.guest_agent.0" in checked.stdout + checked.stderr
+    assert "Traceback" not in checked.stderr

@@ -15,6 +15,8 @@ from snapcoord.adapters import adapter_class, open_adapter
 from snapcoord.adapters import libvirt_adapter as mod
 from snapcoord.adapters.base import VM, PowerState, Snapshot
 from snapcoord.adapters.libvirt_adapter import LibvirtAdapter
+from snapcoord.adapters.libvirt_agent import LibvirtAgentLink, libvirt_seconds
+from snapcoord.agent_link import AGENT_FIX, AgentCommandError, AgentUnavailable
 from snapcoord.config import parse_table
 from snapcoord.errors import (
     ExitCode,
@@ -281,6 +283,70 @@ def test_create_quiesced_without_guest_agent(adapter: LibvirtAdapter) -> None:
     assert info.value.vm == "db1"
     assert "quiesce = false" in str(info.value)
     assert names(adapter.list_snapshots(vm)) == [SNAP_OLD, SNAP_CURRENT]
+
+
+def test_guest_agent_needs_the_agent_channel(adapter: LibvirtAdapter) -> None:
+    with pytest.raises(AgentUnavailable, match=r"no org\.qemu\.guest_agent\.0 channel") as info:
+        adapter.guest_agent(adapter.find_vm("db1"))
+    assert info.value.vm == "db1" and info.value.hint == AGENT_FIX["libvirt"]
+    link = adapter.guest_agent(adapter.find_vm("agent1"))
+    assert isinstance(link, LibvirtAgentLink) and link.vm == "agent1"
+    assert "agent1" in link.description and adapter.uri in link.description
+    # libvirt's test driver has no qemuAgentCommand: an error, not a hang or a traceback
+    with pytest.raises(AgentCommandError, match="no guest agent commands"):
+        link.ping(timeout=5)
+    link.close()
+    link.close()
+
+
+def test_guest_agent_call_that_libvirtd_never_answers_is_abandoned(
+    adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt's own timeout ends a call to an agent that does not answer (tested on the real
+    guest); a libvirtd that itself hangs is left behind after the margin, and the link's next
+    call opens a new connection."""
+    import libvirt_qemu
+
+    from snapcoord.adapters import libvirt_agent
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hangs(domain: object, text: str, seconds: int, flags: int) -> str:
+        calls.append(seconds)
+        release.wait(30)
+        return '{"return":{}}'
+
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", hangs)
+    monkeypatch.setattr(libvirt_agent, "SYNC_SECONDS", 0)
+    monkeypatch.setattr(libvirt_agent, "RPC_MARGIN", 0.2)
+    link = adapter.guest_agent(adapter.find_vm("agent1"))
+    assert isinstance(link, LibvirtAgentLink)
+    try:
+        with pytest.raises(AgentUnavailable, match="libvirt did not return guest-ping") as info:
+            link.ping(timeout=0.1)
+        assert calls == [1] and "check libvirtd" in (info.value.hint or "")
+        assert link._conn is None  # the next call starts on a new connection
+    finally:
+        release.set()
+        link.close()
+
+
+def test_guest_agent_timeouts_are_whole_seconds_never_a_special_value() -> None:
+    """qemuAgentCommand: -2 blocks forever, -1 is libvirt's default, 0 does not wait."""
+    assert [libvirt_seconds(t) for t in (0.2, 1, 1.01, 29.5, 30)] == [1, 1, 2, 30, 30]
+    assert {libvirt_seconds(t) for t in (0, -1, -2, float("inf"), float("nan"))} == {1}
+
+
+def test_guest_agent_limits_fit_libvirts_messages() -> None:
+    from snapcoord.adapters.libvirt_agent import REMOTE_STRING_MAX
+
+    def base64_length(raw: int) -> int:
+        return (raw + 2) // 3 * 4
+
+    # a read's reply: its base64 and the JSON around it, under libvirt's string limit
+    assert base64_length(LibvirtAgentLink.max_read) + 100 < REMOTE_STRING_MAX
+    assert LibvirtAgentLink.max_write == LibvirtAgentLink.max_input == 64 << 10
 
 
 def test_create_timeout_raises(adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -429,3 +429,10 @@ def test_one_session_for_many_calls(vcsim: VCSim, adapter: VSphereAdapter, vm: V
     assert key in sessions
     assert len(sessions) == 2  # the adapter's and this test's
     assert isinstance(adapter._content.rootFolder, vim.Folder)
+
+
+def test_vsphere_has_no_qemu_guest_agent(adapter: VSphereAdapter, vm: VM) -> None:
+    """The adapter interface's default: one line naming the transports that do work."""
+    with pytest.raises(UnsupportedOperation, match="no QEMU guest agent") as info:
+        adapter.guest_agent(vm)
+    assert info.value.vm == vm.name and info.value.hint and "ssh" in info.value.hint

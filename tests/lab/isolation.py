@@ -97,6 +97,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 QEMU_GROUP = "realvm"
 QEMU_MODULES = ("tests/test_realvm.py", "tests/test_realvm_boot.py",
                 "tests/test_realvm_fsfreeze.py", "tests/test_realvm_install.py",
+                "tests/test_realvm_agent.py", "tests/test_realvm_agent_e2e.py",
                 "tests/test_libvirt_qemu.py")  # fmt: skip
 
 
