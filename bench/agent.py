@@ -23,11 +23,15 @@ Three parts, each alternating its variants run by run (drift hits all alike), me
   ``dump to store`` step's duration, SSH vs agent with the chunk sizes given with ``--chunks``
   (the link's ``max_read``; file-read allows 16 MiB).
 
+``--real-guest`` instead boots the real Debian 12 guest (tests/realvm_guest.py, QEMU under TCG)
+and takes the window and the dump there, SSH vs libvirt's agent link (adapters/libvirt_agent.py).
+
 Needs root. Run from the repository root (it re-executes itself in a lab sandbox)::
 
     python3 -m bench.agent [--runs 5] [--rows 1000000] [--commands 100] [--json]
                            [--poll FIRST,LONGEST | --poll none] [--chunks 1,12] [--guest-gzip]
                            [--stream-mb 128] [--skip commands|window|dump|stream ...]
+    python3 -m bench.agent --real-guest [--runs 3] [--rows 200000] [--skip window|dump]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import functools
 import json
 import os
+import pwd
 import shutil
 import statistics
 import subprocess
@@ -530,6 +535,120 @@ def streams(bench: Lab, runs: int, megabytes: int, chunks: list[float]) -> dict[
     }
 
 
+# -- the real Debian guest (libvirt) ------------------------------------------------------------
+
+
+def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
+    """The service window and the dump on the real Debian 12 guest under QEMU (TCG) through
+    libvirt: SSH vs the libvirt agent link (adapters/libvirt_agent.py), alternating."""
+
+    from tests.libvirtd import running_libvirtd
+    from tests.realvm_guest import booted_guest, ensure_image, reap_stale_domains
+
+    # libvirtd and QEMU see the sandbox's /tmp only under pytest's folder (tests/lab/sandbox.py)
+    shared = Path("/tmp", f"pytest-of-{pwd.getpwuid(os.getuid()).pw_name}")
+    shared.mkdir(mode=0o700, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="snapcoord-bench-agent-realvm-", dir=shared))
+    try:
+        with contextlib.ExitStack() as stack:
+            uri = stack.enter_context(running_libvirtd())
+            reap_stale_domains(uri)
+            guest = stack.enter_context(booted_guest(ensure_image(), work / "vm", uri))
+            print(f"real guest booted in {guest.boot_seconds:.0f} s", flush=True)
+            code, _out, err = guest.agent_run(
+                ["mysql", "-e",
+                 f"DROP DATABASE IF EXISTS {DATABASE}; CREATE DATABASE {DATABASE};"
+                 f"CREATE TABLE {DATABASE}.isys_obj (id INT UNSIGNED PRIMARY KEY,"
+                 " title VARCHAR(255), sysid VARCHAR(64), created DATETIME, status TINYINT,"
+                 " descr TEXT) ENGINE=InnoDB;"
+                 f"USE {DATABASE}; INSERT INTO isys_obj SELECT seq,"
+                 " CONCAT('Server ', seq, ' rack ', seq % 40),"
+                 " CONCAT('SYSID_', LPAD(seq, 12, '0')),"
+                 " '2020-01-01' + INTERVAL seq SECOND, seq % 3,"
+                 " IF(seq % 5 = 0, NULL, CONCAT('note ', MD5(seq)))"
+                 f" FROM seq_1_to_{rows};"],
+                timeout=600,
+            )  # fmt: skip
+            if code != 0:
+                raise SystemExit(f"generating rows in the real guest failed: {err}")
+
+            def config(name: str, transport: str, dump: bool, compress_on: str) -> Path:
+                table: dict[str, Any] = {"services": SERVICES, "database": "mariadb",
+                                         "stop_timeout": 60.0, "dump": dump}  # fmt: skip
+                if transport == "ssh":
+                    table = guest.guest_table(**table)
+                else:
+                    table["transport"] = "agent"
+                tables: dict[str, dict[str, Any]] = {
+                    "defaults": {"store": str(work / "store"), "label": "bench"},
+                    "hypervisors.qemu": {"type": "libvirt", "uri": guest.uri},
+                    "vms.db": {"hypervisor": "qemu", "name": guest.domain},
+                    "vms.db.guest": table,
+                }
+                if dump:
+                    tables["vms.db.dump"] = {"databases": [DATABASE], "compress_on": compress_on}
+                return write_config(work / f"{name}.toml", tables)
+
+            variants = {
+                "window": {
+                    "ssh": config("w-ssh", "ssh", False, "coordinator"),
+                    "agent": config("w-agent", "agent", False, "coordinator"),
+                },
+                "dump": {
+                    "ssh": config("d-ssh", "ssh", True, "coordinator"),
+                    "agent": config("d-agent", "agent", True, "coordinator"),
+                    "agent, gzip in the guest": config("d-agent-g", "agent", True, "guest"),
+                },
+            }
+            out: dict[str, Any] = {"boot_seconds": round(guest.boot_seconds, 1), "rows": rows}
+            for part, configs in variants.items():
+                if part in skip:
+                    continue
+                results: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+                for index in range(runs):
+                    for name, path in configs.items():
+                        results[name].append(real_run(path, guest.uri, guest.domain, work))
+                    print(f"real guest {part} run {index + 1}: " + ", ".join(
+                        f"{n} {r[-1]['window']:.2f} s window, "
+                        f"{r[-1]['steps'].get('dump to store', 0):.2f} s dump"
+                        for n, r in results.items()), flush=True)  # fmt: skip
+                out[part] = summarize(
+                    results, "window" if part == "window" else "dump to store", baseline="ssh"
+                )
+            return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def real_run(config: Path, uri: str, domain: str, work: Path) -> dict[str, Any]:
+    """One ``snapcoord snapshot db --json`` on the real guest; its snapshot deleted after."""
+    import libvirt
+
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "db", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=900, check=False,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"snapcoord failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("{")))
+    steps: dict[str, float] = {}
+    for step in summary["steps"]:
+        if step.get("started") is not None and step.get("ended") is not None:
+            steps[step["name"]] = steps.get(step["name"], 0.0) + step["ended"] - step["started"]
+    conn = libvirt.open(uri)
+    try:
+        conn.lookupByName(domain).snapshotLookupByName(summary["snapshot"]).delete()
+    finally:
+        conn.close()
+    for folder in (work / "store").glob("*"):
+        if folder.is_dir() and folder.name not in ("journal", "locks"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"window": summary.get("window_seconds"), "steps": steps, "requests": 0,
+            "wall": wall, "dump": summary.get("dump")}  # fmt: skip
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -562,6 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra chunk sizes in MiB for the agent's dump (default 1,12; the product's is 4)",
     )
     parser.add_argument(
+        "--real-guest",
+        action="store_true",
+        help="only the window and the dump on the real Debian guest through libvirt "
+        "(tests/realvm_guest.py), SSH vs the libvirt agent link",
+    )
+    parser.add_argument(
         "--guest-gzip",
         action="store_true",
         help="one more dump variant: the agent with compress_on = guest",
@@ -583,6 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     polls = [p for p in args.poll if p] if args.poll else [(0.001, 0.005), (0.005, 0.05)]
     chunks = [float(c) for c in args.chunks.split(",") if c]
     result: dict[str, Any] = {"runs": args.runs}
+    if args.real_guest:
+        result["real_guest"] = real_guest(args.runs, args.rows, args.skip)
+        print(json.dumps(result, indent=1))
+        return 0
     with started_lab() as bench, lab.lab_lock():
         lab.ensure_running()
         try:
