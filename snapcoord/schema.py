@@ -525,10 +525,11 @@ DUMP: dict[str, Key] = {
     ),
     "compress_on": Key(
         "choice",
-        "where gzip runs: coordinator (measured fastest, spares the database server's CPU) or "
-        "guest (less traffic on slow links); zstd always runs in the guest",
-        default="coordinator",
-        choices=("coordinator", "guest"),
+        "where gzip runs: coordinator (measured fastest over SSH, spares the database server's "
+        "CPU), guest (less traffic: slow links, the guest agent) or auto (the guest when the "
+        "dump crosses the guest agent, else the coordinator); zstd always runs in the guest",
+        default="auto",
+        choices=("auto", "coordinator", "guest"),
     ),
     "user": Key(
         "str",

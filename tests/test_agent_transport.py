@@ -427,3 +427,25 @@ def test_a_link_that_carries_less_output_caps_it_in_the_guest_and_keeps_the_stat
     with pytest.raises(GuestError, match="larger than"):
         opened.run(["sh", "-c", "head -c 5000 /dev/zero >&2"], timeout=10)
     assert opened.run(["true"], timeout=10).ok
+
+
+def test_gzip_runs_in_the_guest_when_the_dump_crosses_the_agent() -> None:
+    from types import SimpleNamespace
+
+    from snapcoord.plans.fallback import compress_on
+
+    def where(chosen: str, **guest: object) -> str:
+        table = {"transport": "agent", **guest}
+        if table["transport"] == "ssh" or table.get("dump_transport") == "ssh":
+            table["host"] = "db1"
+        ctx = SimpleNamespace(
+            guest=parse_table(GuestConfig, table),
+            vm_cfg=SimpleNamespace(dump=parse_table(DumpConfig, {"compress_on": chosen})),
+        )
+        return compress_on(ctx)  # type: ignore[arg-type]
+
+    assert where("auto") == "guest"
+    assert where("auto", dump_transport="ssh") == "coordinator"
+    assert where("auto", transport="ssh") == "coordinator"
+    assert where("coordinator") == "coordinator"  # an explicit choice is kept
+    assert where("guest", transport="ssh") == "guest"
