@@ -414,12 +414,13 @@ def _parse_vm(
             check.problems.append(
                 f"{gpath}.exec_prefix: required when transport = 'exec' ([] runs locally)"
             )
+        raw = table["guest"] if isinstance(table["guest"], dict) else {}  # else: reported
         if guest.get("transport") == "agent":
-            given = {**table["guest"], "dump_transport": guest.get("dump_transport")}
+            given = {**raw, "dump_transport": guest.get("dump_transport")}
             _check_agent_transport(given, hypervisors.get(hypervisor or ""), gpath, check)
-            if guest.get("dump_transport") == "ssh" and "host" not in table["guest"]:
+            if guest.get("dump_transport") == "ssh" and "host" not in raw:
                 check.problems.append(f"{gpath}.host: required when dump_transport = 'ssh'")
-        elif "dump_transport" in table["guest"]:
+        elif "dump_transport" in raw:
             check.warnings.append(f"{gpath}.dump_transport: ignored unless transport = 'agent'")
     if "dump" in table and (guest is None or not guest.get("dump")):
         check.warnings.append(f"{path}.dump: ignored unless {path}.guest.dump = true")

@@ -487,3 +487,11 @@ def test_config_check_says_what_the_agent_transport_needs(tmp_path: Path) -> Non
         "db2: guest commands through the QEMU guest agent (libvirt); the domain needs the "
         "org.qemu.guest_agent.0 channel"
     ) in lines
+
+
+def test_a_guest_that_is_not_a_table_is_one_problem_whatever_the_transport_checks() -> None:
+    raw = {"hypervisors": {"lab": {"type": "libvirt"}}, "vms": {"a": {"hypervisor": "lab",
+                                                                   "guest": 0}}}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.problems == ["vms.a.guest: must be a table"]
