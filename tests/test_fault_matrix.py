@@ -369,8 +369,10 @@ class CellRun:
     def execute(self) -> Observation:
         proxy = FaultProxy((self.guest.host, self.guest.port)).start()
         monitor = ServiceMonitor()
-        if self.expect.restored == BY_WATCHDOG:  # only there is the moment of recovery asked
-            monitor.start()
+        # the moment of recovery is asked of watchdog cells; every cell asks whether anything
+        # went down at all (_check_summary)
+        monitor.start()
+        self.monitor: ServiceMonitor | None = monitor
         try:
             config = self._config(proxy)
             env = {
@@ -487,7 +489,9 @@ class CellRun:
             return
         self.summary = summaries[0]
         self.run_id = self.run_id or summaries[0].get("run")
-        self._check_summary(summaries[0], child.returncode, run="the run")
+        monitor = getattr(self, "monitor", None)
+        saw_down = None if monitor is None else monitor.last_down() is not None
+        self._check_summary(summaries[0], child.returncode, run="the run", saw_down=saw_down)
         if self.fault == "unreachable":
             if summaries[0].get("window_seconds") is not None:
                 self.problem(
@@ -501,7 +505,9 @@ class CellRun:
                     "services_down empty",
                 )
 
-    def _check_summary(self, summary: dict[str, Any], returncode: int, *, run: str) -> None:
+    def _check_summary(
+        self, summary: dict[str, Any], returncode: int, *, run: str, saw_down: bool | None = None
+    ) -> None:
         if summary.get("exit_code") != returncode:
             self.problem(
                 f"{run}: JSON exit_code {summary.get('exit_code')} != {returncode}",
@@ -510,8 +516,11 @@ class CellRun:
         if returncode != 0 and summary.get("ok"):
             self.problem(f"{run}: ok is true although it exited {returncode}", "ok true")
         window, down = summary.get("window_seconds"), summary.get("services_down")
-        # null exactly when something is down; or when nothing was ever stopped (no window)
+        # null exactly when something is down; or when nothing was ever stopped (no window).
+        # A stop step that a signal interrupted before it issued its first stop stopped nothing:
+        # then no service was ever seen down from outside either (``saw_down``, when sampled).
         stopped = any(s["name"] in STOP_STEPS and not s["undo"] for s in summary.get("steps", []))
+        stopped = stopped and saw_down is not False
         if (window is None) != bool(down) and (window is not None or stopped):
             self.problem(
                 f"{run}: window_seconds {window} with services_down {down} "
