@@ -318,14 +318,7 @@ class AgentTransport:
                 f"the output of {argv[0]} is larger than the guest agent keeps (16 MiB)",
                 vm=self.vm,
             )
-        return Completed(
-            tuple(argv),
-            status.returncode,
-            status.stdout,
-            status.stderr,
-            time.monotonic() - started,
-            timed_out=_timed_out(status, time.monotonic() - started, timeout),
-        )
+        return _completed(argv, status, started, timeout)
 
     def _wait(self, pid: int, deadline: float, argv: Sequence[str]) -> ExecStatus:
         pause = FIRST_POLL
@@ -386,7 +379,7 @@ class AgentTransport:
         """stdin larger than one exec carries: written to a transfer file first."""
         folder = self._transfer_dir()
         try:
-            self._upload(f"{folder}/stdin", [stdin])
+            self._upload(f"{folder}/stdin", stdin)
             script = 'f=$1; shift; t=$1; shift; exec timeout -s KILL "$t" "$@" < "$f"'
             return self._run(
                 ["sh", "-c", script, "sh", f"{folder}/stdin", _seconds(timeout), *argv],
@@ -497,14 +490,7 @@ class AgentTransport:
             assert status is not None
             if status.returncode == 0:
                 self._compare_digest(out, digest.hexdigest(), received)
-            return Completed(
-                tuple(argv),
-                status.returncode,
-                b"",
-                status.stderr,
-                time.monotonic() - started,
-                timed_out=_timed_out(status, time.monotonic() - started, timeout),
-            )
+            return _completed(argv, status, started, timeout, output=False)
         finally:
             self._remove(folder)
 
@@ -530,10 +516,9 @@ class AgentTransport:
                 stdin=None,
             )  # fmt: skip
 
-    def _upload(self, path: str, parts: Sequence[bytes]) -> None:
-        """Write ``parts`` into one guest file; several writes where one would be too large
+    def _upload(self, path: str, data: bytes) -> None:
+        """Write ``data`` into one guest file; several writes where one would be too large
         (a link that replaces files writes numbered pieces joined by ``cat``)."""
-        data = b"".join(parts)
         size = self.link.max_write
         if len(data) <= size:
             self.link.write_file(path, data, timeout=CALL_SECONDS)
@@ -577,14 +562,7 @@ class AgentTransport:
             if status is None:  # (not empty: Proxmox's API cannot write an empty file)
                 link.write_file(f"{folder}/end", b"end\n", timeout=CALL_SECONDS)
                 status = self._wait(pid, deadline, argv)
-            return Completed(
-                tuple(argv),
-                status.returncode,
-                status.stdout,
-                status.stderr,
-                time.monotonic() - started,
-                timed_out=_timed_out(status, time.monotonic() - started, timeout),
-            )
+            return _completed(argv, status, started, timeout)
         finally:
             self._remove(folder)
 
@@ -763,6 +741,17 @@ def _left_by_dead_runs(names: Sequence[str]) -> list[str]:
         except PermissionError:
             pass  # alive, another user's
     return dead
+
+
+def _completed(
+    argv: Sequence[str], status: ExecStatus, started: float, timeout: float, *, output: bool = True
+) -> Completed:
+    """The :class:`Completed` of a command the agent ran (``output``: its stdout, which a
+    stream sent to a file instead)."""
+    elapsed = time.monotonic() - started
+    stdout = status.stdout if output else b""
+    return Completed(tuple(argv), status.returncode, stdout, status.stderr, elapsed,
+                     timed_out=_timed_out(status, elapsed, timeout))  # fmt: skip
 
 
 def _timed_out(status: ExecStatus, elapsed: float, timeout: float) -> bool:

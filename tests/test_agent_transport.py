@@ -29,6 +29,7 @@ from snapcoord.settings import DumpConfig, GuestConfig
 from tests import lab
 from tests.guest_fixtures import wait_for
 from tests.qga_fixture import LabAgent, SocketAgentLink, start_agent
+from tests.test_pause import write_commits
 
 pytestmark = pytest.mark.usefixtures("_require_qga")
 
@@ -271,16 +272,6 @@ def test_the_watchdog_armed_through_the_agent_outlives_the_call_and_disarms(
     assert dog.pid in processes_with(dog.marker)
     assert watchdog.kill_runs(transport, ["agent-unit"], vm="lab", sudo=False, timeout=10)
     assert not watchdog.running(transport, "agent-unit", vm="lab", sudo=False, timeout=10)
-
-
-def write_commits(server: lab.ScratchMariaDB, *, wait: int = 1) -> bool:
-    result = lab.mysql_exec(
-        f"SET SESSION lock_wait_timeout = {wait}; INSERT INTO t.w VALUES (1);",
-        server.socket,
-        check=False,
-        timeout=wait + 30,
-    )
-    return result.returncode == 0
 
 
 @pytest.fixture
