@@ -103,6 +103,16 @@ class SnapshotFailed(SnapcoordError):
     exit_code = ExitCode.SNAPSHOT_FAILED
 
 
+class VerifyFailed(SnapshotFailed):
+    """``verify``: the dump does not load, fails the database's own check, or its tables differ
+    from what was recorded when it was taken (docs/verify.md)."""
+
+
+class VerifyUnavailable(PreflightError):
+    """``verify`` could not run on this coordinator (server binaries missing, out of disk in the
+    verify folder, the throwaway server would not start): the dump was not judged."""
+
+
 class ServiceNotRestored(SnapcoordError):
     exit_code = ExitCode.SERVICE_NOT_RESTORED
 
