@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from snapcoord import guest_clock, store
@@ -184,6 +185,8 @@ class Checker:
             self._check("pause", self._pause)
         if guest.dump:
             self._check("dump", self._dump)
+            if self.vm_cfg.dump.verify:
+                self._check("verify", self._verify)
         if self.vm_cfg.archive.paths:
             self._check("archive", self._archive)
         if Fallback.wanted(self.vm_cfg):
@@ -249,6 +252,15 @@ class Checker:
             f"{plan.server_version}: client and credentials work; {dbs}, about "
             f"{store.mib(plan.data_bytes)} of data, store has room"
         )
+
+    def _verify(self) -> str:
+        """``verify = true``: the throwaway server's binaries on this host, and its folder."""
+        from snapcoord.verify import dumps, scratch
+
+        kind = self._kind()
+        dumps.kind_module(kind.NAME).require(vm=self.key)
+        folder = scratch.check_verify_dir(Path(self.config.defaults.verify_dir))
+        return f"{kind.NAME} server binaries on this host; throwaway servers in {folder}"
 
     def _pause(self) -> str:
         assert self.transport is not None and self.vm_cfg.guest is not None

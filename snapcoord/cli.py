@@ -142,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     _add_json(p)
 
+    p = add_parser(
+        "verify",
+        help="prove each VM's newest dump restorable: load it into a throwaway server and compare",
+        description="Restore the dump into a throwaway database server on this host (no TCP, "
+        "its own private folder, removed after) and compare every table's rows and checksum "
+        "with what was recorded when it was taken; or, with --boot (libvirt), boot a copy of a "
+        "snapshot with no network and check its services and database (docs/verify.md). "
+        "Exit 0 verified, 5 not verified (the dump is kept, marked unverified), 4 the verify "
+        "could not run here.",
+    )
+    _add_selection(p)
+    p.add_argument(
+        "--from",
+        dest="from_snapshot",
+        metavar="SNAPSHOT-NAME",
+        help="the dump taken with this snapshot (default: the newest good one); with --boot, "
+        "the snapshot to boot (default: the newest snapcoord one)",
+    )
+    p.add_argument(
+        "--boot",
+        action="store_true",
+        help="boot a throwaway copy of the snapshot (libvirt) instead of restoring the dump",
+    )
+    _add_json(p)
+
     p = add_parser("recover", help="restart services a crashed run left stopped, on each VM")
     _add_selection(p)
     _add_json(p, document=True)

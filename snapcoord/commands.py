@@ -185,7 +185,13 @@ def _after_snapshot(ctx: RunContext, result: RunResult) -> None:
     if not result.ok or not ctx.snapshot_name:
         return
     from snapcoord.prune import after_snapshot
+    from snapcoord.verify import jobs
 
+    verified = jobs.after_snapshot(ctx)
+    if verified is not None:
+        error = jobs.error_for(verified)
+        if error is not None:
+            result.failures.append(error)
     report = after_snapshot(ctx)
     ctx.outputs["prune"] = report
     if report.get("error"):
@@ -302,6 +308,21 @@ def cmd_recover(args: argparse.Namespace) -> int:
         command="recover",
         in_order=True,
         document=True,
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from snapcoord.verify.jobs import verify_vm
+
+    config = _load(args)
+    return _fleet(
+        args,
+        config,
+        lambda key, reporter: verify_vm(
+            config, key, snapshot=args.from_snapshot, boot=args.boot, reporter=reporter
+        ),
+        command="verify",
+        notify=True,
     )
 
 
@@ -471,6 +492,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "delete": cmd_delete,
     "restore-dump": cmd_restore_dump,
     "recover": cmd_recover,
+    "verify": cmd_verify,
     "config": cmd_config,
 }
 

@@ -19,6 +19,8 @@ from snapcoord import inventory
 from snapcoord.config import Config
 from snapcoord.inventory import Inventory
 from snapcoord.status import LastRun, read_last_run
+from snapcoord.verify import record as verify_record
+from snapcoord.verify.record import VerifyRecord
 
 log = logging.getLogger("snapcoord")
 
@@ -53,6 +55,13 @@ def _families() -> dict[str, Family]:
             "vzdump backup-end of a QEMU VM: 1 if its services were stopped (or commits held) "
             "across the guest agent's freeze, else 0 (docs/fsfreeze-hook.md).",
         ),
+        (
+            "last_verify_success",
+            "1 if the VM's last verify proved its dump (or, what=boot, its snapshot) good, else 0 "
+            "(also when it could not run: see the exit code; docs/verify.md).",
+        ),
+        ("last_verify_timestamp_seconds", "Unix time the VM's last verify ended."),
+        ("verify_seconds", "Duration of the VM's last verify."),
         ("snapshots", "Number of snapcoord's own snapshots of the VM, as last seen."),
         (
             "snapshots_seen_timestamp_seconds",
@@ -83,6 +92,9 @@ def render(config: Config, *, now: float | None = None) -> str:
         last = read_last_run(config.store, key)
         if last is not None:
             _add_last_run(families, vm, last)
+        verified = verify_record.read_last(config.store, key)
+        if verified is not None:
+            _add_verify(families, vm, verified)
         seen = inventory.read(config.store, key)
         if seen is not None:
             _add_inventory(families, vm, seen, now)
@@ -101,6 +113,13 @@ def _add_last_run(families: dict[str, Family], vm: dict[str, str], last: LastRun
         families["last_backup_application_consistent"].add(
             vm, 1 if last.application_consistent else 0
         )
+
+
+def _add_verify(families: dict[str, Family], vm: dict[str, str], found: VerifyRecord) -> None:
+    labels = {**vm, "what": found.what}
+    families["last_verify_success"].add(labels, 1 if found.verified else 0)
+    families["last_verify_timestamp_seconds"].add(labels, found.finished)
+    families["verify_seconds"].add(labels, found.seconds)
 
 
 def _add_inventory(

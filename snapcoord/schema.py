@@ -213,6 +213,13 @@ DEFAULTS.update(
             "Prometheus textfile-collector file, rewritten atomically after every command",
             check=_abs_path,
         ),
+        "verify_dir": Key(
+            "str",
+            "verify: where the throwaway database servers put their files (a private folder per "
+            "run, removed after; needs room for the largest restored database)",
+            default="/var/tmp",
+            check=_abs_path,
+        ),
         **RETENTION,
     }
 )
@@ -547,6 +554,21 @@ DUMP: dict[str, Key] = {
         "abort: no snapshot, exit 4; continue: snapshot anyway",
         default="abort",
         choices=("abort", "continue"),
+    ),
+    "verify": Key(
+        "bool",
+        "after every dump (once the services run again): restore it into a throwaway database "
+        "server on the coordinator and compare every table with what was recorded when it was "
+        "taken (snapcoord verify, docs/verify.md)",
+        default=False,
+    ),
+    "verify_timeout": Key(
+        "float",
+        "seconds for one verify: the throwaway server's start, the load, the comparison; "
+        "with --boot, the copy, the boot and the checks",
+        default=3600.0,
+        minimum=10,
+        maximum=MAX_SECONDS,
     ),
 }
 

@@ -26,6 +26,7 @@ class Defaults:
     label: str
     snapshot_timeout: float
     metrics_file: str | None
+    verify_dir: str
     keep_last: int | None
     keep_hourly: int | None
     keep_daily: int | None
@@ -158,6 +159,8 @@ class DumpConfig:
     user: str | None
     password: Secret | None
     on_dump_failure: str
+    verify: bool
+    verify_timeout: float
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from snapcoord.journal import CorruptJournal, Journal
 from snapcoord.outcome import Outcome
 from snapcoord.store import read_file
 from snapcoord.values import MAX_EPOCH, integer, number
+from snapcoord.verify import record as verify_record
+from snapcoord.verify.record import VerifyRecord
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ def status_vm(config: Config, key: str, *, offline: bool, now: float | None = No
     config.vm(key)
     last = read_last_run(config.store, key)
     unfinished = read_unfinished(config.store, key)
+    verified = verify_record.read_last(config.store, key)
     errors: list[str] = []
     exit_code = int(ExitCode.OK)
     snapshots: dict[str, Any] | None
@@ -238,9 +241,12 @@ def status_vm(config: Config, key: str, *, offline: bool, now: float | None = No
         "last_run": None if last is None else last.as_dict(),
         "unfinished_run": unfinished,
         "snapshots": snapshots,
+        "last_verify": None if verified is None else verified.as_dict(),
         "errors": errors,
     }
     lines = human_lines(key, last, unfinished, snapshots, now=now)
+    if verified is not None:
+        lines.append(f"{key}: {_verify_text(verified, now)}")
     return Outcome(key, exit_code, summary, lines, errors)
 
 
@@ -278,6 +284,15 @@ def _last_run_text(last: LastRun | None, now: float) -> str:
     if last.dump_bytes is not None:
         text += f", dump {human_bytes(last.dump_bytes)}"
     return text
+
+
+def _verify_text(found: VerifyRecord, now: float) -> str:
+    status = {True: "ok", False: "FAILED", None: "could not run"}[found.verified]
+    text = (
+        f"last verify ({found.what}) {status} {_local(found.finished)} "
+        f"({_ago(now - found.finished)} ago): {found.snapshot}"
+    )
+    return text + (f": {found.problem}" if found.problem else "")
 
 
 def _snapshots_text(snapshots: dict[str, Any], now: float) -> str:

@@ -1,0 +1,1 @@
+"""Proving backups restorable: ``snapcoord verify`` (docs/verify.md)."""
