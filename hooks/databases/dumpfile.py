@@ -42,6 +42,17 @@ _UNZSTD = ["zstd", "-q", "-d", "-c"]
 SCAN_TIMEOUT = 3600.0
 
 
+@dataclass(frozen=True)
+class TableSum:
+    """One base table's figures, taken at dump time and again after a verify's load: its
+    exact row count and a checksum of its rows (``None`` where the kind cannot compute one).
+    How the checksum is computed is the kind's ``table_sums()`` docstring; the manifest names
+    it (``checksum_method``)."""
+
+    rows: int
+    checksum: str | None
+
+
 class DumpFailed(GuestError):
     """The dump could not be taken; the run folder (if any) was kept as ``.failed``."""
 
@@ -273,8 +284,10 @@ def receive(
     """Run the guest pipeline ``argv`` (GUEST_SCRIPT) and store what it streams as the dump.
 
     ``counts`` runs concurrently (services are stopped, nothing writes) and returns
-    ``{"version", "databases", "rows"}``; ``section`` holds the kind's own manifest fields
-    (``options``, defaults for ``server_version`` and ``databases``). Raises
+    ``{"version", "databases", "rows"}`` and, where the kind computes them, ``"checksums"``
+    (``{"db.table": str}``) and ``"checksum_method"``, recorded as they are; ``section`` holds
+    the kind's own manifest fields (``options``, defaults for ``server_version`` and
+    ``databases``). Raises
     :class:`DumpFailed` after the run folder was renamed ``.failed``."""
     name = fmt.file_name(compression)
     started_iso = store.now_iso()
@@ -324,6 +337,7 @@ def receive(
         error = counted["error"]
         problem = f"counting rows failed: {getattr(error, 'message', error)}"
 
+    sums: dict[str, Any] = {k: counted[k] for k in ("checksums", "checksum_method") if k in counted}
     record = {
         "started": started_iso,
         "finished": store.now_iso(),
@@ -335,6 +349,7 @@ def receive(
         "server_version": counted.get("version", section.get("server_version")),
         "databases": counted.get("databases", section.get("databases", [])),
         "tables": counted.get("rows", {}),
+        **sums,
         "sql_bytes": inspector.sql_bytes,
         f"{fmt.program}_exit": _exit_of(result),
         "valid": problem is None,
@@ -410,6 +425,26 @@ class RestoreSource:
         section = self.manifest.get(self.section, {})
         tables = section.get("tables")
         return {str(k): int(v) for k, v in tables.items()} if isinstance(tables, dict) else None
+
+    @property
+    def expected_checksums(self) -> dict[str, str] | None:
+        """``{"db.table": checksum}`` recorded at dump time; None for a dump without them."""
+        if self.manifest is None:
+            return None
+        section = self.manifest.get(self.section, {})
+        sums = section.get("checksums") if isinstance(section, dict) else None
+        if not isinstance(sums, dict):
+            return None
+        return {str(k): str(v) for k, v in sums.items() if isinstance(v, str)}
+
+    @property
+    def checksum_method(self) -> str | None:
+        """How the recorded checksums were computed (``"mysql-crc32-sum/1"``), if recorded."""
+        if self.manifest is None:
+            return None
+        section = self.manifest.get(self.section, {})
+        method = section.get("checksum_method") if isinstance(section, dict) else None
+        return method if isinstance(method, str) else None
 
 
 def read_sql(

@@ -1,0 +1,250 @@
+"""The coordinator side of ``snapcoord verify`` that every database kind shares: a private work
+folder, the confinement of every process that touches the dump, and starting and stopping a
+throwaway server by its PID.
+
+The dump comes from the guest and is treated as hostile. Everything that reads it (the server,
+its client, the decompressor) runs through :func:`confined`: a fresh network namespace (only a
+loopback interface, down: Unix sockets only), then ``setpriv`` to ``nobody`` (uid and gid
+65534, no supplementary groups, no capabilities, ``no_new_privs``), killed when the process
+that started it ends (``--pdeathsig KILL``; the signal follows the *thread* that started the
+process, so a server must be started from the thread that stops it), with an empty
+environment except a fixed ``PATH`` of system folders, and ``/`` as its working folder.
+
+The work folder is ``<verify_dir>/snapcoord-verify.<pid>.<random>``: made with ``mkdir``
+(never following a link planted at its name: an existing name is skipped), owned by root,
+mode 0711 (nobody can traverse it to the folders made for it, but neither list nor change it).
+Every file is removed when the ``with`` block ends, whatever ended it (an exception, the CLI's
+cancellation on SIGTERM, KeyboardInterrupt); removal never follows a link (``shutil.rmtree``
+works with directory file descriptors). A folder left by a process that was SIGKILLed is
+removed by the next :func:`workspace` (:func:`remove_leftovers`): its name carries the PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from snapcoord.errors import VerifyUnavailable
+from snapcoord.guest import ExecTransport
+from snapcoord.shell import kill_group, spawn
+
+log = logging.getLogger("snapcoord.verify")
+
+#: The unprivileged user and group every confined process runs as.
+NOBODY = 65534
+#: The programs of the confinement prefix (util-linux, coreutils): fixed paths only.
+UNSHARE = "/usr/bin/unshare"
+SETPRIV = "/usr/bin/setpriv"
+ENV = "/usr/bin/env"
+#: The only PATH a confined process sees: system folders, nothing relative.
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+PREFIX = "snapcoord-verify."
+_NAME_RE = re.compile(r"snapcoord-verify\.([0-9]+)\.[0-9a-f]+")
+#: Names tried before giving up when each one is taken (a planted file or link).
+ATTEMPTS = 20
+#: Seconds a stopped process gets between SIGTERM and SIGKILL, by default.
+GRACE = 30.0
+
+
+def confined(argv: Sequence[str]) -> list[str]:
+    """``argv`` run as nobody, without network, capabilities or environment (see above).
+
+    ``confined([])`` is the bare prefix, for :class:`ExecTransport`."""
+    return [
+        UNSHARE, "--net", "--",
+        SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs",
+        "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig=KILL", "--",
+        ENV, "-i", "--chdir=/", f"PATH={SAFE_PATH}", "HOME=/nonexistent", "LC_ALL=C.UTF-8",
+        *argv,
+    ]  # fmt: skip
+
+
+def transport(*, vm: str) -> ExecTransport:
+    """A local transport whose every command runs :func:`confined`: a kind's ``Client`` talks
+    to the throwaway server through it exactly as it talks to the guest's server."""
+    return ExecTransport(confined([]), vm=vm)
+
+
+def require_tools(*, vm: str) -> None:
+    """The confinement's own programs (util-linux, coreutils)."""
+    for program in (UNSHARE, SETPRIV, ENV):
+        if not os.access(program, os.X_OK):
+            raise VerifyUnavailable(
+                f"cannot verify: {program} not found on this coordinator",
+                vm=vm,
+                hint="install util-linux and coreutils",
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# The work folder
+
+
+def _check_verify_dir(verify_dir: Path, *, vm: str | None) -> None:
+    if not verify_dir.is_absolute():
+        raise VerifyUnavailable(f"verify_dir {verify_dir} is not an absolute path", vm=vm)
+    try:
+        info = os.lstat(verify_dir)
+    except OSError as exc:
+        raise VerifyUnavailable(
+            f"verify_dir {verify_dir} cannot be used: {exc.strerror}", vm=vm
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise VerifyUnavailable(f"verify_dir {verify_dir} is not a folder (or is a link)", vm=vm)
+    for folder in [verify_dir, *verify_dir.parents]:
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            raise VerifyUnavailable(
+                f"verify_dir {verify_dir} cannot be reached by the user nobody ({folder} "
+                "lacks o+x), which runs the throwaway server",
+                vm=vm,
+            )
+    shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if info.st_uid != 0 or (shared and not info.st_mode & stat.S_ISVTX):
+        raise VerifyUnavailable(
+            f"verify_dir {verify_dir} must be owned by root and not writable by others "
+            "(or sticky, like /var/tmp)",
+            vm=vm,
+        )
+
+
+def _suffix() -> str:
+    return secrets.token_hex(6)
+
+
+def _make_work(verify_dir: Path, *, vm: str | None) -> Path:
+    for _ in range(ATTEMPTS):
+        path = verify_dir / f"{PREFIX}{os.getpid()}.{_suffix()}"
+        try:
+            os.mkdir(path, 0o700)  # EEXIST for anything at that name, a link included
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise VerifyUnavailable(
+                f"cannot make a work folder in {verify_dir}: {exc.strerror}", vm=vm
+            ) from None
+        os.chmod(path, 0o711)  # noqa: S103 - nobody may reach its own folders in it, nothing else
+        return path
+    raise VerifyUnavailable(
+        f"cannot make a work folder in {verify_dir}: every name tried was taken", vm=vm
+    )
+
+
+@contextlib.contextmanager
+def workspace(verify_dir: Path, *, vm: str | None = None) -> Iterator[Path]:
+    """A fresh work folder in ``verify_dir``, removed with everything in it at the end.
+
+    Leftovers of dead processes are removed first (:func:`remove_leftovers`)."""
+    verify_dir = Path(verify_dir)
+    _check_verify_dir(verify_dir, vm=vm)
+    remove_leftovers(verify_dir)
+    work = _make_work(verify_dir, vm=vm)
+    try:
+        yield work
+    finally:
+        remove(work)
+
+
+def nobody_folder(work: Path, name: str) -> Path:
+    """A folder ``name`` inside ``work`` owned by nobody (mode 0700), for a confined server."""
+    path = work / name
+    os.mkdir(path, 0o700)
+    os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+    return path
+
+
+def remove(path: Path) -> None:
+    """Remove a work folder and everything in it; links inside are removed, never followed."""
+    failures: list[str] = []
+
+    def failed(_function: object, name: str, info: tuple[type, BaseException, object]) -> None:
+        exc = info[1]
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOENT):
+            failures.append(f"{name}: {exc}")
+
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(path, onerror=failed)
+    else:
+        os.unlink(path)  # a link put where a work folder was: the link goes, its target stays
+    if failures:
+        log.warning("could not remove everything in %s: %s", path, failures[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(verify_dir: Path) -> list[Path]:
+    """Remove the work folders in ``verify_dir`` whose process is gone (a SIGKILLed verify);
+    returns what was removed. A folder of a live process is kept."""
+    removed = []
+    try:
+        names = os.listdir(verify_dir)
+    except OSError:
+        return []
+    for name in names:
+        match = _NAME_RE.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        path = Path(verify_dir) / name
+        remove(path)
+        removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# A confined server process
+
+
+def start(argv: Sequence[str], *, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` confined, in a session of its own (stdout and stderr to ``log_file``, a
+    root-owned file the server cannot reach, or discarded). Stop it with :func:`stop`."""
+    output: int | object = subprocess.DEVNULL
+    with contextlib.ExitStack() as stack:
+        if log_file is not None:
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            output = stack.enter_context(open(fd, "wb"))
+        return spawn(
+            confined(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=output,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT,
+            env={"PATH": SAFE_PATH},
+            cwd="/",
+        )
+
+
+def stop(process: subprocess.Popen[bytes], *, grace: float = GRACE) -> None:
+    """SIGTERM the process (by its PID), wait up to ``grace`` seconds, then SIGKILL its whole
+    process group; returns when it was reaped. Safe to call on a process that already ended."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    kill_group(process)  # whatever it left in its group goes too
+    process.wait()
