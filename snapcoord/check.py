@@ -259,7 +259,9 @@ class Checker:
 
         kind = self._kind()
         dumps.kind_module(kind.NAME).require(vm=self.key)
-        folder = scratch.check_verify_dir(Path(self.config.defaults.verify_dir))
+        folder = Path(self.config.defaults.verify_dir)
+        with scratch.workspace(folder, vm=self.key):  # made and removed: it can be used
+            pass
         return f"{kind.NAME} server binaries on this host; throwaway servers in {folder}"
 
     def _pause(self) -> str:

@@ -40,7 +40,7 @@ from snapcoord.hooks import databases
 from snapcoord.run import Engine, Reporter, RunResult, Step
 from snapcoord.settings import Config
 from snapcoord.store import CorruptDump
-from snapcoord.verify import record
+from snapcoord.verify import record, scratch
 from snapcoord.verify.record import VerifyRecord
 
 if TYPE_CHECKING:
@@ -200,7 +200,9 @@ class DumpVerify:
     def _start(self) -> None:
         assert self.verifier is not None
         with self._timed("start"):
-            work = self._stack.enter_context(_workspace(Path(self.config.defaults.verify_dir)))
+            work = self._stack.enter_context(
+                scratch.workspace(Path(self.config.defaults.verify_dir), vm=self.key)
+            )
             self.server = self._stack.enter_context(
                 self.verifier.server(work, vm=self.key, timeout=self.timeout)
             )
@@ -294,11 +296,3 @@ def judge(result: RunResult) -> tuple[bool | None, str | None]:
     if isinstance(first, Interrupted | KeyboardInterrupt):
         return None, "interrupted"
     return None, text
-
-
-@contextlib.contextmanager
-def _workspace(verify_dir: Path) -> Iterator[Path]:
-    from snapcoord.verify import scratch
-
-    with scratch.workspace(verify_dir) as work:
-        yield work

@@ -136,7 +136,7 @@ def verify_boot(config: Config, key: str, snapshot: str | None) -> VerifyRecord:
         from snapcoord.verify import boot, scratch
 
         started = time.monotonic()
-        with scratch.workspace(Path(config.defaults.verify_dir)) as work:
+        with scratch.workspace(Path(config.defaults.verify_dir), vm=key) as work:
             result = boot.boot_verify(
                 adapter.conn,  # type: ignore[attr-defined]
                 vm.name,
