@@ -54,20 +54,22 @@ def verify_vm(
     """``snapcoord verify``: the VM's newest dump (or ``snapshot``'s), or with ``boot`` its
     newest snapcoord snapshot (or ``snapshot``) booted in an isolated copy."""
     notes: list[str] = []
+    code: int | None = None
     try:
         if boot:
             found = verify_boot(config, key, snapshot)
         else:
             job = DumpVerify(config, key, find_run(config, key, snapshot))
-            found, _ = job.run(reporter)
-            notes = job.notes
+            found, result = job.run(reporter)
+            notes, code = job.notes, result.exit_code  # 130 when interrupted, 1 for a bug
     except SnapcoordError as exc:
         return Outcome.failed(key, "verify", exc)
-    return outcome_of(found, notes)
+    return outcome_of(found, notes, code=code)
 
 
-def outcome_of(found: VerifyRecord, notes: list[str]) -> Outcome:
-    code = found.exit_code
+def outcome_of(found: VerifyRecord, notes: list[str], *, code: int | None = None) -> Outcome:
+    """The outcome of a verify; ``code`` (the run's) overrides the record's own exit code."""
+    code = found.exit_code if code is None else code
     summary: dict[str, Any] = {
         "vm": found.vm,
         "ok": code == 0,
