@@ -1,0 +1,288 @@
+"""snapcoord/verify/mysql.py against the real thing: Debian's mariadbd as a throwaway server on
+the coordinator (here: the lab sandbox), fed real dumps that snapcoord's dump code took from
+the lab guest's MariaDB (the i-doit-like schema with foreign keys, about 120k rows)."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapcoord.errors import VerifyFailed, VerifyUnavailable
+from snapcoord.guest import shell_transport
+from snapcoord.hooks.databases import mysql as mysql_kind
+from snapcoord.hooks.databases.dumpfile import RestoreSource
+from snapcoord.verify import mysql, scratch
+from tests import lab
+from tests.idoit_fixture import DATABASES, IdoitDB
+from tests.test_mysqldump import take_dump, vm_config
+
+pytestmark = pytest.mark.real
+IDOIT = list(DATABASES)
+TIMEOUT = 600.0
+
+
+def _nobody_processes() -> list[str]:
+    """Processes of uid 65534 in this sandbox (its PID namespace holds only the lab's and
+    these tests' processes, and nothing of the lab runs as nobody)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
+        if uid == "65534" and state != "Z":
+            found.append(f"{entry} {Path(f'/proc/{entry}/comm').read_text().strip()}")
+    return found
+
+
+@pytest.fixture
+def verify_dir() -> Iterator[Path]:
+    """A root-owned 0755 folder nobody can traverse; after the test, no process of nobody and
+    no work folder may remain."""
+    lab.require_root()
+    lab.require("/usr/sbin/mariadbd", "mariadb-server-core")
+    assert not _nobody_processes(), "a nobody process ran before the test"
+    path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+        assert not _nobody_processes()
+        assert [n for n in os.listdir(path) if n.startswith(scratch.PREFIX)] == []
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+@pytest.fixture
+def dumped(ssh_guest: lab.SshGuest, idoit_db: IdoitDB, tmp_path: Path) -> Path:
+    """A run folder with a dump of the pristine i-doit databases, taken by snapcoord."""
+    vm = vm_config(ssh_guest, tmp_path / "store", databases=IDOIT)
+    assert vm.guest is not None
+    transport = shell_transport(vm.guest, vm="lab")
+    transport.open()
+    try:
+        _, folder = take_dump(transport, vm, tmp_path / "store", "snap-1")
+    finally:
+        transport.close()
+    return folder
+
+
+def _plain(source: RestoreSource, sql: bytes, path: Path) -> RestoreSource:
+    """A RestoreSource of an uncompressed SQL file (no manifest), like a hand-made dump."""
+    path.write_bytes(sql)
+    return RestoreSource(path, "none", None, list(source.databases), list(source.to_drop),
+                         source.section)  # fmt: skip
+
+
+def test_a_good_dump_loads_and_measures_what_was_recorded_at_dump_time(
+    dumped: Path, verify_dir: Path, idoit_db: IdoitDB
+) -> None:
+    source = mysql_kind.prepare_restore(dumped, vm="lab")
+    assert source.checksum_method == mysql_kind.CHECKSUM_METHOD
+    expected_sums = source.expected_checksums
+    assert expected_sums is not None and source.expected_rows == idoit_db.row_counts
+    mysql.require(vm="lab")
+    with scratch.workspace(verify_dir, vm="lab") as work, \
+            mysql.server(work, vm="lab", timeout=TIMEOUT) as server:  # fmt: skip
+        assert Path(f"/proc/{server.process.pid}/status").read_text().count("65534") >= 4
+        seconds = mysql.load(server, source, vm="lab", timeout=TIMEOUT)
+        measured = mysql.measure(server, IDOIT, vm="lab", timeout=TIMEOUT)
+        mysql.check(server, vm="lab", timeout=TIMEOUT)
+        pid = server.process.pid
+    assert seconds > 0
+    assert {name: s.rows for name, s in measured.items()} == source.expected_rows
+    assert {name: s.checksum for name, s in measured.items()} == expected_sums
+    assert not Path(f"/proc/{pid}").exists()
+    assert not work.exists()
+
+
+def test_a_changed_value_with_the_same_row_counts_shows_in_the_checksum(
+    dumped: Path, verify_dir: Path, tmp_path: Path
+) -> None:
+    source = mysql_kind.prepare_restore(dumped, vm="lab")
+    sql = gzip.decompress(source.file.read_bytes())
+    marker = b"(7,'Object 7',"  # one title of isys_obj: same row count, other data
+    assert sql.count(marker) == 1
+    changed = _plain(source, sql.replace(marker, b"(7,'Object 7!',"), tmp_path / "changed.sql")
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        mysql.load(s, changed, vm="lab", timeout=TIMEOUT)
+        measured = mysql.measure(s, IDOIT, vm="lab", timeout=TIMEOUT)
+    expected = source.expected_checksums or {}
+    rows = source.expected_rows or {}
+    differ = sorted(n for n, s in measured.items() if s.checksum != expected[n])
+    assert differ == ["idoit_data.isys_obj"]
+    assert all(s.rows == rows[n] for n, s in measured.items())
+
+
+def test_a_dump_that_does_not_load_is_verify_failed_with_the_clients_error(
+    dumped: Path, verify_dir: Path, tmp_path: Path
+) -> None:
+    source = mysql_kind.prepare_restore(dumped, vm="lab")
+    sql = gzip.decompress(source.file.read_bytes())
+    broken = _plain(source, sql.replace(b"INSERT INTO", b"INSERT INTOO", 1), tmp_path / "b.sql")
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        with pytest.raises(VerifyFailed, match=r"does not load: ERROR 1064 "):
+            mysql.load(s, broken, vm="lab", timeout=TIMEOUT)
+        assert s.alive()
+
+
+def test_a_server_that_dies_mid_load_is_verify_unavailable(dumped: Path, verify_dir: Path) -> None:
+    source = mysql_kind.prepare_restore(dumped, vm="lab")
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        killed = threading.Event()
+
+        def kill_when_loading() -> None:  # once the load has created the first database
+            deadline = time.monotonic() + 120
+            while not (work / "data" / "idoit_data").exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(s.process.pid, signal.SIGKILL)
+            killed.set()
+
+        killer = threading.Thread(target=kill_when_loading)
+        killer.start()
+        try:
+            with pytest.raises(VerifyUnavailable, match="server died while the dump loaded"):
+                mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        finally:
+            killer.join()
+        assert killed.is_set()
+
+
+def test_a_missing_server_binary_names_the_package(
+    verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mysql, "SERVERS", (str(verify_dir / "mariadbd"),))
+    with pytest.raises(VerifyUnavailable, match=r"server .* not found") as caught:
+        mysql.require(vm="lab")
+    assert caught.value.hint is not None and "mariadb-server-core" in caught.value.hint
+    assert caught.value.exit_code == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(mysql, "CHECKS", (str(verify_dir / "mariadb-check"),))
+    refused = pytest.raises(VerifyUnavailable, match="mariadb-check")
+    with refused as caught, scratch.workspace(verify_dir) as work, \
+            mysql.server(work, vm="lab", timeout=60):  # fmt: skip
+        pytest.fail("a server started without mariadb-check")
+    assert caught.value.hint is not None and "mariadb-client-core" in caught.value.hint
+
+
+def test_a_server_that_will_not_start_is_verify_unavailable_with_its_log_line(
+    verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mysql, "SERVER_OPTIONS", (*mysql.SERVER_OPTIONS, "--no-such-option"))
+    refused = pytest.raises(VerifyUnavailable, match=r"would not start.*no-such-option")
+    with refused, scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=120):
+        pytest.fail("the server started")
+
+
+def _hostile_sql(markers: dict[str, Path]) -> bytes:
+    lines = [f"\\! touch {markers['bang']}", f"system touch {markers['system']}",
+             "CREATE DATABASE hostile;", "-- Dump completed on 2026-01-01"]  # fmt: skip
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_shell_escapes_in_a_dump_never_run_as_root(
+    verify_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --sandbox the client refuses them; without it (an older client) they run as
+    nobody, who cannot write where root can: the marker in root's 0700 folder never appears
+    and the one in world-writable /tmp belongs to nobody."""
+    root_only = tmp_path / "root-only"  # pytest's folders are root's, 0700
+    root_only.mkdir(mode=0o700)
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    shared.chmod(0o1777)
+    markers = {"bang": root_only / "bang", "system": root_only / "system"}
+    source = RestoreSource(tmp_path / "hostile.sql", "none", None, ["hostile"], ["hostile"],
+                           "mysqldump")  # fmt: skip
+    source.file.write_bytes(_hostile_sql(markers))
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        assert "--sandbox" in s.client.connection
+        with pytest.raises(VerifyFailed, match="sandbox mode"):
+            mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+    assert not any(p.exists() for p in markers.values())
+
+    monkeypatch.setattr(mysql, "_sandbox_option", lambda client: ())
+    markers_shared = {"bang": shared / "bang", "system": shared / "system"}
+    for where in (markers, markers_shared):
+        source.file.write_bytes(_hostile_sql(where))
+        with scratch.workspace(verify_dir) as work, \
+                mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
+            assert "--sandbox" not in s.client.connection
+            with contextlib.suppress(VerifyFailed):  # what matters is who ran the lines
+                mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+    assert not any(p.exists() for p in markers.values())
+    created = [p for p in markers_shared.values() if p.exists()]
+    assert created, "without --sandbox the client runs the lines (as nobody)"
+    assert all(p.stat().st_uid == 65534 for p in created)
+    subprocess.run(["rm", "-rf", str(shared)], check=True)
+
+
+HOLDER = """
+import signal, sys
+from pathlib import Path
+from snapcoord.errors import Interrupted
+from snapcoord.hooks.databases import mysql as kind
+from snapcoord.verify import mysql, scratch
+
+def interrupted(signum, frame):
+    raise Interrupted("interrupted by SIGTERM")
+
+signal.signal(signal.SIGTERM, interrupted)
+source = kind.prepare_restore(Path(sys.argv[2]), vm="lab")
+with scratch.workspace(Path(sys.argv[1])) as work, mysql.server(work, vm="lab", timeout=600) as s:
+    print(work, s.process.pid, flush=True)
+    mysql.load(s, source, vm="lab", timeout=600)
+    print("loaded", flush=True)
+"""
+
+
+def test_sigterm_during_the_load_leaves_no_server_and_no_file(
+    dumped: Path, verify_dir: Path
+) -> None:
+    argv = [sys.executable, "-I", "-c", textwrap.dedent(HOLDER), str(verify_dir), str(dumped)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    work_text, pid_text = holder.stdout.readline().split()
+    work, pid = Path(work_text), int(pid_text)
+    deadline = time.monotonic() + 120
+    while not (work / "data" / "idoit_data").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    holder.send_signal(signal.SIGTERM)
+    rest = holder.stdout.read()
+    assert holder.wait(timeout=120) != 0
+    assert "loaded" not in rest
+    assert not Path(f"/proc/{pid}").exists()
+    assert not work.exists()
+
+
+def test_check_names_a_corrupt_table(verify_dir: Path, tmp_path: Path) -> None:
+    source = RestoreSource(tmp_path / "d.sql", "none", None, ["shop"], ["shop"], "mysqldump")
+    source.file.write_bytes(
+        b"CREATE DATABASE shop; CREATE TABLE shop.items (id INT PRIMARY KEY, name TEXT)"
+        b" ENGINE=MyISAM; INSERT INTO shop.items VALUES (1,'a'),(2,'b'),(3,'c');\n"
+        b"FLUSH TABLES;\n-- Dump completed\n"
+    )
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        mysql.check(s, vm="lab", timeout=TIMEOUT)  # healthy: passes
+        s.client.query(s.transport, "FLUSH TABLES;", timeout=60)
+        index = work / "data" / "shop" / "items.MYI"
+        data = bytearray(index.read_bytes())
+        data[0:64] = b"\xff" * 64  # the index header
+        index.write_bytes(bytes(data))
+        with pytest.raises(VerifyFailed, match=r"mariadb-check reports: shop\.items"):
+            mysql.check(s, vm="lab", timeout=TIMEOUT)
