@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,6 +235,7 @@ def test_shell_escapes_in_a_dump_never_run_as_root(
 HOLDER = """
 import signal, sys
 from pathlib import Path
+from typing import Any
 from snapcoord.errors import Interrupted
 from snapcoord.hooks.databases import mysql as kind
 from snapcoord.verify import mysql, scratch
@@ -286,3 +288,94 @@ def test_check_names_a_corrupt_table(verify_dir: Path, tmp_path: Path) -> None:
         index.write_bytes(bytes(data))
         with pytest.raises(VerifyFailed, match=r"mariadb-check reports: shop\.items"):
             mysql.check(s, vm="lab", timeout=TIMEOUT)
+
+
+def _verify(source: RestoreSource, verify_dir: Path, databases: list[str]) -> dict[str, Any]:
+    """load + measure + check on a throwaway server; the measured figures by table."""
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        measured = mysql.measure(s, databases, vm="lab", timeout=TIMEOUT)
+        mysql.check(s, vm="lab", timeout=TIMEOUT)
+    return {name: (m.rows, m.checksum) for name, m in measured.items()}
+
+
+def _recorded(source: RestoreSource) -> dict[str, Any]:
+    rows, sums = source.expected_rows or {}, source.expected_checksums or {}
+    return {name: (count, sums.get(name)) for name, count in rows.items()}
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_a_default_dump_of_all_databases_verifies_in_every_codec(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, verify_dir: Path, tmp_path: Path, compression: str
+) -> None:
+    """The default dump holds the guest's ``mysql`` database too: loading its account tables
+    into the throwaway server must not lock the verify out of it."""
+    vm = vm_config(ssh_guest, tmp_path / "store", compression=compression)
+    assert vm.guest is not None
+    transport = shell_transport(vm.guest, vm="lab")
+    transport.open()
+    try:
+        _, folder = take_dump(transport, vm, tmp_path / "store")
+    finally:
+        transport.close()
+    source = mysql_kind.prepare_restore(folder, vm="lab")
+    assert "mysql" in source.databases and source.compression == compression
+    recorded = _recorded(source)
+    databases = sorted({name.split(".", 1)[0] for name in recorded})
+    assert set(IDOIT) <= set(databases)
+    assert _verify(source, verify_dir, databases) == recorded
+
+
+COLUMN_KINDS = """
+DROP DATABASE IF EXISTS vsums; CREATE DATABASE vsums CHARACTER SET utf8mb4;
+CREATE TABLE vsums.kinds (
+  id INT PRIMARY KEY,
+  f FLOAT, d DOUBLE, n DECIMAL(20,6), bits BIT(5),
+  b BLOB, vb VARBINARY(16), bin BINARY(4),
+  t1 VARCHAR(40) COLLATE utf8mb4_general_ci, t2 VARCHAR(40) COLLATE utf8mb4_unicode_ci,
+  l1 VARCHAR(40) CHARACTER SET latin1, j JSON,
+  ts TIMESTAMP NULL, dt DATETIME(6), e ENUM('a','b'), s SET('x','y'),
+  gv INT AS (id * 2) VIRTUAL, gs VARCHAR(80) AS (CONCAT(t1, '/', t2)) STORED
+) ENGINE=InnoDB;
+INSERT INTO vsums.kinds (id, f, d, n, bits, b, vb, bin, t1, t2, l1, j, ts, dt, e, s) VALUES
+ (1, 0.1, 0.1, 1.5, b'10101', UNHEX('00FF80C3'), UNHEX('DEADBEEF'), 'ab', 'Ünï', 'cødé', 'Müller',
+  '{"a": [1, 2.5, "x"]}', '2024-03-31 01:30:00', '2024-01-01 12:00:00.123456', 'b', 'x,y'),
+ (2, 3.14159274, 2.718281828459045, -0.000001, b'0', '', '', '', '', '', '', '{}',
+  '2024-10-27 02:30:00', NULL, 'a', ''),
+ (3, 1e-7, 1.7976931348623157e308, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL);
+CREATE TABLE vsums.empty_text (id INT PRIMARY KEY, v VARCHAR(10));
+CREATE TABLE vsums.null_text (id INT PRIMARY KEY, v VARCHAR(10));
+INSERT INTO vsums.empty_text VALUES (1, '');
+INSERT INTO vsums.null_text VALUES (1, NULL);
+CREATE TABLE vsums.nothing (id INT PRIMARY KEY);
+"""
+
+
+def test_every_column_kind_sums_the_same_after_the_dump_reloads(
+    ssh_guest: lab.SshGuest,
+    guest_services: lab.GuestServices,
+    verify_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """FLOAT/DOUBLE, DECIMAL, BIT, BLOB/BINARY with bytes that are no UTF-8, two collations in
+    one row, latin1, JSON, TIMESTAMP (the guest's session in another time zone), generated
+    columns: the sums taken in the guest at dump time equal the throwaway server's."""
+    lab.mysql_exec(COLUMN_KINDS)
+    lab.mysql_exec("SET GLOBAL time_zone = '+05:00'")  # the dump's sessions: not UTC
+    try:
+        vm = vm_config(ssh_guest, tmp_path / "store", databases=["vsums"])
+        assert vm.guest is not None
+        transport = shell_transport(vm.guest, vm="lab")
+        transport.open()
+        try:
+            _, folder = take_dump(transport, vm, tmp_path / "store")
+        finally:
+            transport.close()
+    finally:
+        lab.mysql_exec("SET GLOBAL time_zone = 'SYSTEM'; DROP DATABASE IF EXISTS vsums")
+    source = mysql_kind.prepare_restore(folder, vm="lab")
+    recorded = _recorded(source)
+    assert recorded["vsums.kinds"][0] == 3
+    assert recorded["vsums.empty_text"][1] != recorded["vsums.null_text"][1]  # '' is not NULL
+    assert _verify(source, verify_dir, ["vsums"]) == recorded
