@@ -28,28 +28,11 @@ from snapcoord.verify import mysql, scratch
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import take_dump, vm_config
+from tests.test_verify_scratch import nobody_processes
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
 TIMEOUT = 600.0
-
-
-def _nobody_processes() -> list[str]:
-    """Processes of uid 65534 in this sandbox (its PID namespace holds only the lab's and
-    these tests' processes, and nothing of the lab runs as nobody)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-        state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
-        if uid == "65534" and state != "Z":
-            found.append(f"{entry} {Path(f'/proc/{entry}/comm').read_text().strip()}")
-    return found
 
 
 @pytest.fixture
@@ -58,12 +41,12 @@ def verify_dir() -> Iterator[Path]:
     no work folder may remain."""
     lab.require_root()
     lab.require("/usr/sbin/mariadbd", "mariadb-server-core")
-    assert not _nobody_processes(), "a nobody process ran before the test"
+    assert not nobody_processes(), "a nobody process ran before the test"
     path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
     path.chmod(0o755)
     try:
         yield path
-        assert not _nobody_processes()
+        assert not nobody_processes()
         assert [n for n in os.listdir(path) if n.startswith(scratch.PREFIX)] == []
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
@@ -379,3 +362,20 @@ def test_every_column_kind_sums_the_same_after_the_dump_reloads(
     assert recorded["vsums.kinds"][0] == 3
     assert recorded["vsums.empty_text"][1] != recorded["vsums.null_text"][1]  # '' is not NULL
     assert _verify(source, verify_dir, ["vsums"]) == recorded
+
+
+def test_a_full_verify_dir_during_the_load_is_verify_unavailable(
+    dumped: Path, verify_dir: Path
+) -> None:
+    """verify_dir on a tmpfs with room for the fresh server (about 160 MB) but not the data."""
+    lab.run(["mount", "-t", "tmpfs", "-o", "size=180m,mode=0755", "verify", str(verify_dir)])
+    try:
+        source = mysql_kind.prepare_restore(dumped, vm="lab")
+        with scratch.workspace(verify_dir) as work, \
+                mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
+            with pytest.raises(VerifyUnavailable, match="out of disk space"):
+                mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+            assert s.alive()
+        assert os.listdir(verify_dir) == []
+    finally:
+        lab.run(["umount", str(verify_dir)])

@@ -53,8 +53,13 @@ DECOMPRESSORS = {"gzip": "/usr/bin/gzip", "zstd": "/usr/bin/zstd"}
 
 #: The longest Unix socket path the kernel accepts (sun_path, less its NUL).
 SOCKET_MAX = 107
+#: Free bytes below which a "table is full" error counts as the verify folder being full.
+LOW_SPACE = 64 << 20
 #: Seconds between SIGTERM and SIGKILL when the server stops (it has nothing to keep).
 STOP_GRACE = 30.0
+#: Given to mariadb-install-db too: the server then starts without resizing its redo log (which
+#: would need room for both files at once).
+INNODB_FILES: tuple[str, ...] = ("--innodb-log-file-size=128M",)
 #: Server settings for a throwaway load: durability off, buffers moderate.
 SERVER_OPTIONS: tuple[str, ...] = (
     "--skip-networking",
@@ -63,7 +68,8 @@ SERVER_OPTIONS: tuple[str, ...] = (
     "--event-scheduler=OFF",
     "--performance-schema=OFF",
     "--innodb-buffer-pool-size=256M",
-    "--innodb-log-file-size=256M",
+    *INNODB_FILES,
+    "--max-heap-table-size=1G",
     "--innodb-flush-log-at-trx-commit=0",
     "--innodb-doublewrite=0",
     "--innodb-fast-shutdown=2",
@@ -136,7 +142,8 @@ def _unavailable(message: str, *, vm: str, log: Path | None = None) -> VerifyUna
 def _install(datadir: Path, log: Path, *, vm: str, timeout: float) -> None:
     install = _program(INSTALL_DB, PACKAGE, vm=vm, what="mariadb-install-db")
     argv = [install, "--no-defaults", f"--datadir={datadir}", "--skip-test-db",
-            "--auth-root-authentication-method=normal", "--skip-name-resolve"]  # fmt: skip
+            "--auth-root-authentication-method=normal", "--skip-name-resolve",
+            *INNODB_FILES]  # fmt: skip
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with open(fd, "wb") as out:
         try:
@@ -235,7 +242,7 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
             vm=vm,
             log=server.log,
         )
-    if _NO_SPACE.search(problem) or _NO_SPACE.search(_read(server.log)):
+    if _out_of_space(problem, server):
         raise VerifyUnavailable(
             f"out of disk space in {server.work.parent} while the dump loaded: {problem}",
             vm=vm,
@@ -246,6 +253,21 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
         vm=vm,
         hint="the dump is kept, marked unverified",
     )
+
+
+def _out_of_space(problem: str, server: Server) -> bool:
+    """Did the load fail because the verify folder's file system is full? InnoDB says so as
+    "The table ... is full" (ERROR 1114), which the free space then tells apart from a table
+    that outgrew a server limit."""
+    if _NO_SPACE.search(problem) or _NO_SPACE.search(_read(server.log)):
+        return True
+    if "ERROR 1114" not in problem:
+        return False
+    try:
+        info = os.statvfs(server.work)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < LOW_SPACE
 
 
 def _first_error(result: Completed) -> str:
