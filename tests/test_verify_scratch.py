@@ -26,14 +26,31 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture
 def verify_dir() -> Iterator[Path]:
-    """A root-owned 0755 folder that nobody can traverse (pytest's tmp_path is 0700)."""
+    """A root-owned 0755 folder that nobody can traverse (pytest's tmp_path is 0700); no
+    process of nobody outlives the test."""
     lab.require_root()
     path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
     path.chmod(0o755)
     try:
         yield path
+        assert not nobody_processes()
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def nobody_processes() -> list[int]:
+    """Live processes of uid 65534 in this sandbox's PID namespace (only the tests' own)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        if _status_field(status, "Uid").split()[0] == "65534" and not _status_field(
+            status, "State"
+        ).startswith("Z"):
+            found.append(int(entry))
+    return found
 
 
 def _confined_output(*argv: str) -> str:
