@@ -48,6 +48,7 @@ from snapcoord.hooks.databases.dumpfile import (
     RestoreFailed,
     RestoreResult,
     RestoreSource,
+    TableSum,
     client_error,
     compare_rows,
     compress_where,
@@ -157,12 +158,17 @@ def _conninfo_dbname(name: str) -> str:
 @dataclass(frozen=True)
 class Client:
     """How the guest's PostgreSQL is reached: as ``os_user`` (peer authentication) through
-    ``runuser``, with ``--host=``/``--port=`` from ``[vms.X.dump] options``."""
+    ``runuser``, with ``--host=``/``--port=`` from ``[vms.X.dump] options``.
+
+    With ``bindir`` (``snapcoord verify``'s throwaway server on the coordinator) the programs
+    are that folder's, run as whoever the transport runs them as (its confinement: nobody), not
+    through ``runuser``; ``connection`` then names the server's socket folder and the role."""
 
     vm: str
     sudo: bool
     os_user: str = DEFAULT_USER
     connection: tuple[str, ...] = ()
+    bindir: str | None = None
 
     @classmethod
     def from_config(cls, options: DumpConfig, guest: GuestConfig, *, vm: str) -> Client:
@@ -172,6 +178,8 @@ class Client:
 
     def argv(self, mode: str, program: str, args: Sequence[str]) -> list[str]:
         """The guest pipeline running ``program`` as the OS user (no option file: NBYTES 0)."""
+        if self.bindir is not None:
+            return ["sh", "-c", GUEST_SCRIPT, "sh", "0", mode, f"{self.bindir}/{program}", *args]
         return ["sh", "-c", GUEST_SCRIPT, "sh", "0", mode,
                 "runuser", "-u", self.os_user, "--", program, *args]  # fmt: skip
 
@@ -358,6 +366,64 @@ def row_counts(
     return counts
 
 
+# --------------------------------------------------------------------------------------------
+# Rows and checksums (per table, order-independent)
+
+CHECKSUM_METHOD = "postgresql-md5-sum/1"
+
+# One pass per table: COUNT(*) and the sum, as a bigint, of the first 8 hex digits of the md5
+# of each row's text. The row is built as ROW(columns) in the order of the column *names*
+# (not their position): a restored table inheriting from a parent that gained columns after
+# the child was made gets them in another position, and pg_dump restores the data by name.
+# The text of a value depends on session settings, which are fixed here, so the guest at dump
+# time and the throwaway server at verify time write the same text: dates ISO, time zone UTC,
+# intervals and bytea in one style, floats shortest-exact (PostgreSQL 12 and newer; an older
+# server writes floats with fewer digits, and its float columns then differ), money in the C
+# locale. search_path is pg_catalog only, so no function or operator of a database's own
+# schemas (which a database owner could plant, and ALTER DATABASE ... SET search_path, which
+# pg_dumpall carries, could put first) is called by the superuser instead of pg_catalog's.
+# statement_timeout is lifted for this session: a large table takes as long as it takes (the
+# client's own timeout bounds the call).
+_SUM_SQL = r"""
+SET search_path = pg_catalog;
+SET statement_timeout = 0;
+SET DateStyle = 'ISO, YMD';
+SET IntervalStyle = 'postgres';
+SET TimeZone = 'UTC';
+SET bytea_output = 'hex';
+SET extra_float_digits = 1;
+SET lc_monetary = 'C';
+SELECT format('SELECT json_build_array(%L, %L, count(*), coalesce(sum('
+              '((''x'' || left(md5(ROW(%s)::text), 8))::bit(32))::bigint), 0)::text)::text'
+              ' FROM %I.%I AS t', n.nspname, c.relname, coalesce(cols.list, ''),
+              n.nspname, c.relname)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN LATERAL (
+    SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attname) AS list
+      FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  ) cols ON true
+ WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema'
+   AND n.nspname !~ '^pg_(catalog|toast|temp_)'
+ ORDER BY n.nspname, c.relname
+\gexec
+"""
+
+
+def table_sums(
+    client: Client, transport: Transport, databases: Iterable[str], *, timeout: float
+) -> dict[str, TableSum]:
+    """``{"db.schema.table": TableSum(rows, checksum)}`` for every ordinary or partitioned
+    table of ``databases`` (the tables :func:`row_counts` counts), one psql call per database
+    and one pass per table (:data:`CHECKSUM_METHOD`). The checksum is the sum as a decimal
+    string: it does not depend on the order of the rows."""
+    sums: dict[str, TableSum] = {}
+    for database in databases:
+        for line in client.query(transport, _SUM_SQL, timeout=timeout, database=database):
+            schema_name, table, rows, checksum = json.loads(line)
+            sums[f"{database}.{schema_name}.{table}"] = TableSum(int(rows), str(checksum))
+    return sums
+
+
 def _connectable(info: dict[str, Any]) -> list[str]:
     return [str(d) for d in (info.get("databases") or {})]
 
@@ -377,7 +443,8 @@ def dump(
     compress_on: str | None = None,
 ) -> DumpResult:
     """Stream ``pg_dumpall`` into ``run_dir`` and record it in the manifest (section
-    ``pg_dumpall``: server version, databases, exact row counts per ``db.schema.table``).
+    ``pg_dumpall``: server version, databases, exact row counts and checksums
+    per ``db.schema.table``, :func:`table_sums`).
 
     Raises :class:`DumpFailed` after the run folder was renamed ``.failed``."""
     args = list(plan.argv) if plan else check_options(options, vm=vm)
@@ -385,11 +452,17 @@ def dump(
     compress_here = compress_where(compression, compress_on)
     client = Client.from_config(options, guest, vm=vm)
 
-    def counts() -> dict[str, object]:  # exact row counts, while nothing writes
+    def counts() -> dict[str, object]:  # exact rows and checksums, while nothing writes
         info = client.server(transport, timeout=guest.command_timeout)
         dbs = _connectable(info)
-        rows = row_counts(client, transport, dbs, timeout=guest.dump_timeout)
-        return {"version": info["version"], "databases": dbs, "rows": rows}
+        sums = table_sums(client, transport, dbs, timeout=guest.dump_timeout)
+        return {
+            "version": info["version"],
+            "databases": dbs,
+            "rows": {table: s.rows for table, s in sums.items()},
+            "checksums": {table: s.checksum for table, s in sums.items()},
+            "checksum_method": CHECKSUM_METHOD,
+        }
 
     mode = "none" if compress_here or compression == "none" else compression
     return receive(

@@ -1,0 +1,526 @@
+"""``snapcoord verify`` for PostgreSQL: a throwaway cluster on the coordinator, the dump loaded
+into it exactly as ``restore-dump`` loads it, its tables measured and checked.
+
+The binaries are the newest ``/usr/lib/postgresql/<major>/bin/{initdb,postgres,psql,
+pg_isready}`` (Debian's ``postgresql-<major>``; no service needs to run). A dump needs a server
+of its own major or a newer one: from a newer server than the binaries, the verify is
+unavailable (the dump is not judged).
+
+Every process runs confined (snapcoord/verify/scratch.py: nobody, no network, no capabilities,
+no environment). ``initdb`` makes a fresh cluster in the work folder (``--auth=trust``, the
+superuser ``postgres``, encoding UTF8 in the locale C.UTF-8; the databases of the dump are made
+by its own ``CREATE DATABASE`` with their encoding and locale, which the coordinator must have:
+when it lacks one, the verify is unavailable and says which). The server listens on a Unix
+socket in a folder of its own and on no TCP address (``listen_addresses=''``), with ``fsync``,
+``full_page_writes`` and ``synchronous_commit`` off and no autovacuum: a throwaway that is
+removed after the verify needs no crash safety, and a load without them is faster.
+
+The load is hooks/databases/postgresql.py's: the same ``psql -X -q`` of the whole script as
+the superuser without ``ON_ERROR_STOP``, the dump decompressed by the same pipeline (inside the
+confinement), and the same tolerated errors (``role/tablespace ... already exists``: on a fresh
+cluster the dump's ``CREATE ROLE postgres``). Its ``\\!`` lines run as nobody without network.
+Measuring is the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums`, the same SQL
+that ran in the guest when the dump was taken.
+
+The check connects to every database and queries its catalog (``pg_class``) and finds invalid
+indexes. ``pg_amcheck`` is not run: it needs the ``amcheck`` extension created in every
+database (it does not work without extensions), and on a cluster that was built from SQL
+seconds before, by this very server, a physical check of heap and B-tree pages judges the
+coordinator's server and disk rather than the dump, while reading every table and index again.
+
+The server stops with PostgreSQL's fast shutdown (SIGINT; SIGTERM is its *smart* shutdown,
+which waits for sessions to end), then scratch.stop's SIGTERM and SIGKILL after a bound; its
+backends, which make themselves session leaders and so leave the postmaster's process group,
+are killed by PID if they outlive it: every process in the server's own network namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import re
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapcoord.errors import GuestError, VerifyFailed, VerifyUnavailable
+from snapcoord.guest import ExecTransport
+from snapcoord.hooks.databases import postgresql as kind
+from snapcoord.hooks.databases.dumpfile import RestoreSource, TableSum, client_error
+from snapcoord.shell import execute
+from snapcoord.text import clip
+from snapcoord.verify import scratch
+
+log = logging.getLogger("snapcoord.verify")
+
+NAME = kind.NAME
+PACKAGE = "postgresql-15"
+#: Where Debian installs each major's server binaries (``<major>/bin``).
+BIN_ROOT = Path("/usr/lib/postgresql")
+PROGRAMS = ("initdb", "postgres", "psql", "pg_isready")
+SUPERUSER = "postgres"
+#: The socket's port number (only its file name, ``.s.PGSQL.<port>``: there is no TCP).
+PORT = 5432
+#: Settings of the throwaway server (see the module's docstring).
+SETTINGS = (
+    "listen_addresses=",
+    "fsync=off",
+    "full_page_writes=off",
+    "synchronous_commit=off",
+    "autovacuum=off",
+    "unix_socket_permissions=0700",
+)
+#: Seconds between two readiness probes while the server starts.
+POLL = 0.1
+#: Seconds the server gets to end after its fast shutdown before it is killed.
+GRACE = 30.0
+
+_MAJOR_RE = re.compile(r"(\d+)")
+_HEADER_VERSION_RE = re.compile(
+    rb"^-- Dumped (?:from database|by pg_dump(?:all)?) version (\d+)", re.MULTILINE
+)
+_HEADER_BYTES = 65536
+_NO_SPACE = "No space left on device"
+_SERIOUS_RE = re.compile(r"\b(?:PANIC|FATAL|ERROR):\s")
+_LOCALE_RE = re.compile(r'invalid (?:locale name|LC_\w+ locale name):? "?([^"]*)"?')
+_EXTENSION_RE = re.compile(r'extension "([^"]+)" is not available|could not open extension control')
+_TABLESPACE_RE = re.compile(r"\btablespace\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Binaries:
+    bindir: Path
+    major: int
+
+
+@dataclass
+class Server:
+    """A running throwaway cluster: how to reach it and how to stop it."""
+
+    vm: str
+    binaries: Binaries
+    socket_dir: Path
+    data_dir: Path
+    log_file: Path
+    process: subprocess.Popen[bytes]
+    transport: ExecTransport = field(repr=False)
+    #: the server's network namespace, held open once the server answered (see _stop)
+    netns_fd: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def client(self) -> kind.Client:
+        """hooks/databases/postgresql.py's client, aimed at this server's socket as the
+        superuser, run through the confined transport."""
+        return kind.Client(
+            vm=self.vm,
+            sudo=False,
+            os_user=SUPERUSER,
+            connection=(f"--host={self.socket_dir}", f"--port={PORT}", f"--username={SUPERUSER}"),
+            bindir=str(self.binaries.bindir),
+        )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def last_log_line(self) -> str:
+        """The server log's last error line (else its last line)."""
+        return _last_line(self.log_file)
+
+
+# --------------------------------------------------------------------------------------------
+# require
+
+
+def _trusted_program(path: Path) -> bool:
+    """A regular file owned by root, executable, writable by nobody else (no link followed
+    past the folder Debian puts links in: the file itself is checked)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_uid == 0
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and bool(info.st_mode & stat.S_IXOTH)
+    )
+
+
+def binaries(*, vm: str) -> Binaries:
+    """The newest major under :data:`BIN_ROOT` that has every program of :data:`PROGRAMS`."""
+    majors: list[int] = []
+    with contextlib.suppress(OSError):
+        majors = sorted((int(p.name) for p in BIN_ROOT.iterdir() if p.name.isdigit()), reverse=True)
+    missing = f"{BIN_ROOT}/<major>/bin/initdb"
+    for major in majors:
+        bindir = BIN_ROOT / str(major) / "bin"
+        absent = [p for p in PROGRAMS if not _trusted_program(bindir / p)]
+        if not absent:
+            return Binaries(bindir, major)
+        missing = str(bindir / absent[0])
+    raise VerifyUnavailable(
+        f"cannot verify a PostgreSQL dump: {missing} not found (or not a root-owned program)",
+        vm=vm,
+        hint=f"install the server binaries on this coordinator: apt-get install {PACKAGE} "
+        "(or postgresql-<major> of the dump's server, no service needs to run)",
+    )
+
+
+def require(*, vm: str) -> None:
+    """The server binaries and the confinement's programs are there."""
+    scratch.require_tools(vm=vm)
+    binaries(vm=vm)
+
+
+# --------------------------------------------------------------------------------------------
+# server
+
+
+def _last_line(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with open(fd, "rb") as handle:
+        handle.seek(max(0, os.fstat(fd).st_size - 4096))
+        lines = [ln.strip() for ln in handle.read().decode(errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    serious = [ln for ln in lines if _SERIOUS_RE.search(ln)]
+    return clip((serious or lines or [""])[-1], 300)
+
+
+def _initdb(bins: Binaries, data_dir: Path, *, vm: str, timeout: float) -> None:
+    argv = [str(bins.bindir / "initdb"), f"--pgdata={data_dir}", "--auth=trust",
+            f"--username={SUPERUSER}", "--encoding=UTF8", "--locale=C.UTF-8",
+            "--no-sync"]  # fmt: skip
+    result = execute(scratch.confined(argv), timeout=timeout)
+    if not result.ok:
+        error = "timed out" if result.timed_out else result.error_text()
+        raise VerifyUnavailable(
+            f"cannot verify: initdb of the throwaway PostgreSQL cluster failed: {error}",
+            vm=vm,
+            hint="check free space in verify_dir and that the C.UTF-8 locale exists",
+        )
+
+
+def _ready(server: Server, *, timeout: float) -> bool:
+    argv = [str(server.binaries.bindir / "pg_isready"), "-q", f"--host={server.socket_dir}",
+            f"--port={PORT}", f"--username={SUPERUSER}", "--dbname=postgres"]  # fmt: skip
+    return execute(scratch.confined(argv), timeout=timeout).ok
+
+
+def _wait_ready(server: Server, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not server.alive():
+            raise VerifyUnavailable(
+                f"the throwaway PostgreSQL server did not start: {server.last_log_line()}",
+                vm=server.vm,
+                hint="the dump was not judged; fix the coordinator and verify again",
+            )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VerifyUnavailable(
+                f"the throwaway PostgreSQL server was not ready within {timeout:g} s",
+                vm=server.vm,
+                hint="the dump was not judged",
+            )
+        if _ready(server, timeout=max(1.0, min(left, 30.0))):
+            _note_netns(server)
+            return
+        time.sleep(POLL)
+
+
+def _netns(pid: int) -> tuple[int, int] | None:
+    try:
+        info = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _note_netns(server: Server) -> None:
+    """Remember the server's network namespace (its own, made by the confinement: every
+    process the server forks lives in it, and nothing else does). Read once the server
+    answers, so it is surely past ``unshare``; never this process's own. The namespace is held
+    open until the server stopped, so its inode cannot be given to another one meanwhile."""
+    if server.netns_fd is not None or not server.alive():
+        return
+    try:
+        fd = os.open(f"/proc/{server.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    info = os.fstat(fd)
+    if (info.st_dev, info.st_ino) == _netns(os.getpid()) or not server.alive():
+        os.close(fd)
+        return
+    server.netns_fd = fd
+
+
+def _kill_namespace(netns: tuple[int, int]) -> None:
+    """SIGKILL every process left in the server's network namespace (its backends make
+    themselves session leaders, so the postmaster's process group does not hold them), until
+    none is left (bounded)."""
+    deadline = time.monotonic() + GRACE
+    while time.monotonic() < deadline:
+        left = [int(e) for e in os.listdir("/proc") if e.isdigit() and _netns(int(e)) == netns]
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    log.warning("processes of the throwaway PostgreSQL server outlived SIGKILL")
+
+
+def _stop(server: Server) -> None:
+    _note_netns(server)
+    try:
+        if server.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.pid, signal.SIGINT)  # fast shutdown
+        scratch.stop(server.process, grace=GRACE)
+        if server.netns_fd is not None:
+            info = os.fstat(server.netns_fd)
+            _kill_namespace((info.st_dev, info.st_ino))
+    finally:
+        if server.netns_fd is not None:
+            os.close(server.netns_fd)
+            server.netns_fd = None
+
+
+def _prepare(work: Path, bins: Binaries, folders: list[Path], *, vm: str, timeout: float) -> Server:
+    """Make the cluster (its folders appended to ``folders`` for removal) and start it."""
+    try:
+        data_dir = scratch.nobody_folder(work, "data")
+        folders.append(data_dir)
+        socket_dir = scratch.nobody_folder(work, "socket")
+        folders.append(socket_dir)
+    except OSError as exc:
+        raise VerifyUnavailable(
+            f"cannot verify: making the throwaway server's folders in {work} failed: "
+            f"{exc.strerror or exc}",
+            vm=vm,
+        ) from None
+    _initdb(bins, data_dir, vm=vm, timeout=timeout)
+    log_file = work / "postgres.log"
+    argv = [str(bins.bindir / "postgres"), "-D", str(data_dir), "-k", str(socket_dir),
+            "-p", str(PORT)] + [a for s in SETTINGS for a in ("-c", s)]  # fmt: skip
+    try:
+        process = scratch.start(argv, log_file=log_file)
+    except OSError as exc:
+        raise VerifyUnavailable(
+            "cannot verify: starting the throwaway PostgreSQL server failed: "
+            f"{exc.strerror or exc}",
+            vm=vm,
+        ) from None
+    return Server(vm, bins, socket_dir, data_dir, log_file, process, scratch.transport(vm=vm))
+
+
+@contextlib.contextmanager
+def server(work: Path, *, vm: str, timeout: float) -> Iterator[Server]:
+    """A throwaway cluster in ``work``, confined, accepting connections on its socket; stopped
+    and its files removed when the block ends, whatever ended it."""
+    bins = binaries(vm=vm)
+    folders: list[Path] = []
+    try:
+        running = _prepare(work, bins, folders, vm=vm, timeout=timeout)
+        try:
+            _wait_ready(running, timeout=timeout)
+            yield running
+        finally:
+            _stop(running)
+    finally:
+        for folder in folders:
+            scratch.remove(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def _major(text: object) -> int | None:
+    match = _MAJOR_RE.match(str(text)) if text is not None else None
+    return int(match.group(1)) if match else None
+
+
+def _header(source: RestoreSource) -> bytes:
+    """The first bytes of the SQL (gzip or plain; b"" for zstd, which only the CLI reads)."""
+    try:
+        if source.compression == "gzip":
+            with gzip.open(source.file, "rb") as handle:
+                return handle.read(_HEADER_BYTES)
+        if source.compression == "none":
+            with open(source.file, "rb") as handle:
+                return handle.read(_HEADER_BYTES)
+    except (OSError, EOFError):
+        return b""
+    return b""
+
+
+def dump_major(source: RestoreSource) -> int | None:
+    """The newest PostgreSQL major that made the dump: its server's (manifest) and what the
+    SQL's header names (server and pg_dumpall); None when nothing tells."""
+    majors: list[int] = []
+    section = (source.manifest or {}).get(source.section)
+    if isinstance(section, dict):
+        found = _major(section.get("server_version"))
+        if found is not None:
+            majors.append(found)
+    majors += [int(m) for m in _HEADER_VERSION_RE.findall(_header(source))]
+    return max(majors) if majors else None
+
+
+def _check_major(server: Server, source: RestoreSource, *, vm: str) -> None:
+    major = dump_major(source)
+    if major is not None and major > server.binaries.major:
+        raise VerifyUnavailable(
+            f"cannot verify {source.file.name}: it comes from PostgreSQL {major}, newer than "
+            f"this coordinator's server binaries ({server.binaries.major}, "
+            f"{server.binaries.bindir})",
+            vm=vm,
+            hint=f"install postgresql-{major} on the coordinator (no service needs to run)",
+        )
+
+
+def _unavailable_cause(errors: Sequence[str]) -> str | None:
+    """An error that is the coordinator's, not the dump's: its message for the line."""
+    for line in errors:
+        if _NO_SPACE in line:
+            return "out of disk space in verify_dir"
+        locale = _LOCALE_RE.search(line)
+        if locale:
+            return (f"this coordinator lacks the locale {locale.group(1)!r} a database of the "
+                    "dump needs (install it: locales, /etc/locale.gen)")  # fmt: skip
+        if _EXTENSION_RE.search(line):
+            return ("an extension the dump creates is not installed on this coordinator "
+                    f"({clip(line, 200)}): install its package")  # fmt: skip
+    return None
+
+
+def _server_gone(server: Server, what: str, *, vm: str) -> VerifyUnavailable:
+    return VerifyUnavailable(
+        f"the throwaway PostgreSQL server stopped during the {what}: {server.last_log_line()}",
+        vm=vm,
+        hint="the dump was not judged; verify again",
+    )
+
+
+def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> float:
+    """Load the dump as restore-dump does; the seconds it took."""
+    _check_major(server, source, vm=vm)
+    started = time.monotonic()
+    try:
+        loaded = kind.load(server.transport, server.client, source, timeout=timeout)
+    except OSError as exc:  # reading the dump file
+        raise VerifyUnavailable(
+            f"cannot read {source.file}: {exc.strerror or exc}", vm=vm
+        ) from None
+    seconds = time.monotonic() - started
+    real, _harmless = kind.load_errors(loaded.stderr)
+    if not server.alive():
+        raise _server_gone(server, "load", vm=vm)
+    lines = [*real, client_error(loaded)]
+    cause = _unavailable_cause(lines)
+    if cause is not None:
+        raise VerifyUnavailable(f"cannot verify {source.file.name}: {cause}", vm=vm)
+    if loaded.timed_out:
+        raise VerifyUnavailable(
+            f"loading {source.file.name} into the throwaway server timed out after {timeout:g} s",
+            vm=vm,
+            hint="the dump was not judged; raise the timeout",
+        )
+    if real or not loaded.ok:
+        more = f" (+{len(real) - 1} more errors)" if len(real) > 1 else ""
+        first = real[0] if real else client_error(loaded)
+        tablespace = " (the dump creates tablespaces: verify needs a dump without them)"
+        note = tablespace if real and _TABLESPACE_RE.search(first) else ""
+        raise VerifyFailed(
+            f"{source.file.name} does not load: {clip(first, 300)}{more}{note}",
+            vm=vm,
+            hint="restore-dump of this dump would fail the same way; the dump is kept",
+        )
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------
+# measure and check
+
+
+def _query_failed(server: Server, exc: GuestError, what: str, *, vm: str) -> Exception:
+    if not server.alive():
+        return _server_gone(server, what, vm=vm)
+    detail = exc.message.removeprefix("psql in the guest failed: ")
+    cause = _unavailable_cause([detail])
+    if cause is not None:
+        return VerifyUnavailable(f"cannot verify: {cause}", vm=vm)
+    return VerifyFailed(f"the {what} of the loaded dump failed: {detail}", vm=vm)
+
+
+def measure(
+    server: Server, databases: Sequence[str], *, vm: str, timeout: float
+) -> dict[str, TableSum]:
+    """:func:`~snapcoord.hooks.databases.postgresql.table_sums` on the loaded cluster. A
+    database of ``databases`` that the load did not create fails the verify."""
+    try:
+        present = set(_databases(server, timeout=timeout))
+    except GuestError as exc:
+        raise _query_failed(server, exc, "measurement", vm=vm) from None
+    missing = [d for d in databases if d not in present]
+    if missing:
+        raise VerifyFailed(
+            f"the database {missing[0]!r} is missing after loading the dump",
+            vm=vm,
+            hint="the dump does not create every database recorded when it was taken",
+        )
+    try:
+        return kind.table_sums(server.client, server.transport, databases, timeout=timeout)
+    except GuestError as exc:
+        raise _query_failed(server, exc, "measurement", vm=vm) from None
+
+
+def _databases(server: Server, *, timeout: float) -> list[str]:
+    return server.client.query(
+        server.transport,
+        "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn ORDER BY datname;",
+        timeout=timeout,
+    )
+
+
+# In each database: its catalog answers, and no index is left invalid (a CREATE INDEX that
+# failed half-way); one line per invalid index.
+_CHECK_SQL = """
+SET search_path = pg_catalog;
+SELECT count(*) >= 0 FROM pg_class;
+SELECT 'invalid index ' || indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid;
+"""
+
+
+def check(server: Server, *, vm: str, timeout: float) -> None:
+    """Connect to every database of the loaded cluster and query it."""
+    try:
+        names = _databases(server, timeout=timeout)
+    except GuestError as exc:
+        raise _query_failed(server, exc, "check", vm=vm) from None
+    for name in names:
+        try:
+            lines = server.client.query(server.transport, _CHECK_SQL, timeout=timeout,
+                                        database=name)  # fmt: skip
+        except GuestError as exc:
+            raise _query_failed(server, exc, f"check of database {name!r}", vm=vm) from None
+        problems = [ln for ln in lines if ln != "t"]
+        if problems:
+            raise VerifyFailed(
+                f"the check of database {name!r} found an {problems[0]}", vm=vm,
+                hint="the dump loaded with errors psql did not report",
+            )  # fmt: skip

@@ -1,0 +1,389 @@
+"""snapcoord/verify/postgresql.py against the real thing: Debian's PostgreSQL server binaries
+run as a throwaway cluster, confined (nobody, no network), loading real pg_dumpall dumps that
+snapcoord's dump code took from the lab guest's PostgreSQL (tests/pg_fixture.py).
+
+Every test ends with no process of the user nobody left (the sandbox's /proc shows only its
+own processes, and the lab runs none as nobody) and an empty verify folder."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapcoord.errors import GuestError, VerifyFailed, VerifyUnavailable
+from snapcoord.guest import SshTransport
+from snapcoord.hooks.databases import postgresql as pg
+from snapcoord.hooks.databases.dumpfile import RestoreSource, TableSum
+from snapcoord.verify import postgresql as verify
+from snapcoord.verify import scratch
+from tests import lab, pg_fixture
+from tests.test_postgresql import pg_vm, take_dump
+from tests.test_postgresql import transport as transport  # the fixture
+
+pytestmark = pytest.mark.real
+
+COMPLETE = b"\n--\n-- PostgreSQL database cluster dump complete\n--\n\n"
+TIMEOUT = 300.0
+
+
+def _nobody_processes() -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        uid = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:"))
+        if uid == str(scratch.NOBODY):
+            found.append(f"{entry} {cmdline.decode(errors='replace').strip()}")
+    return found
+
+
+@pytest.fixture
+def verify_dir() -> Iterator[Path]:
+    """A root-owned 0755 folder nobody can traverse; afterwards it must be empty and no
+    process of nobody may be left."""
+    lab.require_root()
+    assert _nobody_processes() == []
+    path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+        assert os.listdir(path) == []
+        assert _nobody_processes() == []
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def throwaway(verify_dir: Path) -> Iterator[verify.Server]:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(scratch.workspace(verify_dir))
+        yield stack.enter_context(verify.server(work, vm="lab", timeout=TIMEOUT))
+
+
+def bare_dump(folder: Path, sql: bytes) -> RestoreSource:
+    """A dump file without a manifest (what restore-dump accepts as a file)."""
+    folder.mkdir()
+    file = folder / "postgresql.sql"
+    file.write_bytes(sql + COMPLETE)
+    return pg.prepare_restore(file, vm="lab")
+
+
+def measured_differences(
+    source: RestoreSource, measured: dict[str, TableSum]
+) -> dict[str, tuple[object, object]]:
+    """Tables whose (rows, checksum) differ from what the manifest recorded."""
+    rows, sums = source.expected_rows or {}, source.expected_checksums or {}
+    expected = {t: TableSum(rows[t], sums.get(t)) for t in rows}
+    return {
+        t: (expected.get(t), measured.get(t))
+        for t in sorted(set(expected) | set(measured))
+        if expected.get(t) != measured.get(t)
+    }
+
+
+def _uid(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:"))
+
+
+# -- a good dump -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_good_dump_loads_and_measures_what_the_manifest_recorded(
+    ssh_guest: lab.SshGuest,
+    transport: SshTransport,
+    pg_shop: pg_fixture.PgShop,
+    tmp_path: Path,
+    verify_dir: Path,
+    compression: str,
+) -> None:
+    vm = pg_vm(ssh_guest, tmp_path, compression=compression)
+    _, folder = take_dump(transport, vm, tmp_path)
+    source = pg.prepare_restore(folder, vm="lab")
+    databases = json.loads((folder / "manifest.json").read_text())["pg_dumpall"]["databases"]
+    assert source.checksum_method == pg.CHECKSUM_METHOD
+    verify.require(vm="lab")
+
+    with throwaway(verify_dir) as server:
+        # the server: nobody, in a network namespace of its own, a socket in the work folder
+        assert _uid(server.pid) == "65534"
+        assert os.readlink(f"/proc/{server.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert (server.socket_dir / f".s.PGSQL.{verify.PORT}").is_socket()
+        work = server.socket_dir.parent
+        assert work.parent == verify_dir
+        seconds = verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        assert seconds > 0
+        measured = verify.measure(server, databases, vm="lab", timeout=TIMEOUT)
+        verify.check(server, vm="lab", timeout=TIMEOUT)
+        pid = server.pid
+
+    assert measured_differences(source, measured) == {}
+    shop = {t for t in measured if t.split(".")[0] in pg_fixture.DATABASES}
+    assert {t: measured[t].rows for t in shop} == pg_shop.row_counts
+    assert not Path(f"/proc/{pid}").exists()
+    assert not work.exists()
+
+
+# -- bad dumps -------------------------------------------------------------------------------------
+
+
+def _rewrite_stored_dump(folder: Path, old: bytes, new: bytes) -> None:
+    """Change the stored SQL and recompute its sha256 and size in the manifest: the checksum
+    of the file no longer tells."""
+    dump = folder / "postgresql.sql"
+    sql = dump.read_bytes()
+    assert sql.count(old) == 1
+    dump.write_bytes(sql.replace(old, new))
+    manifest_file = folder / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    entry = manifest["files"]["postgresql.sql"]
+    entry["sha256"] = hashlib.sha256(dump.read_bytes()).hexdigest()
+    entry["size"] = dump.stat().st_size
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def test_one_changed_value_is_a_checksum_mismatch_at_its_table(
+    ssh_guest: lab.SshGuest,
+    transport: SshTransport,
+    pg_shop: pg_fixture.PgShop,
+    tmp_path: Path,
+    verify_dir: Path,
+) -> None:
+    vm = pg_vm(ssh_guest, tmp_path, compression="none")
+    _, folder = take_dump(transport, vm, tmp_path)
+    # a COPY line of public.customers: "17<TAB>customer 17"
+    _rewrite_stored_dump(folder, b"\n17\tcustomer 17\n", b"\n17\tcustomer 71\n")
+    source = pg.prepare_restore(folder, vm="lab")  # its sha256 matches again
+    databases = json.loads((folder / "manifest.json").read_text())["pg_dumpall"]["databases"]
+
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        measured = verify.measure(server, databases, vm="lab", timeout=TIMEOUT)
+        verify.check(server, vm="lab", timeout=TIMEOUT)  # the data load fine: only the sum tells
+
+    differences = measured_differences(source, measured)
+    table = f"{pg_fixture.SHOP}.public.customers"
+    assert list(differences) == [table]
+    want, got = differences[table]
+    assert isinstance(want, TableSum) and isinstance(got, TableSum)
+    assert want.rows == got.rows == pg_shop.row_counts[table]
+    assert want.checksum != got.checksum
+
+
+def test_a_dump_that_does_not_load_fails_with_the_first_error(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(
+        tmp_path / "broken",
+        b"CREATE DATABASE snapcoord_broken WITH TEMPLATE = template0;\n"
+        b"\\connect snapcoord_broken\n"
+        b"CREATE TABLE t (id int PRIMARY KEY);\n"
+        b"INSERT INTO t VALUES (1), (1);\n"
+        b"SELECT * FROM no_such_table;\n",
+    )
+    with throwaway(verify_dir) as server, pytest.raises(VerifyFailed) as info:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+    assert "duplicate key" in info.value.message and "(+1 more errors)" in info.value.message
+    assert info.value.exit_code == 5
+
+
+def test_a_database_the_load_did_not_create_fails_the_measure(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "one", b"CREATE DATABASE snapcoord_one;\n")
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        with pytest.raises(VerifyFailed, match="'snapcoord_two' is missing"):
+            verify.measure(server, ["postgres", "snapcoord_one", "snapcoord_two"], vm="lab",
+                           timeout=TIMEOUT)  # fmt: skip
+
+
+def test_a_dump_of_a_newer_server_than_the_binaries_is_unavailable(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "newer", b"--\n-- Dumped from database version 99.1\n--\n")
+    with throwaway(verify_dir) as server, pytest.raises(VerifyUnavailable) as info:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+    assert "PostgreSQL 99" in info.value.message
+    assert "postgresql-99" in (info.value.hint or "")
+    assert info.value.exit_code == 4
+
+
+# -- the coordinator's faults ----------------------------------------------------------------------
+
+
+def _wait_for(predicate: object, seconds: float = 60.0) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT /* snapcoord-slow */ pg_sleep(120);",
+        # busy without waiting on a latch: this backend does not notice the postmaster's death
+        # and runs on after it, until the server's stop kills it by its network namespace
+        "SELECT /* snapcoord-slow */ sum(x) FROM (SELECT generate_series(1, 1000000000000) x) s;",
+    ],
+    ids=["sleeping", "busy"],
+)
+def test_a_server_that_dies_during_the_load_is_unavailable(
+    tmp_path: Path, verify_dir: Path, statement: str
+) -> None:
+    source = bare_dump(
+        tmp_path / "slow",
+        b"CREATE DATABASE snapcoord_slow;\n\\connect snapcoord_slow\n"
+        b"CREATE TABLE t (id int);\n" + statement.encode() + b"\nINSERT INTO t VALUES (1);\n",
+    )
+    outcome: list[BaseException] = []
+
+    def loading(server: verify.Server) -> None:
+        try:
+            verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with throwaway(verify_dir) as server:
+        loader = threading.Thread(target=loading, args=(server,))
+        loader.start()
+
+        def running() -> bool:
+            lines = server.client.query(
+                server.transport,
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND query LIKE '%snapcoord-slow%' AND state = 'active';",
+                timeout=60,
+            )
+            return lines == ["1"]
+
+        _wait_for(running)
+        os.kill(server.pid, signal.SIGKILL)  # the postmaster alone
+        with pytest.raises(VerifyUnavailable, match="stopped during the measurement"):
+            verify.measure(server, ["postgres"], vm="lab", timeout=TIMEOUT)
+    loader.join(timeout=120)
+    assert not loader.is_alive()
+    (error,) = outcome
+    assert isinstance(error, VerifyUnavailable)
+    assert "stopped during the load" in error.message
+
+
+def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab.require_root()
+    root = tmp_path / "postgresql"
+    bindir = root / "15" / "bin"
+    bindir.mkdir(parents=True)
+    monkeypatch.setattr(verify, "BIN_ROOT", root)
+    with pytest.raises(VerifyUnavailable) as info:
+        verify.require(vm="lab")
+    assert f"{bindir}/initdb" in info.value.message
+    assert "postgresql-15" in (info.value.hint or "")
+
+    # every program there, but one of them writable by others: not used
+    for program in verify.PROGRAMS:
+        shutil.copy(Path("/usr/lib/postgresql/15/bin") / program, bindir / program)
+    (bindir / "psql").chmod(0o777)
+    with pytest.raises(VerifyUnavailable, match="psql"):
+        verify.require(vm="lab")
+    (bindir / "psql").chmod(0o755)
+    verify.require(vm="lab")
+    assert verify.binaries(vm="lab") == verify.Binaries(bindir, 15)
+
+
+# -- a hostile dump ------------------------------------------------------------------------------
+
+
+def test_shell_escapes_in_a_dump_run_as_nobody_without_network(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    root_probe = Path(f"/root/snapcoord-verify-probe-{os.getpid()}")
+    drop = Path(tempfile.mkdtemp(prefix="verify-drop-", dir="/tmp"))
+    drop.chmod(0o777)  # nobody may write here: what the shell escapes leave shows who ran them
+    try:
+        source = bare_dump(
+            tmp_path / "hostile",
+            f"\\! touch {root_probe}\n"
+            f"\\! id -u > {drop}/psql-escape\n"
+            f"\\! cat /proc/net/dev > {drop}/psql-net\n"
+            f"COPY (SELECT 1) TO PROGRAM 'id -u > {drop}/server-program';\n".encode(),
+        )
+        with throwaway(verify_dir) as server:
+            verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        assert not root_probe.exists()
+        assert (drop / "psql-escape").read_text().strip() == "65534"
+        assert (drop / "server-program").read_text().strip() == "65534"
+        devices = (drop / "psql-net").read_text().splitlines()[2:]
+        assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+    finally:
+        root_probe.unlink(missing_ok=True)
+        shutil.rmtree(drop)
+
+
+def test_measure_and_check_run_only_pg_catalog_functions(tmp_path: Path, verify_dir: Path) -> None:
+    """A dump that puts a schema of its own first in a database's search_path, with an md5()
+    that would count every row as the same: table_sums still calls pg_catalog's."""
+    source = bare_dump(
+        tmp_path / "shadow",
+        b"CREATE DATABASE snapcoord_shadow;\n"
+        b"ALTER DATABASE snapcoord_shadow SET search_path = evil, pg_catalog, public;\n"
+        b"\\connect snapcoord_shadow\n"
+        b"CREATE SCHEMA evil;\n"
+        b"CREATE FUNCTION evil.md5(text) RETURNS text LANGUAGE sql"
+        b" AS $$SELECT '00000000'::text$$;\n"
+        b"CREATE TABLE public.t (id int);\nINSERT INTO public.t VALUES (1), (2);\n",
+    )
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        measured = verify.measure(server, ["snapcoord_shadow"], vm="lab", timeout=TIMEOUT)
+        (shadowed,) = server.client.query(
+            server.transport, "SELECT md5('x');", timeout=60, database="snapcoord_shadow"
+        )
+        verify.check(server, vm="lab", timeout=TIMEOUT)
+    assert shadowed == "00000000"  # the planted function is what an unqualified call finds
+    (total,) = measured.values()
+    by_hand = sum(int(hashlib.md5(f"({i})".encode()).hexdigest()[:8], 16) for i in (1, 2))
+    assert total == TableSum(2, str(by_hand))
+
+
+def test_queries_of_a_stopped_server_raise_guest_errors_that_verify_translates(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    with throwaway(verify_dir) as server:
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=60)
+        with pytest.raises(GuestError):
+            server.client.query(server.transport, "SELECT 1;", timeout=60)
+        with pytest.raises(VerifyUnavailable, match="stopped during the check"):
+            verify.check(server, vm="lab", timeout=TIMEOUT)
+
+
+def test_an_unready_server_is_unavailable_and_leaves_nothing(
+    verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab.require_root()
+    monkeypatch.setattr(verify, "SETTINGS", (*verify.SETTINGS, "shared_buffers=1TB"))
+    with pytest.raises(VerifyUnavailable, match="did not start") as info, throwaway(verify_dir):
+        pass
+    assert "memory" in info.value.message or "shared" in info.value.message, info.value.message
