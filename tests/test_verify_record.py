@@ -21,7 +21,7 @@ from snapcoord.verify import record
 from snapcoord.verify.dumps import differences
 from snapcoord.verify.jobs import describe, outcome_of
 from snapcoord.verify.record import VerifyRecord
-from tests.cli_helpers import write_config
+from tests.cli_helpers import snapcoord, write_config
 from tests.test_metrics import parse, promtool_check, value
 
 
@@ -202,3 +202,39 @@ def test_status_shows_the_last_verify(config: Config) -> None:
     assert line.endswith(
         "(2 h ago): snapcoord-nightly-20261207T030000Z: table a.t: 4 rows recorded"
     )
+
+
+# -- the command's refusals (no database needed) ------------------------------------------------
+
+
+def test_the_command_refuses_in_one_line(config: Config, tmp_path: Path) -> None:
+    path = str(tmp_path / "c.toml")
+    proc = snapcoord("-c", path, "verify", "db1")
+    assert proc.returncode == 4
+    assert proc.stderr.splitlines() == [
+        f"snapcoord: error: db1: no dump of db1 in {config.store} (enable [vms.X.guest] dump = "
+        "true and take a snapshot)"
+    ]
+    proc = snapcoord("-c", path, "verify", "db1", "--from", "snapcoord-x-20261207T000000Z")
+    assert proc.returncode == 4
+    assert "no dump of snapshot snapcoord-x-20261207T000000Z" in proc.stderr
+    proc = snapcoord("-c", path, "verify", "db1", "--from", "../../etc")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = snapcoord("-c", path, "verify", "nope")
+    assert proc.returncode == 2 and "no VM 'nope'" in proc.stderr
+
+
+def test_boot_verify_is_libvirt_only(tmp_path: Path) -> None:
+    tables = {
+        "defaults": {"store": str(tmp_path / "store")},
+        "hypervisors.vc": {"type": "vsphere", "host": "127.0.0.1", "user": "u",
+                           "password": {"env": "X_PASSWORD"}, "thumbprint": "sha256:" + "ab" * 32},
+        "vms.db1": {"hypervisor": "vc", "name": "db1"},
+    }  # fmt: skip
+    path = str(write_config(tmp_path / "c.toml", tables))
+    proc = snapcoord("-c", path, "verify", "db1", "--boot", env={"X_PASSWORD": "p"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "snapcoord: error: db1: verify --boot runs on libvirt only; db1 is on vsphere "
+        "(docs/verify.md says how the same is done by hand on Proxmox VE and vSphere)"
+    ]
