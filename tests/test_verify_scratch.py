@@ -283,3 +283,24 @@ def test_stop_kills_a_process_that_ignores_sigterm(verify_dir: Path) -> None:
         scratch.stop(process, grace=0.5)
         assert process.returncode == -signal.SIGKILL
         assert not any(_alive(p) for p in children)
+
+
+def test_a_folder_locked_by_a_verify_in_another_pid_namespace_is_kept(verify_dir: Path) -> None:
+    """Its name's PID means nothing here (dead in this namespace); its flock says it is used."""
+    foreign = verify_dir / f"snapcoord-verify.{_dead_pid()}.0c0ffee"
+    foreign.mkdir()
+    holder = subprocess.Popen(["flock", "--close", str(foreign), "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 30
+        while not lab.children_of(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # flock(1) starts sleep once it holds the lock
+        assert lab.children_of(holder.pid)
+        assert scratch.remove_leftovers(verify_dir) == []
+        assert foreign.is_dir()
+    finally:
+        children = lab.children_of(holder.pid)
+        holder.kill()
+        holder.wait()
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+    assert scratch.remove_leftovers(verify_dir) == [foreign]
