@@ -379,3 +379,14 @@ def test_a_full_verify_dir_during_the_load_is_verify_unavailable(
         assert os.listdir(verify_dir) == []
     finally:
         lab.run(["umount", str(verify_dir)])
+
+
+def test_a_load_that_outlasts_its_timeout_is_verify_unavailable(
+    verify_dir: Path, tmp_path: Path
+) -> None:
+    source = RestoreSource(tmp_path / "slow.sql", "none", None, ["slow"], ["slow"], "mysqldump")
+    source.file.write_bytes(b"CREATE DATABASE slow; SELECT SLEEP(60);\n-- Dump completed\n")
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        with pytest.raises(VerifyUnavailable, match="did not finish within 2 s"):
+            mysql.load(s, source, vm="lab", timeout=2)
+        assert s.alive()

@@ -233,6 +233,13 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
         problem = None if loaded.ok else _first_error(loaded)
     except GuestError as exc:
         problem = exc.message
+    else:
+        if loaded.timed_out:
+            raise VerifyUnavailable(
+                f"loading the dump did not finish within {timeout:.0f} s",
+                vm=vm,
+                hint="the dump was not judged; allow the verify more time",
+            )
     seconds = time.monotonic() - started
     if problem is None:
         return seconds
