@@ -46,7 +46,7 @@ def nobody_processes() -> list[int]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        if _status_field(status, "Uid").split()[0] == "65534" and not _status_field(
+        if status_field(status, "Uid").split()[0] == "65534" and not status_field(
             status, "State"
         ).startswith("Z"):
             found.append(int(entry))
@@ -59,7 +59,7 @@ def _confined_output(*argv: str) -> str:
     return result.stdout
 
 
-def _status_field(status: str, name: str) -> str:
+def status_field(status: str, name: str) -> str:
     return next(line.split(":", 1)[1].strip() for line in status.splitlines()
                 if line.startswith(name + ":"))  # fmt: skip
 
@@ -70,8 +70,8 @@ def test_a_confined_process_is_nobody_without_capabilities_network_or_environmen
     assert _confined_output("id", "-G").strip() == "65534"
     status = _confined_output("cat", "/proc/self/status")
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        assert int(_status_field(status, caps), 16) == 0, caps
-    assert _status_field(status, "NoNewPrivs") == "1"
+        assert int(status_field(status, caps), 16) == 0, caps
+    assert status_field(status, "NoNewPrivs") == "1"
     devices = _confined_output("cat", "/proc/net/dev").splitlines()[2:]  # this netns's own
     assert [line.split(":")[0].strip() for line in devices] == ["lo"]
     environment = _confined_output("env").splitlines()
@@ -226,7 +226,7 @@ def _comm(pid: int) -> str:
 
 def _uid(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(_status_field(status, "Uid").split()[0])
+    return int(status_field(status, "Uid").split()[0])
 
 
 def _hold(verify_dir: Path, script: str) -> tuple[subprocess.Popen[str], Path, int]:
