@@ -28,7 +28,7 @@ from snapcoord.verify import mysql, scratch
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import take_dump, vm_config
-from tests.test_verify_scratch import nobody_processes
+from tests.test_verify_scratch import nobody_processes, status_field
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
@@ -83,7 +83,11 @@ def test_a_good_dump_loads_and_measures_what_was_recorded_at_dump_time(
     mysql.require(vm="lab")
     with scratch.workspace(verify_dir, vm="lab") as work, \
             mysql.server(work, vm="lab", timeout=TIMEOUT) as server:  # fmt: skip
-        assert Path(f"/proc/{server.process.pid}/status").read_text().count("65534") >= 4
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        assert Path(f"/proc/{server.process.pid}/comm").read_text().strip() == "mariadbd"
+        for name in ("Uid", "Gid"):
+            assert status_field(status, name).split() == ["65534"] * 4
+        assert int(status_field(status, "CapEff"), 16) == 0
         seconds = mysql.load(server, source, vm="lab", timeout=TIMEOUT)
         measured = mysql.measure(server, IDOIT, vm="lab", timeout=TIMEOUT)
         mysql.check(server, vm="lab", timeout=TIMEOUT)
@@ -379,3 +383,14 @@ def test_a_full_verify_dir_during_the_load_is_verify_unavailable(
         assert os.listdir(verify_dir) == []
     finally:
         lab.run(["umount", str(verify_dir)])
+
+
+def test_a_load_that_outlasts_its_timeout_is_verify_unavailable(
+    verify_dir: Path, tmp_path: Path
+) -> None:
+    source = RestoreSource(tmp_path / "slow.sql", "none", None, ["slow"], ["slow"], "mysqldump")
+    source.file.write_bytes(b"CREATE DATABASE slow; SELECT SLEEP(60);\n-- Dump completed\n")
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        with pytest.raises(VerifyUnavailable, match="did not finish within 2 s"):
+            mysql.load(s, source, vm="lab", timeout=2)
+        assert s.alive()

@@ -46,7 +46,7 @@ def nobody_processes() -> list[int]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        if _status_field(status, "Uid").split()[0] == "65534" and not _status_field(
+        if status_field(status, "Uid").split()[0] == "65534" and not status_field(
             status, "State"
         ).startswith("Z"):
             found.append(int(entry))
@@ -59,7 +59,7 @@ def _confined_output(*argv: str) -> str:
     return result.stdout
 
 
-def _status_field(status: str, name: str) -> str:
+def status_field(status: str, name: str) -> str:
     return next(line.split(":", 1)[1].strip() for line in status.splitlines()
                 if line.startswith(name + ":"))  # fmt: skip
 
@@ -70,8 +70,8 @@ def test_a_confined_process_is_nobody_without_capabilities_network_or_environmen
     assert _confined_output("id", "-G").strip() == "65534"
     status = _confined_output("cat", "/proc/self/status")
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        assert int(_status_field(status, caps), 16) == 0, caps
-    assert _status_field(status, "NoNewPrivs") == "1"
+        assert int(status_field(status, caps), 16) == 0, caps
+    assert status_field(status, "NoNewPrivs") == "1"
     devices = _confined_output("cat", "/proc/net/dev").splitlines()[2:]  # this netns's own
     assert [line.split(":")[0].strip() for line in devices] == ["lo"]
     environment = _confined_output("env").splitlines()
@@ -226,7 +226,7 @@ def _comm(pid: int) -> str:
 
 def _uid(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(_status_field(status, "Uid").split()[0])
+    return int(status_field(status, "Uid").split()[0])
 
 
 def _hold(verify_dir: Path, script: str) -> tuple[subprocess.Popen[str], Path, int]:
@@ -283,3 +283,24 @@ def test_stop_kills_a_process_that_ignores_sigterm(verify_dir: Path) -> None:
         scratch.stop(process, grace=0.5)
         assert process.returncode == -signal.SIGKILL
         assert not any(_alive(p) for p in children)
+
+
+def test_a_folder_locked_by_a_verify_in_another_pid_namespace_is_kept(verify_dir: Path) -> None:
+    """Its name's PID means nothing here (dead in this namespace); its flock says it is used."""
+    foreign = verify_dir / f"snapcoord-verify.{_dead_pid()}.0c0ffee"
+    foreign.mkdir()
+    holder = subprocess.Popen(["flock", "--close", str(foreign), "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 30
+        while not lab.children_of(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # flock(1) starts sleep once it holds the lock
+        assert lab.children_of(holder.pid)
+        assert scratch.remove_leftovers(verify_dir) == []
+        assert foreign.is_dir()
+    finally:
+        children = lab.children_of(holder.pid)
+        holder.kill()
+        holder.wait()
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+    assert scratch.remove_leftovers(verify_dir) == [foreign]

@@ -15,7 +15,9 @@ flushed into the running server's accounts), ``secure_file_priv`` limited to an 
 of its own, and InnoDB settings for a fast, throwaway load (no durability).
 
 Only the fixed system paths below are used; a missing program is :class:`VerifyUnavailable`
-naming the Debian package to install.
+naming the Debian package to install: ``mariadb-server-core`` (mariadbd, mariadb-install-db)
+and ``mariadb-client-core`` (mysql, mariadb-check, and my_print_defaults, which
+mariadb-install-db runs); no service needs to run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from snapcoord.errors import GuestError, VerifyFailed, VerifyUnavailable
 from snapcoord.guest import ExecTransport
 from snapcoord.hooks.databases import mysql as kind
 from snapcoord.hooks.databases.dumpfile import RestoreSource, TableSum, client_error
-from snapcoord.shell import Completed
+from snapcoord.shell import Completed, execute
 from snapcoord.text import clip
 from snapcoord.verify import scratch
 
@@ -48,6 +50,8 @@ INSTALL_DB: tuple[str, ...] = ("/usr/bin/mariadb-install-db", "/usr/bin/mysql_in
 #: scratch.SAFE_PATH, so this is the file it finds.
 CLIENTS: tuple[str, ...] = ("/usr/bin/mysql",)
 CHECKS: tuple[str, ...] = ("/usr/bin/mariadb-check", "/usr/bin/mysqlcheck")
+#: mariadb-install-db runs it (from mariadb-client-core, which mariadb-server-core lacks).
+PRINT_DEFAULTS: tuple[str, ...] = ("/usr/bin/my_print_defaults",)
 #: Decompressors the confined load pipeline runs by name (a codec's is needed only for it).
 DECOMPRESSORS = {"gzip": "/usr/bin/gzip", "zstd": "/usr/bin/zstd"}
 
@@ -95,12 +99,14 @@ def _program(paths: Sequence[str], package: str, *, vm: str, what: str) -> str:
 
 
 def require(*, vm: str) -> None:
-    """The server, mariadb-install-db, the client and mariadb-check are installed here."""
+    """The server, mariadb-install-db, the client, mariadb-check and my_print_defaults are
+    installed here (and the confinement's own programs)."""
     scratch.require_tools(vm=vm)
     _program(SERVERS, PACKAGE, vm=vm, what="the MariaDB server")
     _program(INSTALL_DB, PACKAGE, vm=vm, what="mariadb-install-db")
     _program(CLIENTS, CLIENT_PACKAGE, vm=vm, what="the mysql client")
     _program(CHECKS, CLIENT_PACKAGE, vm=vm, what="mariadb-check")
+    _program(PRINT_DEFAULTS, CLIENT_PACKAGE, vm=vm, what="my_print_defaults")
 
 
 @dataclass
@@ -134,32 +140,28 @@ def _unavailable(message: str, *, vm: str, log: Path | None = None) -> VerifyUna
     """VerifyUnavailable with the log's first error line (else its last line)."""
     if log is not None and log.is_file():
         lines = log.read_text(errors="replace").strip().splitlines()
-        errors = [ln for ln in lines if "[ERROR]" in ln or "ERROR" in ln] or lines[-1:]
+        errors = [ln for ln in lines if "ERROR" in ln] or lines[-1:]
         message += f": {clip(errors[0].strip(), 300)}" if errors else ""
     return VerifyUnavailable(message, vm=vm, hint="the dump was not judged")
 
 
 def _install(datadir: Path, log: Path, *, vm: str, timeout: float) -> None:
+    """``mariadb-install-db`` as nobody (its whole session is killed on a timeout)."""
     install = _program(INSTALL_DB, PACKAGE, vm=vm, what="mariadb-install-db")
     argv = [install, "--no-defaults", f"--datadir={datadir}", "--skip-test-db",
             "--auth-root-authentication-method=normal", "--skip-name-resolve",
             *INNODB_FILES]  # fmt: skip
+    result = execute(scratch.confined(argv), timeout=timeout, env={"PATH": scratch.SAFE_PATH})
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with open(fd, "wb") as out:
-        try:
-            result = subprocess.run(
-                scratch.confined(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise _unavailable("mariadb-install-db timed out", vm=vm) from None
+        out.write(result.stdout + result.stderr)
+    if result.timed_out:
+        raise _unavailable(f"mariadb-install-db did not finish within {timeout:.0f} s", vm=vm)
     if result.returncode != 0:
-        problem = "out of disk space" if _NO_SPACE.search(log.read_text(errors="replace")) else ""
-        raise _unavailable(f"mariadb-install-db failed {problem}".strip(), vm=vm, log=log)
+        what = "mariadb-install-db failed"
+        if _NO_SPACE.search(_read(log)):
+            what += f": out of disk space in {datadir.parent.parent}"
+        raise _unavailable(what, vm=vm, log=log)
 
 
 @contextlib.contextmanager
@@ -233,6 +235,13 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
         problem = None if loaded.ok else _first_error(loaded)
     except GuestError as exc:
         problem = exc.message
+    else:
+        if loaded.timed_out:
+            raise VerifyUnavailable(
+                f"loading the dump did not finish within {timeout:.0f} s",
+                vm=vm,
+                hint="the dump was not judged; allow the verify more time",
+            )
     seconds = time.monotonic() - started
     if problem is None:
         return seconds
