@@ -265,13 +265,13 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
 
 
 def _out_of_space(problem: str, server: Server) -> bool:
-    """Did the load fail because the verify folder's file system is full? InnoDB says so as
-    "The table ... is full" (ERROR 1114), which the free space then tells apart from a table
-    that outgrew a server limit."""
+    """Did the load fail because the verify folder's file system is full? The server says so
+    in many ways: errno 28, "The table ... is full" (ERROR 1114), or an InnoDB commit that
+    failed with "Operation not permitted" (ERROR 1180, seen on a full tmpfs). Whatever the
+    error, a load that failed with less than LOW_SPACE free there is taken as out of space:
+    the dump is then not judged (a verify elsewhere can still judge it)."""
     if _NO_SPACE.search(problem) or _NO_SPACE.search(_read(server.log)):
         return True
-    if "ERROR 1114" not in problem:
-        return False
     try:
         info = os.statvfs(server.work)
     except OSError:
