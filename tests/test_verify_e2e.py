@@ -182,6 +182,25 @@ def test_verify_true_proves_the_dump_after_the_window(
     _nothing_left(verify_dir)
 
 
+def test_a_pause_mode_dump_is_loaded_and_checked_but_its_figures_not_compared(
+    tmp_path: Path,
+    libvirt_node: str,
+    ssh_guest: lab.SshGuest,
+    guest_services: lab.GuestServices,
+    idoit_db: idoit_fixture.IdoitDB,
+    verify_dir: Path,
+) -> None:
+    guest = {**ssh_guest.guest_table(), "consistency": "pause"}
+    config = _config(tmp_path, libvirt_node, guest, verify_dir, verify=True)
+    run = _snapshot(config)
+    assert run["consistency"] == "pause"
+    assert run["verify"]["verified"] is True and run["verify"]["compared"] == "none"
+    assert run["verify"]["rows"] >= 100_000
+    assert any("the figures were recorded while the application wrote" in n for n in run["notes"])
+    assert all(guest_services.states().values())
+    _nothing_left(verify_dir)
+
+
 def test_each_bad_dump_fails_with_its_cause_and_is_kept(
     tmp_path: Path,
     libvirt_node: str,

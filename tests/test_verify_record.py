@@ -15,7 +15,7 @@ import pytest
 from snapcoord import metrics
 from snapcoord.config import Config, load_config
 from snapcoord.errors import ExitCode
-from snapcoord.hooks.databases.dumpfile import TableSum
+from snapcoord.hooks.databases.dumpfile import RestoreSource, TableSum
 from snapcoord.status import status_vm
 from snapcoord.verify import record
 from snapcoord.verify.dumps import differences
@@ -238,3 +238,27 @@ def test_boot_verify_is_libvirt_only(tmp_path: Path) -> None:
         "snapcoord: error: db1: verify --boot runs on libvirt only; db1 is on vsphere "
         "(docs/verify.md says how the same is done by hand on Proxmox VE and vSphere)"
     ]
+
+
+# -- what a manifest's figures are worth ----------------------------------------------------------
+
+
+def _source(manifest: dict[str, Any] | None) -> RestoreSource:
+    return RestoreSource(Path("/x/mysql.sql.gz"), "gzip", manifest, ["a"], ["a"], "mysqldump")
+
+
+def test_figures_of_a_pause_mode_dump_are_not_compared() -> None:
+    section = {"tables": {"a.t": 3}, "checksums": {"a.t": "9"}, "checksum_method": "m/1"}
+    stopped = _source({"mysqldump": section})
+    assert stopped.figures_comparable and stopped.expected_rows == {"a.t": 3}
+    paused = _source({"mysqldump": section, "consistency": {"mode": "pause"}})
+    assert not paused.figures_comparable and paused.expected_rows is None
+    assert "consistency = pause" in paused.unchecked_reason
+    assert "no manifest" in _source(None).unchecked_reason
+
+
+@pytest.mark.parametrize("count", ["3", 3.0, -1, True, None, [3], 10**16])
+def test_a_hand_edited_count_makes_the_record_unusable_not_a_traceback(count: Any) -> None:
+    source = _source({"mysqldump": {"tables": {"a.t": 3, "a.u": count}}})
+    assert source.expected_rows is None
+    assert "unreadable" in source.unchecked_reason

@@ -30,6 +30,7 @@ from snapcoord.guest import Transport
 from snapcoord.shell import Completed
 from snapcoord.store import CorruptDump, RunDir
 from snapcoord.text import clip
+from snapcoord.values import integer
 
 # Where each codec compresses ("guest" | "coordinator"); chosen by bench/dump.py, see docs/dump.md.
 COMPRESS_ON = {"gzip": "coordinator", "zstd": "guest", "none": "guest"}
@@ -419,12 +420,40 @@ class RestoreSource:
     section: str  # the manifest section with the row counts
 
     @property
+    def figures_comparable(self) -> bool:
+        """Whether the manifest's per-table figures describe the dump's own view: not when the
+        dump ran beside an application that wrote (``consistency = "pause"``: the figures come
+        from another session than the dump's transaction, at another moment)."""
+        consistency = (self.manifest or {}).get("consistency")
+        return not (isinstance(consistency, dict) and consistency.get("mode") == "pause")
+
+    @property
     def expected_rows(self) -> dict[str, int] | None:
-        if self.manifest is None:
+        """``{"db.table": rows}`` recorded at dump time; None without a manifest, or when its
+        figures cannot describe the dump (:attr:`figures_comparable`). A count that is not a
+        non-negative integer makes the whole record unusable (a hand-edited manifest): None."""
+        if self.manifest is None or not self.figures_comparable:
             return None
         section = self.manifest.get(self.section, {})
-        tables = section.get("tables")
-        return {str(k): int(v) for k, v in tables.items()} if isinstance(tables, dict) else None
+        tables = section.get("tables") if isinstance(section, dict) else None
+        if not isinstance(tables, dict):
+            return None
+        counts = {str(k): integer(v, 0, 10**15) for k, v in tables.items()}
+        if any(v is None for v in counts.values()):
+            return None
+        return {k: v for k, v in counts.items() if v is not None}
+
+    @property
+    def unchecked_reason(self) -> str:
+        """Why :attr:`expected_rows` is None, for the run's warning."""
+        if self.manifest is None:
+            return "no manifest next to the dump: row counts were not compared"
+        if not self.figures_comparable:
+            return (
+                "the dump was taken while the application wrote (consistency = pause): its "
+                "recorded row counts were not compared"
+            )
+        return "the manifest's row counts are unreadable: they were not compared"
 
     @property
     def expected_checksums(self) -> dict[str, str] | None:
@@ -591,11 +620,17 @@ class RestoreResult:
 
 
 def compare_rows(
-    result: RestoreResult, expected: dict[str, int] | None, actual: dict[str, int], *, vm: str
+    result: RestoreResult,
+    expected: dict[str, int] | None,
+    actual: dict[str, int],
+    *,
+    vm: str,
+    unchecked: str = "no manifest next to the dump: row counts were not compared",
 ) -> None:
-    """Record the restored row counts in ``result``; raise RestoreFailed on any difference."""
+    """Record the restored row counts in ``result``; raise RestoreFailed on any difference.
+    Without ``expected``, ``unchecked`` (why) becomes the result's warning."""
     if expected is None:
-        result.warnings.append("no manifest next to the dump: row counts were not compared")
+        result.warnings.append(unchecked)
         return
     result.rows_checked = sum(actual.values())
     for table in sorted(set(expected) | set(actual)):

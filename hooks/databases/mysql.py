@@ -577,7 +577,7 @@ def restore(
     if expected is not None:
         dbs = sorted({name.split(".", 1)[0] for name in expected} | set(prepared.to_drop))
         actual = row_counts(client, transport, dbs, timeout=timeout)
-    compare_rows(result, expected, actual, vm=vm)
+    compare_rows(result, expected, actual, vm=vm, unchecked=prepared.unchecked_reason)
     return result
 
 

@@ -55,6 +55,8 @@ class VerifyKind(Protocol):
 
     NAME: str
     PACKAGE: str
+    #: the kind's table_sums method (hooks/databases/<kind>.CHECKSUM_METHOD)
+    CHECKSUM_METHOD: str
 
     def require(self, *, vm: str) -> None: ...
 
@@ -129,14 +131,6 @@ def differences(
 
 def _measured_databases(prepared: RestoreSource, expected: dict[str, int]) -> list[str]:
     return sorted({name.split(".", 1)[0] for name in expected} | set(prepared.to_drop))
-
-
-def _figures_comparable(manifest: dict[str, Any]) -> bool:
-    """Whether the manifest's per-table figures describe the dump's own view: not when the dump
-    ran beside an application that wrote (``consistency = "pause"``: the figures come from
-    another session than the dump's transaction)."""
-    consistency = manifest.get("consistency")
-    return not (isinstance(consistency, dict) and consistency.get("mode") == "pause")
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -219,9 +213,8 @@ class DumpVerify:
     def _compare(self) -> None:
         assert self.verifier is not None and self.prepared is not None
         prepared = self.prepared
-        manifest = prepared.manifest or {}
         expected = prepared.expected_rows
-        sums: dict[str, str] | None = getattr(prepared, "expected_checksums", None)
+        sums = prepared.expected_checksums
         with self._timed("compare"):
             found = self.verifier.measure(
                 self.server,
@@ -231,17 +224,24 @@ class DumpVerify:
             )
         self.tables = len(found)
         self.rows = sum(t.rows for t in found.values())
-        if expected is None:
-            self.notes.append("the manifest records no tables: only the load and check were run")
-            return
-        if not _figures_comparable(manifest):
+        if not prepared.figures_comparable:
             self.notes.append(
                 "consistency = pause: the figures were recorded while the application wrote, "
                 "so they were not compared (the load and the check were)"
             )
             return
+        if expected is None:
+            self.notes.append("the manifest records no tables: only the load and check were run")
+            return
+        method = prepared.checksum_method
+        if sums is not None and method != self.verifier.CHECKSUM_METHOD:
+            self.notes.append(
+                f"the dump's checksums were made by {method}, this snapcoord makes "
+                f"{self.verifier.CHECKSUM_METHOD}: only row counts were compared"
+            )
+            sums = None
         self.compared = "checksums" if sums is not None else "rows"
-        if sums is None:
+        if sums is None and method is None:
             self.notes.append("the dump records no checksums (taken by an older snapcoord)")
         self.mismatches = differences(expected, sums, found)
         if self.mismatches:

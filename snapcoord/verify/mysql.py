@@ -40,6 +40,7 @@ from snapcoord.text import clip
 from snapcoord.verify import scratch
 
 NAME = kind.NAME
+CHECKSUM_METHOD = kind.CHECKSUM_METHOD
 PACKAGE = "mariadb-server-core"
 CLIENT_PACKAGE = "mariadb-client-core"
 

@@ -60,6 +60,7 @@ from snapcoord.verify import scratch
 log = logging.getLogger("snapcoord.verify")
 
 NAME = kind.NAME
+CHECKSUM_METHOD = kind.CHECKSUM_METHOD
 PACKAGE = "postgresql-15"
 #: Where Debian installs each major's server binaries (``<major>/bin``).
 BIN_ROOT = Path("/usr/lib/postgresql")
