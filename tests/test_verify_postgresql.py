@@ -227,6 +227,27 @@ def test_a_dump_of_a_newer_server_than_the_binaries_is_unavailable(
     assert info.value.exit_code == 4
 
 
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        (b"CREATE DATABASE snapcoord_loc WITH TEMPLATE = template0 ENCODING = 'UTF8'"
+         b" LOCALE_PROVIDER = libc LOCALE = 'xx_XX.UTF-8';\n", "locale 'xx_XX.UTF-8'"),
+        (b"CREATE EXTENSION snapcoord_no_such_extension;\n", "snapcoord_no_such_extension"),
+        (b"CREATE TABLESPACE fast OWNER postgres LOCATION '/srv/fast';\n"
+         b"CREATE DATABASE snapcoord_ts TABLESPACE fast;\n", "tablespace fast"),
+    ],
+    ids=["locale", "extension", "tablespace"],
+)  # fmt: skip
+def test_what_the_coordinator_lacks_is_unavailable_not_a_failed_dump(
+    tmp_path: Path, verify_dir: Path, sql: bytes, named: str
+) -> None:
+    source = bare_dump(tmp_path / "needs", b"\\connect template1\n" + sql)
+    with throwaway(verify_dir) as server, pytest.raises(VerifyUnavailable) as info:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+    assert named in info.value.message
+    assert not Path("/srv/fast").exists()
+
+
 # -- the coordinator's faults ----------------------------------------------------------------------
 
 

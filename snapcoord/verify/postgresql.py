@@ -90,7 +90,7 @@ _NO_SPACE = "No space left on device"
 _SERIOUS_RE = re.compile(r"\b(?:PANIC|FATAL|ERROR):\s")
 _LOCALE_RE = re.compile(r'invalid (?:locale name|LC_\w+ locale name):? "?([^"]*)"?')
 _EXTENSION_RE = re.compile(r'extension "([^"]+)" is not available|could not open extension control')
-_TABLESPACE_RE = re.compile(r"\btablespace\b", re.IGNORECASE)
+_TABLESPACE_RE = re.compile(rb'^CREATE TABLESPACE ("(?:[^"]|"")+"|\S+) ', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,20 @@ def dump_major(source: RestoreSource) -> int | None:
     return max(majors) if majors else None
 
 
-def _check_major(server: Server, source: RestoreSource, *, vm: str) -> None:
+def _check_header(server: Server, source: RestoreSource, *, vm: str) -> None:
+    """What the coordinator cannot give this dump, seen in its header before anything loads:
+    a newer server major; tablespaces (pg_dumpall's globals, before the first database, name
+    folders of the guest that a throwaway server cannot make)."""
+    tablespace = _TABLESPACE_RE.search(_header(source))
+    if tablespace is not None:
+        raise VerifyUnavailable(
+            f"cannot verify {source.file.name}: it creates the tablespace "
+            f"{tablespace.group(1).decode(errors='replace')} (a folder in the guest), which the "
+            "throwaway server cannot make",
+            vm=vm,
+            hint="dump without tablespaces (pg_dumpall --no-tablespaces in [vms.X.dump] "
+            "options) to verify",
+        )
     major = dump_major(source)
     if major is not None and major > server.binaries.major:
         raise VerifyUnavailable(
@@ -418,7 +431,7 @@ def _server_gone(server: Server, what: str, *, vm: str) -> VerifyUnavailable:
 
 def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> float:
     """Load the dump as restore-dump does; the seconds it took."""
-    _check_major(server, source, vm=vm)
+    _check_header(server, source, vm=vm)
     started = time.monotonic()
     try:
         loaded = kind.load(server.transport, server.client, source, timeout=timeout)
@@ -443,10 +456,8 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
     if real or not loaded.ok:
         more = f" (+{len(real) - 1} more errors)" if len(real) > 1 else ""
         first = real[0] if real else client_error(loaded)
-        tablespace = " (the dump creates tablespaces: verify needs a dump without them)"
-        note = tablespace if real and _TABLESPACE_RE.search(first) else ""
         raise VerifyFailed(
-            f"{source.file.name} does not load: {clip(first, 300)}{more}{note}",
+            f"{source.file.name} does not load: {clip(first, 300)}{more}",
             vm=vm,
             hint="restore-dump of this dump would fail the same way; the dump is kept",
         )
