@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +35,8 @@ from tests.test_postgresql import transport as transport  # the fixture
 
 pytestmark = pytest.mark.real
 
+#: a statement that keeps a backend busy (and never waiting on a latch) for hours
+BUSY = "SELECT /* snapcoord-slow */ sum(x) FROM (SELECT generate_series(1, 1000000000000) x) s;"
 COMPLETE = b"\n--\n-- PostgreSQL database cluster dump complete\n--\n\n"
 TIMEOUT = 300.0
 
@@ -265,7 +268,7 @@ def _wait_for(predicate: object, seconds: float = 60.0) -> None:
         "SELECT /* snapcoord-slow */ pg_sleep(120);",
         # busy without waiting on a latch: this backend does not notice the postmaster's death
         # and runs on after it, until the server's stop kills it by its network namespace
-        "SELECT /* snapcoord-slow */ sum(x) FROM (SELECT generate_series(1, 1000000000000) x) s;",
+        BUSY,
     ],
     ids=["sleeping", "busy"],
 )
@@ -307,6 +310,58 @@ def test_a_server_that_dies_during_the_load_is_unavailable(
     (error,) = outcome
     assert isinstance(error, VerifyUnavailable)
     assert "stopped during the load" in error.message
+
+
+HOLDER = """
+import signal, sys
+from pathlib import Path
+from snapcoord.errors import Interrupted
+from snapcoord.hooks.databases import postgresql as pg
+from snapcoord.verify import postgresql as verify, scratch
+
+def interrupted(signum, frame):  # what the CLI does on SIGTERM
+    raise Interrupted("interrupted by SIGTERM")
+
+signal.signal(signal.SIGTERM, interrupted)
+source = pg.prepare_restore(Path(sys.argv[2]), vm="lab")
+with scratch.workspace(Path(sys.argv[1])) as work:
+    with verify.server(work, vm="lab", timeout=300) as server:
+        print(work, server.pid, flush=True)
+        verify.load(server, source, vm="lab", timeout=300)
+"""
+
+
+def test_sigterm_during_the_load_stops_the_server_and_removes_every_file(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "busy", b"CREATE DATABASE snapcoord_busy;\n\\connect "
+                       b"snapcoord_busy\n" + BUSY.encode() + b"\n")  # fmt: skip
+    argv = [sys.executable, "-I", "-c", HOLDER, str(verify_dir), str(source.file)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        work_name, pid = holder.stdout.readline().split()
+        work = Path(work_name)
+        psql = [str(verify.binaries(vm="lab").bindir / "psql"), "-X", "-A", "-t",
+                f"--host={work / 'socket'}", "--username=postgres", "--dbname=postgres", "-c",
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND query LIKE '%snapcoord-slow%' AND state = 'active';"]  # fmt: skip
+
+        def busy() -> bool:
+            out = subprocess.run(scratch.confined(psql), capture_output=True, text=True,
+                                 timeout=60)  # fmt: skip
+            return out.stdout.strip() == "1"
+
+        _wait_for(busy)
+        holder.send_signal(signal.SIGTERM)
+        _, err = holder.communicate(timeout=120)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode != 0 and "Interrupted" in err
+    assert not Path(f"/proc/{pid}").exists()
+    assert not work.exists()  # and the fixture: no process of nobody, verify_dir empty
 
 
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
