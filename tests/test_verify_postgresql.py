@@ -387,6 +387,16 @@ def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     verify.require(vm="lab")
     assert verify.binaries(vm="lab") == verify.Binaries(bindir, 15)
 
+    # a newer major's client package alone (psql, no server): the newest complete set is used
+    client_only = root / "16" / "bin"
+    client_only.mkdir(parents=True)
+    shutil.copy(bindir / "psql", client_only / "psql")
+    assert verify.binaries(vm="lab") == verify.Binaries(bindir, 15)
+    (bindir / "initdb").unlink()
+    with pytest.raises(VerifyUnavailable) as info:
+        verify.require(vm="lab")
+    assert f"{client_only}/initdb" in info.value.message  # the newest major's gap is named
+
 
 # -- a hostile dump ------------------------------------------------------------------------------
 

@@ -141,35 +141,50 @@ class Server:
 # require
 
 
-def _trusted_program(path: Path) -> bool:
-    """A regular file owned by root, executable, writable by nobody else (no link followed
-    past the folder Debian puts links in: the file itself is checked)."""
+def _trusted(path: Path, kind_of: int) -> bool:
+    """A file of that kind (a link is judged by its target) owned by root that no one else
+    may change."""
     try:
         info = os.stat(path)
     except OSError:
         return False
     return (
-        stat.S_ISREG(info.st_mode)
+        stat.S_IFMT(info.st_mode) == kind_of
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        and bool(info.st_mode & stat.S_IXOTH)
     )
 
 
+def _untrusted(bindir: Path) -> str | None:
+    """The first part of ``bindir`` that is missing or could be changed by others."""
+    for folder in (bindir.parent, bindir):
+        if not _trusted(folder, stat.S_IFDIR):
+            return str(folder)
+    for program in PROGRAMS:
+        path = bindir / program
+        if not _trusted(path, stat.S_IFREG) or not os.stat(path).st_mode & stat.S_IXOTH:
+            return str(path)
+    return None
+
+
 def binaries(*, vm: str) -> Binaries:
-    """The newest major under :data:`BIN_ROOT` that has every program of :data:`PROGRAMS`."""
+    """The newest major under :data:`BIN_ROOT` that has every program of :data:`PROGRAMS`
+    (Debian's client package of a newer major brings psql without the server: the newest
+    complete set is used)."""
     majors: list[int] = []
     with contextlib.suppress(OSError):
         majors = sorted((int(p.name) for p in BIN_ROOT.iterdir() if p.name.isdigit()), reverse=True)
-    missing = f"{BIN_ROOT}/<major>/bin/initdb"
+    first_problem = f"{BIN_ROOT}/<major>/bin/initdb"
     for major in majors:
         bindir = BIN_ROOT / str(major) / "bin"
-        absent = [p for p in PROGRAMS if not _trusted_program(bindir / p)]
-        if not absent:
+        problem = _untrusted(bindir)
+        if problem is None:
             return Binaries(bindir, major)
-        missing = str(bindir / absent[0])
+        if major == majors[0]:
+            first_problem = problem
     raise VerifyUnavailable(
-        f"cannot verify a PostgreSQL dump: {missing} not found (or not a root-owned program)",
+        f"cannot verify a PostgreSQL dump: {first_problem} not found (or not a root-owned "
+        "program others cannot change)",
         vm=vm,
         hint=f"install the server binaries on this coordinator: apt-get install {PACKAGE} "
         "(or postgresql-<major> of the dump's server, no service needs to run)",
