@@ -17,7 +17,7 @@ import pytest
 from snapcoord import store
 from snapcoord.config import Config, VMConfig, parse_config
 from snapcoord.errors import ExitCode, PreflightError
-from snapcoord.guest import Transport, shell_transport
+from snapcoord.guest import ExecTransport, Transport, shell_transport
 from snapcoord.hooks.databases import dumpfile, mysql
 from snapcoord.secrets import Secret
 from snapcoord.shell import Completed
@@ -145,6 +145,15 @@ def test_dump_is_verified_and_loads_with_identical_checksums(
     assert loaded.returncode == 0, loaded.stderr
     assert scratch_mariadb.checksums(IDOIT) == idoit_db.checksums
     assert lab.row_counts(IDOIT, scratch_mariadb.socket) == idoit_db.row_counts
+    # the manifest carries a checksum of every table, the same on the loaded copy
+    assert section["checksum_method"] == "mysql-crc32-sum/1"
+    assert set(section["checksums"]) == set(section["tables"])
+    assert all(value.isdigit() and int(value) > 0 for value in section["checksums"].values())
+    loaded_client = mysql.Client(vm="lab", sudo=False, user="root",
+                                 connection=(f"--socket={scratch_mariadb.socket}",))  # fmt: skip
+    sums = mysql.table_sums(loaded_client, ExecTransport([], vm="lab"), IDOIT, timeout=600)
+    assert {name: s.checksum for name, s in sums.items()} == section["checksums"]
+    assert {name: s.rows for name, s in sums.items()} == section["tables"]
     # the view, the trigger and the routine came along
     objects = lab.mysql_rows(
         "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA LIKE 'idoit%' UNION ALL "

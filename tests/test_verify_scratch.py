@@ -26,14 +26,31 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture
 def verify_dir() -> Iterator[Path]:
-    """A root-owned 0755 folder that nobody can traverse (pytest's tmp_path is 0700)."""
+    """A root-owned 0755 folder that nobody can traverse (pytest's tmp_path is 0700); no
+    process of nobody outlives the test."""
     lab.require_root()
     path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
     path.chmod(0o755)
     try:
         yield path
+        assert not nobody_processes()
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def nobody_processes() -> list[int]:
+    """Live processes of uid 65534 in this sandbox's PID namespace (only the tests' own)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        if _status_field(status, "Uid").split()[0] == "65534" and not _status_field(
+            status, "State"
+        ).startswith("Z"):
+            found.append(int(entry))
+    return found
 
 
 def _confined_output(*argv: str) -> str:
@@ -266,3 +283,24 @@ def test_stop_kills_a_process_that_ignores_sigterm(verify_dir: Path) -> None:
         scratch.stop(process, grace=0.5)
         assert process.returncode == -signal.SIGKILL
         assert not any(_alive(p) for p in children)
+
+
+def test_a_folder_locked_by_a_verify_in_another_pid_namespace_is_kept(verify_dir: Path) -> None:
+    """Its name's PID means nothing here (dead in this namespace); its flock says it is used."""
+    foreign = verify_dir / f"snapcoord-verify.{_dead_pid()}.0c0ffee"
+    foreign.mkdir()
+    holder = subprocess.Popen(["flock", "--close", str(foreign), "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 30
+        while not lab.children_of(holder.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # flock(1) starts sleep once it holds the lock
+        assert lab.children_of(holder.pid)
+        assert scratch.remove_leftovers(verify_dir) == []
+        assert foreign.is_dir()
+    finally:
+        children = lab.children_of(holder.pid)
+        holder.kill()
+        holder.wait()
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+    assert scratch.remove_leftovers(verify_dir) == [foreign]

@@ -30,6 +30,7 @@ from snapcoord.hooks.databases.dumpfile import (
     RestoreFailed,
     RestoreResult,
     RestoreSource,
+    TableSum,
     client_error,
     compare_rows,
     compress_where,
@@ -339,6 +340,90 @@ def row_counts(
 
 
 # --------------------------------------------------------------------------------------------
+# Row counts and checksums (what a verify compares)
+
+#: The manifest's ``checksum_method`` for :func:`table_sums`; a change to the SQL below that
+#: changes its values gets a new number.
+CHECKSUM_METHOD = "mysql-crc32-sum/1"
+#: Tables per client call (one UNION ALL of SELECTs); bounds the statement's length.
+SUMS_PER_QUERY = 100
+#: ``information_schema.COLUMNS.EXTRA`` of a generated column (MySQL 5.7+, MariaDB 10.2+;
+#: MariaDB 10.1 says VIRTUAL / PERSISTENT).
+_GENERATED = ("VIRTUAL GENERATED", "STORED GENERATED", "VIRTUAL", "PERSISTENT")
+
+
+def _row_checksum(columns: Sequence[str]) -> str:
+    """The SQL of one row's CRC32 over ``columns`` (pt-table-checksum's idea)."""
+    parts = []
+    for column in columns:
+        ident = quote_ident(column)
+        parts += [f"CAST({ident} AS BINARY)", f"ISNULL({ident})"]
+    return f"CRC32(CONCAT_WS('#', {', '.join(parts)}))"
+
+
+def table_sums(
+    client: Client, transport: Transport, databases: Iterable[str], *, timeout: float
+) -> dict[str, TableSum]:
+    """``{"db.table": TableSum(rows, checksum)}`` for every base table of the (non-system)
+    ``databases``: ``COUNT(*)`` and the sum over all rows of a CRC32 of the row, in one pass
+    over each table. A sum does not depend on the order of the rows, so the guest's server at
+    dump time and a throwaway server after loading the dump agree when the data are the same.
+
+    What a row's CRC32 reads (method ``mysql-crc32-sum/1``): ``CONCAT_WS('#', c1, ISNULL(c1),
+    c2, ISNULL(c2), ...)`` over the columns in ordinal order, each ``CAST(c AS BINARY)``:
+    - text columns give their stored bytes in the column's own character set: no conversion
+      to the connection's character set, and no "illegal mix of collations" between columns;
+    - BLOB, BINARY, VARBINARY and BIT give their bytes as they are (no HEX: that would double
+      what CRC32 reads and add nothing, since no character set conversion touches them);
+    - numbers, DECIMAL, dates, ENUM/SET, JSON give the text the server prints for them, which
+      is what mysqldump writes: FLOAT/DOUBLE as their shortest printed form, so the text a dump
+      carries reloads into the same printed value (a raw binary form would flag mysqldump's
+      FLOAT rounding as a difference on every run);
+    - TIMESTAMP is printed in UTC (the session's ``time_zone`` is set to +00:00 as mysqldump
+      does), so the guest's and the coordinator's time zones do not matter;
+    - generated columns (VIRTUAL and STORED) are left out: a dump does not carry them, the
+      server recomputes them from the other columns, which are summed;
+    - ``ISNULL(c)`` tells NULL from an empty value (CONCAT_WS skips NULLs).
+    A table without any other column has checksum None (its row count is still compared).
+
+    Where it runs matters only through the server family's printing of values: MySQL and
+    MariaDB print FLOAT/DOUBLE differently, so compare sums of one family only."""
+    names = [d for d in databases if d not in SYSTEM_SCHEMAS]
+    if not names:
+        return {}
+    rows = client.query(  # names are quoted with _sql_str
+        transport,
+        "SELECT c.TABLE_SCHEMA, c.TABLE_NAME, c.COLUMN_NAME, c.EXTRA"  # noqa: S608
+        " FROM information_schema.COLUMNS c JOIN information_schema.TABLES t"
+        " ON t.TABLE_SCHEMA = c.TABLE_SCHEMA AND t.TABLE_NAME = c.TABLE_NAME"
+        " WHERE t.TABLE_TYPE = 'BASE TABLE' AND c.TABLE_SCHEMA IN ("
+        + ", ".join(_sql_str(n) for n in names)
+        + ") ORDER BY c.TABLE_SCHEMA, c.TABLE_NAME, c.ORDINAL_POSITION;",
+        timeout=timeout,
+    )
+    columns: dict[tuple[str, str], list[str]] = {}
+    for db, table, column, extra in rows:
+        summed = columns.setdefault((db, table), [])
+        if extra.strip().upper() not in _GENERATED:
+            summed.append(column)
+    selects = []
+    for (db, table), summed in columns.items():
+        checksum = f"COALESCE(SUM({_row_checksum(summed)}), 0)" if summed else "NULL"
+        selects.append(
+            f"SELECT {_sql_str(db)}, {_sql_str(table)}, COUNT(*), {checksum}"  # noqa: S608
+            f" FROM {quote_ident(db)}.{quote_ident(table)}"
+        )
+    sums: dict[str, TableSum] = {}
+    for start in range(0, len(selects), SUMS_PER_QUERY):
+        batch = " UNION ALL ".join(selects[start : start + SUMS_PER_QUERY])
+        for db, table, count, checksum in client.query(
+            transport, f"SET time_zone = '+00:00'; {batch};", timeout=timeout
+        ):
+            sums[f"{db}.{table}"] = TableSum(int(count), None if checksum == "NULL" else checksum)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------
 # Dump
 
 
@@ -362,7 +447,7 @@ def dump(
     client = Client.from_config(options, guest, vm=vm)
     query_timeout = guest.command_timeout
 
-    def counts() -> dict[str, object]:  # exact row counts, while nothing writes
+    def counts() -> dict[str, object]:  # exact row counts and checksums, while nothing writes
         info = client.query(
             transport,
             "SELECT VERSION();"
@@ -371,8 +456,14 @@ def dump(
         )
         present = [r[0] for r in info[1:]]
         dbs = list(options.databases) or [d for d in present if d not in NOT_DUMPED]
-        rows = row_counts(client, transport, dbs, timeout=guest.dump_timeout)
-        return {"version": info[0][0], "databases": dbs, "rows": rows}
+        sums = table_sums(client, transport, dbs, timeout=guest.dump_timeout)
+        return {
+            "version": info[0][0],
+            "databases": dbs,
+            "rows": {name: s.rows for name, s in sums.items()},
+            "checksums": {n: s.checksum for n, s in sums.items() if s.checksum is not None},
+            "checksum_method": CHECKSUM_METHOD,
+        }
 
     mode = "none" if compress_here or compression == "none" else compression
     argv, cnf = client.argv(mode, "mysqldump", args)

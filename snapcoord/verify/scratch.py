@@ -16,13 +16,16 @@ mode 0711 (nobody can traverse it to the folders made for it, but neither list n
 Every file is removed when the ``with`` block ends, whatever ended it (an exception, the CLI's
 cancellation on SIGTERM, KeyboardInterrupt); removal never follows a link (``shutil.rmtree``
 works with directory file descriptors). A folder left by a process that was SIGKILLed is
-removed by the next :func:`workspace` (:func:`remove_leftovers`): its name carries the PID.
+removed by the next :func:`workspace` (:func:`remove_leftovers`): its name carries the PID,
+and the flock its verify holds on it tells a live verify of another PID namespace (a container
+sharing ``verify_dir``) from a dead one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -140,6 +143,22 @@ def _make_work(verify_dir: Path, *, vm: str | None) -> Path:
     )
 
 
+def _lock(path: Path, *, wait: bool) -> int | None:
+    """An flock on the folder itself (never through a link): held while a verify uses it, so
+    a verify in another PID namespace (where the name's PID means nothing) leaves it alone.
+    None when another process holds it (``wait=False``) or it is not a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def workspace(verify_dir: Path, *, vm: str | None = None) -> Iterator[Path]:
     """A fresh work folder in ``verify_dir``, removed with everything in it at the end.
@@ -149,10 +168,15 @@ def workspace(verify_dir: Path, *, vm: str | None = None) -> Iterator[Path]:
     _check_verify_dir(verify_dir, vm=vm)
     remove_leftovers(verify_dir)
     work = _make_work(verify_dir, vm=vm)
+    lock = _lock(work, wait=True)  # non-inheritable: no child holds it after this process
     try:
         yield work
     finally:
-        remove(work)
+        try:
+            remove(work)
+        finally:
+            if lock is not None:
+                os.close(lock)
 
 
 def nobody_folder(work: Path, name: str) -> Path:
@@ -196,7 +220,8 @@ def _alive(pid: int) -> bool:
 
 def remove_leftovers(verify_dir: Path) -> list[Path]:
     """Remove the work folders in ``verify_dir`` whose process is gone (a SIGKILLed verify);
-    returns what was removed. A folder of a live process is kept."""
+    returns what was removed. A folder of a live process is kept, and so is one whose lock a
+    process holds (a verify in another PID namespace sharing ``verify_dir``)."""
     removed = []
     try:
         names = os.listdir(verify_dir)
@@ -210,7 +235,17 @@ def remove_leftovers(verify_dir: Path) -> list[Path]:
         if pid == os.getpid() or _alive(pid):
             continue
         path = Path(verify_dir) / name
-        remove(path)
+        if os.path.islink(path):
+            remove(path)  # the link goes, never what it points to
+            removed.append(path)
+            continue
+        lock = _lock(path, wait=False)
+        if lock is None:
+            continue  # in use by a process this namespace cannot see
+        try:
+            remove(path)
+        finally:
+            os.close(lock)
         removed.append(path)
     return removed
 
