@@ -364,6 +364,34 @@ def test_sigterm_during_the_load_stops_the_server_and_removes_every_file(
     assert not work.exists()  # and the fixture: no process of nobody, verify_dir empty
 
 
+def test_a_full_verify_dir_during_the_load_is_unavailable(tmp_path: Path, verify_dir: Path) -> None:
+    """verify_dir on a tmpfs with room for a fresh cluster (about 40 MB) but not the data."""
+    lab.run(["mount", "-t", "tmpfs", "-o", "size=90m,mode=0755", "verify", str(verify_dir)])
+    try:
+        source = bare_dump(
+            tmp_path / "big",
+            b"CREATE DATABASE snapcoord_big;\n\\connect snapcoord_big\n"
+            b"CREATE TABLE t AS SELECT g, repeat('x', 1000) AS pad"
+            b" FROM generate_series(1, 200000) g;\n",
+        )
+        # extending the table's file fails (an ERROR), or writing WAL (a PANIC: the server
+        # stops): either is the coordinator's
+        full = pytest.raises(VerifyUnavailable, match="out of disk space")
+        with throwaway(verify_dir) as server, full:
+            verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        assert os.listdir(verify_dir) == []
+    finally:
+        lab.run(["umount", str(verify_dir)])
+
+
+def test_a_load_that_outlasts_its_timeout_is_unavailable(tmp_path: Path, verify_dir: Path) -> None:
+    source = bare_dump(tmp_path / "slow", b"SELECT pg_sleep(60);\n")
+    with throwaway(verify_dir) as server:
+        with pytest.raises(VerifyUnavailable, match="timed out after 2 s"):
+            verify.load(server, source, vm="lab", timeout=2)
+        assert server.alive()
+
+
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -437,8 +437,10 @@ def _unavailable_cause(errors: Sequence[str]) -> str | None:
 
 
 def _server_gone(server: Server, what: str, *, vm: str) -> VerifyUnavailable:
+    last = server.last_log_line()
+    full = " (out of disk space in verify_dir)" if _NO_SPACE in last else ""
     return VerifyUnavailable(
-        f"the throwaway PostgreSQL server stopped during the {what}: {server.last_log_line()}",
+        f"the throwaway PostgreSQL server stopped during the {what}{full}: {last}",
         vm=vm,
         hint="the dump was not judged; verify again",
     )
