@@ -145,6 +145,41 @@ def test_a_good_dump_loads_and_measures_what_the_manifest_recorded(
     assert not work.exists()
 
 
+def test_a_child_table_whose_columns_move_in_the_reload_sums_the_same(
+    ssh_guest: lab.SshGuest,
+    transport: SshTransport,
+    pg_shop: pg_fixture.PgShop,
+    tmp_path: Path,
+    verify_dir: Path,
+) -> None:
+    """A parent that gained a column after its child was made: in the guest the child has it
+    last, reloaded it comes before the child's own (pg_dump's CREATE TABLE ... INHERITS).
+    table_sums builds each row in the order of the column names, so both sides agree."""
+    lab.psql(
+        "CREATE TABLE public.base (id int);"
+        "CREATE TABLE public.child (note text) INHERITS (public.base);"
+        "ALTER TABLE public.base ADD COLUMN added int;"
+        "INSERT INTO public.child VALUES (1, 'one', 10), (2, 'two', 20);",
+        pg_fixture.SHOP,
+    )
+    columns = ("SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute"
+               " WHERE attrelid = 'public.child'::regclass AND attnum > 0;")  # fmt: skip
+    assert lab.psql(columns, pg_fixture.SHOP) == ["id,note,added"]
+    vm = pg_vm(ssh_guest, tmp_path)
+    _, folder = take_dump(transport, vm, tmp_path)
+    source = pg.prepare_restore(folder, vm="lab")
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        reloaded = server.client.query(server.transport, columns, timeout=60,
+                                       database=pg_fixture.SHOP)  # fmt: skip
+        measured = verify.measure(server, [pg_fixture.SHOP], vm="lab", timeout=TIMEOUT)
+    assert reloaded == ["id,added,note"]  # the columns did move
+    child = f"{pg_fixture.SHOP}.public.child"
+    assert measured[child] == TableSum(2, (source.expected_checksums or {})[child])
+    differences = measured_differences(source, measured)
+    assert [t for t in differences if t.startswith(f"{pg_fixture.SHOP}.")] == []
+
+
 # -- bad dumps -------------------------------------------------------------------------------------
 
 
