@@ -32,6 +32,10 @@ The server stops with PostgreSQL's fast shutdown (SIGINT; SIGTERM is its *smart*
 which waits for sessions to end), then scratch.stop's SIGTERM and SIGKILL after a bound; its
 backends, which make themselves session leaders and so leave the postmaster's process group,
 are killed by PID if they outlive it: every process in the server's own network namespace.
+If snapcoord itself is SIGKILLed, the postmaster dies with it (``--pdeathsig``) and idle
+backends follow at once, but a backend busy in one statement runs on (as nobody, without
+network, its working folder the deleted data folder) until that statement ends: it looks for
+its postmaster only when it waits.
 """
 
 from __future__ import annotations
