@@ -427,6 +427,29 @@ def test_a_load_that_outlasts_its_timeout_is_unavailable(tmp_path: Path, verify_
         assert server.alive()
 
 
+def test_a_measure_that_outlasts_its_timeout_is_unavailable(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "locked", b"CREATE TABLE public.t (id int);\n")
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        holder = subprocess.Popen(  # another session holds the table for a minute
+            scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
+                              f"--host={server.socket_dir}", "--username=postgres", "-c",
+                              "BEGIN; LOCK TABLE public.t; SELECT pg_sleep(60);"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            held = ("SELECT count(*) FROM pg_locks WHERE relation = 'public.t'::regclass"
+                    " AND mode = 'AccessExclusiveLock' AND granted;")  # fmt: skip
+            _wait_for(lambda: server.client.query(server.transport, held, timeout=60) == ["1"])
+            with pytest.raises(VerifyUnavailable, match="did not finish in time"):
+                verify.measure(server, ["postgres"], vm="lab", timeout=2)
+        finally:
+            holder.kill()
+            holder.wait()
+
+
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -493,6 +493,12 @@ def _query_failed(server: Server, exc: GuestError, what: str, *, vm: str) -> Exc
     if not server.alive():
         return _server_gone(server, what, vm=vm)
     detail = exc.message.removeprefix("psql in the guest failed: ")
+    if detail == "timed out":  # client_error's word for a call past its timeout
+        return VerifyUnavailable(
+            f"the {what} of the loaded dump did not finish in time",
+            vm=vm,
+            hint="the dump was not judged; raise the timeout",
+        )
     cause = _unavailable_cause([detail])
     if cause is not None:
         return VerifyUnavailable(f"cannot verify: {cause}", vm=vm)
