@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +35,8 @@ from tests.test_postgresql import transport as transport  # the fixture
 
 pytestmark = pytest.mark.real
 
+#: a statement that keeps a backend busy (and never waiting on a latch) for hours
+BUSY = "SELECT /* snapcoord-slow */ sum(x) FROM (SELECT generate_series(1, 1000000000000) x) s;"
 COMPLETE = b"\n--\n-- PostgreSQL database cluster dump complete\n--\n\n"
 TIMEOUT = 300.0
 
@@ -142,6 +145,41 @@ def test_a_good_dump_loads_and_measures_what_the_manifest_recorded(
     assert not work.exists()
 
 
+def test_a_child_table_whose_columns_move_in_the_reload_sums_the_same(
+    ssh_guest: lab.SshGuest,
+    transport: SshTransport,
+    pg_shop: pg_fixture.PgShop,
+    tmp_path: Path,
+    verify_dir: Path,
+) -> None:
+    """A parent that gained a column after its child was made: in the guest the child has it
+    last, reloaded it comes before the child's own (pg_dump's CREATE TABLE ... INHERITS).
+    table_sums builds each row in the order of the column names, so both sides agree."""
+    lab.psql(
+        "CREATE TABLE public.base (id int);"
+        "CREATE TABLE public.child (note text) INHERITS (public.base);"
+        "ALTER TABLE public.base ADD COLUMN added int;"
+        "INSERT INTO public.child VALUES (1, 'one', 10), (2, 'two', 20);",
+        pg_fixture.SHOP,
+    )
+    columns = ("SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute"
+               " WHERE attrelid = 'public.child'::regclass AND attnum > 0;")  # fmt: skip
+    assert lab.psql(columns, pg_fixture.SHOP) == ["id,note,added"]
+    vm = pg_vm(ssh_guest, tmp_path)
+    _, folder = take_dump(transport, vm, tmp_path)
+    source = pg.prepare_restore(folder, vm="lab")
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        reloaded = server.client.query(server.transport, columns, timeout=60,
+                                       database=pg_fixture.SHOP)  # fmt: skip
+        measured = verify.measure(server, [pg_fixture.SHOP], vm="lab", timeout=TIMEOUT)
+    assert reloaded == ["id,added,note"]  # the columns did move
+    child = f"{pg_fixture.SHOP}.public.child"
+    assert measured[child] == TableSum(2, (source.expected_checksums or {})[child])
+    differences = measured_differences(source, measured)
+    assert [t for t in differences if t.startswith(f"{pg_fixture.SHOP}.")] == []
+
+
 # -- bad dumps -------------------------------------------------------------------------------------
 
 
@@ -227,6 +265,27 @@ def test_a_dump_of_a_newer_server_than_the_binaries_is_unavailable(
     assert info.value.exit_code == 4
 
 
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        (b"CREATE DATABASE snapcoord_loc WITH TEMPLATE = template0 ENCODING = 'UTF8'"
+         b" LOCALE_PROVIDER = libc LOCALE = 'xx_XX.UTF-8';\n", "locale 'xx_XX.UTF-8'"),
+        (b"CREATE EXTENSION snapcoord_no_such_extension;\n", "snapcoord_no_such_extension"),
+        (b"CREATE TABLESPACE fast OWNER postgres LOCATION '/srv/fast';\n"
+         b"CREATE DATABASE snapcoord_ts TABLESPACE fast;\n", "tablespace fast"),
+    ],
+    ids=["locale", "extension", "tablespace"],
+)  # fmt: skip
+def test_what_the_coordinator_lacks_is_unavailable_not_a_failed_dump(
+    tmp_path: Path, verify_dir: Path, sql: bytes, named: str
+) -> None:
+    source = bare_dump(tmp_path / "needs", b"\\connect template1\n" + sql)
+    with throwaway(verify_dir) as server, pytest.raises(VerifyUnavailable) as info:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+    assert named in info.value.message
+    assert not Path("/srv/fast").exists()
+
+
 # -- the coordinator's faults ----------------------------------------------------------------------
 
 
@@ -244,7 +303,7 @@ def _wait_for(predicate: object, seconds: float = 60.0) -> None:
         "SELECT /* snapcoord-slow */ pg_sleep(120);",
         # busy without waiting on a latch: this backend does not notice the postmaster's death
         # and runs on after it, until the server's stop kills it by its network namespace
-        "SELECT /* snapcoord-slow */ sum(x) FROM (SELECT generate_series(1, 1000000000000) x) s;",
+        BUSY,
     ],
     ids=["sleeping", "busy"],
 )
@@ -288,6 +347,109 @@ def test_a_server_that_dies_during_the_load_is_unavailable(
     assert "stopped during the load" in error.message
 
 
+HOLDER = """
+import signal, sys
+from pathlib import Path
+from snapcoord.errors import Interrupted
+from snapcoord.hooks.databases import postgresql as pg
+from snapcoord.verify import postgresql as verify, scratch
+
+def interrupted(signum, frame):  # what the CLI does on SIGTERM
+    raise Interrupted("interrupted by SIGTERM")
+
+signal.signal(signal.SIGTERM, interrupted)
+source = pg.prepare_restore(Path(sys.argv[2]), vm="lab")
+with scratch.workspace(Path(sys.argv[1])) as work:
+    with verify.server(work, vm="lab", timeout=300) as server:
+        print(work, server.pid, flush=True)
+        verify.load(server, source, vm="lab", timeout=300)
+"""
+
+
+def test_sigterm_during_the_load_stops_the_server_and_removes_every_file(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "busy", b"CREATE DATABASE snapcoord_busy;\n\\connect "
+                       b"snapcoord_busy\n" + BUSY.encode() + b"\n")  # fmt: skip
+    argv = [sys.executable, "-I", "-c", HOLDER, str(verify_dir), str(source.file)]
+    holder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        work_name, pid = holder.stdout.readline().split()
+        work = Path(work_name)
+        psql = [str(verify.binaries(vm="lab").bindir / "psql"), "-X", "-A", "-t",
+                f"--host={work / 'socket'}", "--username=postgres", "--dbname=postgres", "-c",
+                "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                " AND query LIKE '%snapcoord-slow%' AND state = 'active';"]  # fmt: skip
+
+        def busy() -> bool:
+            out = subprocess.run(scratch.confined(psql), capture_output=True, text=True,
+                                 timeout=60)  # fmt: skip
+            return out.stdout.strip() == "1"
+
+        _wait_for(busy)
+        holder.send_signal(signal.SIGTERM)
+        _, err = holder.communicate(timeout=120)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert holder.returncode != 0 and "Interrupted" in err
+    assert not Path(f"/proc/{pid}").exists()
+    assert not work.exists()  # and the fixture: no process of nobody, verify_dir empty
+
+
+def test_a_full_verify_dir_during_the_load_is_unavailable(tmp_path: Path, verify_dir: Path) -> None:
+    """verify_dir on a tmpfs with room for a fresh cluster (about 40 MB) but not the data."""
+    lab.run(["mount", "-t", "tmpfs", "-o", "size=90m,mode=0755", "verify", str(verify_dir)])
+    try:
+        source = bare_dump(
+            tmp_path / "big",
+            b"CREATE DATABASE snapcoord_big;\n\\connect snapcoord_big\n"
+            b"CREATE TABLE t AS SELECT g, repeat('x', 1000) AS pad"
+            b" FROM generate_series(1, 200000) g;\n",
+        )
+        # extending the table's file fails (an ERROR), or writing WAL (a PANIC: the server
+        # stops): either is the coordinator's
+        full = pytest.raises(VerifyUnavailable, match="out of disk space")
+        with throwaway(verify_dir) as server, full:
+            verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        assert os.listdir(verify_dir) == []
+    finally:
+        lab.run(["umount", str(verify_dir)])
+
+
+def test_a_load_that_outlasts_its_timeout_is_unavailable(tmp_path: Path, verify_dir: Path) -> None:
+    source = bare_dump(tmp_path / "slow", b"SELECT pg_sleep(60);\n")
+    with throwaway(verify_dir) as server:
+        with pytest.raises(VerifyUnavailable, match="timed out after 2 s"):
+            verify.load(server, source, vm="lab", timeout=2)
+        assert server.alive()
+
+
+def test_a_measure_that_outlasts_its_timeout_is_unavailable(
+    tmp_path: Path, verify_dir: Path
+) -> None:
+    source = bare_dump(tmp_path / "locked", b"CREATE TABLE public.t (id int);\n")
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        holder = subprocess.Popen(  # another session holds the table for a minute
+            scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
+                              f"--host={server.socket_dir}", "--username=postgres", "-c",
+                              "BEGIN; LOCK TABLE public.t; SELECT pg_sleep(60);"]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            held = ("SELECT count(*) FROM pg_locks WHERE relation = 'public.t'::regclass"
+                    " AND mode = 'AccessExclusiveLock' AND granted;")  # fmt: skip
+            _wait_for(lambda: server.client.query(server.transport, held, timeout=60) == ["1"])
+            with pytest.raises(VerifyUnavailable, match="did not finish in time"):
+                verify.measure(server, ["postgres"], vm="lab", timeout=2)
+        finally:
+            holder.kill()
+            holder.wait()
+
+
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,6 +472,16 @@ def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     (bindir / "psql").chmod(0o755)
     verify.require(vm="lab")
     assert verify.binaries(vm="lab") == verify.Binaries(bindir, 15)
+
+    # a newer major's client package alone (psql, no server): the newest complete set is used
+    client_only = root / "16" / "bin"
+    client_only.mkdir(parents=True)
+    shutil.copy(bindir / "psql", client_only / "psql")
+    assert verify.binaries(vm="lab") == verify.Binaries(bindir, 15)
+    (bindir / "initdb").unlink()
+    with pytest.raises(VerifyUnavailable) as info:
+        verify.require(vm="lab")
+    assert f"{client_only}/initdb" in info.value.message  # the newest major's gap is named
 
 
 # -- a hostile dump ------------------------------------------------------------------------------

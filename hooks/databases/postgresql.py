@@ -415,7 +415,9 @@ def table_sums(
     """``{"db.schema.table": TableSum(rows, checksum)}`` for every ordinary or partitioned
     table of ``databases`` (the tables :func:`row_counts` counts), one psql call per database
     and one pass per table (:data:`CHECKSUM_METHOD`). The checksum is the sum as a decimal
-    string: it does not depend on the order of the rows."""
+    string: it does not depend on the order of the rows. As in :func:`row_counts`, a parent
+    table's figures include its children's rows (no ``ONLY``), and a partitioned table is
+    read again for each partition."""
     sums: dict[str, TableSum] = {}
     for database in databases:
         for line in client.query(transport, _SUM_SQL, timeout=timeout, database=database):

@@ -32,6 +32,10 @@ The server stops with PostgreSQL's fast shutdown (SIGINT; SIGTERM is its *smart*
 which waits for sessions to end), then scratch.stop's SIGTERM and SIGKILL after a bound; its
 backends, which make themselves session leaders and so leave the postmaster's process group,
 are killed by PID if they outlive it: every process in the server's own network namespace.
+If snapcoord itself is SIGKILLed, the postmaster dies with it (``--pdeathsig``) and idle
+backends follow at once, but a backend busy in one statement runs on (as nobody, without
+network, its working folder the deleted data folder) until that statement ends: it looks for
+its postmaster only when it waits.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ _NO_SPACE = "No space left on device"
 _SERIOUS_RE = re.compile(r"\b(?:PANIC|FATAL|ERROR):\s")
 _LOCALE_RE = re.compile(r'invalid (?:locale name|LC_\w+ locale name):? "?([^"]*)"?')
 _EXTENSION_RE = re.compile(r'extension "([^"]+)" is not available|could not open extension control')
-_TABLESPACE_RE = re.compile(r"\btablespace\b", re.IGNORECASE)
+_TABLESPACE_RE = re.compile(rb'^CREATE TABLESPACE ("(?:[^"]|"")+"|\S+) ', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -142,35 +146,50 @@ class Server:
 # require
 
 
-def _trusted_program(path: Path) -> bool:
-    """A regular file owned by root, executable, writable by nobody else (no link followed
-    past the folder Debian puts links in: the file itself is checked)."""
+def _trusted(path: Path, kind_of: int) -> bool:
+    """A file of that kind (a link is judged by its target) owned by root that no one else
+    may change."""
     try:
         info = os.stat(path)
     except OSError:
         return False
     return (
-        stat.S_ISREG(info.st_mode)
+        stat.S_IFMT(info.st_mode) == kind_of
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        and bool(info.st_mode & stat.S_IXOTH)
     )
 
 
+def _untrusted(bindir: Path) -> str | None:
+    """The first part of ``bindir`` that is missing or could be changed by others."""
+    for folder in (bindir.parent, bindir):
+        if not _trusted(folder, stat.S_IFDIR):
+            return str(folder)
+    for program in PROGRAMS:
+        path = bindir / program
+        if not _trusted(path, stat.S_IFREG) or not os.stat(path).st_mode & stat.S_IXOTH:
+            return str(path)
+    return None
+
+
 def binaries(*, vm: str) -> Binaries:
-    """The newest major under :data:`BIN_ROOT` that has every program of :data:`PROGRAMS`."""
+    """The newest major under :data:`BIN_ROOT` that has every program of :data:`PROGRAMS`
+    (Debian's client package of a newer major brings psql without the server: the newest
+    complete set is used)."""
     majors: list[int] = []
     with contextlib.suppress(OSError):
         majors = sorted((int(p.name) for p in BIN_ROOT.iterdir() if p.name.isdigit()), reverse=True)
-    missing = f"{BIN_ROOT}/<major>/bin/initdb"
+    first_problem = f"{BIN_ROOT}/<major>/bin/initdb"
     for major in majors:
         bindir = BIN_ROOT / str(major) / "bin"
-        absent = [p for p in PROGRAMS if not _trusted_program(bindir / p)]
-        if not absent:
+        problem = _untrusted(bindir)
+        if problem is None:
             return Binaries(bindir, major)
-        missing = str(bindir / absent[0])
+        if major == majors[0]:
+            first_problem = problem
     raise VerifyUnavailable(
-        f"cannot verify a PostgreSQL dump: {missing} not found (or not a root-owned program)",
+        f"cannot verify a PostgreSQL dump: {first_problem} not found (or not a root-owned "
+        "program others cannot change)",
         vm=vm,
         hint=f"install the server binaries on this coordinator: apt-get install {PACKAGE} "
         "(or postgresql-<major> of the dump's server, no service needs to run)",
@@ -382,7 +401,20 @@ def dump_major(source: RestoreSource) -> int | None:
     return max(majors) if majors else None
 
 
-def _check_major(server: Server, source: RestoreSource, *, vm: str) -> None:
+def _check_header(server: Server, source: RestoreSource, *, vm: str) -> None:
+    """What the coordinator cannot give this dump, seen in its header before anything loads:
+    a newer server major; tablespaces (pg_dumpall's globals, before the first database, name
+    folders of the guest that a throwaway server cannot make)."""
+    tablespace = _TABLESPACE_RE.search(_header(source))
+    if tablespace is not None:
+        raise VerifyUnavailable(
+            f"cannot verify {source.file.name}: it creates the tablespace "
+            f"{tablespace.group(1).decode(errors='replace')} (a folder in the guest), which the "
+            "throwaway server cannot make",
+            vm=vm,
+            hint="dump without tablespaces (pg_dumpall --no-tablespaces in [vms.X.dump] "
+            "options) to verify",
+        )
     major = dump_major(source)
     if major is not None and major > server.binaries.major:
         raise VerifyUnavailable(
@@ -410,8 +442,10 @@ def _unavailable_cause(errors: Sequence[str]) -> str | None:
 
 
 def _server_gone(server: Server, what: str, *, vm: str) -> VerifyUnavailable:
+    last = server.last_log_line()
+    full = " (out of disk space in verify_dir)" if _NO_SPACE in last else ""
     return VerifyUnavailable(
-        f"the throwaway PostgreSQL server stopped during the {what}: {server.last_log_line()}",
+        f"the throwaway PostgreSQL server stopped during the {what}{full}: {last}",
         vm=vm,
         hint="the dump was not judged; verify again",
     )
@@ -419,7 +453,7 @@ def _server_gone(server: Server, what: str, *, vm: str) -> VerifyUnavailable:
 
 def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> float:
     """Load the dump as restore-dump does; the seconds it took."""
-    _check_major(server, source, vm=vm)
+    _check_header(server, source, vm=vm)
     started = time.monotonic()
     try:
         loaded = kind.load(server.transport, server.client, source, timeout=timeout)
@@ -444,10 +478,8 @@ def load(server: Server, source: RestoreSource, *, vm: str, timeout: float) -> f
     if real or not loaded.ok:
         more = f" (+{len(real) - 1} more errors)" if len(real) > 1 else ""
         first = real[0] if real else client_error(loaded)
-        tablespace = " (the dump creates tablespaces: verify needs a dump without them)"
-        note = tablespace if real and _TABLESPACE_RE.search(first) else ""
         raise VerifyFailed(
-            f"{source.file.name} does not load: {clip(first, 300)}{more}{note}",
+            f"{source.file.name} does not load: {clip(first, 300)}{more}",
             vm=vm,
             hint="restore-dump of this dump would fail the same way; the dump is kept",
         )
@@ -462,6 +494,12 @@ def _query_failed(server: Server, exc: GuestError, what: str, *, vm: str) -> Exc
     if not server.alive():
         return _server_gone(server, what, vm=vm)
     detail = exc.message.removeprefix("psql in the guest failed: ")
+    if detail == "timed out":  # client_error's word for a call past its timeout
+        return VerifyUnavailable(
+            f"the {what} of the loaded dump did not finish in time",
+            vm=vm,
+            hint="the dump was not judged; raise the timeout",
+        )
     cause = _unavailable_cause([detail])
     if cause is not None:
         return VerifyUnavailable(f"cannot verify: {cause}", vm=vm)
