@@ -4,6 +4,7 @@ verify, leftovers of dead processes go, and no planted link is followed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -304,3 +305,27 @@ def test_a_folder_locked_by_a_verify_in_another_pid_namespace_is_kept(verify_dir
         for child in children:
             os.kill(child, signal.SIGKILL)
     assert scratch.remove_leftovers(verify_dir) == [foreign]
+
+
+def test_leftovers_go_with_what_still_runs_in_them(verify_dir: Path) -> None:
+    """A SIGKILLed verify can leave a confined process running in its folder (a PostgreSQL
+    backend busy in one statement): the next verify ends it before removing the folder."""
+    leftover = verify_dir / f"snapcoord-verify.{_dead_pid()}.5eed"
+    leftover.mkdir(mode=0o711)
+    data = scratch.nobody_folder(leftover, "data")
+    busy = subprocess.Popen(scratch.confined(["sh", "-c", f"cd {data} && exec sleep 600"]))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{busy.pid}/cwd") == str(data):
+                    break
+            time.sleep(0.05)
+        assert os.readlink(f"/proc/{busy.pid}/cwd") == str(data)
+        assert scratch.remove_leftovers(verify_dir) == [leftover]
+        assert busy.wait(timeout=30) == -signal.SIGKILL
+        assert not leftover.exists()
+    finally:
+        if busy.poll() is None:
+            busy.kill()
+            busy.wait()

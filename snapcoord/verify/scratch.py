@@ -243,6 +243,7 @@ def remove_leftovers(verify_dir: Path) -> list[Path]:
         if lock is None:
             continue  # in use by a process this namespace cannot see
         try:
+            _end_processes_in(path)
             remove(path)
         finally:
             os.close(lock)
@@ -283,3 +284,40 @@ def stop(process: subprocess.Popen[bytes], *, grace: float = GRACE) -> None:
             time.sleep(0.05)
     kill_group(process)  # whatever it left in its group goes too
     process.wait()
+    _wait_group_gone(process.pid, GROUP_GONE)
+
+
+#: Seconds :func:`stop` waits for the rest of a killed process group to be reaped.
+GROUP_GONE = 10.0
+
+
+def _wait_group_gone(pgid: int, seconds: float) -> None:
+    """Until no process of group ``pgid`` is left (SIGKILLed members are reaped by init)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # a member of another user's: it exists
+            pass
+        time.sleep(0.02)
+
+
+def _end_processes_in(path: Path) -> None:
+    """SIGKILL nobody's processes whose working folder is ``path`` or inside it: what a
+    SIGKILLed verify left running (a PostgreSQL backend busy in one statement outlives its
+    postmaster until the statement ends; its working folder is the data folder)."""
+    inside = str(path)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != NOBODY:
+                continue
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == inside or cwd.startswith(inside + "/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
