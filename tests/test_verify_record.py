@@ -207,7 +207,18 @@ def test_status_shows_the_last_verify(config: Config) -> None:
 # -- the command's refusals (no database needed) ------------------------------------------------
 
 
+def test_a_vm_without_dumps_has_nothing_to_verify(config: Config, tmp_path: Path) -> None:
+    proc = snapcoord("-c", str(tmp_path / "c.toml"), "verify", "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "db1: verify: nothing to verify (no dump configured or stored)",
+        "verify: 1 VM: 1 ok (exit 0)",
+    ]
+
+
 def test_the_command_refuses_in_one_line(config: Config, tmp_path: Path) -> None:
+    text = (tmp_path / "c.toml").read_text()
+    (tmp_path / "c.toml").write_text(text + '[vms.db1.guest]\nhost = "h"\ndump = true\n')
     path = str(tmp_path / "c.toml")
     proc = snapcoord("-c", path, "verify", "db1")
     assert proc.returncode == 4

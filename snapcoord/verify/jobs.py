@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapcoord import store
 from snapcoord.errors import SnapcoordError, UsageError, VerifyFailed, VerifyUnavailable
 from snapcoord.outcome import Outcome
 from snapcoord.run import Reporter
@@ -55,6 +56,11 @@ def verify_vm(
     newest snapcoord snapshot (or ``snapshot``) booted in an isolated copy."""
     notes: list[str] = []
     code: int | None = None
+    guest = config.vm(key).guest
+    if not boot and (guest is None or not guest.dump) and not store.list_dumps(config.store, key):
+        line = f"{key}: verify: nothing to verify (no dump configured or stored)"
+        summary = {"vm": key, "ok": True, "exit_code": 0, "command": "verify", "verify": None}
+        return Outcome(key, 0, summary, [line])
     try:
         if boot:
             found = verify_boot(config, key, snapshot)
