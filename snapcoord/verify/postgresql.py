@@ -269,6 +269,13 @@ def _netns(pid: int) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def _note_netns(server: Server) -> None:
     """Remember the server's network namespace (its own, made by the confinement: every
     process the server forks lives in it, and nothing else does). Read once the server
@@ -293,7 +300,11 @@ def _kill_namespace(netns: tuple[int, int]) -> None:
     none is left (bounded)."""
     deadline = time.monotonic() + GRACE
     while time.monotonic() < deadline:
-        left = [int(e) for e in os.listdir("/proc") if e.isdigit() and _netns(int(e)) == netns]
+        left = [
+            int(e)
+            for e in os.listdir("/proc")
+            if e.isdigit() and _netns(int(e)) == netns and _owner(int(e)) == scratch.NOBODY
+        ]
         if not left:
             return
         for pid in left:
