@@ -29,11 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from snapcoord.errors import GuestError
+from snapcoord.run import finish_in_threads
 from snapcoord.settings import GuestConfig
 from snapcoord.shell import Completed, OutputNotEnded, display, execute, kill_group, spawn, stream
 
@@ -217,35 +218,18 @@ class ProcessChannel:
 
 
 def _shielded(call: Callable[[], Completed]) -> Completed:
-    """Run ``call`` in a worker thread; if SIGINT/SIGTERM interrupts the wait, keep waiting for the
-    command (its own timeout bounds it) and re-raise afterwards. A service stop that is already on
-    its way is not abandoned half-done: its undo would race it."""
-    box: dict[str, Any] = {}
-    # An Event, not Thread.join: a join that KeyboardInterrupt interrupts can mark the thread
-    # as stopped while it still runs (CPython 3.11, bpo-45274's fix), ending the shield early.
-    done = threading.Event()
+    """Run ``call`` in a worker thread and wait for it even when SIGINT/SIGTERM arrives (the
+    command's own timeout bounds it); the interrupt is raised afterwards. A service stop that
+    is already on its way is not abandoned half-done: its undo would race it."""
+    box: dict[str, Completed] = {}
 
     def work() -> None:
-        try:
-            box["result"] = call()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-        finally:
-            done.set()
+        box["result"] = call()
 
-    threading.Thread(target=work, daemon=True, name="guest-command").start()
-    interrupted: BaseException | None = None
-    while not done.is_set():
-        try:
-            done.wait()
-        except BaseException as exc:  # re-raised once the command is done
-            interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
-    if "error" in box:
-        raise box["error"]
-    result: Completed = box["result"]
-    return result
+    (error,) = finish_in_threads([work])
+    if error is not None:
+        raise error
+    return box["result"]
 
 
 class _Streaming:

@@ -3,13 +3,17 @@
 A step's undo is pushed *before* its ``do`` runs when the do can half-happen (a service stop that
 timed out may still have stopped the service), otherwise after it succeeded. On success, failure,
 exception, SIGINT, SIGTERM or SIGHUP every pushed undo runs in reverse order, even when another
-undo failed; further signals during the unwind are noted, not obeyed. Every failure is kept; see
-:meth:`RunResult.exit_code` for which one decides the exit code.
+undo failed; further signals during the unwind are noted, not obeyed. While a step waits for
+guest commands in flight (service stops issued together, a shielded stop) a signal is deferred
+until they have all ended (:func:`finish_in_threads`): an undo that started a service before
+its stop had ended would leave it down. Every failure is kept; see :meth:`RunResult.exit_code`
+for which one decides the exit code.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -234,22 +238,44 @@ class Engine:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            if self._unwinding or self._interrupted:
-                self.reporter.note(f"{name} received while restoring: finishing the restore first")
-                return
-            self._interrupted = True
-            raise Interrupted(f"interrupted by {name}: restoring everything that was changed")
-
-        watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {sig: signal.signal(sig, handler) for sig in watched}
+        handler = _EngineSignals(self)
+        previous = {sig: signal.signal(sig, handler) for sig in WATCHED_SIGNALS}
         try:
             yield
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _EngineSignals:
+    """The engine's handler: the first signal raises :class:`Interrupted` in the running step;
+    later ones, and any during the unwind, are noted and ignored."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        engine = self.engine
+        name = signal.Signals(signum).name
+        if engine._unwinding or engine._interrupted:
+            engine.reporter.note(f"{name} received while restoring: finishing the restore first")
+            return
+        engine._interrupted = True
+        raise Interrupted(f"interrupted by {name}: restoring everything that was changed")
+
+    def held(self, signum: int) -> None:
+        """The signal arrived while guest commands were in flight (:func:`signals_deferred`):
+        this handler runs once they have ended."""
+        engine = self.engine
+        if not (engine._unwinding or engine._interrupted):
+            name = signal.Signals(signum).name
+            engine.reporter.note(
+                f"{name} received: letting the guest commands in flight finish, then "
+                "restoring everything that was changed"
+            )
 
 
 def _text(failure: BaseException) -> str:
@@ -263,31 +289,107 @@ def _as_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_parallel(actions: Sequence[Action]) -> None:
-    """Run actions concurrently; wait for *all* of them (even when interrupted) before raising
-    the first failure, so no undo races a stop that is still in flight."""
-    if len(actions) <= 1:
-        for action in actions:
-            action()
+class _Deferral:
+    """SIGINT, SIGTERM and SIGHUP kept back while the main thread waits for guest commands in
+    flight (:func:`signals_deferred`). Signal handlers run in the main thread only, and only
+    the main thread defers, so no lock is needed."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.previous: dict[int, Any] = {}  # signal -> the handler it had before
+        self.pending: list[tuple[int, FrameType | None]] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append((signum, frame))
+        held = getattr(self.previous.get(signum), "held", None)
+        if len(self.pending) == 1 and callable(held):
+            held(signum)
+
+
+_deferral = _Deferral()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Inside this block SIGINT, SIGTERM and SIGHUP do nothing but wait: when it ends, the
+    handlers they had run for them (the engine's raises :class:`Interrupted`; the default
+    action of SIGTERM ends the process). Nothing can raise out of the block's waits and thread
+    starts because of them. A no-op outside the main thread, and inside another such block."""
+    if threading.current_thread() is not threading.main_thread() or _deferral.depth:
+        yield
         return
+    deferral = _deferral
+    deferral.depth += 1
+    try:
+        for watched in WATCHED_SIGNALS:
+            old = signal.getsignal(watched)
+            if old is not None:  # None: a handler not set from Python, left alone
+                deferral.previous[watched] = old
+                signal.signal(watched, deferral)
+        yield
+    finally:
+        for sig, handler in deferral.previous.items():
+            signal.signal(sig, handler)
+        previous, pending = deferral.previous, deferral.pending
+        deferral.previous, deferral.pending = {}, []
+        deferral.depth -= 1
+        for signum, frame in pending:
+            _deliver(previous[signum], signum, frame)
+
+
+def _deliver(handler: Any, signum: int, frame: FrameType | None) -> None:
+    """Act on a deferred signal as its handler would have."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)  # the default action (SIGTERM, SIGHUP: end the process)
+
+
+def finish_in_threads(actions: Sequence[Action]) -> list[BaseException | None]:
+    """Run each action in a thread of its own and wait until *every one* has ended, whatever
+    signal arrives meanwhile; return what each raised (None: it returned).
+
+    A service stop on its way must not be abandoned: the unwind would start the service while
+    its stop still runs, or before the stop reached the guest, and leave it down. So SIGINT,
+    SIGTERM and SIGHUP are deferred (:func:`signals_deferred`) from before the first thread
+    starts until the last one has ended; their handlers run then (the engine's raises). The
+    wait is on Events, never ``Thread.join``: a join that a signal interrupts may mark the
+    thread as stopped while it still runs (CPython 3.11, bpo-45274's fix), so the next join
+    returns at once; an exception from any other signal's handler is kept until all ended."""
     errors: list[BaseException | None] = [None] * len(actions)
+    done = [threading.Event() for _ in actions]
 
     def worker(index: int) -> None:
         try:
             actions[index]()
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the caller
             errors[index] = exc
+        finally:
+            done[index].set()
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(actions))]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join()
-    except BaseException:
-        for thread in threads:  # a signal arrived: let in-flight commands finish first
-            thread.join()
-        raise
-    for error in errors:
+    interrupted: BaseException | None = None
+    with signals_deferred():
+        for index in range(len(actions)):
+            threading.Thread(target=worker, args=(index,), daemon=True).start()
+        for event in done:
+            while not event.is_set():
+                try:
+                    event.wait()
+                except BaseException as exc:  # re-raised once every action has ended
+                    interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+    return errors
+
+
+def run_parallel(actions: Sequence[Action]) -> None:
+    """Run actions concurrently; wait for *all* of them (even when interrupted: the interrupt
+    is raised afterwards) before raising the first failure, so no undo races a stop that is
+    still in flight."""
+    if len(actions) <= 1:
+        for action in actions:
+            action()
+        return
+    for error in finish_in_threads(actions):
         if error is not None:
             raise error

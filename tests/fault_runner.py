@@ -68,6 +68,11 @@ POSITIONS: dict[str, Position] = {
     "after_arm": Position(
         "arm guest watchdog", False, "ended", 0.0, "right after the watchdog was armed"
     ),
+    # 0.05 s: while the stops are on their way to the guest (a SIGTERM there once left apache2
+    # down: the unwind did not wait for a stop in flight); 0.3 s: while the init scripts work.
+    "early_in_service_stops": Position(
+        "stop services", False, "started", 0.05, "0.05 s into stopping apache2 and cron"
+    ),
     "during_service_stops": Position(
         "stop services", False, "started", 0.3, "0.3 s into stopping apache2 and cron"
     ),

@@ -119,6 +119,7 @@ FAULT_COLUMNS = ("drop", "unreachable", "sigterm", "sigkill", "hypervisor_error"
 CONTRACT: dict[str, tuple[Expect | None, ...]] = {
     # position               drop    unreachable sigterm  sigkill hypervisor_error hang
     "after_arm":             (GUEST4, DOWN6,     INT130,  DEAD,   None,            GUEST4),
+    "early_in_service_stops": (GUEST4, DOWN6,    INT130,  DEAD,   None,            GUEST4),
     "during_service_stops":  (GUEST4, DOWN6,     INT130,  DEAD,   None,            GUEST4),
     "during_dump":           (GUEST4, DOWN6,     INT130,  DEAD,   None,            GUEST4),
     "after_database_stop":   (GUEST4, DOWN6,     INT130,  DEAD,   None,            GUEST4),

@@ -15,7 +15,7 @@ from snapcoord.errors import (
     ServiceNotRestored,
     SnapshotFailed,
 )
-from snapcoord.run import Engine, ServiceWindow, Step, run_parallel
+from snapcoord.run import Engine, ServiceWindow, SilentReporter, Step, run_parallel
 
 NAMES = ["connect", "arm", "stop services", "stop database", "snapshot"]
 FAILURES = {
@@ -154,3 +154,72 @@ def test_run_parallel_waits_for_all_then_raises_first_error() -> None:
     with pytest.raises(GuestError):
         run_parallel([bad, slow])
     assert done == ["slow"]
+
+
+class _Notes(SilentReporter):
+    def __init__(self, taken: threading.Event) -> None:
+        self.taken = taken
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.taken.set()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_parallel_actions_run_is_raised_once_every_one_has_ended(
+    signum: int,
+) -> None:
+    """Parallel service stops in flight when a signal lands: the undo (which starts the
+    services) runs only once every stop has ended, else it races them and leaves one down.
+    ``taken`` is set when the engine took the signal, or (wrongly) when the undo runs."""
+    log: list[str] = []
+    taken = threading.Event()
+
+    def first() -> None:
+        os.kill(os.getpid(), signum)  # arrives while both actions are in flight
+        taken.wait(10)  # a bound, not a timing assertion
+        log.append("first ended")
+
+    def second() -> None:
+        taken.wait(10)
+        log.append("second ended")
+
+    def undo() -> None:
+        taken.set()
+        log.append("undo")
+
+    reporter = _Notes(taken)
+    steps = [Step("stop services", lambda: run_parallel([first, second]), undo, undo_first=True)]
+    result = Engine(reporter).execute(steps)
+    assert sorted(log[:2]) == ["first ended", "second ended"] and log[2:] == ["undo"]
+    assert result.exit_code == ExitCode.INTERRUPTED
+    name = signal.Signals(signum).name
+    assert [n for n in reporter.notes if n.startswith(f"{name} received")]
+
+
+def test_run_parallel_without_the_engine_raises_keyboard_interrupt_after_all_ended() -> None:
+    """Another SIGINT handler (Ctrl-C outside a run) runs only once every action has ended,
+    even when the signal lands while the threads are still being started."""
+    log: list[str] = []
+
+    def handler(signum: int, frame: object) -> None:
+        log.append("handler")
+        raise KeyboardInterrupt
+
+    def first() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        threading.Event().wait(0.5)  # the command goes on after the signal
+        log.append("first ended")
+
+    def second() -> None:
+        log.append("second ended")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_parallel([first, second])
+        assert sorted(log[:2]) == ["first ended", "second ended"] and log[2:] == ["handler"]
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

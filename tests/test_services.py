@@ -7,16 +7,18 @@ import os
 import signal
 import subprocess
 import textwrap
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from snapcoord.config import load_config
-from snapcoord.errors import GuestError, PreflightError, ServiceNotRestored
+from snapcoord.errors import ExitCode, GuestError, PreflightError, ServiceNotRestored
 from snapcoord.guest import ExecTransport, SshTransport
 from snapcoord.hooks.guest.services import Services
-from snapcoord.run import ServiceWindow
+from snapcoord.run import Engine, ServiceWindow, SilentReporter, Step
 from tests import lab
 from tests.cli_helpers import snapcoord, write_config
 from tests.guest_fixtures import (
@@ -132,6 +134,71 @@ def test_a_start_waits_for_a_stop_still_running_in_the_guest(
         if stopper.poll() is None:
             stopper.kill()
             stopper.wait()
+
+
+class _Unwind(SilentReporter):
+    """The engine's reporter for the race below: ``released`` is set once the engine took the
+    signal (it notes it), or by the test once the unwind started apache2 again."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.released.set()
+
+
+def test_sigterm_while_the_stops_are_in_flight_leaves_no_service_down(
+    transport: SshTransport, ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    """SIGTERM lands while apache2's and cron's stops (issued together) are in flight: the
+    engine must wait for every stop issued before its undo starts them again. Made
+    deterministic: apache2's stop command leaves for the guest only once the signal was taken
+    (or, if the engine did not wait, once the unwind's start of apache2 came back), so an undo
+    that does not wait starts apache2 before it is stopped and leaves it down."""
+    svc = services(transport, ssh_guest)
+    svc.probe()
+    reporter = _Unwind()
+    real_run = transport.run
+
+    ended = threading.Semaphore(0)  # released once per guest command that ended
+    issued, lock = [0], threading.Lock()
+
+    def run(argv: Sequence[str], **kwargs: Any) -> Any:
+        script, name = (argv[2], argv[4]) if len(argv) > 4 and argv[0] == "sh" else ("", "")
+        with lock:
+            issued[0] += 1
+        try:
+            if name == "apache2" and "ACTION=stop" in script:
+                os.kill(os.getpid(), signal.SIGTERM)  # the stop is on its way: a signal arrives
+                reporter.released.wait(60)  # not a timing assertion: a bound on a test that fails
+            result = real_run(argv, **kwargs)
+            if name == "apache2" and "ACTION=start" in script:
+                reporter.released.set()
+            return result
+        finally:
+            ended.release()
+
+    transport.run = run  # type: ignore[method-assign]
+    window = ServiceWindow()
+    steps = [
+        Step(
+            "stop services",
+            lambda: svc.stop(["apache2", "cron"], window, parallel=True),
+            lambda: svc.start(["apache2", "cron"], window, parallel=True),
+            undo_first=True,
+        )
+    ]
+    result = Engine(reporter, window=window).execute(steps)
+    # judge the state once every guest command the run issued has ended (one the engine did not
+    # wait for may still be at work in the guest)
+    assert all(ended.acquire(timeout=60) for _ in range(issued[0]))
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert lab_services.states() == {"apache2": True, "cron": True, "mariadb": True}
+    assert window.still_down == [] and window.seconds is not None
+    assert svc.state is not None and svc.state.stopped == []
+    assert any("SIGTERM" in note for note in reporter.notes)
 
 
 @pytest.mark.parametrize(
