@@ -576,6 +576,23 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
     return source, manifest
 
 
+def read_recorded(source: Path, fmt: DumpFormat, *, vm: str) -> RestoreSource:
+    """A run folder's dump as its manifest records it, for ``verify``: every file checked
+    against the manifest's sha256 and size, the databases from the manifest, the SQL not
+    scanned. The sha256 proves the file is the one that passed the completion-line and stream
+    checks when it was stored; a file changed with its sha256 recomputed is what verify's load
+    and comparison are for (a second decompression here cost 8 % of a verify:
+    docs/benchmarks.md). ``to_drop`` is every recorded database (nothing is dropped: the
+    server is new)."""
+    file, manifest = locate(source, fmt, vm=vm)
+    section = (manifest or {}).get(fmt.section)
+    if manifest is None or not isinstance(section, dict):
+        raise CorruptDump(f"{source} has no manifest that records a {fmt.program} dump", vm=vm)
+    listed = section.get("databases")
+    names = [d for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
+    return RestoreSource(file, codec_of(file), manifest, names, names, fmt.section)
+
+
 def read_verified(
     source: Path, fmt: DumpFormat, find: Callable[[bytes], str | None], *, vm: str
 ) -> tuple[Path, str, dict[str, Any] | None, list[str]]:

@@ -6,8 +6,8 @@ whatever happens (a failed load, an exception, SIGINT/SIGTERM/SIGHUP): its start
 undo before it runs. The kind's module under ``snapcoord/verify/`` (``mysql``, ``postgresql``:
 the same function names) knows its server; this module only strings them together and judges:
 
-1. the run folder's manifest checksums and the completion line (``prepare_restore``, exactly as
-   ``restore-dump`` checks a dump before it touches anything);
+1. the run folder's files against the manifest's sha256 (``dumpfile.read_recorded``: the
+   completion line and the stream were checked when the dump was stored);
 2. a throwaway server of the dump's kind, confined (``snapcoord/verify/scratch.py``);
 3. the load, with the client and options ``restore-dump`` uses;
 4. per table, the row count and checksum against the manifest's ``tables``/``checksums`` (the
@@ -37,6 +37,7 @@ from snapcoord.errors import (
     VerifyUnavailable,
 )
 from snapcoord.hooks import databases
+from snapcoord.hooks.databases import dumpfile
 from snapcoord.run import Engine, Reporter, RunResult, Step
 from snapcoord.settings import Config
 from snapcoord.store import CorruptDump
@@ -185,7 +186,7 @@ class DumpVerify:
     def _prepare(self) -> None:
         with self._timed("prepare"):
             try:
-                self.prepared = self.kind.prepare_restore(self.run_dir, vm=self.key)
+                self.prepared = dumpfile.read_recorded(self.run_dir, self.kind.FORMAT, vm=self.key)
             except CorruptDump as exc:  # a changed or truncated file is a failed verify
                 raise VerifyFailed(exc.message, vm=self.key) from None
             self.verifier = kind_module(self.kind.NAME)
