@@ -1,0 +1,1 @@
+"""snapcoord verify: dump verification and boot verification (docs/verify.md)."""
