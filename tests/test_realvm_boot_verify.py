@@ -9,9 +9,10 @@ real domain, its snapshot tree and its disk files are exactly as before.
   meanwhile, so that nothing else writes them) are unchanged;
 * a snapshot taken hypervisor-only while a writer commits to InnoDB and MyISAM tables is
   reported honestly: the result is well-formed and the check ran (what it showed is printed);
-* a timeout too short to boot, and a cancelled run (the CLI's ``Interrupted``), tear down.
+* a timeout too short to boot, and a cancelled run (the CLI's ``Interrupted``), tear down;
+  a verify killed with SIGKILL leaves no domain (libvirtd's autodestroy).
 
-Boots are few (the guest is emulated, about 30 s each): two full boots, two cut short.
+Boots are few (the guest is emulated, about 30 s each): two full boots, three cut short.
 Same guest as the other realvm modules (tests/lab/isolation.py QEMU_MODULES); each test leaves
 MariaDB running and deletes its snapshots.
 """
@@ -22,6 +23,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -350,3 +354,36 @@ def test_cancel_tears_down(
         watcher.stop.set()
         watcher.join(30)
     assert watcher.seen["persistent"] is False
+
+
+def test_sigkill_of_the_verify_leaves_no_domain(
+    real_guest: RealGuest, conn: libvirt.virConnect, snapshots: list[str]
+) -> None:
+    """A verify killed with SIGKILL cannot tear down: libvirtd destroys the transient domain
+    when the dead process's connection closes (AUTODESTROY). Its copy stays in its folder
+    (``snapcoord-verify.<pid>.<random>``), for the next verify's removal of dead runs' folders."""
+    snapshots.append("bootverify-kill")
+    take_snapshot(conn, real_guest, "bootverify-kill")
+    folder = Path(tempfile.mkdtemp(prefix="snapcoord-verify.", dir="/var/tmp"))
+    code = (
+        "import sys, libvirt; from pathlib import Path; "
+        "from snapcoord.verify.boot import boot_verify; "
+        "boot_verify(libvirt.open(sys.argv[1]), sys.argv[2], sys.argv[3], services=[], "
+        "database='none', timeout=300, work=Path(sys.argv[4]))"
+    )
+    argv = [sys.executable, "-I", "-c", code, real_guest.uri, real_guest.domain]
+    child = subprocess.Popen([*argv, "bootverify-kill", str(folder)], cwd="/")
+    watcher = Watcher(real_guest.uri, real_guest.domain, on_found=lambda: child.kill())
+    watcher.start()
+    try:
+        assert child.wait(120) == -signal.SIGKILL
+        watcher.join(30)
+        assert watcher.seen["persistent"] is False
+        wait_for(lambda: leftover_domains(conn, real_guest.domain) == [], 60, "the autodestroy")
+        name = watcher.seen["name"]
+        assert sorted(os.listdir(folder)) == [f"{name}.console.log", f"{name}.vda.qcow2"]
+    finally:
+        if child.poll() is None:
+            child.kill()
+        watcher.stop.set()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -10,11 +10,14 @@ The boot itself and the checks inside a guest: tests/test_realvm_boot_verify.py.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
@@ -24,11 +27,12 @@ import pytest
 
 from snapcoord.agent_link import ExecStatus
 from snapcoord.errors import SnapshotNotFound, VerifyUnavailable, VMNotFound
-from snapcoord.verify.boot import PREFIX, boot_verify
-from snapcoord.verify.boot_checks import _problems, _summary
-from snapcoord.verify.boot_domain import DiskCopy, Layer, read_snapshot, transient_xml
+from snapcoord.verify.boot import PREFIX, _Copy, boot_verify
+from snapcoord.verify.boot_checks import BootProblem, GuestChecks, _problems, _summary
+from snapcoord.verify.boot_domain import DiskCopy, DiskState, Layer, read_snapshot, transient_xml
 from tests import lab
 from tests.libvirt_nodes import DomainSpec, write_node
+from tests.qga_fixture import LabAgent, start_agent
 
 
 @pytest.fixture
@@ -350,3 +354,111 @@ def test_mariadb_check_output_as_read() -> None:
     assert _problems(rest, "warning") == [
         "bootverify.journal: 1 client is using or hasn't closed the table properly"
     ]
+
+
+# -- the database checks, through a real qemu-ga against the lab guest's real servers ----------
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[LabAgent]:
+    lab.require("qemu-ga", "qemu-guest-agent")
+    running = start_agent(tmp_path / "qga")
+    yield running
+    running.stop()
+
+
+def checks_through(agent: LabAgent) -> GuestChecks:
+    return GuestChecks(
+        agent.link("lab"), deadline=time.monotonic() + 120, timeout=120, running=lambda: True
+    )
+
+
+def mariadb(sql: str) -> str:
+    done = subprocess.run(
+        ["mariadb", "-N", "-e", sql], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_mariadb_check_passes_and_names_a_broken_table(idoit_db: object, agent: LabAgent) -> None:
+    """mariadb-check --all-databases in the guest (here: the lab guest's MariaDB with the
+    i-doit-like data) passes; a MyISAM table whose index file was overwritten fails it, by name."""
+    checks = checks_through(agent)
+    summary = checks.database("mariadb")
+    assert re.fullmatch(r"mariadb-check --all-databases: \d+ tables OK", summary), summary
+    assert int(summary.split()[2]) >= 20  # the i-doit-like tables and MariaDB's own
+    mariadb(
+        "CREATE DATABASE bootcheck; USE bootcheck; CREATE TABLE notes (id INT PRIMARY KEY, "
+        "v VARCHAR(40)) ENGINE=MyISAM; INSERT INTO notes SELECT seq, 'x' "
+        "FROM seq_1_to_500; FLUSH TABLES"
+    )
+    try:
+        datadir = mariadb("SELECT @@datadir").strip()
+        index = Path(datadir) / "bootcheck" / "notes.MYI"
+        with open(index, "r+b") as handle:  # the key file's header and root, zeroed
+            handle.seek(0)
+            handle.write(b"\0" * 4096)
+        mariadb("FLUSH TABLES")
+        with pytest.raises(BootProblem) as caught:
+            checks.database("mariadb")
+        line = str(caught.value)
+        assert line.startswith("mariadb-check --all-databases: bootcheck.notes: "), line
+    finally:
+        mariadb("DROP DATABASE IF EXISTS bootcheck")
+
+
+def test_postgresql_check_queries_every_database(pg_shop: object, agent: LabAgent) -> None:
+    summary = checks_through(agent).database("postgresql")
+    listed = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "psql", "-XAtc",
+         "SELECT count(*) FROM pg_database WHERE datallowconn"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert summary == f"PostgreSQL: {listed} databases answered a query"
+    assert int(listed) >= 3  # postgres, template1 and the shop's
+
+
+def image_info(qemu_img: str, path: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [qemu_img, "info", "-U", "--output=json", str(path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    info: dict[str, object] = json.loads(done.stdout)
+    return info
+
+
+@pytest.mark.parametrize("readable", [True, False])
+def test_external_snapshot_copy(
+    request: pytest.FixtureRequest, work: Path, qemu_img: str, readable: bool
+) -> None:
+    """An external snapshot's state is the file before it: the copy is an empty overlay on it
+    when QEMU's user can read it, else a full copy (QEMU's user here: nobody, and the file sits
+    in a root-only folder in the second case). Work's group and mode come back afterwards."""
+    images = Path(tempfile.mkdtemp(prefix="snapcoord-test-images.", dir="/var/tmp"))
+    images.chmod(0o755 if readable else 0o700)  # /var/tmp: open to all above it
+    request.addfinalizer(lambda: shutil.rmtree(images))
+    before = images / "shop.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(before), "32M"], check=True)
+    before.chmod(0o644)
+    copy = _Copy(work, "snapcoord-verify-shop-00000000", (65534, 65534), vm="shop")
+    copy.open()
+    try:
+        assert (work.stat().st_mode & 0o777, work.stat().st_gid) == (0o710, 65534)
+        made = copy.disk(
+            DiskState("vda", str(before), "qcow2", internal_snapshot=None),
+            deadline=time.monotonic() + 60,
+        )
+        info = image_info(qemu_img, made.path)
+        assert made.path == work / "snapcoord-verify-shop-00000000.vda.qcow2"
+        assert (made.path.stat().st_uid, made.path.stat().st_mode & 0o777) == (65534, 0o600)
+        assert info["virtual-size"] == 32 << 20
+        if readable:
+            assert info["backing-filename"] == str(before)
+            assert made.backing == (Layer(str(before), "qcow2", 32 << 20),)
+        else:
+            assert "backing-filename" not in info and made.backing == ()
+    finally:
+        assert copy.remove() == []
+    assert os.listdir(work) == []
+    assert (work.stat().st_mode & 0o777, work.stat().st_gid) == (0o700, 0)

@@ -131,6 +131,7 @@ def boot_verify(
     phase = "copy"
     started = time.monotonic()
     try:
+        log.info("%s: copying the disks of snapshot %s into %s", domain_name, snapshot, work)
         copy.open()
         copies = {disk.target: copy.disk(disk, deadline=deadline) for disk in disks.disks}
         copy.boot_files(disks.domain)
@@ -145,12 +146,14 @@ def boot_verify(
         result.notes.extend(notes)
         cancel.check()
         phase, started = _next(result, phase, started, "boot")
+        log.info("%s: booting the copy as %s (no network)", domain_name, name)
         dom = _start(conn, xml, name, vm=domain_name)
         link = LibvirtAgentLink(conn.getURI(), uuid=dom.UUIDString(), vm=name)
         checks = _checks(link, dom, copy.console, deadline=deadline, timeout=timeout)
         checks.wait_for_agent()
         result.notes.append(f"systemd: {checks.wait_for_boot()}")
         phase, started = _next(result, phase, started, "checks")
+        log.info("%s: checking services and the database in %s", domain_name, name)
         _check_guest(checks, result, services, database)
         result.ok = result.problem is None
     except BootTimeout as exc:
@@ -271,8 +274,10 @@ class _Copy:
         backing = chain if disk.internal_snapshot is None else chain[1:]
         thin = bool(backing) and all(self._readable(Path(layer.path)) for layer in backing)
         argv = [QEMU_IMG]
-        if disk.internal_snapshot is None and thin:
-            argv += ["create", "-q", "-f", "qcow2", "-F", disk.format, "-b", disk.path]
+        if disk.internal_snapshot is None and thin:  # -u: size given, the file is not opened
+            size = str(chain[0].size)
+            argv += ["create", "-q", "-f", "qcow2", "-F", disk.format, "-b", disk.path, "-u"]
+            argv += [str(made), size]
         else:
             argv += ["convert", "-U", "-f", disk.format]
             if disk.internal_snapshot is not None:
@@ -281,8 +286,7 @@ class _Copy:
             argv += ["-O", "qcow2"]
             if thin:
                 argv += ["-B", backing[0].path, "-F", backing[0].format]
-            argv += [disk.path]
-        argv.append(str(made))
+            argv += [disk.path, str(made)]
         _qemu_img(argv, deadline=deadline, vm=self.vm, what=f"copying disk {disk.target}")
         self._hand_over(made)
         return DiskCopy(disk.target, made, tuple(backing) if thin else ())
@@ -377,10 +381,12 @@ def _chain(path: str, fmt: str, *, deadline: float, vm: str) -> list[Layer]:
         raise VerifyUnavailable(f"qemu-img info gave no backing chain for {path}", vm=vm)
     chain: list[Layer] = []
     for layer in layers:
-        name, kind = layer.get("filename"), layer.get("format")
+        name, kind, size = layer.get("filename"), layer.get("format"), layer.get("virtual-size")
         if not isinstance(name, str) or not isinstance(kind, str) or not name.startswith("/"):
             raise VerifyUnavailable(f"{path}: backing file {name!r} is not a local file", vm=vm)
-        chain.append(Layer(name, kind))
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise VerifyUnavailable(f"qemu-img info gave no size for {name}", vm=vm)
+        chain.append(Layer(name, kind, size))
     return chain
 
 

@@ -76,6 +76,7 @@ class Layer:
 
     path: str
     format: str
+    size: int = 0  # virtual size in bytes
 
 
 @dataclass(frozen=True)
