@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.add_argument(
         "--from",
+        "--snapshot",
         dest="from_snapshot",
         metavar="SNAPSHOT-NAME",
         help="the dump taken with this snapshot (default: the newest good one); with --boot, "

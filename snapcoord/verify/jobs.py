@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any
 from snapcoord import store
 from snapcoord.errors import SnapcoordError, UsageError, VerifyFailed, VerifyUnavailable
 from snapcoord.outcome import Outcome
-from snapcoord.run import Reporter
+from snapcoord.run import Engine, Reporter, Step
 from snapcoord.settings import Config
-from snapcoord.verify import record
-from snapcoord.verify.dumps import DumpVerify, find_run
+from snapcoord.verify import record, scratch
+from snapcoord.verify.dumps import DumpVerify, find_run, judge
 from snapcoord.verify.record import VerifyRecord
 
 if TYPE_CHECKING:
     from snapcoord.plans.context import RunContext
+    from snapcoord.verify.boot import BootResult
 
 
 def describe(found: VerifyRecord) -> str:
@@ -32,9 +33,17 @@ def describe(found: VerifyRecord) -> str:
             "none": "loaded and checked (nothing recorded to compare)",
         }[found.compared]
         head += f": {found.tables} tables, {found.rows} rows, {compared}"
+    if found.what == "boot" and found.verified is True:
+        services = found.extra.get("services") or {}
+        head += (
+            f": {len(services)} services active, database check {found.extra.get('database_check')}"
+        )
     if found.problem:
         head += f": {found.problem}"
-    return f"{head} ({found.seconds:.1f} s)"
+    split = (
+        ", ".join(f"{k} {v:.1f} s" for k, v in found.split.items()) if found.what == "boot" else ""
+    )
+    return f"{head} ({found.seconds:.1f} s{'; ' + split if split else ''})"
 
 
 def error_for(found: VerifyRecord) -> SnapcoordError | None:
@@ -63,7 +72,7 @@ def verify_vm(
         return Outcome(key, 0, summary, [line])
     try:
         if boot:
-            found = verify_boot(config, key, snapshot)
+            found, notes, code = verify_boot(config, key, snapshot, reporter)
         else:
             job = DumpVerify(config, key, find_run(config, key, snapshot))
             found, result = job.run(reporter)
@@ -111,15 +120,21 @@ def after_snapshot(ctx: RunContext) -> VerifyRecord | None:
 # -- boot --------------------------------------------------------------------------------------
 
 
-def verify_boot(config: Config, key: str, snapshot: str | None) -> VerifyRecord:
+def verify_boot(
+    config: Config, key: str, snapshot: str | None, reporter: Reporter | None = None
+) -> tuple[VerifyRecord, list[str], int]:
     """Boot ``snapshot`` (default: the VM's newest snapcoord snapshot) in an isolated copy on
-    libvirt and check its services and database (snapcoord/verify/boot.py)."""
+    libvirt and check its services and database (snapcoord/verify/boot.py). Returns the record,
+    the notes and the exit code. Runs as a step of the step engine, so SIGINT/SIGTERM/SIGHUP
+    interrupt it with its teardown (the domain destroyed, the copy removed)."""
     from snapcoord.adapters import open_adapter
     from snapcoord.naming import parse_name
 
     vm_cfg = config.vm(key)
     settings = config.hypervisors[vm_cfg.hypervisor]
-    if settings.type != "libvirt":
+    if settings.type == "libvirt":
+        from snapcoord.verify import boot  # imports libvirt: only for a libvirt VM
+    else:
         raise UsageError(
             f"verify --boot runs on libvirt only; {key} is on {settings.type}",
             hint="docs/verify.md says how the same is done by hand on Proxmox VE and vSphere",
@@ -128,6 +143,7 @@ def verify_boot(config: Config, key: str, snapshot: str | None) -> VerifyRecord:
     services = list(guest.services) if guest is not None else []
     database = guest.database if guest is not None else "none"
     adapter = open_adapter(vm_cfg.hypervisor, settings)
+    booted: list[BootResult] = []
     with adapter:
         vm = adapter.find_vm(vm_cfg.ref)
         names = [s.name for s in adapter.list_snapshots(vm)]
@@ -141,29 +157,48 @@ def verify_boot(config: Config, key: str, snapshot: str | None) -> VerifyRecord:
                 f"no snapshot {snapshot!r} of {key} (snapshots: {', '.join(names) or 'none'})",
                 vm=key,
             )
-        from snapcoord.verify import boot, scratch
+        chosen = snapshot
+
+        def boot_it() -> None:
+            with scratch.workspace(Path(config.defaults.verify_dir), vm=key) as work:
+                booted.append(
+                    boot.boot_verify(
+                        adapter.conn,  # type: ignore[attr-defined]
+                        vm.name,
+                        chosen,
+                        services=services,
+                        database=database,
+                        timeout=vm_cfg.dump.verify_timeout,
+                        work=work,
+                    )
+                )
 
         started = time.monotonic()
-        with scratch.workspace(Path(config.defaults.verify_dir), vm=key) as work:
-            result = boot.boot_verify(
-                adapter.conn,  # type: ignore[attr-defined]
-                vm.name,
-                snapshot,
-                services=services,
-                database=database,
-                timeout=vm_cfg.dump.verify_timeout,
-                work=work,
-            )
+        step = Step("boot the snapshot in an isolated copy", boot_it, describe=chosen)
+        run = Engine(reporter).execute([step])
+    verified, problem = judge(run)
+    notes: list[str] = []
+    extra: dict[str, Any] = {}
+    split: dict[str, float] = {}
+    if booted:
+        result = booted[0]
+        verified, problem = result.ok, result.problem
+        notes = list(result.notes)
+        split = dict(result.seconds)
+        extra = {"services": dict(result.services), "database_check": result.database_check}
     found = VerifyRecord(
         vm=key,
         what="boot",
-        snapshot=snapshot,
-        verified=result.ok,
+        snapshot=chosen,
+        verified=verified,
         finished=time.time(),
         seconds=time.monotonic() - started,
-        problem=result.problem,
-        split=dict(result.seconds),
-        extra={"services": dict(result.services), "database_check": result.database_check},
+        problem=problem,
+        split=split,
+        extra=extra,
     )
-    record.save(config.store, found, None)
-    return found
+    try:
+        record.save(config.store, found, None)
+    except (OSError, SnapcoordError) as exc:
+        notes.append(f"the verify result could not be saved: {exc}")
+    return found, notes, run.exit_code if not booted else found.exit_code
