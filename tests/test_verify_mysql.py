@@ -23,7 +23,7 @@ import pytest
 from snapcoord.errors import VerifyFailed, VerifyUnavailable
 from snapcoord.guest import shell_transport
 from snapcoord.hooks.databases import mysql as mysql_kind
-from snapcoord.hooks.databases.dumpfile import RestoreSource
+from snapcoord.hooks.databases.dumpfile import RestoreSource, TableSum
 from snapcoord.verify import mysql, scratch
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
@@ -394,3 +394,38 @@ def test_a_load_that_outlasts_its_timeout_is_verify_unavailable(
         with pytest.raises(VerifyUnavailable, match="did not finish within 2 s"):
             mysql.load(s, source, vm="lab", timeout=2)
         assert s.alive()
+
+
+def test_the_measure_in_key_ranges_adds_up_to_the_one_pass_figures(
+    dumped: Path, verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big tables (here: more than 1000 rows) are measured in primary-key ranges on several
+    connections; the sums add up to table_sums' one pass, also over holes in the key, a
+    negative key, a composite key (never split) and an empty table."""
+    monkeypatch.setattr(mysql, "SPLIT_ROWS", 1000)
+    monkeypatch.setattr(mysql.os, "cpu_count", lambda: 4)
+    source = mysql_kind.prepare_restore(dumped, vm="lab")
+    extra = (
+        "CREATE DATABASE holes; USE holes;"
+        "CREATE TABLE gaps (id BIGINT PRIMARY KEY, v VARCHAR(20)) ENGINE=InnoDB;"
+        "INSERT INTO gaps SELECT CAST(seq AS SIGNED) * 7 - 5000, CONCAT('v', seq)"
+        " FROM seq_1_to_5000;"
+        "DELETE FROM gaps WHERE id % 3 = 0;"
+        "CREATE TABLE pair (a INT, b INT, PRIMARY KEY (a, b)) ENGINE=InnoDB;"
+        "INSERT INTO pair SELECT seq, seq FROM seq_1_to_3000;"
+        "CREATE TABLE nothing (id INT PRIMARY KEY) ENGINE=InnoDB;"
+        "ANALYZE TABLE gaps, pair;"
+    )
+    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
+        mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        s.client.query(s.transport, extra, timeout=TIMEOUT)
+        databases = [*IDOIT, "holes"]
+        plans = mysql_kind.sum_plans(s.client, s.transport, databases, timeout=TIMEOUT)
+        split = {p.name: len(mysql._units(s, p, 4, timeout=TIMEOUT)) for p in plans}
+        parallel = mysql.measure(s, databases, vm="lab", timeout=TIMEOUT)
+        one_pass = mysql_kind.table_sums(s.client, s.transport, databases, timeout=TIMEOUT)
+    assert split["holes.gaps"] > 1 and split["idoit_data.isys_obj"] > 1
+    assert split["holes.pair"] == 1 and split["holes.nothing"] == 1
+    assert parallel == one_pass
+    assert parallel["holes.nothing"] == TableSum(0, "0")
+    assert parallel["holes.gaps"].rows == sum((7 * n - 5000) % 3 != 0 for n in range(1, 5001))

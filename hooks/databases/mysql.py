@@ -388,39 +388,81 @@ def table_sums(
 
     Where it runs matters only through the server family's printing of values: MySQL and
     MariaDB print FLOAT/DOUBLE differently, so compare sums of one family only."""
-    names = [d for d in databases if d not in SYSTEM_SCHEMAS]
-    if not names:
-        return {}
-    rows = client.query(  # names are quoted with _sql_str
-        transport,
-        "SELECT c.TABLE_SCHEMA, c.TABLE_NAME, c.COLUMN_NAME, c.EXTRA"  # noqa: S608
-        " FROM information_schema.COLUMNS c JOIN information_schema.TABLES t"
-        " ON t.TABLE_SCHEMA = c.TABLE_SCHEMA AND t.TABLE_NAME = c.TABLE_NAME"
-        " WHERE t.TABLE_TYPE = 'BASE TABLE' AND c.TABLE_SCHEMA IN ("
-        + ", ".join(_sql_str(n) for n in names)
-        + ") ORDER BY c.TABLE_SCHEMA, c.TABLE_NAME, c.ORDINAL_POSITION;",
-        timeout=timeout,
-    )
-    columns: dict[tuple[str, str], list[str]] = {}
-    for db, table, column, extra in rows:
-        summed = columns.setdefault((db, table), [])
-        if extra.strip().upper() not in _GENERATED:
-            summed.append(column)
-    selects = []
-    for (db, table), summed in columns.items():
-        checksum = f"COALESCE(SUM({_row_checksum(summed)}), 0)" if summed else "NULL"
-        selects.append(
-            f"SELECT {_sql_str(db)}, {_sql_str(table)}, COUNT(*), {checksum}"  # noqa: S608
-            f" FROM {quote_ident(db)}.{quote_ident(table)}"
-        )
+    plans = sum_plans(client, transport, databases, timeout=timeout)
+    selects = [plan.select() for plan in plans]
     sums: dict[str, TableSum] = {}
     for start in range(0, len(selects), SUMS_PER_QUERY):
         batch = " UNION ALL ".join(selects[start : start + SUMS_PER_QUERY])
         for db, table, count, checksum in client.query(
-            transport, f"SET time_zone = '+00:00'; {batch};", timeout=timeout
+            transport, f"{SUMS_SESSION} {batch};", timeout=timeout
         ):
             sums[f"{db}.{table}"] = TableSum(int(count), None if checksum == "NULL" else checksum)
     return sums
+
+
+#: what every table_sums query sets first: TIMESTAMP values printed in UTC, as mysqldump does
+SUMS_SESSION = "SET time_zone = '+00:00';"
+_INTEGER_TYPES = frozenset({"tinyint", "smallint", "mediumint", "int", "bigint"})
+
+
+@dataclass(frozen=True)
+class SumPlan:
+    """One table's :func:`table_sums` query, and what a split of it into key ranges needs."""
+
+    db: str
+    table: str
+    columns: tuple[str, ...]  # the summed columns, in ordinal order
+    key: str | None  # the primary key's column when it is one integer column
+    estimated_rows: int  # information_schema's estimate (InnoDB: approximate)
+
+    @property
+    def name(self) -> str:
+        return f"{self.db}.{self.table}"
+
+    def select(self, where: str = "") -> str:
+        """``SELECT db, table, COUNT(*), <checksum>`` over the table (or the rows ``where``
+        picks): sums and counts of disjoint ranges add up to the whole table's."""
+        checksum = f"COALESCE(SUM({_row_checksum(self.columns)}), 0)" if self.columns else "NULL"
+        return (
+            f"SELECT {_sql_str(self.db)}, {_sql_str(self.table)}, COUNT(*), {checksum}"  # noqa: S608
+            f" FROM {quote_ident(self.db)}.{quote_ident(self.table)}{where}"
+        )
+
+
+def sum_plans(
+    client: Client, transport: Transport, databases: Iterable[str], *, timeout: float
+) -> list[SumPlan]:
+    """Every base table of the (non-system) ``databases`` with its summed columns."""
+    names = [d for d in databases if d not in SYSTEM_SCHEMAS]
+    if not names:
+        return []
+    listed = ", ".join(_sql_str(n) for n in names)  # names are quoted with _sql_str
+    rows = client.query(
+        transport,
+        "SELECT c.TABLE_SCHEMA, c.TABLE_NAME, c.COLUMN_NAME, c.EXTRA, c.DATA_TYPE,"  # noqa: S608
+        " c.COLUMN_KEY, COALESCE(t.TABLE_ROWS, 0)"
+        " FROM information_schema.COLUMNS c JOIN information_schema.TABLES t"
+        " ON t.TABLE_SCHEMA = c.TABLE_SCHEMA AND t.TABLE_NAME = c.TABLE_NAME"
+        f" WHERE t.TABLE_TYPE = 'BASE TABLE' AND c.TABLE_SCHEMA IN ({listed})"
+        " ORDER BY c.TABLE_SCHEMA, c.TABLE_NAME, c.ORDINAL_POSITION;",
+        timeout=timeout,
+    )
+    columns: dict[tuple[str, str], list[str]] = {}
+    keys: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    estimates: dict[tuple[str, str], int] = {}
+    for db, table, column, extra, data_type, column_key, estimate in rows:
+        summed = columns.setdefault((db, table), [])
+        if extra.strip().upper() not in _GENERATED:
+            summed.append(column)
+        if column_key == "PRI":
+            keys.setdefault((db, table), []).append((column, data_type.lower()))
+        estimates[(db, table)] = int(estimate) if estimate.isdigit() else 0
+    plans = []
+    for (db, table), summed in columns.items():
+        key = keys.get((db, table), [])
+        single = key[0][0] if len(key) == 1 and key[0][1] in _INTEGER_TYPES else None
+        plans.append(SumPlan(db, table, tuple(summed), single, estimates[(db, table)]))
+    return plans
 
 
 # --------------------------------------------------------------------------------------------
