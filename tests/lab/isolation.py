@@ -99,7 +99,7 @@ QEMU_MODULES = ("tests/test_realvm.py", "tests/test_realvm_boot.py",
                 "tests/test_realvm_fsfreeze.py", "tests/test_realvm_install.py",
                 "tests/test_realvm_agent.py", "tests/test_realvm_agent_e2e.py",
                 "tests/test_realvm_lease.py", "tests/test_libvirt_qemu.py",
-                "tests/test_realvm_boot_verify.py")  # fmt: skip
+                "tests/test_realvm_boot_verify.py", "tests/test_realvm_verify_cli.py")  # fmt: skip
 
 
 def in_qemu_group(nodeid: str) -> bool:
