@@ -160,7 +160,9 @@ def verify_boot(
         chosen = snapshot
 
         def boot_it() -> None:
-            with scratch.workspace(Path(config.defaults.verify_dir), vm=key) as work:
+            with scratch.workspace(Path(config.defaults.verify_dir), vm=key) as workspace:
+                work = workspace / "boot"
+                work.mkdir(mode=0o700)  # root's: boot.py lets QEMU's group in while it copies
                 booted.append(
                     boot.boot_verify(
                         adapter.conn,  # type: ignore[attr-defined]
