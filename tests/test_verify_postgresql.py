@@ -507,6 +507,50 @@ def test_a_measure_that_outlasts_its_timeout_is_unavailable(
             holder.wait()
 
 
+def test_a_connection_of_the_parallel_measure_past_its_timeout_is_unavailable(
+    tmp_path: Path, verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two connections, each measuring a table; the second table is locked by another session
+    once the measurement is planned: that connection's psql times out in its thread, which is
+    the verify's timeout, not a failed dump."""
+    source = bare_dump(
+        tmp_path / "two",
+        b"CREATE TABLE public.t1 (id int);\nCREATE TABLE public.t2 (id int);\n"
+        b"INSERT INTO public.t1 VALUES (1);\n",
+    )
+    monkeypatch.setattr(verify, "workers", lambda: 2)
+    holders: list[subprocess.Popen[bytes]] = []
+    planned: list[list[verify.Unit]] = []
+    real_plan = verify.plan
+
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+
+        def plan_then_lock(*args: object, **kwargs: object) -> list[verify.Unit]:
+            units = real_plan(*args, **kwargs)  # type: ignore[arg-type]
+            planned.append(units)
+            holders.append(subprocess.Popen(  # another session holds t2 for a minute
+                scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
+                                  f"--host={server.socket_dir}", "--username=postgres", "-c",
+                                  "BEGIN; LOCK TABLE public.t2; SELECT pg_sleep(60);"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            held = ("SELECT count(*) FROM pg_locks WHERE relation = 'public.t2'::regclass"
+                    " AND mode = 'AccessExclusiveLock' AND granted;")  # fmt: skip
+            _wait_for(lambda: server.client.query(server.transport, held, timeout=60) == ["1"])
+            return units
+
+        monkeypatch.setattr(verify, "plan", plan_then_lock)
+        try:
+            with pytest.raises(VerifyUnavailable, match="did not finish in time"):
+                verify.measure(server, ["postgres"], vm="lab", timeout=3)
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+    assert len(planned) == 1 and len(planned[0]) == 2  # one table per connection
+
+
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
