@@ -19,8 +19,12 @@ The load is hooks/databases/postgresql.py's: the same ``psql -X -q`` of the whol
 the superuser without ``ON_ERROR_STOP``, the dump decompressed by the same pipeline (inside the
 confinement), and the same tolerated errors (``role/tablespace ... already exists``: on a fresh
 cluster the dump's ``CREATE ROLE postgres``). Its ``\\!`` lines run as nobody without network.
-Measuring is the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums`, the same SQL
-that ran in the guest when the dump was taken.
+Measuring gives the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums` figures,
+from the same SQL that ran in the guest when the dump was taken
+(:func:`~snapcoord.hooks.databases.postgresql.sum_statement`), on several connections at once:
+the tables are dealt to them, and a big table is split into ranges of heap blocks when there are
+more connections than PostgreSQL's own parallel scan of one query has processes; counts and sums
+are additive, so the pieces add up to the one-pass figures (:func:`plan`, :func:`measure`).
 
 The check connects to every database and queries its catalog (``pg_class``) and finds invalid
 indexes. ``pg_amcheck`` is not run: it needs the ``amcheck`` extension created in every
