@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -178,6 +179,62 @@ def test_a_child_table_whose_columns_move_in_the_reload_sums_the_same(
     assert measured[child] == TableSum(2, (source.expected_checksums or {})[child])
     differences = measured_differences(source, measured)
     assert [t for t in differences if t.startswith(f"{pg_fixture.SHOP}.")] == []
+
+
+def test_the_parallel_measure_adds_up_to_table_sums_on_one_connection(
+    ssh_guest: lab.SshGuest,
+    transport: SshTransport,
+    pg_shop: pg_fixture.PgShop,
+    tmp_path: Path,
+    verify_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A big table (split into block ranges: the split size lowered so a lab-sized table is
+    big, and more connections than one query's parallel scan has processes) whose rows were
+    updated and deleted in the guest before the dump (holes in its heap), an empty table and
+    the fixture's small ones: the pieces, measured on several connections, add up to the
+    one-pass figures of table_sums and of the manifest; a value changed in one range is a
+    difference at that table only."""
+    lab.psql(
+        "CREATE TABLE public.big (id int PRIMARY KEY, label text, amount numeric, at timestamptz);"
+        "INSERT INTO public.big SELECT i, 'row ' || i, i * 1.5, '2026-01-01'::timestamptz"
+        " + i * interval '1 minute' FROM generate_series(1, 60000) i;"
+        "UPDATE public.big SET label = label || ' updated' WHERE id % 7 = 0;"
+        "DELETE FROM public.big WHERE id % 5 = 0 OR id BETWEEN 20000 AND 25000;"
+        "CREATE TABLE public.nothing (id int, note text);",
+        pg_fixture.SHOP,
+    )
+    vm = pg_vm(ssh_guest, tmp_path)
+    _, folder = take_dump(transport, vm, tmp_path)
+    source = pg.prepare_restore(folder, vm="lab")
+    databases = json.loads((folder / "manifest.json").read_text())["pg_dumpall"]["databases"]
+    big, nothing = f"{pg_fixture.SHOP}.public.big", f"{pg_fixture.SHOP}.public.nothing"
+    monkeypatch.setattr(verify, "SPLIT_BYTES", 256 * 1024)
+    monkeypatch.setattr(verify, "workers", lambda: 4)  # more than one query's 1 + 2 processes
+
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+        units = verify.plan(server, databases, count=4, timeout=TIMEOUT)
+        unsplit = verify.plan(server, databases, count=3, timeout=TIMEOUT)
+        oid = server.client.query(server.transport, "SELECT 'public.big'::regclass::oid;",
+                                  timeout=60, database=pg_fixture.SHOP)  # fmt: skip
+        pieces = [u for u in units if u.oid == int(oid[0]) and u.database == pg_fixture.SHOP]
+        one_pass = pg.table_sums(server.client, server.transport, databases, timeout=TIMEOUT)
+        measured = verify.measure(server, databases, vm="lab", timeout=TIMEOUT)
+        server.client.query(server.transport, "UPDATE public.big SET amount = amount + 1"
+                            " WHERE id = 31001;", timeout=60, database=pg_fixture.SHOP)  # fmt: skip
+        changed = verify.measure(server, databases, vm="lab", timeout=TIMEOUT)
+
+    assert len(pieces) >= 3  # split, the first and last range open-ended
+    assert len(unsplit) == len({(u.database, u.oid) for u in units})  # 3: one query's share
+    assert pieces[0].first is None and pieces[-1].end is None
+    assert all(a.end == b.first for a, b in itertools.pairwise(pieces))
+    assert measured == one_pass
+    assert measured_differences(source, measured) == {}
+    assert measured[big].rows == 44000
+    assert measured[nothing] == TableSum(0, "0")
+    assert [t for t in changed if changed[t] != measured[t]] == [big]
+    assert changed[big].rows == measured[big].rows
 
 
 # -- bad dumps -------------------------------------------------------------------------------------
@@ -448,6 +505,50 @@ def test_a_measure_that_outlasts_its_timeout_is_unavailable(
         finally:
             holder.kill()
             holder.wait()
+
+
+def test_a_connection_of_the_parallel_measure_past_its_timeout_is_unavailable(
+    tmp_path: Path, verify_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two connections, each measuring a table; the second table is locked by another session
+    once the measurement is planned: that connection's psql times out in its thread, which is
+    the verify's timeout, not a failed dump."""
+    source = bare_dump(
+        tmp_path / "two",
+        b"CREATE TABLE public.t1 (id int);\nCREATE TABLE public.t2 (id int);\n"
+        b"INSERT INTO public.t1 VALUES (1);\n",
+    )
+    monkeypatch.setattr(verify, "workers", lambda: 2)
+    holders: list[subprocess.Popen[bytes]] = []
+    planned: list[list[verify.Unit]] = []
+    real_plan = verify.plan
+
+    with throwaway(verify_dir) as server:
+        verify.load(server, source, vm="lab", timeout=TIMEOUT)
+
+        def plan_then_lock(*args: object, **kwargs: object) -> list[verify.Unit]:
+            units = real_plan(*args, **kwargs)  # type: ignore[arg-type]
+            planned.append(units)
+            holders.append(subprocess.Popen(  # another session holds t2 for a minute
+                scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
+                                  f"--host={server.socket_dir}", "--username=postgres", "-c",
+                                  "BEGIN; LOCK TABLE public.t2; SELECT pg_sleep(60);"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+            held = ("SELECT count(*) FROM pg_locks WHERE relation = 'public.t2'::regclass"
+                    " AND mode = 'AccessExclusiveLock' AND granted;")  # fmt: skip
+            _wait_for(lambda: server.client.query(server.transport, held, timeout=60) == ["1"])
+            return units
+
+        monkeypatch.setattr(verify, "plan", plan_then_lock)
+        try:
+            with pytest.raises(VerifyUnavailable, match="did not finish in time"):
+                verify.measure(server, ["postgres"], vm="lab", timeout=3)
+        finally:
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+    assert len(planned) == 1 and len(planned[0]) == 2  # one table per connection
 
 
 def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(

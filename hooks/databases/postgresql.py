@@ -384,7 +384,8 @@ CHECKSUM_METHOD = "postgresql-md5-sum/1"
 # pg_dumpall carries, could put first) is called by the superuser instead of pg_catalog's.
 # statement_timeout is lifted for this session: a large table takes as long as it takes (the
 # client's own timeout bounds the call).
-_SUM_SQL = r"""
+#: The session settings of every checksum query (see above).
+SUM_SETTINGS = """
 SET search_path = pg_catalog;
 SET statement_timeout = 0;
 SET DateStyle = 'ISO, YMD';
@@ -393,19 +394,40 @@ SET TimeZone = 'UTC';
 SET bytea_output = 'hex';
 SET extra_float_digits = 1;
 SET lc_monetary = 'C';
-SELECT format('SELECT json_build_array(%L, %L, count(*), coalesce(sum('
-              '((''x'' || left(md5(ROW(%s)::text), 8))::bit(32))::bigint), 0)::text)::text'
-              ' FROM %I.%I AS t', n.nspname, c.relname, coalesce(cols.list, ''),
-              n.nspname, c.relname)
+"""
+
+#: The tables measured: ``c`` (pg_class) and ``n`` (pg_namespace) of each, ``cols.list`` its
+#: columns in the order of their names; :data:`SUM_FROM`, then (a caller may join more here)
+#: :data:`SUM_WHERE`.
+SUM_FROM = """
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   LEFT JOIN LATERAL (
     SELECT string_agg(format('t.%I', a.attname), ', ' ORDER BY a.attname) AS list
       FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
   ) cols ON true
- WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema'
+"""
+SUM_WHERE = """ WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema'
    AND n.nspname !~ '^pg_(catalog|toast|temp_)'
+"""
+
+
+def sum_statement(condition: str = "''") -> str:
+    """The SQL expression (over :data:`SUM_FROM`) that writes one table's checksum query:
+    ``SELECT json_build_array(schema, table, count(*), sum)`` of ``t``, the table, followed by
+    ``condition``, an SQL text expression (``''``: every row; else a ``WHERE`` clause on
+    ``t``). The one place the checksum of :data:`CHECKSUM_METHOD` is spelt."""
+    # adjacent SQL string literals separated by a newline are one literal
+    return (
+        "format('SELECT json_build_array(%L, %L, count(*), coalesce(sum('\n"  # noqa: S608
+        "       '((''x'' || left(md5(ROW(%s)::text), 8))::bit(32))::bigint), 0)::text)::text'\n"
+        "       ' FROM %I.%I AS t%s', n.nspname, c.relname, coalesce(cols.list, ''),\n"
+        f"       n.nspname, c.relname, {condition})"
+    )
+
+
+_SUM_SQL = f"""{SUM_SETTINGS}SELECT {sum_statement()}{SUM_FROM}{SUM_WHERE}\
  ORDER BY n.nspname, c.relname
-\gexec
+\\gexec
 """
 
 

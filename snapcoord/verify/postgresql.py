@@ -19,8 +19,12 @@ The load is hooks/databases/postgresql.py's: the same ``psql -X -q`` of the whol
 the superuser without ``ON_ERROR_STOP``, the dump decompressed by the same pipeline (inside the
 confinement), and the same tolerated errors (``role/tablespace ... already exists``: on a fresh
 cluster the dump's ``CREATE ROLE postgres``). Its ``\\!`` lines run as nobody without network.
-Measuring is the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums`, the same SQL
-that ran in the guest when the dump was taken.
+Measuring gives the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums` figures,
+from the same SQL that ran in the guest when the dump was taken
+(:func:`~snapcoord.hooks.databases.postgresql.sum_statement`), on several connections at once:
+the tables are dealt to them, and a big table is split into ranges of heap blocks when there are
+more connections than PostgreSQL's own parallel scan of one query has processes; counts and sums
+are additive, so the pieces add up to the one-pass figures (:func:`plan`, :func:`measure`).
 
 The check connects to every database and queries its catalog (``pg_class``) and finds invalid
 indexes. ``pg_amcheck`` is not run: it needs the ``amcheck`` extension created in every
@@ -40,8 +44,10 @@ its postmaster only when it waits.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gzip
+import json
 import logging
 import os
 import re
@@ -81,6 +87,13 @@ SETTINGS = (
     "autovacuum=off",
     "unix_socket_permissions=0700",
 )
+#: At most this many connections measure at once (:func:`workers`).
+MAX_WORKERS = 4
+#: A table is split into ranges of heap blocks when bigger (with TOAST) than this and than a
+#: share of about two pieces per connection.
+SPLIT_BYTES = 32 * 1024 * 1024
+#: The first major with TID range scans (``WHERE ctid >= ... AND ctid < ...``).
+TID_RANGE_MAJOR = 14
 #: Seconds between two readiness probes while the server starts.
 POLL = 0.1
 #: Seconds the server gets to end after its fast shutdown before it is killed.
@@ -517,11 +530,141 @@ def _query_failed(server: Server, exc: GuestError, what: str, *, vm: str) -> Exc
     return VerifyFailed(f"the {what} of the loaded dump failed: {detail}", vm=vm)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One piece of the measurement: a table of a database, whole or the rows in the heap
+    blocks ``[first, end)`` (None: from the table's start / to its end)."""
+
+    database: str
+    oid: int
+    cost: int
+    first: int | None = None
+    end: int | None = None
+
+    def condition(self) -> str:
+        """The ``WHERE`` clause on ``t`` appended to the table's checksum query, as an SQL
+        string literal (built from integers only)."""
+        parts = []
+        if self.first is not None:
+            parts.append(f"t.ctid >= ''({self.first},0)''::tid")
+        if self.end is not None:
+            parts.append(f"t.ctid < ''({self.end},0)''::tid")
+        return "'" + (" WHERE " + " AND ".join(parts) if parts else "") + "'"
+
+
+def workers() -> int:
+    """How many connections measure at once."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+# Each table of a database (the tables table_sums measures): its oid, kind, heap blocks and
+# size with TOAST (the cost of reading it); and how many parallel workers one query may use.
+_PLAN_SQL = f"""
+SET search_path = pg_catalog;
+SELECT json_build_array(c.oid, c.relkind,
+         pg_relation_size(c.oid) / current_setting('block_size')::int, pg_table_size(c.oid),
+         current_setting('max_parallel_workers_per_gather')::int)::text
+{kind.SUM_FROM}{kind.SUM_WHERE} ORDER BY n.nspname, c.relname;
+"""  # fmt: skip
+
+
+def _ranges(database: str, oid: int, blocks: int, cost: int, pieces: int) -> list[Unit]:
+    """``pieces`` ranges of the heap's blocks, the first open at its start and the last open
+    at its end: every row is in exactly one, whatever the heap holds (the boundaries only
+    balance the work)."""
+    pieces = max(1, min(pieces, blocks))
+    if pieces == 1:
+        return [Unit(database, oid, cost)]
+    bounds = [None, *(blocks * i // pieces for i in range(1, pieces)), None]
+    return [Unit(database, oid, cost // pieces, bounds[i], bounds[i + 1]) for i in range(pieces)]
+
+
+def plan(server: Server, databases: Sequence[str], *, count: int, timeout: float) -> list[Unit]:
+    """The measurement's pieces for ``count`` connections: every table, whole; a big ordinary
+    table (more than :data:`SPLIT_BYTES` and than a share of about two pieces per connection)
+    split into ranges of heap blocks only when the connections outnumber the processes
+    PostgreSQL gives one query of a whole table by itself (a parallel sequential scan: the
+    leader and ``max_parallel_workers_per_gather``), and only on PostgreSQL 14 or newer, which
+    reads such a range by a TID range scan (older ones would read the whole table each time).
+    A TID range scan is not parallel: on fewer connections, the ranges would be read by fewer
+    processes than the whole table is (docs/benchmarks.md, "Verify", "PostgreSQL")."""
+    tables: list[tuple[str, int, str, int, int]] = []
+    gather = 0
+    for database in databases:
+        for line in server.client.query(server.transport, _PLAN_SQL, timeout=timeout,
+                                        database=database):  # fmt: skip
+            oid, relkind, blocks, cost, gather = json.loads(line)
+            tables.append((database, int(oid), str(relkind), int(blocks), int(cost)))
+    split = count > 1 + int(gather) and server.binaries.major >= TID_RANGE_MAJOR
+    total = sum(t[4] for t in tables)
+    piece = max(SPLIT_BYTES, -(-total // (2 * count)))
+    units: list[Unit] = []
+    for database, oid, relkind, blocks, cost in tables:
+        if split and relkind == "r" and cost > piece:
+            units += _ranges(database, oid, blocks, cost, -(-cost // piece))
+        else:
+            units.append(Unit(database, oid, cost))
+    return units
+
+
+def _share(units: Sequence[Unit], count: int) -> list[list[Unit]]:
+    """The units dealt to ``count`` connections, the biggest first, each to the least loaded
+    (empty shares dropped)."""
+    shares: list[list[Unit]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for unit in sorted(units, key=lambda u: u.cost, reverse=True):
+        least = loads.index(min(loads))
+        shares[least].append(unit)
+        loads[least] += unit.cost + 1
+    return [s for s in shares if s]
+
+
+def _sum_units(
+    server: Server, units: Sequence[Unit], *, timeout: float
+) -> list[tuple[str, int, int]]:
+    """One connection's work: per database, one psql call that writes each unit's checksum
+    query from kind.sum_statement and runs it (``\\gexec``); ``(table, rows, sum)`` per unit."""
+    found: list[tuple[str, int, int]] = []
+    for database in dict.fromkeys(u.database for u in units):
+        mine = [u for u in units if u.database == database]
+        values = ", ".join(f"({u.oid}::oid, {i}, {u.condition()})" for i, u in enumerate(mine))
+        sql = (f"{kind.SUM_SETTINGS}SELECT {kind.sum_statement('u.cond')}{kind.SUM_FROM}"
+               f"  JOIN (VALUES {values}) u(oid, ord, cond) ON u.oid = c.oid\n"
+               f"{kind.SUM_WHERE} ORDER BY u.ord\n\\gexec\n")  # fmt: skip
+        for line in server.client.query(server.transport, sql, timeout=timeout, database=database):
+            schema_name, table, rows, checksum = json.loads(line)
+            found.append((f"{database}.{schema_name}.{table}", int(rows), int(checksum)))
+    return found
+
+
+def _measure_units(
+    server: Server, shares: Sequence[Sequence[Unit]], *, timeout: float
+) -> list[tuple[str, int, int]]:
+    """Every share on a connection of its own (a thread waiting for its psql: the process's
+    ``--pdeathsig`` follows the thread that started it). When one fails or the caller is
+    interrupted, the others are not waited for: stopping the server ends them."""
+    if len(shares) <= 1:
+        return [f for share in shares for f in _sum_units(server, share, timeout=timeout)]
+    pool = concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="pg-measure")
+    try:
+        futures = [pool.submit(_sum_units, server, share, timeout=timeout) for share in shares]
+        found = [f for future in futures for f in future.result()]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return found
+
+
 def measure(
     server: Server, databases: Sequence[str], *, vm: str, timeout: float
 ) -> dict[str, TableSum]:
-    """:func:`~snapcoord.hooks.databases.postgresql.table_sums` on the loaded cluster. A
-    database of ``databases`` that the load did not create fails the verify."""
+    """:func:`~snapcoord.hooks.databases.postgresql.table_sums` on the loaded cluster, on
+    :func:`workers` connections at once: the tables, and ranges of the big ones, dealt to
+    them; counts and sums are additive, so a table's pieces add up to its one-pass figures
+    (the same SQL, :func:`~snapcoord.hooks.databases.postgresql.sum_statement`, with a
+    ``WHERE`` on ``ctid``). A database of ``databases`` that the load did not create fails
+    the verify."""
     try:
         present = set(_databases(server, timeout=timeout))
     except GuestError as exc:
@@ -533,10 +676,17 @@ def measure(
             vm=vm,
             hint="the dump does not create every database recorded when it was taken",
         )
+    count = workers()
     try:
-        return kind.table_sums(server.client, server.transport, databases, timeout=timeout)
+        units = plan(server, databases, count=count, timeout=timeout)
+        found = _measure_units(server, _share(units, count), timeout=timeout)
     except GuestError as exc:
         raise _query_failed(server, exc, "measurement", vm=vm) from None
+    totals: dict[str, tuple[int, int]] = {}
+    for table, rows, checksum in found:
+        before = totals.get(table, (0, 0))
+        totals[table] = (before[0] + rows, before[1] + checksum)
+    return {t: TableSum(rows, str(checksum)) for t, (rows, checksum) in sorted(totals.items())}
 
 
 def _databases(server: Server, *, timeout: float) -> list[str]:
