@@ -39,6 +39,7 @@ exit $rc
 """
 
 POSTGRESQL_CHECK = r"""
+cd / || exit 1  # runuser keeps the working folder, which the postgres user may not enter
 command -v psql >/dev/null || { echo "no psql in the guest"; exit 127; }
 until runuser -u postgres -- pg_isready -q; do sleep 1; done
 q() { runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -c "$1" 2>&1; }
