@@ -149,8 +149,10 @@ def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
     transport = SshTransport(table(ssh_guest), vm="lab")
     transport.open()
     try:
+        # 10 s: the check right after arm still finds it on a loaded CI machine (with 2 s it
+        # had once fired and exited before the check)
         dog = watchdog.arm(
-            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=2, services=["cron"],
+            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=10, services=["cron"],
             database=None, sudo=False, timeout=30,
         )  # fmt: skip
         assert lab.process_group(dog.pid), "the watchdog is not running"
@@ -159,7 +161,8 @@ def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
         assert watchdog_pids("t-disarm") == []
         wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
         lab_services.stop("cron")
-        time.sleep(3)
+        # past the moment it would have fired (and 1 s more): cron stays down
+        time.sleep(max(0.0, dog.armed_at + dog.seconds + 1 - time.time()))
         assert not lab_services.running("cron")
     finally:
         transport.close()
