@@ -273,3 +273,22 @@ def test_a_hand_edited_count_makes_the_record_unusable_not_a_traceback(count: An
     source = _source({"mysqldump": {"tables": {"a.t": 3, "a.u": count}}})
     assert source.expected_rows is None
     assert "unreadable" in source.unchecked_reason
+
+
+def test_the_newest_dump_passes_over_a_run_that_archived_files_only(config: Config) -> None:
+    """restore-dump and verify take the newest run folder that holds a dump: a newer run
+    with archives only (a VM with dump = false since) is not a dump."""
+    from snapcoord import store
+    from snapcoord.plans.restore import newest_dump
+
+    folder = store.vm_dir(config.store, "db1")
+    folder.mkdir(parents=True)
+    for name, finished, section in (
+        ("snapcoord-a-20261201T000000Z", "2026-12-01T00:00:00+00:00", {"mysqldump": {}}),
+        ("snapcoord-a-20261202T000000Z", "2026-12-02T00:00:00+00:00", {"archive": {}}),
+    ):
+        (folder / name).mkdir()
+        manifest = {"format": store.FORMAT, "snapshot": name, "status": "complete",
+                    "finished": finished, "files": {}, **section}  # fmt: skip
+        (folder / name / store.MANIFEST).write_text(json.dumps(manifest))
+    assert newest_dump(config, "db1").name == "snapcoord-a-20261201T000000Z"

@@ -13,7 +13,7 @@ commits across the snapshot call, hooks/databases/pause.py); a kind that cannot 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from snapcoord.errors import UsageError
 
@@ -188,6 +188,11 @@ def configured(database: str) -> DatabaseKind | None:
     if database in ("auto", "none"):
         return None
     return _registry().get(database) or for_service(database)
+
+
+def holds_dump(manifest: dict[str, Any]) -> bool:
+    """Whether a run folder's manifest records a database dump (of any kind)."""
+    return any(isinstance(manifest.get(kind.SECTION), dict) for kind in _registry().values())
 
 
 def for_dump(source: Path) -> DatabaseKind:

@@ -41,12 +41,18 @@ def resolve_source(config: Config, vm_key: str, source: DumpSource) -> Path:
         return Path(source.file)
     if source.snapshot:
         return store.find_dump(config.store, vm_key, source.snapshot)
-    dumps = store.list_dumps(config.store, vm_key)
+    return newest_dump(config, vm_key, hint=", or pass --file")
+
+
+def newest_dump(config: Config, vm_key: str, *, hint: str = "") -> Path:
+    """The VM's newest complete run folder that holds a database dump (a run that archived
+    files only is passed over); ``hint`` ends the error's hint."""
+    dumps = [d for d in store.list_dumps(config.store, vm_key) if databases.holds_dump(d.manifest)]
     if not dumps:
         raise PreflightError(
             f"no dump of {vm_key} in {config.store}",
             vm=vm_key,
-            hint="enable [vms.X.guest] dump = true and take a snapshot, or pass --file",
+            hint="enable [vms.X.guest] dump = true and take a snapshot" + hint,
         )
     return dumps[-1].path
 

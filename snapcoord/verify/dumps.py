@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from snapcoord import store
 from snapcoord.errors import (
     Interrupted,
-    PreflightError,
     SnapcoordError,
     VerifyFailed,
     VerifyUnavailable,
 )
 from snapcoord.hooks import databases
 from snapcoord.hooks.databases import dumpfile
+from snapcoord.plans.restore import newest_dump
 from snapcoord.run import Engine, Reporter, RunResult, Step
 from snapcoord.settings import Config
 from snapcoord.store import CorruptDump
@@ -83,25 +83,10 @@ def kind_module(name: str) -> VerifyKind:
 
 
 def find_run(config: Config, key: str, snapshot: str | None) -> Path:
-    """The run folder to verify: ``--from SNAPSHOT``'s, else the VM's newest complete dump."""
+    """The run folder to verify: ``--from SNAPSHOT``'s, else the VM's newest dump."""
     if snapshot:
         return store.find_dump(config.store, key, snapshot)
-    dumps = [d for d in store.list_dumps(config.store, key) if _has_dump(d.manifest)]
-    if not dumps:
-        raise PreflightError(
-            f"no dump of {key} in {config.store}",
-            vm=key,
-            hint="enable [vms.X.guest] dump = true and take a snapshot",
-        )
-    return dumps[-1].path
-
-
-def _has_dump(manifest: dict[str, Any]) -> bool:
-    return any(isinstance(manifest.get(kind.SECTION), dict) for kind in _kinds())
-
-
-def _kinds() -> list[databases.DatabaseKind]:
-    return [databases.get(name) for name in databases.names()]
+    return newest_dump(config, key)
 
 
 # -- comparing ------------------------------------------------------------------------------
