@@ -60,12 +60,13 @@ def machine_state() -> str:
     )
 
 
-def _last_line(report: pytest.TestReport) -> str:
-    text = (report.longreprtext or "").strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("E ")]
-    first = (errors or lines[-1:] or ["(no message)"])[0]
-    return first[:300]
+def _first_line(report: pytest.TestReport) -> str:
+    """What pytest's short summary says of the failure: its crash message's first line."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = str(getattr(crash, "message", "") or "").strip()
+    if not message:
+        message = (report.longreprtext or "").strip() or "(no message)"
+    return message.splitlines()[0][:300]
 
 
 def _elapsed(config: pytest.Config) -> str:
@@ -111,7 +112,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         reporter.write("\n")
         reporter.write_line(
             f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s, {worker_id}, "
-            f"at {_elapsed(config)}): {_last_line(report)} [{machine_state()}]",
+            f"at {_elapsed(config)}): {_first_line(report)} [{machine_state()}]",
             red=True,
         )
     now = time.monotonic()

@@ -79,6 +79,10 @@ RESULTS_WAIT = 1800.0
 #: A run that takes longer than this is killed (by PID) and the cell fails.
 CHILD_TIMEOUT = 240.0
 FROZEN_HOOK = "sleep 3"
+#: The faulted run's short timeouts and watchdog: the next run (fault-free) takes the defaults.
+CELL_ONLY_KEYS = frozenset(
+    {"watchdog_seconds", "command_timeout", "stop_timeout", "start_timeout", "dump_timeout"}
+)
 
 #: Steps that stop a service: a run that started one has a service window.
 STOP_STEPS = frozenset({"stop services", "stop database"})
@@ -431,8 +435,11 @@ class CellRun:
             f"vms.{VM_NAME}": {"hypervisor": "lab"},
             f"vms.{VM_NAME}.guest": table,
         }
-        # The next run is a plain nightly run: same VM, store and journal, no slow hook.
-        write_config(self.tmp / "next.toml", tables)
+        # The next run is a plain nightly run: same VM, store and journal, no slow hook, and
+        # snapcoord's default timeouts (no fault is injected: the short ones only made a
+        # loaded machine's dump time out before it could heal anything).
+        nightly = {k: v for k, v in table.items() if k not in CELL_ONLY_KEYS}
+        write_config(self.tmp / "next.toml", {**tables, f"vms.{VM_NAME}.guest": nightly})
         hooks = {"frozen": [FROZEN_HOOK], "timeout": TIMEOUT}
         return write_config(self.tmp / "cell.toml", {**tables, f"vms.{VM_NAME}.hooks": hooks})
 
@@ -746,7 +753,8 @@ def render_reliability(results: dict[tuple[str, str], Observation]) -> str:
         f"{TIMEOUT:g} s, a `frozen` hook `{FROZEN_HOOK}`, mysqldump only at `during_dump`. "
         f"`hang` stalls for {STALL_SECONDS:g} s; `unreachable` refuses for "
         f"`watchdog_seconds` + {REFUSE_SECONDS - WATCHDOG_SECONDS} s; `during_snapshot` "
-        f"waits {SNAPSHOT_PAUSE:g} s inside `create_snapshot` after firing.",
+        f"waits {SNAPSHOT_PAUSE:g} s inside `create_snapshot` after firing. The next run "
+        f"(fault-free) has snapcoord's default timeouts and watchdog.",
         "",
         "## The contract",
         "",
