@@ -25,6 +25,7 @@ from snapcoord.adapters.base import VM, Adapter
 from snapcoord.errors import ExitCode, Interrupted, SnapcoordError
 from snapcoord.guest import Transport
 from snapcoord.hooks import archive, databases
+from snapcoord.hooks.databases.dumpfile import fallback_fix
 from snapcoord.hooks.guest.services import GuestServices, Services
 from snapcoord.outcome import Outcome
 from snapcoord.plans.fallback import Fallback
@@ -248,9 +249,12 @@ class Checker:
             store_root=self.config.store,
         )
         dbs = "all databases" if plan.all_databases else ", ".join(plan.databases)
+        codec = {"none": "dump uncompressed"}.get(plan.compression, f"dump: {plan.compression}")
+        if plan.compression_reason:  # "auto" fell back to gzip
+            codec += f" ({plan.compression_reason}: {fallback_fix(self.key)})"
         return (
             f"{plan.server_version}: client and credentials work; {dbs}, about "
-            f"{store.mib(plan.data_bytes)} of data, store has room"
+            f"{store.mib(plan.data_bytes)} of data, store has room; {codec}"
         )
 
     def _verify(self) -> str:
