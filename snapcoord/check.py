@@ -251,7 +251,9 @@ class Checker:
         dbs = "all databases" if plan.all_databases else ", ".join(plan.databases)
         codec = {"none": "dump uncompressed"}.get(plan.compression, f"dump: {plan.compression}")
         if plan.compression_reason:  # "auto" fell back to gzip
-            codec += f" ({plan.compression_reason}: {fallback_fix(self.key)})"
+            codec += (
+                f" ({plan.compression_reason}: {fallback_fix(self.key, plan.compression_reason)})"
+            )
         return (
             f"{plan.server_version}: client and credentials work; {dbs}, about "
             f"{store.mib(plan.data_bytes)} of data, store has room; {codec}"

@@ -182,3 +182,24 @@ def test_the_probe_line_is_read_exactly() -> None:
     assert dumpfile.zstd_found(b"motd\nsnapcoord-has zstd\n")
     assert not dumpfile.zstd_found(b"")
     assert not dumpfile.zstd_found(b"snapcoord-has zstdmt\n")
+
+
+@pytest.mark.parametrize("kind", ["mysql", "postgresql"])
+def test_auto_takes_gzip_when_this_host_has_no_zstd(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator checks every zstd dump with its own zstd (and restore-dump and verify
+    read it with it): "auto" does not choose a codec this host cannot read."""
+    monkeypatch.setattr(dumpfile.shutil, "which", lambda name: None)
+    plan = preflight(guest_with(tmp_path, kind, zstd=True), options(kind))
+    assert (plan.compression, plan.compression_reason) == ("gzip", dumpfile.ZSTD_MISSING_HERE)
+    assert plan.file_name == KINDS[kind].FORMAT.stem + ".sql.gz"
+    assert dumpfile.fallback_note("db1", plan.compression_reason) == (
+        "dump compressed with gzip: zstd not found on the coordinator (install zstd on the "
+        "coordinator, or set [vms.db1.dump] compression)"
+    )
+    # an explicit zstd is the admin's choice, as before
+    explicit = preflight(
+        guest_with(tmp_path / "x", kind, zstd=True), options(kind, compression="zstd")
+    )
+    assert (explicit.compression, explicit.compression_reason) == ("zstd", None)

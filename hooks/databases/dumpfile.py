@@ -20,6 +20,7 @@ with a reason the run shows (:func:`resolve_compression`, :func:`fallback_note`)
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 import zlib
@@ -128,6 +129,9 @@ _STATUS_RE = re.compile(rb"snapcoord-status (\S+)=(\d+) filter=(\d+)")
 ZSTD_PROBE = 'if command -v zstd >/dev/null 2>&1; then echo "snapcoord-has zstd"; fi'
 _ZSTD_FOUND = re.compile(rb"^snapcoord-has zstd$", re.MULTILINE)
 ZSTD_MISSING = "zstd not found in the guest"
+#: the coordinator decompresses every zstd dump once stored (completion line), and restore-dump
+#: and verify read it with the same command: without it here, "auto" takes gzip
+ZSTD_MISSING_HERE = "zstd not found on the coordinator"
 
 
 def required_tools(compression: str) -> list[str]:
@@ -141,26 +145,35 @@ def zstd_found(probe_stdout: bytes) -> bool:
     return _ZSTD_FOUND.search(probe_stdout) is not None
 
 
+def coordinator_has_zstd() -> bool:
+    """Whether this host finds the ``zstd`` command the way :func:`shell.stream` runs it."""
+    return shutil.which(_UNZSTD[0]) is not None
+
+
 def resolve_compression(configured: str, *, zstd: bool) -> tuple[str, str | None]:
     """(the compression a dump uses, why it is not the default's first choice): ``configured``
-    as it is unless it is "auto", which is zstd when the guest has it (``zstd``), else gzip
-    with :data:`ZSTD_MISSING` as the reason."""
+    as it is unless it is "auto", which is zstd when the guest has it (``zstd``) and so does
+    this host (it checks the stored file with it), else gzip with the reason
+    (:data:`ZSTD_MISSING`, :data:`ZSTD_MISSING_HERE`)."""
     if configured != "auto":
         return configured, None
-    if zstd:
-        return "zstd", None
-    return "gzip", ZSTD_MISSING
+    if not zstd:
+        return "gzip", ZSTD_MISSING
+    if not coordinator_has_zstd():
+        return "gzip", ZSTD_MISSING_HERE
+    return "zstd", None
 
 
-def fallback_fix(vm: str) -> str:
-    """What to do about a gzip fallback of ``compression = "auto"``."""
-    return f"install zstd in the guest, or set [vms.{vm}.dump] compression"
+def fallback_fix(vm: str, reason: str) -> str:
+    """What to do about a gzip fallback of ``compression = "auto"`` for ``reason``."""
+    where = "on the coordinator" if reason == ZSTD_MISSING_HERE else "in the guest"
+    return f"install zstd {where}, or set [vms.{vm}.dump] compression"
 
 
 def fallback_note(vm: str, reason: str) -> str:
     """The run's note when ``compression = "auto"`` could not use zstd: what happened, what
     to do."""
-    return f"dump compressed with gzip: {reason} ({fallback_fix(vm)})"
+    return f"dump compressed with gzip: {reason} ({fallback_fix(vm, reason)})"
 
 
 def dump_compression(configured: str, plan: DumpPlan | None) -> str:
