@@ -93,6 +93,8 @@ def _check_line(config: Path) -> str:
     (result,) = json_lines(proc.stdout)
     (finding,) = [c for c in result["checks"] if c["check"] == "dump"]
     assert finding["ok"] is True, finding
+    fell_back = "zstd not found" in finding["detail"]
+    assert result["notes"] == ([NOTE] if fell_back else []), result
     return str(finding["detail"])
 
 
@@ -124,6 +126,9 @@ def test_mariadb_default_is_zstd_and_restore_dump_restores_it(
     idoit_db: idoit_fixture.IdoitDB,
 ) -> None:
     config = _config(tmp_path, libvirt_node, ssh_guest.guest_table())
+    planned = snapcoord("-c", str(config), "snapshot", "db1", "--dry-run", timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    assert "| zstd (gzip where zstd is missing) > store" in planned.stdout, planned.stdout
     assert "dump: zstd" in _check_line(config)
     run = _snapshot(config)
     assert run["dump"]["compression"] == "zstd" and run["dump"]["file"] == "mysql.sql.zst"
@@ -151,6 +156,8 @@ def test_mariadb_guest_without_zstd_gets_gzip_and_the_note(
     config = _config(tmp_path, libvirt_node, ssh_guest.guest_table())
     detail = _check_line(config)
     assert "dump: gzip (zstd not found in the guest: install zstd in the guest" in detail
+    checked = snapcoord("-c", str(config), "check", "db1", timeout=300)
+    assert checked.stdout.splitlines()[0] == f"db1: note: {NOTE}", checked.stdout  # then its line
     run = _expect_gzip_with_the_note(config, "mysql", "mysqldump")
     idoit_db.mutate_data()
     _restore(config, run)  # a gzip dump restores without zstd anywhere

@@ -73,7 +73,7 @@ class DatabaseKind(Protocol):
     ) -> DumpPlan:
         """Before anything stops: tools, credentials, databases, size (and store space), and
         the compression resolved (``compression = "auto"``: zstd when the tools probe finds
-        it in the guest, else gzip with the plan's ``compression_reason``)."""
+        it in the guest and this host has it, else gzip with the plan's ``compression_reason``)."""
         ...
 
     def dump(

@@ -211,7 +211,7 @@ class DumpPlan:
     compression: str  # resolved: gzip | zstd | none (never "auto")
     file_name: str
     argv: tuple[str, ...]  # the mysqldump arguments (no secrets in them)
-    #: why ``compression = "auto"`` did not choose zstd (``ZSTD_MISSING``); None otherwise
+    #: why ``compression = "auto"`` did not choose zstd (``ZSTD_MISSING``, ``ZSTD_MISSING_HERE``)
     compression_reason: str | None = None
 
 

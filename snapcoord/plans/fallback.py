@@ -84,7 +84,7 @@ class Fallback:
                 what = "the dump program of the database found (mysqldump, pg_dumpall)"
             codec = options.compression
             if codec == "auto":
-                codec = "zstd (gzip if the guest has no zstd)"
+                codec = "zstd (gzip where zstd is missing)"
             steps.append(
                 Step(
                     "dump to store",
