@@ -25,6 +25,7 @@ from snapcoord.adapters.base import VM, Adapter
 from snapcoord.errors import ExitCode, Interrupted, SnapcoordError
 from snapcoord.guest import Transport
 from snapcoord.hooks import archive, databases
+from snapcoord.hooks.databases.dumpfile import fallback_fix, fallback_note
 from snapcoord.hooks.guest.services import GuestServices, Services
 from snapcoord.outcome import Outcome
 from snapcoord.plans.fallback import Fallback
@@ -68,6 +69,8 @@ class Checker:
         self.transport: Transport | None = None
         self.services: Services | None = None
         self.state: GuestServices | None = None
+        #: what a run would note without it being a problem (a dump's gzip fallback)
+        self.notes: list[str] = []
 
     # -- recording ---------------------------------------------------------------------------
     def _check(self, name: str, func: Callable[[], str]) -> bool:
@@ -248,9 +251,14 @@ class Checker:
             store_root=self.config.store,
         )
         dbs = "all databases" if plan.all_databases else ", ".join(plan.databases)
+        codec = {"none": "dump uncompressed"}.get(plan.compression, f"dump: {plan.compression}")
+        reason = plan.compression_reason
+        if reason:  # "auto" fell back to gzip: a run notes it, and so does check
+            codec += f" ({reason}: {fallback_fix(self.key, reason)})"
+            self.notes.append(fallback_note(self.key, reason))
         return (
             f"{plan.server_version}: client and credentials work; {dbs}, about "
-            f"{store.mib(plan.data_bytes)} of data, store has room"
+            f"{store.mib(plan.data_bytes)} of data, store has room; {codec}"
         )
 
     def _verify(self) -> str:
@@ -302,8 +310,10 @@ _FIXES = {
 
 def check_vm(config: Config, key: str) -> Outcome:
     """Every check of VM ``key`` as an :class:`Outcome` (``command: "check"``): exit 0 when
-    nothing stands in a run's way, else 4, with one line per problem."""
-    findings = Checker(config, key).run()
+    nothing stands in a run's way, else 4, with one line per problem; what a run would note (a
+    dump compressed with gzip for want of zstd) comes first, as a run's notes do."""
+    checker = Checker(config, key)
+    findings = checker.run()
     problems = [f for f in findings if not f.ok]
     code = int(ExitCode.PREFLIGHT) if problems else int(ExitCode.OK)
     passed = [f.check for f in findings if f.ok]
@@ -319,5 +329,7 @@ def check_vm(config: Config, key: str) -> Outcome:
         "command": "check",
         "checks": [f.as_dict() for f in findings],
         "errors": [f.line(key) for f in problems],
+        "notes": checker.notes,
     }
-    return Outcome(key, code, summary, [line], [f.line(key) for f in problems])
+    lines = [f"{key}: note: {note}" for note in checker.notes] + [line]
+    return Outcome(key, code, summary, lines, [f.line(key) for f in problems])

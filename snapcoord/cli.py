@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SNAPSHOT-NAME",
         help="the dump taken with this snapshot (default: the newest good one)",
     )
-    source.add_argument("--file", type=Path, metavar="PATH", help="a dump file (.sql.gz/.sql)")
+    source.add_argument(
+        "--file", type=Path, metavar="PATH", help="a dump file (.sql.zst/.sql.gz/.sql)"
+    )
     p.add_argument("--yes", action="store_true", help="do not ask")
     p.add_argument("--dry-run", action="store_true", help="verify, show what would be dropped")
     _add_json(p)

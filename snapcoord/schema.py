@@ -528,7 +528,11 @@ DUMP: dict[str, Key] = {
         check=_databases,
     ),
     "compression": Key(
-        "choice", "compression of the stored dump", default="gzip", choices=("gzip", "zstd", "none")
+        "choice",
+        "compression of the stored dump: auto (zstd when the guest has the zstd command, else "
+        "gzip with a note on the run's line), zstd (the guest must have it), gzip or none",
+        default="auto",
+        choices=("auto", "zstd", "gzip", "none"),
     ),
     "compress_on": Key(
         "choice",

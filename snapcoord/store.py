@@ -4,7 +4,7 @@ Layout::
 
     <store>/<vm>/<snapshot-name>/            a complete run: every file listed in manifest.json
         manifest.json                        sha256 + size of each file, dump metadata
-        mysql.sql.gz                         the logical dump (gzip -9; .zst / .sql per config)
+        mysql.sql.zst                        the logical dump (zstd; .gz / .sql per config)
         files.tar.gz                         optional archive of guest paths
     <store>/<vm>/<snapshot-name>.failed/     a run whose dump failed: kept for inspection, never
                                              listed or restored as good

@@ -117,7 +117,7 @@ def test_freeze_with_dump_stores_it_and_thaw_commits_it(
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["snapshot_by"] == "freeze"
     assert manifest["snapshot_taken"] is False
-    assert (folder / "mysql.sql.gz").stat().st_size > 1000
+    assert (folder / "mysql.sql.zst").stat().st_size > 1000  # compression = "auto", zstd found
     assert lab_services.all_running()
 
 

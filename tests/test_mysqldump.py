@@ -123,7 +123,7 @@ def test_dump_is_verified_and_loads_with_identical_checksums(
     transport_for: Any,
     tmp_path: Path,
 ) -> None:
-    vm = vm_config(ssh_guest, tmp_path, databases=IDOIT)
+    vm = vm_config(ssh_guest, tmp_path, databases=IDOIT, compression="gzip")
     result, folder = take_dump(transport_for(vm), vm, tmp_path)
 
     assert folder == tmp_path / "lab" / "snap-1"
@@ -377,6 +377,7 @@ def test_mysqldump_killed_mid_stream_records_no_valid_dump(
         tmp_path,
         databases=IDOIT,
         options=["--single-transaction", "--skip-extended-insert"],
+        compression="gzip",
     )
     transport = transport_for(vm)
     run = store.RunDir.begin(tmp_path, "lab", "snap-killed")

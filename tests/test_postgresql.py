@@ -147,7 +147,7 @@ def test_dump_restore_round_trip_is_exact(
     pg_shop: pg_fixture.PgShop,
     tmp_path: Path,
 ) -> None:
-    vm = pg_vm(ssh_guest, tmp_path)
+    vm = pg_vm(ssh_guest, tmp_path, compression="gzip")
     result, folder = take_dump(transport, vm, tmp_path)
     dump_file = folder / "postgresql.sql.gz"
     assert result.path == dump_file and oct(dump_file.stat().st_mode & 0o777) == "0o600"
@@ -276,7 +276,7 @@ def locked_orders(pg_shop: pg_fixture.PgShop) -> Iterator[None]:
 def test_a_failing_pg_dumpall_is_a_failed_dump(
     ssh_guest: lab.SshGuest, transport: SshTransport, locked_orders: None, tmp_path: Path
 ) -> None:
-    vm = pg_vm(ssh_guest, tmp_path, options=["--lock-wait-timeout=200"])
+    vm = pg_vm(ssh_guest, tmp_path, options=["--lock-wait-timeout=200"], compression="gzip")
     with pytest.raises(dumpfile.DumpFailed) as info:
         take_dump(transport, vm, tmp_path, "snap-locked")
     failed = tmp_path / "lab" / "snap-locked.failed"

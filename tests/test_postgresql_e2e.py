@@ -55,7 +55,11 @@ def test_snapshot_brackets_postgresql_and_restore_dump_is_exact(
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["snapshot_taken"] is True and manifest["pg_dumpall"]["valid"] is True
     dump_file = folder / run["dump"]["file"]
-    assert dump_file.name == "postgresql.sql.gz"
+    # the default compression = "auto" on a guest with zstd (the lab's): a .sql.zst, no note
+    assert dump_file.name == "postgresql.sql.zst" and run["dump"]["compression"] == "zstd"
+    assert manifest["pg_dumpall"]["compression"] == "zstd"
+    assert not any("compressed with gzip" in n for n in run["notes"]), run["notes"]
+    assert "note: dump compressed" not in proc.stderr + proc.stdout
     assert oct(dump_file.stat().st_mode & 0o777) == "0o600"
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
 

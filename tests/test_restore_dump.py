@@ -29,7 +29,7 @@ def dumped(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, tmp_path: Path
 ) -> Iterator[tuple[Any, Path]]:
     """A config for the loopback guest and a verified dump of the pristine i-doit databases."""
-    config = make_config(ssh_guest, tmp_path / "store", databases=IDOIT)
+    config = make_config(ssh_guest, tmp_path / "store", databases=IDOIT, compression="gzip")
     vm = config.vm("lab")
     assert vm.guest is not None
     transport = shell_transport(vm.guest, vm="lab")

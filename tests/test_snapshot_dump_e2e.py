@@ -36,7 +36,8 @@ def test_snapshot_with_dump_stores_a_verified_dump_that_loads_identically(
     idoit_db: idoit_fixture.IdoitDB,
     scratch_mariadb: lab.ScratchMariaDB,
 ) -> None:
-    config = _config(tmp_path, libvirt_node, ssh_guest.guest_table())
+    # gzip: this test reads the stream by hand (tests/test_compression_lab.py takes the default)
+    config = _config(tmp_path, libvirt_node, ssh_guest.guest_table(), compression="gzip")
     proc = snapcoord("-c", str(config), "snapshot", "db1", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr
     (run,) = json_lines(proc.stdout)
@@ -54,6 +55,7 @@ def test_snapshot_with_dump_stores_a_verified_dump_that_loads_identically(
     assert digest == run["dump"]["sha256"]
     assert manifest["files"][dump_file.name]["sha256"] == digest
     assert manifest["snapshot"] == run["snapshot"] and manifest["snapshot_taken"] is True
+    assert run["dump"]["compression"] == "gzip" and dump_file.name == "mysql.sql.gz"
     subprocess.run(["gunzip", "-t", str(dump_file)], check=True)
     with gzip.open(dump_file) as handle:
         tail = handle.read()[-200:]

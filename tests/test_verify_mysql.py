@@ -55,7 +55,7 @@ def verify_dir() -> Iterator[Path]:
 @pytest.fixture
 def dumped(ssh_guest: lab.SshGuest, idoit_db: IdoitDB, tmp_path: Path) -> Path:
     """A run folder with a dump of the pristine i-doit databases, taken by snapcoord."""
-    vm = vm_config(ssh_guest, tmp_path / "store", databases=IDOIT)
+    vm = vm_config(ssh_guest, tmp_path / "store", databases=IDOIT, compression="gzip")
     assert vm.guest is not None
     transport = shell_transport(vm.guest, vm="lab")
     transport.open()

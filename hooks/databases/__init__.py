@@ -71,7 +71,9 @@ class DatabaseKind(Protocol):
         options: DumpConfig,
         store_root: Path | None = None,
     ) -> DumpPlan:
-        """Before anything stops: tools, credentials, databases, size (and store space)."""
+        """Before anything stops: tools, credentials, databases, size (and store space), and
+        the compression resolved (``compression = "auto"``: zstd when the tools probe finds
+        it in the guest and this host has it, else gzip with the plan's ``compression_reason``)."""
         ...
 
     def dump(
@@ -85,7 +87,8 @@ class DatabaseKind(Protocol):
         plan: DumpPlan | None = None,
         compress_on: str | None = None,
     ) -> DumpResult:
-        """Stream the dump into ``run_dir`` with the manifest section; DumpFailed otherwise."""
+        """Stream the dump into ``run_dir`` with the manifest section; DumpFailed otherwise.
+        The compression is the plan's; without a plan, ``options``' ("auto" is gzip)."""
         ...
 
     def check_ready(

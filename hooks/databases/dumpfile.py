@@ -11,11 +11,16 @@ Where compression runs was chosen by measurement (bench/dump.py, docs/dump.md): 
 the coordinator (zlib level 9 in the thread that receives the stream), which was faster than
 ``dump | gzip -9`` in the guest and takes the compression CPU off the database server during
 the service window. zstd runs in the guest (``zstd`` CLI; no Python zstd module is required).
+
+``compression = "auto"`` (the default) is resolved in each kind's preflight, by the tools probe
+it already runs (:data:`ZSTD_PROBE`, no extra round trip): zstd when the guest has it, else gzip
+with a reason the run shows (:func:`resolve_compression`, :func:`fallback_note`).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 import zlib
@@ -35,6 +40,8 @@ from snapcoord.values import integer
 # Where each codec compresses ("guest" | "coordinator"); chosen by bench/dump.py, see docs/dump.md.
 COMPRESS_ON = {"gzip": "coordinator", "zstd": "guest", "none": "guest"}
 SUFFIXES = {"gzip": ".sql.gz", "zstd": ".sql.zst", "none": ".sql"}
+# Store space a dump needs, as a share of the data it holds (information_schema's figures).
+SPACE_FACTOR = {"gzip": 0.5, "zstd": 0.5, "none": 2.0}
 CHUNK = 1 << 20
 TAIL = 512
 # zstd decompresses locally, to check a dump: the command, and a bound for scanning one that
@@ -114,6 +121,69 @@ exit "$frc"
 _STATUS_RE = re.compile(rb"snapcoord-status (\S+)=(\d+) filter=(\d+)")
 
 
+# --------------------------------------------------------------------------------------------
+# compression = "auto": zstd when the guest has it, gzip otherwise
+
+#: Appended to a kind's tools probe (sh): prints the line below when the guest has ``zstd`` on
+#: the PATH its dump runs with (same login, same sudo). It never fails the probe.
+ZSTD_PROBE = 'if command -v zstd >/dev/null 2>&1; then echo "snapcoord-has zstd"; fi'
+_ZSTD_FOUND = re.compile(rb"^snapcoord-has zstd$", re.MULTILINE)
+ZSTD_MISSING = "zstd not found in the guest"
+#: the coordinator decompresses every zstd dump once stored (completion line), and restore-dump
+#: and verify read it with the same command: without it here, "auto" takes gzip
+ZSTD_MISSING_HERE = "zstd not found on the coordinator"
+
+
+def required_tools(compression: str) -> list[str]:
+    """The guest tools a configured compression needs beyond the kind's own (the probe fails
+    without them): zstd when it is asked for explicitly; "auto" falls back instead."""
+    return ["zstd"] if compression == "zstd" else []
+
+
+def zstd_found(probe_stdout: bytes) -> bool:
+    """Whether the tools probe (ending with :data:`ZSTD_PROBE`) found zstd in the guest."""
+    return _ZSTD_FOUND.search(probe_stdout) is not None
+
+
+def coordinator_has_zstd() -> bool:
+    """Whether this host finds the ``zstd`` command the way :func:`shell.stream` runs it."""
+    return shutil.which(_UNZSTD[0]) is not None
+
+
+def resolve_compression(configured: str, *, zstd: bool) -> tuple[str, str | None]:
+    """(the compression a dump uses, why it is not the default's first choice): ``configured``
+    as it is unless it is "auto", which is zstd when the guest has it (``zstd``) and so does
+    this host (it checks the stored file with it), else gzip with the reason
+    (:data:`ZSTD_MISSING`, :data:`ZSTD_MISSING_HERE`)."""
+    if configured != "auto":
+        return configured, None
+    if not zstd:
+        return "gzip", ZSTD_MISSING
+    if not coordinator_has_zstd():
+        return "gzip", ZSTD_MISSING_HERE
+    return "zstd", None
+
+
+def fallback_fix(vm: str, reason: str) -> str:
+    """What to do about a gzip fallback of ``compression = "auto"`` for ``reason``."""
+    where = "on the coordinator" if reason == ZSTD_MISSING_HERE else "in the guest"
+    return f"install zstd {where}, or set [vms.{vm}.dump] compression"
+
+
+def fallback_note(vm: str, reason: str) -> str:
+    """The run's note when ``compression = "auto"`` could not use zstd: what happened, what
+    to do."""
+    return f"dump compressed with gzip: {reason} ({fallback_fix(vm, reason)})"
+
+
+def dump_compression(configured: str, plan: DumpPlan | None) -> str:
+    """The compression a kind's ``dump()`` uses: the plan's (resolved in preflight) when there
+    is one; without a plan, ``configured`` with "auto" taken as gzip (nothing was probed)."""
+    if plan is not None:
+        return plan.compression
+    return "gzip" if configured == "auto" else configured
+
+
 def client_error(result: Completed) -> str:
     """The guest client's last error line (status lines left out), for one-line messages."""
     if result.timed_out:
@@ -138,9 +208,11 @@ class DumpPlan:
     all_databases: bool
     data_bytes: int  # information_schema data + index length of those databases
     needed_bytes: int  # conservative store space for the compressed dump
-    compression: str
+    compression: str  # resolved: gzip | zstd | none (never "auto")
     file_name: str
     argv: tuple[str, ...]  # the mysqldump arguments (no secrets in them)
+    #: why ``compression = "auto"`` did not choose zstd (``ZSTD_MISSING``, ``ZSTD_MISSING_HERE``)
+    compression_reason: str | None = None
 
 
 class Inspector:
@@ -227,6 +299,7 @@ class DumpResult:
     rows: int
     tables: int
     seconds: float
+    compression: str  # gzip | zstd | none, as the file is stored
     databases: list[str] = field(default_factory=list)
 
     @property
@@ -375,6 +448,7 @@ def receive(
         rows=sum(record["tables"].values()),
         tables=len(record["tables"]),
         seconds=seconds,
+        compression=compression,
         databases=list(record["databases"]),
     )
 

@@ -24,6 +24,8 @@ from snapcoord.guest import Transport
 from snapcoord.hooks.databases import options as options_parser
 from snapcoord.hooks.databases.dumpfile import (
     GUEST_SCRIPT,
+    SPACE_FACTOR,
+    ZSTD_PROBE,
     DumpFormat,
     DumpPlan,
     DumpResult,
@@ -34,8 +36,12 @@ from snapcoord.hooks.databases.dumpfile import (
     client_error,
     compare_rows,
     compress_where,
+    dump_compression,
     read_verified,
     receive,
+    required_tools,
+    resolve_compression,
+    zstd_found,
 )
 from snapcoord.hooks.databases.pause import PausePlan, WritePause
 from snapcoord.secrets import Secret
@@ -235,6 +241,15 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
     return [*args, "--all-databases"]
 
 
+# The tools check: every tool named must be there; says whether zstd is (compression = "auto").
+_TOOLS_CHECK = (
+    r"""
+for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done
+"""
+    + ZSTD_PROBE
+)
+
+
 def preflight(
     transport: Transport,
     *,
@@ -248,19 +263,18 @@ def preflight(
     for that much free space)."""
     args = check_options(options, vm=vm)
     client = Client.from_config(options, guest, vm=vm)
-    compression = options.compression
     timeout = guest.command_timeout
-    tools = ["mysqldump", "mysql"] + (["zstd"] if compression == "zstd" else [])
-    probe = (
-        'for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done'
+    tools = ["mysqldump", "mysql", *required_tools(options.compression)]
+    result = transport.run(
+        ["sh", "-c", _TOOLS_CHECK, "sh", *tools], sudo=client.sudo, timeout=timeout
     )
-    result = transport.run(["sh", "-c", probe, "sh", *tools], sudo=client.sudo, timeout=timeout)
     if not result.ok:
         raise PreflightError(
             f"cannot dump: {client_error(result)} in the guest",
             vm=vm,
             hint="install the MariaDB/MySQL client (and zstd for compression = zstd)",
         )
+    compression, reason = resolve_compression(options.compression, zstd=zstd_found(result.stdout))
     rows = client.query(
         transport,
         "SELECT VERSION();"
@@ -282,8 +296,7 @@ def preflight(
         )
     databases = tuple(wanted) if wanted else tuple(d for d in present if d not in NOT_DUMPED)
     data_bytes = sum(sizes.get(d, 0) for d in databases)
-    factor = {"gzip": 0.5, "zstd": 0.5, "none": 2.0}[compression]
-    needed = int(data_bytes * factor)
+    needed = int(data_bytes * SPACE_FACTOR[compression])
     if store_root is not None:
         store.check_writable(store_root, vm, needed)
     return DumpPlan(
@@ -296,6 +309,7 @@ def preflight(
         compression=compression,
         file_name=DUMP_NAMES[compression],
         argv=tuple(args),
+        compression_reason=reason,
     )
 
 
@@ -484,7 +498,7 @@ def dump(
     Raises :class:`DumpFailed` after the run folder was renamed ``.failed``. The caller commits
     ``run_dir`` when the run's other files are in."""
     args = list(plan.argv) if plan else check_options(options, vm=vm)
-    compression = options.compression
+    compression = dump_compression(options.compression, plan)
     compress_here = compress_where(compression, compress_on)
     client = Client.from_config(options, guest, vm=vm)
     query_timeout = guest.command_timeout

@@ -42,6 +42,8 @@ from snapcoord.guest import Transport
 from snapcoord.hooks.databases import options as options_parser
 from snapcoord.hooks.databases.dumpfile import (
     GUEST_SCRIPT,
+    SPACE_FACTOR,
+    ZSTD_PROBE,
     DumpFormat,
     DumpPlan,
     DumpResult,
@@ -52,8 +54,12 @@ from snapcoord.hooks.databases.dumpfile import (
     client_error,
     compare_rows,
     compress_where,
+    dump_compression,
     read_verified,
     receive,
+    required_tools,
+    resolve_compression,
+    zstd_found,
 )
 from snapcoord.hooks.databases.pause import PausePlan, WritePause, refuse
 from snapcoord.settings import DumpConfig, GuestConfig
@@ -268,21 +274,26 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
 
 
 # Exit statuses of the tools check, and what they mean.
-_TOOLS_CHECK = r"""
+_TOOLS_CHECK = (
+    r"""
 [ "$(id -u)" = 0 ] || exit 126
 id -u -- "$1" >/dev/null 2>&1 || exit 125
 shift
 for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done
 """
+    + ZSTD_PROBE
+)
 
 
 def _check_tools(transport: Transport, client: Client, compression: str, *,
-                 timeout: float) -> None:  # fmt: skip
-    tools = ["runuser", "pg_dumpall", "psql"] + (["zstd"] if compression == "zstd" else [])
+                 timeout: float) -> tuple[str, str | None]:  # fmt: skip
+    """The tools check; returns the compression to use and why it is not the first choice
+    (:func:`resolve_compression`: the same probe says whether the guest has zstd)."""
+    tools = ["runuser", "pg_dumpall", "psql", *required_tools(compression)]
     result = transport.run(["sh", "-c", _TOOLS_CHECK, "sh", client.os_user, *tools],
                            sudo=client.sudo, timeout=timeout)  # fmt: skip
     if result.ok:
-        return
+        return resolve_compression(compression, zstd=zstd_found(result.stdout))
     vm = client.vm
     if result.returncode == 126:
         raise PreflightError(
@@ -317,8 +328,9 @@ def preflight(
     ``store_root``, the store checked for that much free space)."""
     args = check_options(options, vm=vm)
     client = Client.from_config(options, guest, vm=vm)
-    compression = options.compression
-    _check_tools(transport, client, compression, timeout=guest.command_timeout)
+    compression, reason = _check_tools(
+        transport, client, options.compression, timeout=guest.command_timeout
+    )
     info = client.server(transport, timeout=guest.command_timeout)
     if not info.get("superuser"):
         raise PreflightError(
@@ -329,13 +341,13 @@ def preflight(
         )
     sizes = {str(k): int(v) for k, v in (info.get("databases") or {}).items()}
     data_bytes = sum(sizes.values())
-    needed = int(data_bytes * {"gzip": 0.5, "zstd": 0.5, "none": 2.0}[compression])
+    needed = int(data_bytes * SPACE_FACTOR[compression])
     if store_root is not None:
         store.check_writable(store_root, vm, needed)
     return DumpPlan(vm=vm, server_version=str(info["version"]), databases=tuple(sizes),
                     all_databases=True, data_bytes=data_bytes, needed_bytes=needed,
                     compression=compression, file_name=DUMP_NAMES[compression],
-                    argv=tuple(args))  # fmt: skip
+                    argv=tuple(args), compression_reason=reason)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +484,7 @@ def dump(
 
     Raises :class:`DumpFailed` after the run folder was renamed ``.failed``."""
     args = list(plan.argv) if plan else check_options(options, vm=vm)
-    compression = options.compression
+    compression = dump_compression(options.compression, plan)
     compress_here = compress_where(compression, compress_on)
     client = Client.from_config(options, guest, vm=vm)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from snapcoord import schema, store
 from snapcoord.errors import PreflightError
 from snapcoord.hooks import archive, databases
-from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan
+from snapcoord.hooks.databases.dumpfile import DumpFailed, DumpPlan, fallback_note
 from snapcoord.run import Step
 from snapcoord.settings import DumpConfig, VMConfig
 
@@ -82,11 +82,14 @@ class Fallback:
                 what = f"{self.kind.FORMAT.program} {args}"
             else:  # database = "auto": the probe picks the kind
                 what = "the dump program of the database found (mysqldump, pg_dumpall)"
+            codec = options.compression
+            if codec == "auto":
+                codec = "zstd (gzip where zstd is missing)"
             steps.append(
                 Step(
                     "dump to store",
                     self._dump,
-                    describe=f"{what} | {options.compression} > store"
+                    describe=f"{what} | {codec} > store"
                     + (", before the pause, while the application runs" if self.pausing else ""),
                 )
             )
@@ -117,6 +120,8 @@ class Fallback:
                 options=self.options(),
                 store_root=root,
             )
+            if self.plan.compression_reason:
+                ctx.notes.append(fallback_note(ctx.key, self.plan.compression_reason))
         if self.paths:
             archive.preflight(
                 ctx.transport,
@@ -135,12 +140,15 @@ class Fallback:
             self._dump_record["position_at_dump"] = self.kind.position(
                 ctx.transport, vm=ctx.key, guest=ctx.guest, options=ctx.vm_cfg.dump
             )
+        options = self.options()
+        if self.plan is not None:  # the compression preflight resolved ("auto": zstd or gzip)
+            options = dataclasses.replace(options, compression=self.plan.compression)
         try:
             result = self.kind.dump(
                 ctx.transport,
                 vm=ctx.key,
                 guest=ctx.guest,
-                options=self.options(),
+                options=options,
                 run_dir=self.run_dir,
                 plan=self.plan,
                 compress_on=compress_on(ctx),
@@ -154,6 +162,7 @@ class Fallback:
         self._dump_record["dump_ended"] = time.time()
         ctx.outputs["dump"] = {
             "file": result.path.name,
+            "compression": result.compression,
             "sha256": result.sha256,
             "bytes": result.size,
             "sql_bytes": result.sql_bytes,
