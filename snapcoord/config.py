@@ -197,6 +197,12 @@ def _type_error(value: Any, key: Key) -> str | None:
     elif kind == "bool":
         if not isinstance(value, bool):
             return "must be true or false"
+    elif kind == "count":  # an integer within the bounds, or "auto"
+        first, last = key.minimum or 0, key.maximum or 0
+        if value != "auto" and (
+            not isinstance(value, int) or isinstance(value, bool) or not first <= value <= last
+        ):
+            return f'must be "auto" or an integer {_number(first)}-{_number(last)}'
     elif kind in ("int", "float"):
         noun = "an integer" if kind == "int" else "a number"
         ok = isinstance(value, int) if kind == "int" else isinstance(value, int | float)

@@ -36,7 +36,8 @@ MAX_SECONDS = 366 * 24 * 3600
 class Key:
     """One configuration key.
 
-    ``kind``: str, int, float, bool, secret, strlist, argv or choice.
+    ``kind``: str, int, float, bool, secret, strlist, argv, choice or count (an integer
+    within ``minimum``-``maximum``, or "auto").
     """
 
     kind: str
@@ -508,6 +509,9 @@ HOOKS: dict[str, Key] = {
     ),
 }
 
+#: the most mysqldump sessions a parallel dump runs ([vms.X.dump] threads)
+MAX_DUMP_THREADS = 8
+
 # The dump program's options when [vms.X.dump] options is not set, per database kind.
 DEFAULT_DUMP_OPTIONS: dict[str, tuple[str, ...]] = {
     "mysql": ("--single-transaction", "--routines", "--events", "--triggers", "--hex-blob"),
@@ -533,6 +537,17 @@ DUMP: dict[str, Key] = {
         "gzip with a note on the run's line), zstd (the guest must have it), gzip or none",
         default="auto",
         choices=("auto", "zstd", "gzip", "none"),
+    ),
+    "threads": Key(
+        "count",
+        "MySQL only: mysqldump sessions that dump tables at once from one consistent view "
+        "(docs/dump.md): 1 writes the single-stream file; auto takes the guest's cores (at "
+        f"most {MAX_DUMP_THREADS}), and 1 when the databases hold less than 256 MiB (one "
+        "stream is as fast there, and the single readable file is kept); more than 1 needs the "
+        "dump to stream over SSH",
+        default="auto",
+        minimum=1,
+        maximum=MAX_DUMP_THREADS,
     ),
     "compress_on": Key(
         "choice",

@@ -155,6 +155,7 @@ class DumpConfig:
     options: tuple[str, ...] | None  # None: the database kind's (schema.DEFAULT_DUMP_OPTIONS)
     databases: tuple[str, ...]
     compression: str
+    threads: int | str  # 1-8 or "auto" (resolved in the kind's preflight)
     compress_on: str
     user: str | None
     password: Secret | None

@@ -175,6 +175,8 @@ def accepts(kind: str, value: Any) -> bool:
         return isinstance(value, list)
     if kind == "secret":
         return isinstance(value, dict)
+    if kind == "count":  # an integer or the string "auto"
+        return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
     raise AssertionError(f"schema kind {kind!r} unknown to this test: teach it")
 
 
@@ -224,6 +226,9 @@ def valid_value(key: Key) -> st.SearchStrategy[Any]:
         return ints | st.floats(low, high, allow_nan=False, allow_infinity=False)
     if kind == "secret":
         return st.sampled_from([{"env": SET_ENV}, {"file": SECRET_FILE}])
+    if kind == "count":
+        assert key.minimum is not None and key.maximum is not None
+        return st.just("auto") | st.integers(int(key.minimum), int(key.maximum))
     if kind == "str":
         if key.check is None:
             return NAME_TEXT | st.sampled_from(SAMPLES)

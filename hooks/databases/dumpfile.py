@@ -213,6 +213,10 @@ class DumpPlan:
     argv: tuple[str, ...]  # the mysqldump arguments (no secrets in them)
     #: why ``compression = "auto"`` did not choose zstd (``ZSTD_MISSING``, ``ZSTD_MISSING_HERE``)
     compression_reason: str | None = None
+    #: mysqldump sessions (``[vms.X.dump] threads`` resolved): 1 is the single-stream dump
+    threads: int = 1
+    #: why a configured ``threads`` above 1 was not used (the run's note)
+    threads_note: str | None = None
 
 
 class Inspector:
@@ -301,6 +305,8 @@ class DumpResult:
     seconds: float
     compression: str  # gzip | zstd | none, as the file is stored
     databases: list[str] = field(default_factory=list)
+    #: a parallel dump's files, table parts first (``file`` is its objects part); else empty
+    parts: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -340,6 +346,103 @@ def compress_where(compression: str, compress_on: str | None) -> bool:
     return where == "coordinator" and compression == "gzip"
 
 
+class Counter:
+    """A kind's ``counts()`` (row counts and checksums) in a thread of its own, beside the
+    dump's stream(s); :meth:`join` gives its figures, or ``{"error": exc}``."""
+
+    def __init__(self, counts: Callable[[], dict[str, Any]]) -> None:
+        self.counted: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._count, args=(counts,),
+                                        name="snapcoord-rowcount", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _count(self, counts: Callable[[], dict[str, Any]]) -> None:
+        try:
+            self.counted.update(counts())
+        except BaseException as exc:
+            self.counted["error"] = exc
+
+    def join(self) -> dict[str, Any]:
+        self._thread.join()
+        return self.counted
+
+
+@dataclass
+class Streamed:
+    """One stored dump stream (a single-stream dump, or one part of a parallel one) after every
+    check: ``problem`` is None when the file is complete, intact and in the manifest."""
+
+    name: str
+    sink: store.FileSink
+    inspector: Inspector
+    result: Completed | None
+    problem: str | None
+    entry: dict[str, Any]
+
+
+def stream_file(
+    transport: Transport,
+    *,
+    vm: str,
+    fmt: DumpFormat,
+    argv: Sequence[str],
+    stdin: bytes,
+    sudo: bool,
+    timeout: float,
+    run_dir: RunDir,
+    name: str,
+    compression: str,
+    compress_here: bool,
+    consume: Callable[[bytes], None] | None = None,
+) -> Streamed:
+    """Run the guest pipeline ``argv`` (GUEST_SCRIPT), store its stream as ``name`` and check
+    it: the dump program's and the compressor's exit status, the stream's integrity, the
+    completion line, the sha256 re-read from disk (:meth:`store.FileSink.finish`). ``consume``
+    sees each chunk first (a parallel dump stops a part by raising there)."""
+    sink = run_dir.sink(name)
+    inspector = Inspector(sink, compression, compress_here, fmt.marker)
+    problem: str | None = None
+    result: Completed | None = None
+
+    def take(chunk: bytes) -> None:
+        if consume is not None:
+            consume(chunk)
+        inspector(chunk)
+
+    try:
+        result = transport.run_streaming(
+            argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=take
+        )
+        inspector.finish()
+    except OSError as exc:
+        problem = f"writing {sink.final} failed: {exc.strerror or exc}"
+        sink.discard()  # a full store: free the space the partial file took
+    except GuestError as exc:
+        problem = exc.message
+    except Stopped as exc:
+        problem = str(exc)
+
+    if problem is None and result is not None:
+        problem = _dump_problem(result, inspector, fmt)
+    entry: dict[str, Any] = {}
+    if problem is None:
+        try:
+            entry = sink.finish({"kind": fmt.section, "compression": compression,
+                                 "sql_bytes": inspector.sql_bytes})  # fmt: skip
+        except OSError as exc:
+            problem = f"storing the dump failed: {exc}"
+    if problem is None and compression == "zstd":
+        sql_bytes, tail, error = zstd_inspect(sink.final, timeout=timeout)
+        inspector.sql_bytes, inspector.tail = sql_bytes, tail
+        entry["sql_bytes"] = sql_bytes
+        problem = error or (None if fmt.marker.search(tail) else fmt.no_marker)
+    return Streamed(name, sink, inspector, result, problem, entry)
+
+
+class Stopped(Exception):
+    """Raised in a part's consumer to stop its stream (another part failed)."""
+
+
 def receive(
     transport: Transport,
     *,
@@ -366,47 +469,15 @@ def receive(
     name = fmt.file_name(compression)
     started_iso = store.now_iso()
     started = time.monotonic()
-    counted: dict[str, Any] = {}
-
-    def count() -> None:
-        try:
-            counted.update(counts())
-        except BaseException as exc:
-            counted["error"] = exc
-
-    counter = threading.Thread(target=count, name="snapcoord-rowcount", daemon=True)
-    counter.start()
-    sink = run_dir.sink(name)
-    inspector = Inspector(sink, compression, compress_here, fmt.marker)
-    problem: str | None = None
-    result: Completed | None = None
-    try:
-        result = transport.run_streaming(
-            argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=inspector
-        )
-        inspector.finish()
-    except OSError as exc:
-        problem = f"writing {sink.final} failed: {exc.strerror or exc}"
-        sink.discard()  # a full store: free the space the partial file took
-    except GuestError as exc:
-        problem = exc.message
-    counter.join()
+    counter = Counter(counts)
+    streamed = stream_file(transport, vm=vm, fmt=fmt, argv=argv, stdin=stdin, sudo=sudo,
+                           timeout=timeout, run_dir=run_dir, name=name,
+                           compression=compression, compress_here=compress_here)  # fmt: skip
+    counted = counter.join()
     seconds = time.monotonic() - started
-
-    if problem is None and result is not None:
-        problem = _dump_problem(result, inspector, fmt)
-    entry: dict[str, Any] = {}
-    if problem is None:
-        try:
-            entry = sink.finish({"kind": fmt.section, "compression": compression,
-                                 "sql_bytes": inspector.sql_bytes})  # fmt: skip
-        except OSError as exc:
-            problem = f"storing the dump failed: {exc}"
-    if problem is None and compression == "zstd":
-        sql_bytes, tail, error = zstd_inspect(sink.final, timeout=timeout)
-        inspector.sql_bytes, inspector.tail = sql_bytes, tail
-        entry["sql_bytes"] = sql_bytes
-        problem = error or (None if fmt.marker.search(tail) else fmt.no_marker)
+    problem = streamed.problem
+    inspector, result, sink = streamed.inspector, streamed.result, streamed.sink
+    entry = streamed.entry
     if problem is None and "error" in counted:
         error = counted["error"]
         problem = f"counting rows failed: {getattr(error, 'message', error)}"
@@ -417,6 +488,7 @@ def receive(
         "finished": store.now_iso(),
         "seconds": round(seconds, 3),
         "file": name,
+        "format": "single",
         "compression": compression,
         "compressed_on": "coordinator" if compress_here else "guest",
         **section,
@@ -482,6 +554,74 @@ def _dump_problem(result: Completed, inspector: Inspector, fmt: DumpFormat) -> s
 # Reading a stored dump back
 
 
+@dataclass(frozen=True)
+class DumpPart:
+    """One file of a parallel dump, as its manifest lists it (read by :func:`parallel_parts`)."""
+
+    file: Path
+    role: str  # "tables": base tables with their data and triggers; "objects": views, routines
+    tables: tuple[str, ...]  # "db.table" of every base table in a tables part
+    compression: str
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+
+#: a parallel dump's part files, in a manifest's ``parts`` list
+PART_ROLES = ("tables", "objects")
+
+
+def parallel_parts(
+    folder: Path, manifest: dict[str, Any], fmt: DumpFormat, *, vm: str
+) -> tuple[DumpPart, ...] | None:
+    """The parts of a parallel dump from its run folder's manifest (section ``format =
+    "parallel"``), None for a single-stream dump (``"single"``, or no ``format``: dumps before
+    parallel dumps existed). Anything else (a hand-edited or corrupt list) is one CorruptDump
+    line. The files' sha256 are checked by :func:`store.verify`, not here."""
+    section = manifest.get(fmt.section)
+    if not isinstance(section, dict):
+        return None
+    kind = section.get("format", "single")
+    if kind == "single":
+        return None
+
+    def corrupt(why: str) -> CorruptDump:
+        return CorruptDump(
+            f"{folder}: the manifest's {fmt.section} section {why}: refusing to use it",
+            vm=vm,
+            hint="nothing was changed; the manifest was edited or damaged",
+        )
+
+    if kind != "parallel":
+        raise corrupt(f"names an unknown format {clip(str(kind), 40)!r}")
+    listed = section.get("parts")
+    files = manifest.get("files")
+    if not isinstance(listed, list) or not listed or not isinstance(files, dict):
+        raise corrupt("has no list of parts")
+    parts: list[DumpPart] = []
+    seen: set[str] = set()
+    for index, item in enumerate(listed, 1):
+        if not isinstance(item, dict):
+            raise corrupt(f"lists part {index} as something other than a table")
+        name, role, tables = item.get("file"), item.get("role"), item.get("tables", [])
+        if not isinstance(name, str) or name not in files or name in seen:
+            shown = clip(str(name), 60)
+            raise corrupt(f"lists part {index} ({shown!r}) that is not one of its files")
+        if role not in PART_ROLES:
+            raise corrupt(f"gives part {name} the unknown role {clip(str(role), 40)!r}")
+        if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+            raise corrupt(f"lists the tables of part {name} unreadably")
+        seen.add(name)
+        parts.append(DumpPart(folder / name, role, tuple(tables), codec_of(Path(name))))
+    roles = [p.role for p in parts]
+    if roles.count("objects") != 1 or "tables" not in roles:
+        raise corrupt("needs one objects part and at least one tables part")
+    return tuple(p for p in parts if p.role == "tables") + tuple(
+        p for p in parts if p.role == "objects"
+    )
+
+
 @dataclass
 class RestoreSource:
     """A verified dump ready to load: the file, its codec, and what it holds."""
@@ -492,6 +632,14 @@ class RestoreSource:
     databases: list[str]  # every database the dump creates (from the SQL itself)
     to_drop: list[str]  # those a restore drops first (never the kind's system databases)
     section: str  # the manifest section with the row counts
+    #: a parallel dump's files (``file`` is then its run folder): the table parts, loaded
+    #: concurrently, then the objects part; empty for a single-stream dump
+    parts: tuple[DumpPart, ...] = ()
+
+    @property
+    def format(self) -> str:
+        """``"parallel"`` (several part files) or ``"single"`` (one file)."""
+        return "parallel" if self.parts else "single"
 
     @property
     def figures_comparable(self) -> bool:
@@ -630,6 +778,8 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
     manifest: dict[str, Any] | None = None
     if source.is_dir():
         manifest = store.verify(source, vm=vm)
+        if parallel_parts(source, manifest, fmt, vm=vm) is not None:
+            raise CorruptDump(f"{source} holds a parallel dump: it has no single file", vm=vm)
         section = manifest.get(fmt.section)
         named = section.get("file") if isinstance(section, dict) else None
         if not isinstance(named, str) or named not in manifest["files"]:
@@ -643,6 +793,13 @@ def locate(source: Path, fmt: DumpFormat, *, vm: str) -> tuple[Path, dict[str, A
         files = candidate.get("files")
         entry = files.get(source.name) if isinstance(files, dict) else None
         if entry is not None:
+            section = candidate.get(fmt.section)
+            if isinstance(section, dict) and section.get("format", "single") != "single":
+                raise PreflightError(
+                    f"{source.name} is one part of a parallel dump",
+                    vm=vm,
+                    hint=f"restore its run folder ({source.parent}): its parts load together",
+                )
             if not isinstance(entry, dict):
                 raise CorruptDump(f"{sibling} does not describe {source.name} as a file", vm=vm)
             store.verify_file(source, entry, vm=vm)
@@ -658,6 +815,9 @@ def read_recorded(source: Path, fmt: DumpFormat, *, vm: str) -> RestoreSource:
     and comparison are for (a second decompression here cost 8 % of a verify:
     docs/benchmarks.md). ``to_drop`` is every recorded database (nothing is dropped: the
     server is new)."""
+    parallel = read_parallel(source, fmt, None, vm=vm)
+    if parallel is not None:
+        return parallel
     file, manifest = locate(source, fmt, vm=vm)
     section = (manifest or {}).get(fmt.section)
     if manifest is None or not isinstance(section, dict):
@@ -665,6 +825,43 @@ def read_recorded(source: Path, fmt: DumpFormat, *, vm: str) -> RestoreSource:
     listed = section.get("databases")
     names = [d for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
     return RestoreSource(file, codec_of(file), manifest, names, names, fmt.section)
+
+
+def read_parallel(
+    source: Path, fmt: DumpFormat, find: Callable[[bytes], str | None] | None, *, vm: str
+) -> RestoreSource | None:
+    """A run folder's parallel dump, every part checked against the manifest's sha256; with
+    ``find``, every part's SQL read too (an intact stream, the completion line, the databases
+    it creates), as :func:`read_verified` does for a single file. None when ``source`` is not
+    the run folder of a parallel dump. Raises CorruptDump before anything is changed."""
+    source = Path(source)
+    if not source.is_dir() or not (source / store.MANIFEST).is_file():
+        return None
+    manifest = store.read_manifest(source)
+    if parallel_parts(source, manifest, fmt, vm=vm) is None:
+        return None
+    manifest = store.verify(source, vm=vm)
+    parts = parallel_parts(source, manifest, fmt, vm=vm) or ()
+    section = manifest.get(fmt.section)
+    listed = section.get("databases") if isinstance(section, dict) else None
+    databases = [d for d in listed if isinstance(d, str)] if isinstance(listed, list) else []
+    if find is not None:
+        databases = []
+        for part in parts:
+            try:
+                found, tail = scan(part.file, part.compression, find)
+            except CorruptDump as exc:
+                raise CorruptDump(exc.message, vm=vm, hint="nothing was changed") from None
+            if not fmt.marker.search(tail):
+                raise CorruptDump(
+                    f"{part.file} does not end with {fmt.program}'s {fmt.marker_text}: "
+                    "refusing a truncated dump",
+                    vm=vm,
+                    hint="nothing was changed",
+                )
+            databases += [d for d in found if d not in databases]
+    codec = parts[0].compression
+    return RestoreSource(source, codec, manifest, databases, databases, fmt.section, parts)
 
 
 def read_verified(
@@ -697,6 +894,7 @@ class RestoreResult:
     rows_checked: int = 0
     mismatches: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checksums_checked: int = 0  # tables whose checksum was compared (parallel dumps)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -705,6 +903,7 @@ class RestoreResult:
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
             "rows_checked": self.rows_checked,
+            "checksums_checked": self.checksums_checked,
             "mismatches": self.mismatches,
             "warnings": self.warnings,
         }

@@ -37,6 +37,7 @@ from snapcoord.hooks.databases.dumpfile import (
     compare_rows,
     compress_where,
     dump_compression,
+    read_parallel,
     read_verified,
     receive,
     required_tools,
@@ -151,8 +152,12 @@ class Client:
             lines.append(f"password={_option_value(self.password.reveal())}")
         return ("\n".join(lines) + "\n").encode()
 
-    def argv(self, mode: str, program: str, args: Sequence[str]) -> tuple[list[str], bytes]:
-        cnf = self.option_file()
+    def argv(
+        self, mode: str, program: str, args: Sequence[str], *, option_file: bytes | None = None
+    ) -> tuple[list[str], bytes]:
+        """GUEST_SCRIPT's argv and the option file it reads first from stdin: the client's
+        (:meth:`option_file`), or ``option_file`` (which then holds it and more)."""
+        cnf = self.option_file() if option_file is None else option_file
         return ["sh", "-c", GUEST_SCRIPT, "sh", str(len(cnf)), mode, program, *args], cnf
 
     def query(self, transport: Transport, sql: str, *, timeout: float) -> list[list[str]]:
@@ -245,9 +250,45 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
 _TOOLS_CHECK = (
     r"""
 for t; do command -v "$t" >/dev/null 2>&1 || { echo "$t not found" >&2; exit 127; }; done
+echo "snapcoord-nproc $(nproc 2>/dev/null || echo 1)"
 """
     + ZSTD_PROBE
 )
+_NPROC = re.compile(rb"^snapcoord-nproc (\d+)$", re.MULTILINE)
+#: threads = "auto" dumps in one stream below this much data (information_schema data + index
+#: length of the dumped databases): one stream is as fast there, and the readable single file
+#: is kept
+PARALLEL_MIN_BYTES = 256 << 20
+
+
+def cores_of(probe_stdout: bytes) -> int:
+    """The guest's cores, as the tools probe's ``nproc`` line says (1 when it says nothing)."""
+    match = _NPROC.search(probe_stdout)
+    return max(1, int(match.group(1))) if match else 1
+
+
+def resolve_threads(
+    configured: int | str, *, cores: int, data_bytes: int, guest: GuestConfig, vm: str
+) -> tuple[int, str | None]:
+    """(mysqldump sessions, the run's note when a configured number above 1 cannot be used).
+    "auto": the guest's cores, at most MAX_DUMP_THREADS, and 1 below PARALLEL_MIN_BYTES."""
+    if configured == "auto":
+        wanted = 1 if data_bytes < PARALLEL_MIN_BYTES else min(cores, schema.MAX_DUMP_THREADS)
+    else:
+        wanted = int(configured)
+    if wanted <= 1:
+        return 1, None
+    streams_over = guest.dump_transport if guest.transport == "agent" else guest.transport
+    if streams_over == "agent":
+        note = (
+            None
+            if configured == "auto"
+            else f"dumped in one stream: threads = {configured} needs the dump to stream over "
+            f"SSH, and the guest agent carries one stream at a time (set [vms.{vm}.guest] "
+            "dump_transport = 'ssh')"
+        )
+        return 1, note
+    return wanted, None
 
 
 def preflight(
@@ -275,6 +316,7 @@ def preflight(
             hint="install the MariaDB/MySQL client (and zstd for compression = zstd)",
         )
     compression, reason = resolve_compression(options.compression, zstd=zstd_found(result.stdout))
+    cores = cores_of(result.stdout)
     rows = client.query(
         transport,
         "SELECT VERSION();"
@@ -299,6 +341,9 @@ def preflight(
     needed = int(data_bytes * SPACE_FACTOR[compression])
     if store_root is not None:
         store.check_writable(store_root, vm, needed)
+    threads, threads_note = resolve_threads(
+        options.threads, cores=cores, data_bytes=data_bytes, guest=guest, vm=vm
+    )
     return DumpPlan(
         vm=vm,
         server_version=version,
@@ -310,6 +355,8 @@ def preflight(
         file_name=DUMP_NAMES[compression],
         argv=tuple(args),
         compression_reason=reason,
+        threads=threads,
+        threads_note=threads_note,
     )
 
 
@@ -521,6 +568,12 @@ def dump(
             "checksum_method": CHECKSUM_METHOD,
         }
 
+    if plan is not None and plan.threads > 1:
+        from snapcoord.hooks.databases.mysql_parallel import ParallelDump
+
+        parallel = ParallelDump(transport, vm=vm, guest=guest, options=options, run_dir=run_dir,
+                                plan=plan, compress_here=compress_here, counts=counts)  # fmt: skip
+        return parallel.run()
     mode = "none" if compress_here or compression == "none" else compression
     argv, cnf = client.argv(mode, "mysqldump", args)
     return receive(
@@ -561,6 +614,10 @@ def prepare_restore(source: Path, *, vm: str) -> RestoreSource:
 
     A run folder, or a file inside one, is checked against its manifest's sha256; a bare file
     is checked for an intact compressed stream. Both must end with the completion marker."""
+    parallel = read_parallel(source, FORMAT, _created_database, vm=vm)
+    if parallel is not None:
+        parallel.to_drop = [d for d in parallel.databases if d not in SYSTEM_SCHEMAS]
+        return parallel
     file, compression, manifest, databases = read_verified(source, FORMAT, _created_database, vm=vm)
     to_drop = [d for d in databases if d not in SYSTEM_SCHEMAS]
     return RestoreSource(file, compression, manifest, databases, to_drop, SECTION)
@@ -585,10 +642,22 @@ def drop_databases(
 def load(
     transport: Transport, client: Client, source: RestoreSource, *, timeout: float
 ) -> Completed:
-    """Stream the compressed file into ``mysql`` in the guest (decompressed there)."""
-    mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[source.compression]
+    """Stream the compressed file into ``mysql`` in the guest (decompressed there); a parallel
+    dump's parts at once, then its objects part (hooks/databases/mysql_parallel.py)."""
+    if source.parts:
+        from snapcoord.hooks.databases import mysql_parallel
+
+        return mysql_parallel.load(transport, client, source, timeout=timeout)
+    return load_file(transport, client, source.file, source.compression, timeout=timeout)
+
+
+def load_file(
+    transport: Transport, client: Client, path: Path, compression: str, *, timeout: float
+) -> Completed:
+    """One dump file into ``mysql`` in the guest, decompressed there, read in chunks."""
+    mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[compression]
     argv, cnf = client.argv(mode, "mysql", [*client.connection, "--batch"])
-    with open(source.file, "rb") as handle:
+    with open(path, "rb") as handle:
         return transport.run_streaming(
             argv, sudo=client.sudo, timeout=timeout, stdin=cnf, source=handle
         )
@@ -630,11 +699,40 @@ def restore(
         )
     expected = prepared.expected_rows
     actual: dict[str, int] = {}
+    sums: dict[str, TableSum] = {}
     if expected is not None:
         dbs = sorted({name.split(".", 1)[0] for name in expected} | set(prepared.to_drop))
-        actual = row_counts(client, transport, dbs, timeout=timeout)
+        if prepared.parts:  # a parallel dump: every table's checksum too
+            sums = table_sums(client, transport, dbs, timeout=timeout)
+            actual = {name: s.rows for name, s in sums.items()}
+        else:
+            actual = row_counts(client, transport, dbs, timeout=timeout)
     compare_rows(result, expected, actual, vm=vm, unchecked=prepared.unchecked_reason)
+    if prepared.parts:
+        compare_checksums(result, prepared, sums, vm=vm)
     return result
+
+
+def compare_checksums(
+    result: RestoreResult, prepared: RestoreSource, sums: dict[str, TableSum], *, vm: str
+) -> None:
+    """The restored tables' checksums against the manifest's (when it has them, by this
+    method, and its figures describe the dump's view); RestoreFailed on any difference."""
+    expected = prepared.expected_checksums
+    if (
+        expected is None
+        or prepared.checksum_method != CHECKSUM_METHOD
+        or not prepared.figures_comparable
+    ):
+        result.warnings.append("the manifest has no comparable checksums: rows were counted only")
+        return
+    got = {name: s.checksum for name, s in sums.items() if s.checksum is not None}
+    differ = sorted(t for t in set(expected) | set(got) if expected.get(t) != got.get(t))
+    if differ:
+        shown = ", ".join(differ[:5]) + (f" (+{len(differ) - 5} more)" if len(differ) > 5 else "")
+        result.mismatches += [f"{t}: checksum differs" for t in differ]
+        raise RestoreFailed(f"restored checksums differ from the manifest: {shown}", vm=vm)
+    result.checksums_checked = len(got)
 
 
 # --------------------------------------------------------------------------------------------

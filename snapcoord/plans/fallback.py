@@ -122,6 +122,8 @@ class Fallback:
             )
             if self.plan.compression_reason:
                 ctx.notes.append(fallback_note(ctx.key, self.plan.compression_reason))
+            if self.plan.threads_note:
+                ctx.notes.append(self.plan.threads_note)
         if self.paths:
             archive.preflight(
                 ctx.transport,
@@ -162,6 +164,8 @@ class Fallback:
         self._dump_record["dump_ended"] = time.time()
         ctx.outputs["dump"] = {
             "file": result.path.name,
+            "format": "parallel" if result.parts else "single",
+            **({"parts": result.parts} if result.parts else {}),
             "compression": result.compression,
             "sha256": result.sha256,
             "bytes": result.size,
