@@ -94,6 +94,8 @@ def reference_markdown() -> str:
             else:
                 default = f"`{_toml_value(key.default)}`"
             kind = key.kind + (f" ({', '.join(key.choices)})" if key.choices else "")
+            if key.kind == "count":
+                kind = f"int ({key.minimum:g}-{key.maximum:g}) or auto"
             lines.append(f"| `{name}` | {kind} | {default} | {key.doc} |")
         lines.append("")
     return "\n".join(lines)

@@ -54,10 +54,13 @@ from snapcoord.settings import DumpConfig, GuestConfig
 from snapcoord.shell import Completed
 from snapcoord.store import RunDir
 
-#: mysqldump options of a tables part (after the user's: they win), and of the objects part
+#: mysqldump options of a tables part (after the user's: they win), and of the objects part.
+#: ``--skip-add-locks``: the parts load at once, and a ``LOCK TABLES t WRITE`` around one part's
+#: INSERTs fails them when another part re-creates a table that t's foreign keys name (MariaDB
+#: locks those too: "Table ... was not locked with LOCK TABLES")
 TABLE_PART_OPTIONS = (
-    "--single-transaction", "--skip-lock-tables", "--skip-routines", "--skip-events",
-    "--triggers",
+    "--single-transaction", "--skip-lock-tables", "--skip-add-locks", "--skip-routines",
+    "--skip-events", "--triggers",
 )  # fmt: skip
 OBJECTS_PART_OPTIONS = (
     "--single-transaction", "--skip-lock-tables", "--no-data", "--routines", "--events",
