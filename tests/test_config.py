@@ -34,6 +34,7 @@ KIND_TYPES: dict[str, Any] = {
     "secret": Secret,
     "strlist": tuple[str, ...],
     "argv": tuple[str, ...],
+    "count": int | str,  # an integer or "auto"
 }
 
 BAD = """
