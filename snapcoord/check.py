@@ -256,6 +256,10 @@ class Checker:
         if reason:  # "auto" fell back to gzip: a run notes it, and so does check
             codec += f" ({reason}: {fallback_fix(self.key, reason)})"
             self.notes.append(fallback_note(self.key, reason))
+        if plan.threads > 1:  # a parallel dump ([vms.X.dump] threads, docs/dump.md)
+            codec += f", {plan.threads} parallel parts"
+        if plan.threads_note:
+            self.notes.append(plan.threads_note)
         return (
             f"{plan.server_version}: client and credentials work; {dbs}, about "
             f"{store.mib(plan.data_bytes)} of data, store has room; {codec}"
