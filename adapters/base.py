@@ -29,6 +29,10 @@ T = TypeVar("T")
 MARKER = "snapcoord:"
 
 
+#: how often a thaw after a revert asks the guest agent again while it reconnects
+THAW_POLL_SECONDS = 0.5
+
+
 class PowerState(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
@@ -171,9 +175,11 @@ class Adapter(ABC):
             hint="the freeze hook brackets backups of QEMU VMs on Proxmox VE or libvirt",
         )
 
-    def thaw_filesystems(self, vm: VM) -> bool:
+    def thaw_filesystems(self, vm: VM, *, wait: float = 0.0) -> bool:
         """Thaw the guest's file systems through the guest agent if they are frozen (after a
-        revert to a snapshot taken while frozen); ``True`` when something was thawed."""
+        revert to a snapshot taken while frozen); ``True`` when something was thawed. Where the
+        VM has an agent that does not answer yet (it reconnects after the revert), ask again for
+        up to ``wait`` seconds before deciding that nothing is frozen."""
         return False
 
     def find_snapshot(self, vm: VM, name: str) -> Snapshot:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,7 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 
-from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot
+from snapcoord.adapters.base import (
+    THAW_POLL_SECONDS,
+    VM,
+    Adapter,
+    Capabilities,
+    PowerState,
+    Snapshot,
+)
 from snapcoord.errors import (
     HypervisorError,
     PreflightError,
@@ -135,6 +143,10 @@ def _require_agent(vm: VM, domain_xml: str, purpose: str, or_else: str = "") -> 
             vm=vm.name,
             hint=f"start qemu-guest-agent in the guest{or_else}",
         )
+
+
+#: libvirt's errors for an agent that does not answer yet (it reconnects after a revert)
+_AGENT_NOT_YET = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED})
 
 
 def agent_state(domain_xml: str) -> str | None:
@@ -455,22 +467,38 @@ class LibvirtAdapter(Adapter):
             )
         return LibvirtAgentLink(self.uri, uuid=vm.id, vm=vm.name)
 
-    def thaw_filesystems(self, vm: VM) -> bool:
+    def thaw_filesystems(self, vm: VM, *, wait: float = 0.0) -> bool:
+        """Right after a revert the agent's channel may still be reconnecting (libvirt reports
+        it ``disconnected`` until the guest's qemu-ga is seen again): with an agent channel,
+        ask again for up to ``wait`` seconds before deciding that nothing is frozen."""
         dom = self._domain(vm, "thaw file systems")
-        try:
-            if agent_state(dom.XMLDesc(0)) != "connected":
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                state = agent_state(dom.XMLDesc(0))
+                if state is None:
+                    return False  # no agent channel: nothing could have frozen the guest
+                if state != "disconnected":
+                    return self._thaw_if_frozen(dom)
+                problem = "the guest agent is not connected"
+            except libvirt.libvirtError as err:
+                problem = str(err)
+                if err.get_error_code() not in _AGENT_NOT_YET:  # an answer that will not change
+                    log.info("%s: file systems not thawed by the guest agent: %s", vm.name, err)
+                    return False
+            if time.monotonic() >= deadline:
+                log.info("%s: file systems not thawed by the guest agent: %s", vm.name, problem)
                 return False
-            import libvirt_qemu
+            time.sleep(THAW_POLL_SECONDS)
 
-            reply = libvirt_qemu.qemuAgentCommand(
-                dom, '{"execute": "guest-fsfreeze-status"}', 10, 0
-            )
-            if '"frozen"' not in (reply or ""):
-                return False
-            dom.fsThaw(None, 0)
-        except libvirt.libvirtError as err:
-            log.info("%s: file systems not thawed through the guest agent: %s", vm.name, err)
+    @staticmethod
+    def _thaw_if_frozen(dom: libvirt.virDomain) -> bool:
+        import libvirt_qemu
+
+        reply = libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-status"}', 10, 0)
+        if '"frozen"' not in (reply or ""):
             return False
+        dom.fsThaw(None, 0)
         return True
 
     def set_guest_time(self, vm: VM, epoch: float) -> bool:

@@ -31,7 +31,15 @@ from requests.adapters import HTTPAdapter
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from snapcoord import cancel
-from snapcoord.adapters.base import VM, Adapter, Capabilities, PowerState, Snapshot, poll_until
+from snapcoord.adapters.base import (
+    THAW_POLL_SECONDS,
+    VM,
+    Adapter,
+    Capabilities,
+    PowerState,
+    Snapshot,
+    poll_until,
+)
 from snapcoord.adapters.permissions import (
     proxmox_agent_transport_privileges,
     proxmox_privileges,
@@ -69,6 +77,10 @@ LOCKED_RE = re.compile(
 )
 EXISTS_RE = re.compile(r"^snapshot name '.*' already used$")
 MISSING_RE = re.compile(r"^snapshot '.*' does not exist$")
+#: the API's answers while the guest's agent does not answer (yet: it reconnects after a revert)
+AGENT_NOT_YET_RE = re.compile(
+    r"QEMU guest agent is not running|qga command '[^']*' failed - got timeout"
+)
 VM_NOT_RUNNING_RE = re.compile(r"^VM \d+ is not running")
 
 
@@ -654,14 +666,25 @@ class ProxmoxAdapter(Adapter):
             ) from None
 
     @_checked_answers
-    def thaw_filesystems(self, vm: VM) -> bool:
+    def thaw_filesystems(self, vm: VM, *, wait: float = 0.0) -> bool:
         if vm.extra["type"] != "qemu":
             return False
         base = self._base(vm)
-        try:
-            status = self._request("post", f"{base}/agent/fsfreeze-status", vm=vm.name)
-        except HypervisorError:
-            return False  # no agent, or not running: nothing it could have frozen answers
+        config = self._request("get", f"{base}/config", vm=vm.name)
+        if not _agent_enabled(config.get("agent") if isinstance(config, dict) else None):
+            return False  # no agent: nothing could have frozen the guest
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                status = self._request("post", f"{base}/agent/fsfreeze-status", vm=vm.name)
+                break
+            except HypervisorError as exc:
+                if not AGENT_NOT_YET_RE.search(exc.message):  # refused, or no agent at all
+                    return False
+                if time.monotonic() >= deadline:  # it does not answer (yet, after a revert)
+                    log.info("%s: file systems not thawed: %s", vm.name, exc.message)
+                    return False
+                time.sleep(THAW_POLL_SECONDS)
         result = status.get("result") if isinstance(status, dict) else status
         if result != "frozen":
             return False

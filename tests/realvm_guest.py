@@ -720,3 +720,18 @@ def real_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealGuest]:
         if _SHARED.users == 0 and _SHARED.stack is not None:
             stack, _SHARED.stack, _SHARED.guest = _SHARED.stack, None, None
             stack.close()
+
+
+def stored_dump(summary: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The dump a real-guest run stored, checked: its name matches its codec ("auto": zstd
+    where the image has it, else gzip, and then the run said why), the codec's own tester
+    accepts it. Returns the file and the run folder's manifest."""
+    folder = Path(summary["store_folder"])
+    dump = folder / summary["dump"]["file"]
+    codec = summary["dump"]["compression"]
+    assert dump.name == {"gzip": "mysql.sql.gz", "zstd": "mysql.sql.zst"}[codec]
+    if codec == "gzip":
+        assert any("zstd not found in the guest" in n for n in summary["notes"]), summary
+    tester = {"gzip": ["gunzip", "-t"], "zstd": ["zstd", "-q", "-t"]}[codec]
+    subprocess.run([*tester, str(dump)], check=True)
+    return dump, json.loads((folder / "manifest.json").read_text())

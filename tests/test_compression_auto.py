@@ -198,8 +198,18 @@ def test_auto_takes_gzip_when_this_host_has_no_zstd(
         "dump compressed with gzip: zstd not found on the coordinator (install zstd on the "
         "coordinator, or set [vms.db1.dump] compression)"
     )
-    # an explicit zstd is the admin's choice, as before
-    explicit = preflight(
-        guest_with(tmp_path / "x", kind, zstd=True), options(kind, compression="zstd")
+    # an explicit zstd is refused before anything stops: this host could never check the dump
+    # it would store (it used to be taken, then kept as .failed)
+    guest = guest_with(tmp_path / "x", kind, zstd=True)
+    with pytest.raises(PreflightError) as caught:
+        preflight(guest, options(kind, compression="zstd"))
+    assert caught.value.vm == "db1"
+    assert caught.value.message == (
+        'cannot dump: compression = "zstd" but zstd not found on the coordinator (it checks '
+        "every stored dump, and restore-dump and verify read it, with zstd)"
     )
-    assert (explicit.compression, explicit.compression_reason) == ("zstd", None)
+    assert caught.value.hint == (
+        'install zstd on the coordinator, or set [vms.db1.dump] compression = "auto" (gzip '
+        "where zstd is missing)"
+    )
+    assert guest.runs == 1, "refused at the tools probe, before any query"

@@ -383,7 +383,6 @@ def test_a_shielded_command_finishes_before_an_interrupt_is_raised(
     done = tmp_path / "done"
     main = threading.get_ident()
     timer = threading.Timer(0.3, signal.pthread_kill, args=(main, signal.SIGINT))
-    started = time.monotonic()
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         getattr(transport, method)(
@@ -392,7 +391,8 @@ def test_a_shielded_command_finishes_before_an_interrupt_is_raised(
             shield=True,
         )
     timer.join()
-    assert time.monotonic() - started >= 1.4
+    # by state, not by time: the interrupt came while the command slept, and was raised only
+    # once the command had written its last line (an abandoned command would still be asleep)
     assert done.read_text() == "finished\n"
 
 

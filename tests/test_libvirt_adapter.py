@@ -682,3 +682,61 @@ def test_a_domain_without_the_agent_channel_has_no_backup_freeze(adapter: Libvir
     assert caught.value.exit_code == 3
     assert "no org.qemu.guest_agent.0 channel" in caught.value.message
     assert adapter.thaw_filesystems(vm) is False, "nothing to thaw without an agent"
+
+
+class _RevertedDomain:
+    """A domain right after a revert to a snapshot taken inside the agent's freeze: its agent
+    channel reads ``disconnected`` for the first ``late`` looks, then ``connected``; the guest
+    is frozen until thawed. (The test driver has no guest agent; the real one is
+    tests/test_realvm_fsfreeze.py's revert.)"""
+
+    def __init__(self, late: int) -> None:
+        self.late = late
+        self.looks = 0
+        self.frozen = True
+        self.thaws = 0
+
+    def XMLDesc(self, flags: int) -> str:
+        self.looks += 1
+        state = "disconnected" if self.looks <= self.late else "connected"
+        return (
+            "<domain><devices><channel type='unix'>"
+            f"<target type='virtio' name='{mod.AGENT_CHANNEL}' state='{state}'/>"
+            "</channel></devices></domain>"
+        )
+
+    def fsThaw(self, mountpoints: object, flags: int) -> int:
+        self.frozen = False
+        self.thaws += 1
+        return 1
+
+
+def test_the_thaw_after_a_revert_waits_for_the_agent_channel(
+    adapter: LibvirtAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import libvirt_qemu
+
+    monkeypatch.setattr(mod, "THAW_POLL_SECONDS", 0.01)
+    vm = adapter.find_vm("web1")
+    dom = _RevertedDomain(late=3)
+    monkeypatch.setattr(adapter, "_domain", lambda vm, action: dom)
+
+    def status(domain: _RevertedDomain, command: str, timeout: int, flags: int) -> str:
+        assert domain is dom and "guest-fsfreeze-status" in command
+        return '{"return": "frozen"}' if dom.frozen else '{"return": "thawed"}'
+
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", status)
+    assert adapter.thaw_filesystems(vm) is False, "no wait: a disconnected channel is final"
+    assert dom.frozen and dom.thaws == 0
+    assert adapter.thaw_filesystems(vm, wait=30) is True
+    assert not dom.frozen and dom.thaws == 1 and dom.looks == 4
+    assert adapter.thaw_filesystems(vm, wait=30) is False, "thawed already: nothing to do"
+    assert dom.thaws == 1
+
+    def refused(domain: _RevertedDomain, command: str, timeout: int, flags: int) -> str:
+        raise libvirt.libvirtError("Operation not supported: the agent command is disabled")
+
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", refused)
+    looks = dom.looks
+    assert adapter.thaw_filesystems(vm, wait=30) is False
+    assert dom.looks == looks + 1, "an answer that will not change is not asked again"

@@ -413,3 +413,29 @@ def test_backup_freeze_preflight_and_the_thaw_after_a_revert(
     assert adapter.thaw_filesystems(db1) is True
     assert double.cluster.guests[100].fs_frozen is False
     assert adapter.thaw_filesystems(adapter.find_vm("noagent")) is False
+
+
+def test_the_thaw_after_a_revert_waits_for_the_agent_to_answer_again(
+    double: PveApiDouble, adapter: ProxmoxAdapter
+) -> None:
+    """Right after a rollback the guest's qemu-ga (running in the restored RAM) is not seen yet:
+    the API says "QEMU guest agent is not running". The thaw asks again until it answers."""
+    db1 = adapter.find_vm("db1")
+    guest = double.cluster.guests[100]
+    guest.fs_frozen, guest.agent_running = True, False
+    assert adapter.thaw_filesystems(db1) is False, "no wait: not answering counts as not frozen"
+    assert guest.fs_frozen is True
+    double.clear_log()
+    back = threading.Timer(1.0, lambda: setattr(guest, "agent_running", True))
+    back.start()
+    try:
+        assert adapter.thaw_filesystems(db1, wait=30) is True
+    finally:
+        back.cancel()
+    assert guest.fs_frozen is False
+    asked = [e for e in double.log if e.path.endswith("/agent/fsfreeze-status")]
+    assert len(asked) >= 2 and asked[0].status != 200 and asked[-1].status == 200
+    # an answer that cannot change is final at once: no agent configured, or the VM's agent off
+    double.clear_log()
+    assert adapter.thaw_filesystems(adapter.find_vm("noagent"), wait=30) is False
+    assert not [e for e in double.log if "/agent/" in e.path], "no agent: never asked"

@@ -150,11 +150,22 @@ def coordinator_has_zstd() -> bool:
     return shutil.which(_UNZSTD[0]) is not None
 
 
-def resolve_compression(configured: str, *, zstd: bool) -> tuple[str, str | None]:
+def resolve_compression(
+    configured: str, *, zstd: bool, vm: str | None = None
+) -> tuple[str, str | None]:
     """(the compression a dump uses, why it is not the default's first choice): ``configured``
     as it is unless it is "auto", which is zstd when the guest has it (``zstd``) and so does
     this host (it checks the stored file with it), else gzip with the reason
-    (:data:`ZSTD_MISSING`, :data:`ZSTD_MISSING_HERE`)."""
+    (:data:`ZSTD_MISSING`, :data:`ZSTD_MISSING_HERE`). An explicit "zstd" on a host without
+    zstd is refused here, before anything stops: the dump could never be checked or restored."""
+    if configured == "zstd" and not coordinator_has_zstd():
+        raise PreflightError(
+            f'cannot dump: compression = "zstd" but {ZSTD_MISSING_HERE} (it checks every '
+            "stored dump, and restore-dump and verify read it, with zstd)",
+            vm=vm,
+            hint=f"install zstd on the coordinator, or set [vms.{vm or 'X'}.dump] compression "
+            '= "auto" (gzip where zstd is missing)',
+        )
     if configured != "auto":
         return configured, None
     if not zstd:

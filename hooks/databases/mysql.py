@@ -315,7 +315,9 @@ def preflight(
             vm=vm,
             hint="install the MariaDB/MySQL client (and zstd for compression = zstd)",
         )
-    compression, reason = resolve_compression(options.compression, zstd=zstd_found(result.stdout))
+    compression, reason = resolve_compression(
+        options.compression, zstd=zstd_found(result.stdout), vm=vm
+    )
     cores = cores_of(result.stdout)
     rows = client.query(
         transport,

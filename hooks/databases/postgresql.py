@@ -292,9 +292,9 @@ def _check_tools(transport: Transport, client: Client, compression: str, *,
     tools = ["runuser", "pg_dumpall", "psql", *required_tools(compression)]
     result = transport.run(["sh", "-c", _TOOLS_CHECK, "sh", client.os_user, *tools],
                            sudo=client.sudo, timeout=timeout)  # fmt: skip
-    if result.ok:
-        return resolve_compression(compression, zstd=zstd_found(result.stdout))
     vm = client.vm
+    if result.ok:
+        return resolve_compression(compression, zstd=zstd_found(result.stdout), vm=vm)
     if result.returncode == 126:
         raise PreflightError(
             "cannot dump PostgreSQL: pg_dumpall runs as the postgres OS user through runuser, "

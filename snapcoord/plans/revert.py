@@ -126,7 +126,7 @@ def _services_up_after_revert(ctx: RunContext, found: RevertTarget) -> None:
         ctx.notes.append("the VM was not running before the revert: services not checked")
         return
     assert ctx.transport is not None and ctx.services is not None
-    if ctx.adapter.thaw_filesystems(ctx.require_vm()):
+    if ctx.adapter.thaw_filesystems(ctx.require_vm(), wait=ctx.guest.connect_timeout):
         # a snapshot taken inside a guest agent freeze (a backup's): the guest came back
         # frozen; the thaw also runs its freeze hook, which restarts what the hook stopped
         ctx.notes.append(
