@@ -9,6 +9,7 @@ import re
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -552,3 +553,41 @@ def test_verify_loads_the_parts_and_measures_what_was_recorded(
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work_root)], check=True)
     assert {name: (m.rows, m.checksum) for name, m in measured.items()} == recorded
+
+
+class SlowToStart:
+    """The VM's transport, with the first dump stream started only after ``delay`` seconds (an
+    SSH session slow to open): its mysqldump connects after the others."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.streams = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
+        self.streams += 1
+        if self.streams == 1:
+            time.sleep(self.delay)
+        return self.inner.run_streaming(argv, **kwargs)
+
+
+def test_a_part_without_a_snapshot_within_command_timeout_fails_the_run_and_frees_the_lock(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path, guest_keys={"command_timeout": 5}, databases=IDOIT,
+                   compression="zstd", threads=2)  # fmt: skip
+    inner = transport_for(vm)
+    plan = mysql.preflight(inner, vm="lab", guest=vm.guest, options=vm.dump)
+    run = store.RunDir.begin(tmp_path, "lab", "snap-t")
+    started = time.monotonic()
+    with pytest.raises(dumpfile.DumpFailed, match="did not all open their snapshot within 5 s"):
+        mysql.dump(SlowToStart(inner, 8), vm="lab", guest=vm.guest, options=vm.dump,
+                   run_dir=run, plan=plan)  # fmt: skip
+    assert time.monotonic() - started < 120
+    assert (tmp_path / "lab" / "snap-t.failed").is_dir()
+    assert store.list_dumps(tmp_path, "lab") == []
+    assert _wait(lambda: not guest_processes(ssh_guest)), "a part kept running in the guest"
+    assert lock_free() and no_lock_session()

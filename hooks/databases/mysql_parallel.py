@@ -68,6 +68,9 @@ OBJECTS_PART_OPTIONS = (
 )  # fmt: skip
 #: seconds between two looks at the part sessions' snapshots while the lock is held
 POLL = 0.05
+#: which open transactions are the parts' snapshots (besides: the dump's user, opened after the
+#: lock): mysqldump --single-transaction sets REPEATABLE READ
+SNAPSHOT_FILTER = "t.trx_isolation_level = 'REPEATABLE READ'"
 
 
 def part_name(index: int, compression: str) -> str:
@@ -253,7 +256,7 @@ class ParallelDump:
             "SELECT p.ID FROM information_schema.INNODB_TRX t"  # noqa: S608 (quoted, integers)
             " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
             f" WHERE p.ID > {int(floor)} AND p.USER = {mysql._sql_str(user)}"
-            " AND t.trx_isolation_level = 'REPEATABLE READ'"
+            f" AND {SNAPSHOT_FILTER}"
         )
         seen: set[str] = set()
         while True:
