@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapcoord import store
-from snapcoord.errors import GuestError
+from snapcoord.errors import GuestError, SnapcoordError
 from snapcoord.guest import Transport
 from snapcoord.hooks.databases import mysql
 from snapcoord.hooks.databases.dumpfile import (
@@ -339,9 +339,13 @@ class ParallelDump:
             problem = f"{exc.part.file}: {exc.part.problem}"
         except (DumpFailed, GuestError) as exc:
             problem = exc.message
-        except BaseException:
+        except SnapcoordError as exc:  # e.g. a table name no option file can hold
+            problem = exc.message
+        except BaseException as exc:  # interrupted: no part outlives the run, which failed
             self.stop.set()
             self._join()
+            if self.run_dir.state == "partial":
+                self.run_dir.fail(f"mysqldump: interrupted ({type(exc).__name__})")
             raise
         if problem is not None:
             self.stop.set()
