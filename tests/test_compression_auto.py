@@ -213,3 +213,23 @@ def test_auto_takes_gzip_when_this_host_has_no_zstd(
         "where zstd is missing)"
     )
     assert guest.runs == 1, "refused at the tools probe, before any query"
+
+
+def test_threads_above_one_on_postgresql_is_one_stream_with_a_note(tmp_path: Path) -> None:
+    """pg_dumpall is one stream (docs/dump.md: pg_dump --jobs writes to the guest's disk): a
+    configured ``threads`` above 1 is said on the run's line, never silently dropped."""
+    plan = preflight(
+        guest_with(tmp_path, "postgresql", zstd=True), options("postgresql", threads=4)
+    )
+    assert plan.threads == 1
+    assert plan.threads_note == (
+        "dumped in one stream: threads = 4 applies to MySQL/MariaDB; a PostgreSQL dump is one "
+        'pg_dumpall stream (docs/dump.md; set [vms.db1.dump] threads = 1 or "auto" to silence '
+        "this)"
+    )
+    for quiet in ("auto", 1):
+        plan = preflight(
+            guest_with(tmp_path / str(quiet), "postgresql", zstd=True),
+            options("postgresql", threads=quiet),
+        )
+        assert plan.threads_note is None

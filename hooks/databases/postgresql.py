@@ -347,7 +347,20 @@ def preflight(
     return DumpPlan(vm=vm, server_version=str(info["version"]), databases=tuple(sizes),
                     all_databases=True, data_bytes=data_bytes, needed_bytes=needed,
                     compression=compression, file_name=DUMP_NAMES[compression],
-                    argv=tuple(args), compression_reason=reason)  # fmt: skip
+                    argv=tuple(args), compression_reason=reason,
+                    threads_note=threads_note(options.threads, vm=vm))  # fmt: skip
+
+
+def threads_note(configured: int | str, *, vm: str) -> str | None:
+    """The run's note when ``[vms.X.dump] threads`` asks a PostgreSQL dump for more than one
+    stream: pg_dumpall is one stream (docs/dump.md says why pg_dump --jobs is not used)."""
+    if configured == "auto" or int(configured) <= 1:
+        return None
+    return (
+        f"dumped in one stream: threads = {configured} applies to MySQL/MariaDB; a PostgreSQL "
+        f"dump is one pg_dumpall stream (docs/dump.md; set [vms.{vm}.dump] threads = 1 or "
+        '"auto" to silence this)'
+    )
 
 
 # --------------------------------------------------------------------------------------------
