@@ -24,8 +24,9 @@ HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")
 IPV6_RE = re.compile(r"[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?")
 #: a login name, also with a domain (user@example.org) as sssd/winbind spell them
 USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
-#: a MySQL database name snapcoord passes to mysqldump --databases
-DATABASE_RE = re.compile(r"[A-Za-z0-9_$][A-Za-z0-9_$.@-]{0,63}")
+#: a MySQL database name snapcoord passes to mysqldump --databases: letters and digits of any
+#: script (``dé``), never a leading '-' (:func:`database_name_ok` also keeps it in the BMP)
+DATABASE_RE = re.compile(r"[\w$][\w$.@-]{0,63}")
 
 # Upper bound of every duration: far above any real wait, far below what the time APIs overflow
 # on (threading and select refuse timeouts beyond about 2**33 s; timedelta beyond 10**9 days).
@@ -102,9 +103,15 @@ def _argument(value: str) -> str | None:
     return None
 
 
+def database_name_ok(name: str) -> bool:
+    """A database name snapcoord accepts: :data:`DATABASE_RE`, in the Basic Multilingual Plane
+    (MySQL and MariaDB keep identifiers in 3-byte UTF-8: no emoji)."""
+    return DATABASE_RE.fullmatch(name) is not None and all(ord(c) <= 0xFFFF for c in name)
+
+
 def _databases(value: list[str]) -> str | None:
     for item in value:
-        if not DATABASE_RE.fullmatch(item):
+        if not database_name_ok(item):
             return (
                 f"database name {item!r}: use letters, digits, '_', '$', '.', '@' or '-', "
                 "starting with a letter, digit, '_' or '$' (at most 64)"

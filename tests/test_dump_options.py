@@ -8,13 +8,17 @@ options. Only check_options runs here: no guest, no database.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from snapcoord.config import parse_table
 from snapcoord.errors import PreflightError
 from snapcoord.hooks.databases import mysql, postgresql
+from snapcoord.hooks.databases.dumpfile import RestoreSource
 from snapcoord.settings import DumpConfig
+from snapcoord.shell import Completed
 
 
 def dump(*options: str) -> DumpConfig:
@@ -163,3 +167,69 @@ def test_pg_dumpall_options_that_do_no_harm_pass(option: str) -> None:
 def test_pg_dumpall_arguments_that_are_no_long_option_are_refused(option: str) -> None:
     with pytest.raises(PreflightError, match="is not a long pg_dumpall option"):
         postgresql.check_options(dump(option), vm="db1")
+
+
+# -- the character set of snapcoord's mysql client calls (tests/test_dump_utf8.py: real names)
+
+
+@pytest.mark.parametrize(
+    ("options", "charset"),
+    [
+        ([], "utf8mb4"),
+        (["--single-transaction", "--routines"], "utf8mb4"),
+        (["--default-character-set=latin1"], "latin1"),
+        (["--default-character-set", "cp1251"], "cp1251"),
+        (["--default_character_set=utf8"], "utf8"),
+        (["--default-char=koi8r"], "koi8r"),
+        (["--loose-default-character-set=greek"], "greek"),
+        (["--default-character-set=latin1", "--default-character-set=utf8mb4"], "utf8mb4"),
+        (["--skip-default-character-set"], "utf8mb4"),
+        (["--default-auth=x", "--default-character-set=bad;name"], "utf8mb4"),
+        (["--default-character-set"], "utf8mb4"),
+    ],
+)
+def test_a_dump_is_loaded_in_the_character_set_mysqldump_wrote_it_in(
+    options: list[str], charset: str
+) -> None:
+    assert mysql.dump_charset(options) == charset
+
+
+class Recorder:
+    """A transport that answers every command with nothing and keeps its argv."""
+
+    def __init__(self) -> None:
+        self.argvs: list[list[str]] = []
+
+    def run(self, argv: Any, **_: Any) -> Completed:
+        self.argvs.append(list(argv))
+        return Completed(tuple(argv), 0, b"", b"", 0.0)
+
+    def run_streaming(self, argv: Any, **_: Any) -> Completed:
+        return self.run(argv)
+
+
+def test_every_mysql_client_call_names_its_character_set(tmp_path: Path) -> None:
+    """Queries speak utf8mb4 whatever the guest's locale or option files say (the command line
+    wins over both); a load reads the dump in the character set its manifest records."""
+    client = mysql.Client(vm="v", sudo=False, connection=("--socket=/s",))
+    transport = Recorder()
+    client.query(transport, "SELECT 1;", timeout=5)  # type: ignore[arg-type]
+    mysql.row_counts(client, transport, ["dé"], timeout=5)  # type: ignore[arg-type]
+    mysql.sum_plans(client, transport, ["dé"], timeout=5)  # type: ignore[arg-type]
+    assert len(transport.argvs) == 3
+    for argv in transport.argvs:
+        args = argv[argv.index("mysql") + 1 :]
+        assert args[:2] == ["--socket=/s", "--default-character-set=utf8mb4"]
+    dump_file = tmp_path / "mysql.sql"
+    dump_file.write_bytes(b"-- Dump completed\n")
+    for recorded, expected in ((None, "utf8mb4"), (["--default-character-set=latin1"], "latin1")):
+        manifest = None if recorded is None else {"mysqldump": {"options": recorded}}
+        source = RestoreSource(dump_file, "none", manifest, ["dé"], ["dé"], "mysqldump")
+        loads = Recorder()
+        mysql.load(loads, client, source, timeout=5)  # type: ignore[arg-type]
+        (argv,) = loads.argvs
+        assert argv[argv.index("mysql") + 1 :] == [
+            "--socket=/s",
+            f"--default-character-set={expected}",
+            "--batch",
+        ]

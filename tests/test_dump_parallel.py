@@ -593,8 +593,7 @@ def test_a_part_without_a_snapshot_within_command_timeout_fails_the_run_and_free
     assert lock_free() and no_lock_session()
 
 
-# (no non-ASCII name: the row counts' client, shared with single-stream dumps, does not find it)
-ODD_NAMES = ['a"b', "c\\d", "--ignore-table=x", "x.y", "sp ace", "tick`t", "v$w"]
+ODD_NAMES = ['a"b', "c\\d", "--ignore-table=x", "x.y", "sp ace", "tick`t", "v$w", "ümlaut", "日本"]
 
 
 def test_odd_table_names_each_land_in_one_part_and_never_become_options(
@@ -607,7 +606,8 @@ def test_odd_table_names_each_land_in_one_part_and_never_become_options(
     db = "snapcoord_names"
     quoted = ["`" + n.replace("`", "``") + "`" for n in ODD_NAMES]
     lab.mysql_exec(
-        f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET utf8mb4; USE {db};"
+        f"SET NAMES utf8mb4; DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} CHARACTER SET"
+        f" utf8mb4; USE {db};"
         + "".join(f"CREATE TABLE {q} (id INT PRIMARY KEY) ENGINE=InnoDB;" for q in quoted)
         + "".join(f"INSERT INTO {q} VALUES ({i});" for i, q in enumerate(quoted, 1))
         + f'CREATE VIEW `v ie"w` AS SELECT * FROM {quoted[0]};'

@@ -141,6 +141,23 @@ def test_a_database_name_that_could_be_an_option_is_a_problem(name: str) -> None
     ]
 
 
+@pytest.mark.parametrize("name", ["-dé", "😀", "dé😀", "a\u200bb", "d\u0301", "ü" * 65])
+def test_a_non_ascii_database_name_outside_letters_and_digits_is_a_problem(name: str) -> None:
+    found = problems(dump={"databases": [name]})
+    assert len(found) == 1 and found[0].startswith(
+        f"vms.db1.dump.databases: database name {name!r}: use letters, digits"
+    ), found
+
+
+@pytest.mark.parametrize("name", ["dé", "ümlaut_db", "日本語", "Ελληνικά-1", "ü" * 64])
+def test_database_names_in_any_script_are_accepted(name: str) -> None:
+    assert problems(dump={"databases": ["shop", name]}) == []
+    dump = dataclasses.replace(parse_table(DumpConfig, {}), databases=(name,))
+    assert mysql.check_options(dump, vm="db1")[-2:] == ["--databases", name]
+    with pytest.raises(PreflightError, match="not supported"):  # built in code, not parsed
+        mysql.check_options(dataclasses.replace(dump, databases=(name + "😀",)), vm="db1")
+
+
 @pytest.mark.parametrize("user", ["-x", "--user=root", "a\nb", "a\x00"[:1] + "\x07"])
 def test_a_dump_user_that_could_be_an_option_is_a_problem(user: str) -> None:
     found = problems(dump={"user": user})

@@ -98,6 +98,14 @@ _SHORT_WITH_VALUE = frozenset("hPSuw#")
 # Options of mysqldump that also tell the mysql client where the server is.
 _CONNECTION = ("--host=", "--port=", "--socket=", "--protocol=", "--ssl", "--default-auth=",
                "--plugin-dir=", "--defaults-group-suffix=", "--user=")  # fmt: skip
+#: The character set of every ``mysql`` client session snapcoord opens (queries, lock
+#: sessions): the SQL it sends and the output it reads are UTF-8. Without it the client takes
+#: the guest's locale ("auto"), which is latin1 under ``C``/``POSIX`` (an SSH session without
+#: LANG, sudo's reset environment): a non-ASCII name in a literal then matched nothing in
+#: information_schema, and names read back as '?' or invalid UTF-8 named tables that do not
+#: exist. Given on the command line, it wins over the guest's option files. mysqldump's own
+#: default is utf8mb4 already.
+CLIENT_CHARSET = "utf8mb4"
 
 
 def dump_options_of(options: DumpConfig) -> list[str]:
@@ -152,6 +160,11 @@ class Client:
             lines.append(f"password={_option_value(self.password.reveal())}")
         return ("\n".join(lines) + "\n").encode()
 
+    def session_args(self, *extra: str) -> list[str]:
+        """The ``mysql`` client's arguments for a session of snapcoord's SQL: the connection
+        options, the UTF-8 character set (:data:`CLIENT_CHARSET`), then ``extra``."""
+        return [*self.connection, f"--default-character-set={CLIENT_CHARSET}", *extra]
+
     def argv(
         self, mode: str, program: str, args: Sequence[str], *, option_file: bytes | None = None
     ) -> tuple[list[str], bytes]:
@@ -162,9 +175,7 @@ class Client:
 
     def query(self, transport: Transport, sql: str, *, timeout: float) -> list[list[str]]:
         """Run SQL with the mysql client in the guest; rows of batch output (unescaped)."""
-        argv, cnf = self.argv(
-            "plain", "mysql", [*self.connection, "--batch", "--skip-column-names"]
-        )
+        argv, cnf = self.argv("plain", "mysql", self.session_args("--batch", "--skip-column-names"))
         result = transport.run(argv, sudo=self.sudo, timeout=timeout, stdin=cnf + sql.encode())
         if not result.ok:
             raise GuestError(
@@ -239,7 +250,7 @@ def check_options(options: DumpConfig, *, vm: str) -> list[str]:
             )
     databases = list(options.databases)
     for name in databases:
-        if not schema.DATABASE_RE.fullmatch(name):  # the schema checks it too
+        if not schema.database_name_ok(name):  # the schema checks it too
             raise PreflightError(f"database name {name!r} is not supported", vm=vm)
     if databases:
         return [*args, "--databases", *databases]
@@ -641,24 +652,74 @@ def drop_databases(
     client.query(transport, sql, timeout=timeout)
 
 
+_CHARSET_OPTION = "default-character-set"
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+
+
+def dump_charset(options: Sequence[str]) -> str:
+    """The character set a dump's SQL is written in: the last ``--default-character-set`` of
+    the mysqldump ``options`` it was taken with (any spelling my_getopt reads: an abbreviation,
+    ``_`` for ``-``, ``--loose-``, the value as the next argument), else mysqldump's default,
+    :data:`CLIENT_CHARSET`."""
+    charset = CLIENT_CHARSET
+    for index, option in enumerate(options):
+        if not option.startswith("--"):
+            continue
+        read = options_parser.mysql_long(option)
+        if (
+            set(read.prefixes) <= {"loose"}
+            and len(read.name) > len("default-")
+            and _CHARSET_OPTION.startswith(read.name)
+        ):
+            value = read.value
+            if value is None and index + 1 < len(options):
+                value = options[index + 1]
+            if value is not None and _CHARSET_NAME.fullmatch(value):
+                charset = value
+    return charset
+
+
+def source_charset(source: RestoreSource) -> str:
+    """:func:`dump_charset` of the options the manifest records for ``source`` (a bare file:
+    mysqldump's default)."""
+    section = (source.manifest or {}).get(SECTION)
+    recorded = section.get("options") if isinstance(section, dict) else None
+    if not isinstance(recorded, list):
+        return CLIENT_CHARSET
+    return dump_charset([o for o in recorded if isinstance(o, str)])
+
+
 def load(
     transport: Transport, client: Client, source: RestoreSource, *, timeout: float
 ) -> Completed:
     """Stream the compressed file into ``mysql`` in the guest (decompressed there); a parallel
-    dump's parts at once, then its objects part (hooks/databases/mysql_parallel.py)."""
+    dump's parts at once, then its objects part (hooks/databases/mysql_parallel.py). The client
+    reads the SQL in the character set mysqldump wrote it in (:func:`source_charset`), not in
+    the guest locale's."""
+    charset = source_charset(source)
     if source.parts:
         from snapcoord.hooks.databases import mysql_parallel
 
-        return mysql_parallel.load(transport, client, source, timeout=timeout)
-    return load_file(transport, client, source.file, source.compression, timeout=timeout)
+        return mysql_parallel.load(transport, client, source, timeout=timeout, charset=charset)
+    return load_file(
+        transport, client, source.file, source.compression, timeout=timeout, charset=charset
+    )
 
 
 def load_file(
-    transport: Transport, client: Client, path: Path, compression: str, *, timeout: float
+    transport: Transport,
+    client: Client,
+    path: Path,
+    compression: str,
+    *,
+    timeout: float,
+    charset: str = CLIENT_CHARSET,
 ) -> Completed:
-    """One dump file into ``mysql`` in the guest, decompressed there, read in chunks."""
+    """One dump file into ``mysql`` in the guest, decompressed there, read in chunks, in the
+    character set ``charset`` (the dump's)."""
     mode = {"gzip": "gunzip", "zstd": "unzstd", "none": "plain"}[compression]
-    argv, cnf = client.argv(mode, "mysql", [*client.connection, "--batch"])
+    args = [*client.connection, f"--default-character-set={charset}", "--batch"]
+    argv, cnf = client.argv(mode, "mysql", args)
     with open(path, "rb") as handle:
         return transport.run_streaming(
             argv, sudo=client.sudo, timeout=timeout, stdin=cnf, source=handle

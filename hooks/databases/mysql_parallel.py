@@ -285,8 +285,8 @@ class ParallelDump:
         snapshots, release the lock. The lock session always ends here."""
         session = LockSession(
             self.transport,
-            ["mysql", *self.client.connection, "--batch", "--unbuffered", "--skip-reconnect",
-             "--skip-column-names"],
+            ["mysql", *self.client.session_args("--batch", "--unbuffered", "--skip-reconnect",
+                                                "--skip-column-names")],
             vm=self.vm,
             sudo=self.client.sudo,
             limit=self.guest.command_timeout + 2 * self.wait + 30,
@@ -435,7 +435,12 @@ def _exit(part: Part) -> int | None:
 
 
 def load(
-    transport: Transport, client: mysql.Client, source: RestoreSource, *, timeout: float
+    transport: Transport,
+    client: mysql.Client,
+    source: RestoreSource,
+    *,
+    timeout: float,
+    charset: str = mysql.CLIENT_CHARSET,
 ) -> Completed:
     """The table parts at once (one ``mysql`` client each, at most MAX_DUMP_THREADS), then the
     objects part; the first failure's result, else the objects part's."""
@@ -457,7 +462,7 @@ def load(
             try:
                 results[index] = mysql.load_file(
                     transport, client, tables[index].file, tables[index].compression,
-                    timeout=timeout,
+                    timeout=timeout, charset=charset,
                 )  # fmt: skip
             except BaseException as exc:  # raised below, in the caller's thread
                 errors[index] = exc
@@ -478,7 +483,9 @@ def load(
             return result
     last: Completed | None = None
     for part in objects:
-        last = mysql.load_file(transport, client, part.file, part.compression, timeout=timeout)
+        last = mysql.load_file(
+            transport, client, part.file, part.compression, timeout=timeout, charset=charset
+        )
         if not last.ok:
             return last
     assert last is not None

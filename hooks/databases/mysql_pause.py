@@ -183,11 +183,9 @@ class MySQLPause:
             transport,
             [
                 "mysql",
-                *self.client.connection,
-                "--batch",
-                "--unbuffered",
-                "--skip-reconnect",
-                "--skip-column-names",
+                *self.client.session_args(
+                    "--batch", "--unbuffered", "--skip-reconnect", "--skip-column-names"
+                ),
                 f"--init-command=SET @snapcoord_session = '{MARKER_PREFIX}{run_id}'",
             ],
             vm=vm,
