@@ -121,10 +121,13 @@ wait_until "$w" not is_up "$1" || { echo "$1 still up $w s after stop (exit $rc)
 
 _STOP = "ACTION=stop\n" + _ACT + _STOP_SERVICE_VERIFY
 
-_STOP_DB_VERIFY = r"""
+_PID_GONE = r"""
 wait_until "$w" pid_gone "$pid" || { echo "server process $pid still up after $w s" >&2; exit 11; }
+"""
+_NOT_ALIVE = r"""
 wait_until "$w" not db_alive || { echo "still answers after $w s" >&2; exit 11; }
 """
+_STOP_DB_VERIFY = _PID_GONE + _NOT_ALIVE
 
 # its files reach the disk: a snapshot without the guest's memory, or a copy of the disks, sees
 # them too (a clean MariaDB shutdown fsyncs InnoDB, not MyISAM or Aria files)
@@ -192,7 +195,7 @@ echo checked
 exit 0
 """
 
-# the same sync, alongside the checks of the services
+# the same sync, once the server process is gone, alongside the checks and the ping
 _SYNC_ALONGSIDE = r"""
 if command -v sync >/dev/null 2>&1; then { sync || echo "sync after the stop failed" >&2; } & fi
 """
@@ -200,7 +203,13 @@ if command -v sync >/dev/null 2>&1; then { sync || echo "sync after the stop fai
 _STOP_CHECKED = "ACTION=stop\n" + _ACT + _CHECK_OTHERS + _STOP_SERVICE_VERIFY + _CHECK_SELF
 
 _STOP_DB_CHECKED = (
-    "ACTION=stop\ndb_pid\n" + _ACT + _CHECK_OTHERS + _STOP_DB_VERIFY + _SYNC_ALONGSIDE + _CHECK_SELF
+    "ACTION=stop\ndb_pid\n"
+    + _ACT
+    + _CHECK_OTHERS
+    + _PID_GONE
+    + _SYNC_ALONGSIDE
+    + _NOT_ALIVE
+    + _CHECK_SELF
 )
 
 # $3 = check_url (http:// or https://, the schema checks it); `--` ends the options regardless.
