@@ -80,13 +80,12 @@ is_up() {  # DIRECT=1: `service` is the system's wrapper, so ask the init script
   else service "$1" status >/dev/null 2>&1; fi
 }
 uptime_cs() { read -r up _ 2>/dev/null < /proc/uptime && up=${up%.*}${up#*.}; }  # sets $up
-wait_until() {  # wait_until SECONDS command...: poll for SECONDS of elapsed time, every 0.05 s
-  # after five quick polls 0.01 s apart (a state that changes just after its command returned)
-  n=$(( $1 * 20 + 4 )); q=5; end=; uptime_cs && end=$(( up + $1 * 100 )); shift
+wait_until() {  # wait_until SECONDS command...: poll every 0.05 s for SECONDS of elapsed time
+  n=$(( $1 * 20 )); end=; uptime_cs && end=$(( up + $1 * 100 )); shift
   while ! "$@"; do  # a slow guest's check takes longer than its poll: count time, not polls
     if [ -n "$end" ]; then uptime_cs; [ "$up" -ge "$end" ] && return 1
     else n=$((n - 1)); [ $n -le 0 ] && return 1; fi
-    if [ $q -gt 0 ]; then q=$((q - 1)); sleep 0.01; else sleep 0.05; fi
+    sleep 0.05
   done
 }
 not() { ! "$@"; }
