@@ -9,7 +9,8 @@ on). The runs alternate (stop, pause, script, stop, ...) so drift hits all three
   snapshot and start them again; the figure is the service window. snapcoord's *own overhead
   inside the window* is the window minus what it cannot make faster: the init system's
   stop/start commands (timed inside the guest; for the parallel phases the slowest of the
-  parallel commands) and the hypervisor call (its step's duration).
+  parallel commands) and the hypervisor call (its step's duration). It is also split by window
+  step: each step's duration minus its init commands, and the rest ("between steps").
 * **pause** (``consistency = "pause"``) stops nothing and holds only MariaDB's commits for the
   snapshot call, while tests/pause_load.py commits a row every 10 ms and times a SELECT every
   10 ms. Figures: the longest gap between two acknowledged commits during the run (the write
