@@ -10,6 +10,8 @@ stand-in services (exec transport, libvirt's test driver)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -148,9 +150,11 @@ def test_a_held_lock_still_blocks_the_stop_that_checks(
     the guest on its own."""
     svc = standin_services
     lab.run(["mkdir", "-p", "-m", "0700", "/run/snapcoord"])
+    # flock's child (the sleep) holds the lock too: the whole group is killed at the end
     holder = subprocess.Popen(
         ["flock", "/run/snapcoord/db.lock", "sleep", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        start_new_session=True,
     )  # fmt: skip
     try:
         wait_for(lambda: lock_held("/run/snapcoord/db.lock"), 10, "the holder to take the lock")
@@ -162,8 +166,9 @@ def test_a_held_lock_still_blocks_the_stop_that_checks(
             svc.confirm_still_stopped()  # no folded answer: asked, and db does run
         assert len(sent) == 1
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+        wait_for(lambda: not lock_held("/run/snapcoord/db.lock"), 10, "the lock to be free")
 
 
 # -- the loopback guest's real init scripts ---------------------------------------------------
