@@ -9,7 +9,8 @@ on). The runs alternate (stop, pause, script, stop, ...) so drift hits all three
   snapshot and start them again; the figure is the service window. snapcoord's *own overhead
   inside the window* is the window minus what it cannot make faster: the init system's
   stop/start commands (timed inside the guest; for the parallel phases the slowest of the
-  parallel commands) and the hypervisor call (its step's duration).
+  parallel commands) and the hypervisor call (its step's duration). It is also split by window
+  step: each step's duration minus its init commands, and the rest ("between steps").
 * **pause** (``consistency = "pause"``) stops nothing and holds only MariaDB's commits for the
   snapshot call, while tests/pause_load.py commits a row every 10 ms and times a SELECT every
   10 ms. Figures: the longest gap between two acknowledged commits during the run (the write
@@ -131,6 +132,30 @@ def snapshot_step(summary: dict[str, Any]) -> dict[str, Any]:
     return next(s for s in summary["steps"] if s["name"] == "hypervisor snapshot")
 
 
+# The window's steps and the init commands on their critical path (the slowest of parallel ones)
+WINDOW_STEPS = {
+    "stop services": ("apache2 stop", "cron stop"),
+    "stop database": ("mariadb stop",),
+    "check services still stopped": (),
+    "start database": ("mariadb start",),
+    "start services": ("apache2 start", "cron start"),
+}
+
+
+def overhead_by_step(summary: dict[str, Any], timings: dict[str, float]) -> dict[str, float]:
+    """Where the overhead is: each window step's duration minus its init commands (the step
+    times are whole milliseconds), and the rest of the window ("between steps": the first stop
+    issued to its step's start, the engine between the steps, the last start confirmed)."""
+    steps = {s["name"]: s["ended"] - s["started"] for s in summary["steps"]}
+    split = {
+        name: steps.get(name, 0.0) - max((timings[c] for c in commands), default=0.0)
+        for name, commands in WINDOW_STEPS.items()
+    }
+    inside = sum(steps.get(name, 0.0) for name in [*WINDOW_STEPS, "hypervisor snapshot"])
+    split["between steps"] = float(summary["window_seconds"]) - inside
+    return split
+
+
 def run_stop(config: Path, snapshot_seconds: float) -> dict[str, Any]:
     summary, stderr = run_snapcoord(config, snapshot_seconds)
     timings = {f"{m[1]} {m[2]}": float(m[3]) for m in TIMING.finditer(stderr)}
@@ -149,6 +174,7 @@ def run_stop(config: Path, snapshot_seconds: float) -> dict[str, Any]:
         "hypervisor": hypervisor,
         "overhead": window - commands - hypervisor,
         "timings": timings,
+        "by_step": overhead_by_step(summary, timings),
     }
 
 
@@ -358,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         "median_timings": {
             k: round(median([r["timings"][k] for r in ours]), 3) for k in ours[0]["timings"]
         },
+        "median_overhead_by_step": {
+            k: round(median([r["by_step"][k] for r in ours]), 4) for k in ours[0]["by_step"]
+        },
         "ratio": round(stop_window / median(theirs), 3),
         "pause": summarize_pause(paused, stop_window),
     }
@@ -403,6 +432,11 @@ def print_report(result: dict[str, Any]) -> None:
         *(
             f"      {name:<22} {seconds:.3f} s"
             for name, seconds in result["median_timings"].items()
+        ),
+        "    overhead by step (median; step minus its init commands):",
+        *(
+            f"      {name:<30} {ms(seconds)}"
+            for name, seconds in result["median_overhead_by_step"].items()
         ),
         f"pause mode (method {', '.join(p['method'])}; nothing stopped), medians",
         f"  write stall (client):     {ms(p['median_stall'])} (longest gap between commits)",

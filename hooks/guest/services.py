@@ -114,25 +114,27 @@ if [ $rc != 0 ]; then
 fi
 """
 
-_STOP = (
-    "ACTION=stop\n"
-    + _ACT
-    + r"""
+_STOP_SERVICE_VERIFY = r"""
 wait_until "$w" not is_up "$1" || { echo "$1 still up $w s after stop (exit $rc)" >&2; exit 11; }
 """
-)
 
-_STOP_DB = (
-    "ACTION=stop\ndb_pid\n"
-    + _ACT
-    + r"""
+_STOP = "ACTION=stop\n" + _ACT + _STOP_SERVICE_VERIFY
+
+_PID_GONE = r"""
 wait_until "$w" pid_gone "$pid" || { echo "server process $pid still up after $w s" >&2; exit 11; }
+"""
+_NOT_ALIVE = r"""
 wait_until "$w" not db_alive || { echo "still answers after $w s" >&2; exit 11; }
+"""
+_STOP_DB_VERIFY = _PID_GONE + _NOT_ALIVE
+
 # its files reach the disk: a snapshot without the guest's memory, or a copy of the disks, sees
 # them too (a clean MariaDB shutdown fsyncs InnoDB, not MyISAM or Aria files)
+_SYNC = r"""
 if command -v sync >/dev/null 2>&1; then sync || echo "sync after the stop failed" >&2; fi
 """
-)
+
+_STOP_DB = "ACTION=stop\ndb_pid\n" + _ACT + _STOP_DB_VERIFY + _SYNC
 
 _START = (
     "ACTION=start\n"  # no is_up check first: an LSB/systemd start of a running service is a no-op
@@ -150,14 +152,64 @@ wait_until "$w" db_alive || { echo "no answer $w s after start" >&2; exit 11; }
 """
 )
 
+# still_down NAME &: prints "up NAME" if NAME runs (again). Run side by side, one per service:
+# the slowest status check, not their sum, is waited for; each line is one short write, so the
+# lines of parallel checks never mix.
+_STILL_DOWN = r"""
+still_down() {
+  if [ "$1" = "$DATABASE" ]; then db_down || echo "up $1"; else is_up "$1" && echo "up $1"; fi
+}
+"""
+
 # $@ = services this run stopped. Prints "up NAME" for each that runs again.
-_STILL_STOPPED = r"""
-for s in "$@"; do
-  if [ "$s" = "$DATABASE" ]; then db_down || echo "up $s"
-  else is_up "$s" && echo "up $s"; fi
-done
+_STILL_STOPPED = (
+    _STILL_DOWN
+    + r"""
+for s in "$@"; do still_down "$s" & done
+wait
 exit 0
 """
+)
+
+# The still-stopped check folded into the last stop's script: $1 = the service this script stops,
+# $2 = its wait, $3.. = every service this run stopped. The others are checked from the moment
+# the last stop command returned, side by side with $1's verification (and the database's sync);
+# $1 itself once it is verified down. An exit on the way waits for the checks (no output after
+# the script's end). "checked": the check ran to its end (else it is repeated on its own).
+_CHECK_OTHERS = (
+    _STILL_DOWN
+    + r"""
+trap wait EXIT
+i=0
+for s in "$@"; do
+  i=$((i + 1)); if [ $i -gt 2 ] && [ "$s" != "$1" ]; then still_down "$s" & fi
+done
+"""
+)
+
+_CHECK_SELF = r"""
+still_down "$1" &
+wait
+echo checked
+exit 0
+"""
+
+# the same sync, once the server process is gone, alongside the checks and the ping
+_SYNC_ALONGSIDE = r"""
+if command -v sync >/dev/null 2>&1; then { sync || echo "sync after the stop failed" >&2; } & fi
+"""
+
+_STOP_CHECKED = "ACTION=stop\n" + _ACT + _CHECK_OTHERS + _STOP_SERVICE_VERIFY + _CHECK_SELF
+
+_STOP_DB_CHECKED = (
+    "ACTION=stop\ndb_pid\n"
+    + _ACT
+    + _CHECK_OTHERS
+    + _PID_GONE
+    + _SYNC_ALONGSIDE
+    + _NOT_ALIVE
+    + _CHECK_SELF
+)
 
 # $3 = check_url (http:// or https://, the schema checks it); `--` ends the options regardless.
 _CHECK_URL = r"""
@@ -210,6 +262,9 @@ class Services:
         #: How long a start keeps reconnecting after a lost connection (the bracket narrows it
         #: to end before its watchdog fires).
         self.budget = ReconnectBudget(guest.start_timeout)
+        #: The still-stopped check the last stop's script ran (``check=True``): the services it
+        #: looked at and those it found running again. Taken by :meth:`confirm_still_stopped`.
+        self._checked: tuple[list[str], list[str]] | None = None
 
     # -- preflight -------------------------------------------------------------------------
     def probe(self, *, warm: bool = True) -> GuestServices:
@@ -282,9 +337,19 @@ class Services:
         return GuestError(f"{what} failed: {text}", vm=self.vm)
 
     # -- the window ------------------------------------------------------------------------
-    def stop(self, names: list[str], window: ServiceWindow, *, parallel: bool = True) -> None:
-        """Stop ``names`` (non-database services), in parallel when allowed."""
-        actions = [functools.partial(self._stop_one, n, window) for n in names]
+    def stop(
+        self, names: list[str], window: ServiceWindow, *, parallel: bool = True, check: bool = False
+    ) -> None:
+        """Stop ``names`` (non-database services), in parallel when allowed. ``check``: this is
+        the last stop before the snapshot, so the still-stopped check runs at the end of the last
+        stop's script (:meth:`confirm_still_stopped` takes its result) where one script is the
+        last: one service, or one after the other."""
+        self._checked = None
+        fold = check and bool(names) and (len(names) == 1 or not parallel)
+        actions = [
+            functools.partial(self._stop_one, n, window, check=fold and i == len(names) - 1)
+            for i, n in enumerate(names)
+        ]
         if parallel:
             run_parallel(actions)
         else:
@@ -294,6 +359,7 @@ class Services:
     def start(self, names: list[str], window: ServiceWindow, *, parallel: bool = True) -> None:
         """Start ``names`` (idempotent: starting a running service is a no-op); report every
         failure."""
+        self._checked = None
         failures: list[str] = []
 
         def one(name: str) -> None:
@@ -311,26 +377,40 @@ class Services:
         if failures:
             raise ServiceNotRestored("; ".join(sorted(failures)), vm=self.vm)
 
-    def stop_database(self, window: ServiceWindow) -> None:
+    def stop_database(self, window: ServiceWindow, *, check: bool = False) -> None:
+        """Stop and verify the database; ``check`` as for :meth:`stop`."""
         assert self.state is not None and self.state.database is not None
-        self._stop_one(self.state.database, window, database=True)
+        self._checked = None
+        self._stop_one(self.state.database, window, database=True, check=check)
 
     def start_database(self, window: ServiceWindow) -> None:
         assert self.state is not None and self.state.database is not None
+        self._checked = None
         self._start_one(self.state.database, window, database=True)
 
-    def _stop_one(self, name: str, window: ServiceWindow, *, database: bool = False) -> None:
+    def _stop_one(
+        self, name: str, window: ServiceWindow, *, database: bool = False, check: bool = False
+    ) -> None:
+        """Stop and verify ``name``. ``check``: then, in the same script, check that everything
+        this run stopped is still down (no round trip and no shell of its own for it)."""
         assert self.state is not None
         self.state.stopped.append(name)  # before issuing: a half-done stop is undone too
         window.stop_issued(name)
-        script = _LIB + (_STOP_DB if database else _STOP)  # script_env() adds the db functions
+        if check:  # script_env() adds the db functions
+            script = _LIB + (_STOP_DB_CHECKED if database else _STOP_CHECKED)
+        else:
+            script = _LIB + (_STOP_DB if database else _STOP)
+        checked = list(self.state.stopped) if check else []
         timeout = self.guest.stop_timeout
         try:
-            result = self._script(script, name, "stop", timeout)
+            result = self._script(script, name, "stop", timeout, extra=checked)
         except GuestUnreachable as exc:
             raise type(exc)(f"stopping {name}: {exc.message}", vm=self.vm) from exc
         if not result.ok:
             raise GuestError(f"stopping {name} failed: {result.error_text()}", vm=self.vm)
+        lines = result.stdout.decode(errors="replace").splitlines()
+        if check and "checked" in lines:
+            self._checked = (checked, _up_lines(lines))
 
     def _start_one(self, name: str, window: ServiceWindow, *, database: bool = False) -> None:
         """Start and verify; a lost connection is reconnected and the start repeated."""
@@ -369,7 +449,7 @@ class Services:
     ) -> Completed:
         wait = str(max(1, int(timeout) - 2))
         argv = ["sh", "-c", self.script_env() + body, "sh", name, wait]
-        clock = _LineClock()
+        clock = _LineClock(time.monotonic())
         # shield: an interrupt waits for the stop/start in flight; its undo must not race it
         result = self.transport.run(
             argv + (extra or []), sudo=self.sudo, timeout=timeout, shield=True, on_line=clock
@@ -378,8 +458,10 @@ class Services:
             raise NoAnswer(f"no answer within {timeout:g} s", vm=self.vm)
         if clock.seconds is not None:
             self.timings[f"{name} {action}"] = clock.seconds
-            log.debug("%s %s: init command %.3f s; verified, round trip %.3f s",
-                      name, action, clock.seconds, result.seconds)  # fmt: skip
+            log.debug("%s %s: init command %.3f s; verified, round trip %.3f s "
+                      "(%.1f ms before the command, %.1f ms after it)",
+                      name, action, clock.seconds, result.seconds, *clock.around(),
+                      )  # fmt: skip
         return result
 
     def script_env(self) -> str:
@@ -404,6 +486,18 @@ class Services:
         triggers = self.state.triggers if self.state else {}
         return "\n".join(f"{name} {' '.join(units)}" for name, units in triggers.items() if units)
 
+    def confirm_still_stopped(self) -> None:
+        """:meth:`still_stopped` right after the last stop: when that stop's script ran the check
+        (``check=True``) on exactly what this run stopped, its answer decides, with no round trip
+        of its own; otherwise the check runs now. Fails as :meth:`still_stopped` does."""
+        checked, self._checked = self._checked, None
+        stopped = list(self.state.stopped) if self.state else []
+        if checked is None or checked[0] != stopped:
+            self.still_stopped()
+            return
+        log.debug("still stopped, checked at the end of the last stop: %s", " ".join(stopped))
+        self._fail_if_up(checked[1])
+
     def still_stopped(
         self,
         consequence: str = "the snapshot would not be consistent, so none was taken",
@@ -411,7 +505,8 @@ class Services:
     ) -> None:
         """Right before the hypervisor call: everything this run stopped is still down. A service
         that came back (a socket, a timer, another run's watchdog) makes the snapshot
-        inconsistent, so the run fails instead of reporting ok."""
+        inconsistent, so the run fails instead of reporting ok. One round trip of its own."""
+        self._checked = None
         stopped = list(self.state.stopped) if self.state else []
         if not stopped:
             return
@@ -427,9 +522,16 @@ class Services:
                 f"checking that the services are still stopped failed: {result.error_text()}",
                 vm=self.vm,
             )
-        up = [line.split()[1] for line in result.stdout.decode().splitlines()
-              if line.startswith("up ") and len(line.split()) == 2]  # fmt: skip
+        self._fail_if_up(_up_lines(result.stdout.decode().splitlines()), consequence, error)
+
+    def _fail_if_up(
+        self,
+        up: list[str],
+        consequence: str = "the snapshot would not be consistent, so none was taken",
+        error: type[SnapcoordError] = GuestError,
+    ) -> None:
         if up:
+            up = sorted(up, key=self._stop_order)  # parallel checks answer in any order
             raise error(
                 f"{', '.join(up)} {'runs' if len(up) == 1 else 'run'} again although this run "
                 f"stopped it; {consequence}",
@@ -437,6 +539,10 @@ class Services:
                 hint="look for what starts it (a socket or timer unit, a cron job, another "
                 "run's watchdog)",
             )
+
+    def _stop_order(self, name: str) -> int:
+        stopped = self.state.stopped if self.state else []
+        return stopped.index(name) if name in stopped else len(stopped)
 
     @property
     def _init(self) -> str:
@@ -446,6 +552,11 @@ class Services:
         """One line for --dry-run."""
         verb = "systemctl" if self._init == "systemd" else "service"
         return f"{self.transport.description}: {verb} {name} {action} (verified)"
+
+
+def _up_lines(lines: list[str]) -> list[str]:
+    """The services a still-stopped check found running ("up NAME" lines)."""
+    return [line.split()[1] for line in lines if line.startswith("up ") and len(line.split()) == 2]
 
 
 def _parse_probe(
@@ -497,12 +608,21 @@ class _LineClock:
     """Times the init command from when its ``svc-begin`` / ``svc-end`` lines arrive: no clock
     process in the guest (a fork costs milliseconds), and the transport's delay cancels out."""
 
-    def __init__(self) -> None:
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
         self.begin: float | None = None
+        self.end: float | None = None
         self.seconds: float | None = None
 
     def __call__(self, line: bytes) -> None:
         if line == b"svc-begin":
             self.begin = time.monotonic()
         elif line == b"svc-end" and self.begin is not None:
-            self.seconds = time.monotonic() - self.begin
+            self.end = time.monotonic()
+            self.seconds = self.end - self.begin
+
+    def around(self) -> tuple[float, float]:
+        """Milliseconds from sending the script to ``svc-begin`` (start-up, lock) and from
+        ``svc-end`` to now (verification, the answer's way back)."""
+        assert self.begin is not None and self.end is not None
+        return (self.begin - self.sent) * 1000, (time.monotonic() - self.end) * 1000

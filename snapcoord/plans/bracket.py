@@ -33,10 +33,21 @@ class Bracket:
         self.sudo = guest.sudo
         self.timeout = guest.command_timeout
         self.database = False
+        #: the still-stopped check runs at the end of the last stop's script (see steps())
+        self.check_in_last_stop = False
+        self.services_stop_last = False
         self._arming = False  # arm() started: the guest may run a watchdog not yet recorded
 
-    def steps(self, *, database: bool) -> list[Step]:
+    def steps(
+        self, *, database: bool, check_in_last_stop: bool = False, services_last: bool = False
+    ) -> list[Step]:
+        """``check_in_last_stop``: the still-stopped check follows the last stop directly
+        (:meth:`Services.confirm_still_stopped`), so the last stop's script runs it: the
+        database's stop, or the services' stop when it is the last (``services_last``: no step
+        between it and the check, and no database stop after it)."""
         self.database = database
+        self.check_in_last_stop = check_in_last_stop
+        self.services_stop_last = services_last
         names = ", ".join(self.guest.services)
         steps = [
             Step(
@@ -163,7 +174,13 @@ class Bracket:
             )
 
     def stop_services(self) -> None:
-        self.services.stop(self.state.to_stop(), self.ctx.window, parallel=self.parallel)
+        last = self.services_stop_last and not (self.database and self.state.database_running)
+        self.services.stop(
+            self.state.to_stop(),
+            self.ctx.window,
+            parallel=self.parallel,
+            check=self.check_in_last_stop and last,
+        )
 
     def start_services(self) -> None:
         st = self.state
@@ -172,7 +189,7 @@ class Bracket:
 
     def stop_database(self) -> None:
         if self.state.database_running:
-            self.services.stop_database(self.ctx.window)
+            self.services.stop_database(self.ctx.window, check=self.check_in_last_stop)
 
     def start_database(self) -> None:
         st = self.state

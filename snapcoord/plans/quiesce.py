@@ -32,19 +32,27 @@ def quiesce_steps(ctx: RunContext) -> tuple[list[Step], list[Step]]:
             *_present(hooks["frozen"]),
         ]
         return before, [pause.verify_step()]
-    arm, stop_services, stop_database = Bracket(ctx).steps(database=True)
+    # With no frozen hook the check follows the last stop directly: that stop's script runs it
+    # (after its own verification), so the window pays no round trip and no shell for it.
+    window_steps = fallback.window_steps()  # services are quiet, the database still answers
+    folded = hooks["frozen"] is None
+    arm, stop_services, stop_database = Bracket(ctx).steps(
+        database=True, check_in_last_stop=folded, services_last=not window_steps
+    )
     before = [
         *fallback.preflight_steps(),
         *_present(hooks["after"], hooks["before"]),
         arm,
         stop_services,
-        *fallback.window_steps(),  # services are quiet, the database still answers
+        *window_steps,
         stop_database,
         *_present(hooks["frozen"]),
         Step(
             "check services still stopped",
-            services.still_stopped,
-            describe="nothing this run stopped runs again (one round trip)",
+            services.confirm_still_stopped,
+            describe="nothing this run stopped runs again ("
+            + ("checked at the end of the last stop's script" if folded else "one round trip")
+            + ")",
         ),
     ]
     return before, []
