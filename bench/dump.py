@@ -365,10 +365,15 @@ def main() -> int:
     )
     results = Results(fixture, args.threads)
     if not threads_known():
+        again, argv = [], iter(sys.argv[1:])
+        for arg in argv:
+            if arg == "--threads":
+                next(argv, None)  # and its value
+            elif not arg.startswith("--threads="):
+                again.append(arg)
         results.skipped["snapcoord t=N"] = (
-            "this snapcoord has no [vms.X.dump] threads (the pdump branch): "
-            f"rerun on it: PYTHONPATH=. python3 bench/dump.py --fixture {args.fixture} "
-            f"--runs {args.runs} --threads {args.threads}"
+            "this snapcoord has no [vms.X.dump] threads (the pdump branch): rerun on it: "
+            + shlex.join(["python3", "bench/dump.py", *again, f"--threads={args.threads}"])
         )
     if shutil.which("mydumper") is None or shutil.which("myloader") is None:
         for name in ("mydumper", "mydumper -c", "myloader"):
