@@ -268,6 +268,7 @@ def child_dump(config_path: str, name: str) -> int:
                 "stored": stored,
                 "sql_bytes": result.sql_bytes,
                 "compression": result.compression,
+                "files": sorted(f.name for f in folder.iterdir() if ".sql" in f.name),
             }
         )
     )
@@ -523,6 +524,9 @@ class Bench:
         )
         done = json.loads(out_text.strip().splitlines()[-1])
         sample.seconds, sample.stored = done["seconds"], done["stored"]
+        note = f"{variant} stored: {', '.join(done['files'])}"
+        if note not in self.results.notes:
+            self.results.notes.append(note)
         if variant.endswith("=1"):
             self.results.sql_bytes = done["sql_bytes"]
             note = f"snapcoord's compression: {done['compression']}"
