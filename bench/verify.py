@@ -41,11 +41,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.dump import OPTIONS, generate
+from bench.dumpdata import rows_table
 from snapcoord import store
 from snapcoord.config import parse_config
 from snapcoord.guest import SshTransport
 from snapcoord.hooks.databases import mysql
+from snapcoord.schema import DEFAULT_DUMP_OPTIONS
 from snapcoord.settings import Config
 from snapcoord.verify import mysql as verify_mysql
 from snapcoord.verify.dumps import DumpVerify
@@ -171,9 +172,9 @@ def make_dump(work: Path, rows: int, verify_dir: Path) -> tuple[Config, Path, in
     transport: SshTransport | None = None
     try:
         t0 = time.monotonic()
-        generate(server, rows)
+        rows_table(server, rows)
         print(f"generated {rows} rows in {time.monotonic() - t0:.1f} s", flush=True)
-        options = [*OPTIONS, f"--socket={server.socket}"]
+        options = [*DEFAULT_DUMP_OPTIONS["mysql"], f"--socket={server.socket}"]
         config = parse_config(
             {
                 "defaults": {"store": str(work / "store"), "verify_dir": str(verify_dir)},
