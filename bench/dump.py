@@ -11,7 +11,7 @@ rotated run by run; medians. Dumps:
 * ``snapcoord t=1``: snapcoord's dump with its default compression (``auto``: zstd here), one
   stream; run as a child process (preflight as a run does it, then the timed dump step:
   ``mysql.dump`` + commit, which includes the row counts/checksums, fsync and the sha256)
-* ``snapcoord t=N``: the same with ``[vms.X.dump] threads = N`` (the pdump branch); skipped,
+* ``snapcoord t=N``: the same with ``[vms.X.dump] threads = N``; skipped,
   with a line saying so, where this snapcoord does not know the key yet
 * ``mydumper``, ``mydumper -c``: ``ssh guest 'mydumper --threads N --trx-consistency-only
   --routines --events --triggers -o DIR'`` by hand (``-c``: mydumper 0.10's own compression,
@@ -279,7 +279,7 @@ def child_dump(config_path: str, name: str) -> int:
 
 
 def threads_known() -> bool:
-    """Does this snapcoord know ``[vms.X.dump] threads`` (the pdump branch)?"""
+    """Does this snapcoord know ``[vms.X.dump] threads`` (issue 28)?"""
     try:
         parse_config(
             {
@@ -373,7 +373,7 @@ def main() -> int:
             elif not arg.startswith("--threads="):
                 again.append(arg)
         results.skipped["snapcoord t=N"] = (
-            "this snapcoord has no [vms.X.dump] threads (the pdump branch): rerun on it: "
+            "this snapcoord has no [vms.X.dump] threads: rerun on one that has: "
             + shlex.join(["python3", "bench/dump.py", *again, f"--threads={args.threads}"])
         )
     if shutil.which("mydumper") is None or shutil.which("myloader") is None:

@@ -114,7 +114,7 @@ CONTRACT: dict[str, tuple[Expect, ...]] = {
     "after_arm":             (GUEST4,      GUEST4,    DOWN6,     GUEST4,  DEAD),
     "during_service_stops":  (GUEST4,      GUEST4,    DOWN6,     GUEST4,  DEAD),
     "during_dump":           (GUEST4,      GUEST4,    DOWN6,     GUEST4,  DEAD),
-    "after_database_stop":   (GUEST4,      GUEST4,    DOWN6,     GUEST4,  DEAD),
+    "after_database_stop":   (OK0,         OK0,       DOWN6,     SNAP5,   DEAD),
     "during_snapshot":       (OK0,         OK0,       DOWN6,     SNAP5,   DEAD),
     "during_database_start": (OK0,         OK0,       DOWN6,     OK0,     DEAD),
 }  # fmt: skip
@@ -123,22 +123,24 @@ RATIONALE: dict[str, str] = {
     "agent_restart": "qemu-ga restarts: it forgets a command it was running (its status is "
     "lost), and the API's next call finds no agent (in the lab the double's link to qemu-ga "
     "sees the restart at that call; on Proxmox, QEMU's end of the channel may hide a restart "
-    "that ended). Before the snapshot the step in flight fails (exit 4) and the unwind asks the "
-    "agent again, which answers: everything runs at exit. From `during_snapshot` on only the "
-    "unwind sees it, and rides it out (exit 0).",
+    "that ended). Before the database stop ends the step in flight fails (exit 4) and the "
+    "unwind asks the agent again, which answers: everything runs at exit. From "
+    "`after_database_stop` on (the still-stopped check ran at the end of the database's stop: "
+    "no agent command runs until the snapshot is taken) only the unwind sees it, and rides it "
+    "out (exit 0).",
     "agent_hang": "While qemu-ga is stopped every agent call fails (the API's 3 s guest-ping): "
-    "before the snapshot the step in flight fails (exit 4); the unwind asks again within its "
-    "reconnect budget and goes on once the agent answers, so everything runs at exit (exit 0 "
-    "from `during_snapshot` on).",
+    "before the database stop ends the step in flight fails (exit 4); the unwind asks again "
+    "within its reconnect budget and goes on once the agent answers, so everything runs at exit "
+    "(exit 0 from `after_database_stop` on).",
     "agent_gone": "No agent call can reach the guest before the watchdog fires: snapcoord "
     "cannot confirm the services (exit 6, `window_seconds` null, `services_down` non-empty) "
     "and leaves the watchdog armed; it restores them within `watchdog_seconds` + "
     f"{WATCHDOG_SLACK:g} s. The journal stays and the next run, with the agent back, heals it.",
     "api_down": "The hypervisor connection is the only one: while the API refuses, no guest "
     "command gets through (an agent that does not answer) and no snapshot is taken. Before the "
-    "snapshot the step in flight fails (exit 4); at `during_snapshot` the snapshot call itself "
-    "(exit 5); the unwind asks again within its reconnect budget and goes on once the API "
-    "answers, so everything runs at exit (exit 0 when only the unwind met it).",
+    "database stop ends the step in flight fails (exit 4); from `after_database_stop` on the "
+    "snapshot call itself (exit 5); the unwind asks again within its reconnect budget and goes "
+    "on once the API answers, so everything runs at exit (exit 0 when only the unwind met it).",
     "sigkill": "snapcoord dies on the spot: the guest watchdog, started through the agent "
     "outside qemu-ga's own processes, restores everything within `watchdog_seconds` + "
     f"{WATCHDOG_SLACK:g} s; the journal stays and the next run heals it and removes what the "
