@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from snapcoord.plans.restore import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import _wait, guest_processes, make_config, take_dump, vm_config
+from tests.verify_helpers import recorded_figures, verified_figures, verify_folder
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
@@ -523,9 +523,6 @@ def test_the_documented_commands_restore_a_parallel_dump_by_hand(
 def test_verify_loads_the_parts_and_measures_what_was_recorded(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, tmp_path: Path
 ) -> None:
-    from snapcoord.verify import mysql as verify_mysql
-    from snapcoord.verify import scratch
-
     lab.require_root()
     lab.require("/usr/sbin/mariadbd", "mariadb-server-core")
     # the default: every database, the guest's mysql schema too
@@ -539,20 +536,10 @@ def test_verify_loads_the_parts_and_measures_what_was_recorded(
         transport.close()
     source = dumpfile.read_recorded(folder, mysql.FORMAT, vm="lab")
     assert source.format == "parallel" and "mysql" in source.databases
-    rows, sums = source.expected_rows or {}, source.expected_checksums or {}
-    recorded = {name: (count, sums.get(name)) for name, count in rows.items()}
-    databases = sorted({name.split(".", 1)[0] for name in recorded})
-    work_root = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
-    work_root.chmod(0o755)
-    try:
-        with scratch.workspace(work_root, vm="lab") as work, \
-                verify_mysql.server(work, vm="lab", timeout=600) as server:  # fmt: skip
-            verify_mysql.load(server, source, vm="lab", timeout=600)
-            measured = verify_mysql.measure(server, databases, vm="lab", timeout=600)
-            verify_mysql.check(server, vm="lab", timeout=600)
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work_root)], check=True)
-    assert {name: (m.rows, m.checksum) for name, m in measured.items()} == recorded
+    expected = recorded_figures(source)
+    databases = sorted({name.split(".", 1)[0] for name in expected})
+    with verify_folder() as verify_dir:
+        assert verified_figures(source, verify_dir, databases) == expected
 
 
 class SlowToStart:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from snapcoord.plans.restore import DumpSource, restore_dump
 from snapcoord.shell import Completed
 from tests import lab
 from tests.test_mysqldump import make_config, take_dump
+from tests.verify_helpers import recorded_figures, verified_figures, verify_folder
 
 pytestmark = pytest.mark.real
 
@@ -163,9 +163,6 @@ def test_non_ascii_names_are_counted_summed_and_restored_exactly(
 def test_verify_loads_and_measures_non_ascii_names_as_recorded(
     ssh_guest: lab.SshGuest, odd_names: None, tmp_path: Path
 ) -> None:
-    from snapcoord.verify import mysql as verify_mysql
-    from snapcoord.verify import scratch
-
     lab.require_root()
     lab.require("/usr/sbin/mariadbd", "mariadb-server-core")
     config = make_config(ssh_guest, tmp_path / "store", databases=DATABASES,
@@ -178,20 +175,10 @@ def test_verify_loads_and_measures_non_ascii_names_as_recorded(
         transport.close()
     source = dumpfile.read_recorded(folder, mysql.FORMAT, vm="lab")
     assert source.databases == DATABASES
-    sums = source.expected_checksums or {}
-    recorded = {name: (rows, sums.get(name)) for name, rows in (source.expected_rows or {}).items()}
-    assert set(recorded) == set(ROWS)
-    work_root = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
-    work_root.chmod(0o755)
-    try:
-        with scratch.workspace(work_root, vm="lab") as work, \
-                verify_mysql.server(work, vm="lab", timeout=600) as server:  # fmt: skip
-            verify_mysql.load(server, source, vm="lab", timeout=600)
-            measured = verify_mysql.measure(server, DATABASES, vm="lab", timeout=600)
-            verify_mysql.check(server, vm="lab", timeout=600)
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work_root)], check=True)
-    assert {name: (m.rows, m.checksum) for name, m in measured.items()} == recorded
+    expected = recorded_figures(source)
+    assert set(expected) == set(ROWS)
+    with verify_folder() as verify_dir:
+        assert verified_figures(source, verify_dir, DATABASES) == expected
 
 
 class CLocale:

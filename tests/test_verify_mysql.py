@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,6 +28,7 @@ from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import take_dump, vm_config
 from tests.test_verify_scratch import nobody_processes, status_field
+from tests.verify_helpers import recorded_figures, verified_figures, verify_folder
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
@@ -42,14 +42,10 @@ def verify_dir() -> Iterator[Path]:
     lab.require_root()
     lab.require("/usr/sbin/mariadbd", "mariadb-server-core")
     assert not nobody_processes(), "a nobody process ran before the test"
-    path = Path(tempfile.mkdtemp(prefix="verify-dir-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with verify_folder() as path:
         yield path
         assert not nobody_processes()
         assert [n for n in os.listdir(path) if n.startswith(scratch.PREFIX)] == []
-    finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
 
 
 @pytest.fixture
@@ -277,20 +273,6 @@ def test_check_names_a_corrupt_table(verify_dir: Path, tmp_path: Path) -> None:
             mysql.check(s, vm="lab", timeout=TIMEOUT)
 
 
-def _verify(source: RestoreSource, verify_dir: Path, databases: list[str]) -> dict[str, Any]:
-    """load + measure + check on a throwaway server; the measured figures by table."""
-    with scratch.workspace(verify_dir) as work, mysql.server(work, vm="lab", timeout=TIMEOUT) as s:
-        mysql.load(s, source, vm="lab", timeout=TIMEOUT)
-        measured = mysql.measure(s, databases, vm="lab", timeout=TIMEOUT)
-        mysql.check(s, vm="lab", timeout=TIMEOUT)
-    return {name: (m.rows, m.checksum) for name, m in measured.items()}
-
-
-def _recorded(source: RestoreSource) -> dict[str, Any]:
-    rows, sums = source.expected_rows or {}, source.expected_checksums or {}
-    return {name: (count, sums.get(name)) for name, count in rows.items()}
-
-
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_a_default_dump_of_all_databases_verifies_in_every_codec(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, verify_dir: Path, tmp_path: Path, compression: str
@@ -307,10 +289,10 @@ def test_a_default_dump_of_all_databases_verifies_in_every_codec(
         transport.close()
     source = mysql_kind.prepare_restore(folder, vm="lab")
     assert "mysql" in source.databases and source.compression == compression
-    recorded = _recorded(source)
+    recorded = recorded_figures(source)
     databases = sorted({name.split(".", 1)[0] for name in recorded})
     assert set(IDOIT) <= set(databases)
-    assert _verify(source, verify_dir, databases) == recorded
+    assert verified_figures(source, verify_dir, databases) == recorded
 
 
 COLUMN_KINDS = """
@@ -362,10 +344,10 @@ def test_every_column_kind_sums_the_same_after_the_dump_reloads(
     finally:
         lab.mysql_exec("SET GLOBAL time_zone = 'SYSTEM'; DROP DATABASE IF EXISTS vsums")
     source = mysql_kind.prepare_restore(folder, vm="lab")
-    recorded = _recorded(source)
+    recorded = recorded_figures(source)
     assert recorded["vsums.kinds"][0] == 3
     assert recorded["vsums.empty_text"][1] != recorded["vsums.null_text"][1]  # '' is not NULL
-    assert _verify(source, verify_dir, ["vsums"]) == recorded
+    assert verified_figures(source, verify_dir, ["vsums"]) == recorded
 
 
 def test_a_full_verify_dir_during_the_load_is_verify_unavailable(

@@ -4,6 +4,7 @@ service window (SIGKILL), it is disarmed by a normal run, and SIGTERM unwinds cl
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from snapcoord.guest import SshTransport
+from snapcoord.errors import GuestError
+from snapcoord.guest import ExecTransport, SshTransport
 from snapcoord.hooks.guest import watchdog
 from tests import lab
 from tests.cli_helpers import json_lines, snapcoord
@@ -131,6 +133,8 @@ def test_watchdog_fires_for_exactly_the_stopped_services(
             transport, vm="lab", run_id="t-fire", init="sysv", seconds=20, services=["cron"],
             database="mariadb", sudo=False, timeout=30,
         )  # fmt: skip
+        # armed means: its own session and process group already (what disarm kills)
+        assert lab.stat_fields(dog.pid)[2:4] == [str(dog.pid), str(dog.pid)]
         assert watchdog_pids("t-fire") == [dog.pid]
         wait_for(lambda: lab_services.running("cron"), 40, "the watchdog to start cron")
         wait_for(lambda: watchdog_pids("t-fire") == [], 10, "the watchdog to exit")
@@ -204,3 +208,21 @@ def test_watchdog_survives_the_connection(
     transport.close()  # the SSH connection (and its sessions) go away
     assert watchdog_pids("t-conn") == [dog.pid]
     wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
+
+
+def test_a_guest_without_setsid_fails_to_arm_instead_of_running_unguarded(tmp_path: Path) -> None:
+    """The watchdog is started through ``setsid``; where the guest has none, arming is an error
+    (the run stops before the first stop), never a PID of a shell that ended at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "sleep"):  # what the arm script needs, setsid left out
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    transport = ExecTransport(["env", f"PATH={bin_dir}"], vm="lab")
+    with pytest.raises(GuestError, match=r"cannot arm the guest watchdog: .*ended at once"):
+        watchdog.arm(
+            transport, vm="lab", run_id="t-nosetsid", init="sysv", seconds=30,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+    assert watchdog_pids("t-nosetsid") == []

@@ -35,12 +35,26 @@ done
 """
 )
 
-# Arms the watchdog and prints its PID.
+# Arms the watchdog and prints its PID once it leads a session of its own. Until `setsid` has run,
+# the PID is this shell's forked child: not yet its own process group (which disarm kills), not
+# yet free of this session. A watchdog that ended at once (no `setsid` in the guest) is an error,
+# not an armed watchdog. Waits at most about 2 s for the `setsid`, then reports the PID anyway.
 _ARM = r"""
 marker=$1; shift
 SERVICES="$3" DATABASE="$4" INIT="$1" TRIGGERS="$5" setsid sh -c "$BODY" "$marker" "$1" "$2" \
   </dev/null >/dev/null 2>&1 &
-echo $!
+pid=$!
+n=0
+while [ "$n" -lt 200 ]; do
+  stat=
+  { read -r stat < "/proc/$pid/stat"; } 2>/dev/null
+  set -- ${stat##*) }
+  case "${1:-Z}" in Z|X) echo "the watchdog (setsid sh) ended at once" >&2; exit 1;; esac
+  [ "$4" = "$pid" ] && break
+  n=$((n + 1))
+  sleep 0.01 2>/dev/null || sleep 1
+done
+echo "$pid"
 """
 
 # $1 = pid, $2 = marker, $3 = guarded services, $4 = the database among them. Disarms only when
