@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,3 +440,22 @@ def test_the_thaw_after_a_revert_waits_for_the_agent_to_answer_again(
     double.clear_log()
     assert adapter.thaw_filesystems(adapter.find_vm("noagent"), wait=30) is False
     assert not [e for e in double.log if "/agent/" in e.path], "no agent: never asked"
+
+
+def test_the_thaw_after_a_revert_gives_up_when_the_agent_never_answers(
+    double: PveApiDouble, adapter: ProxmoxAdapter
+) -> None:
+    """An agent that stays away (qemu-ga not started in the restored guest): the wait ends at
+    ``wait`` seconds, nothing is thawed, and the revert goes on (its guest checks tell)."""
+    db1 = adapter.find_vm("db1")
+    guest = double.cluster.guests[100]
+    guest.fs_frozen, guest.agent_running = True, False
+    double.clear_log()
+    started = time.monotonic()
+    assert adapter.thaw_filesystems(db1, wait=1.5) is False
+    waited = time.monotonic() - started
+    assert waited >= 1.5, "gave up before its wait"
+    assert guest.fs_frozen is True, "nothing answered, nothing thawed"
+    asked = [e for e in double.log if e.path.endswith("/agent/fsfreeze-status")]
+    assert len(asked) >= 3 and all(e.status != 200 for e in asked)
+    assert not [e for e in double.log if e.path.endswith("/agent/fsfreeze-thaw")]
