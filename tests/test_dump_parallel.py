@@ -252,6 +252,86 @@ def test_a_part_killed_mid_stream_fails_the_run_cleanly_and_releases_everything(
     assert lock_free() and no_lock_session()
 
 
+class SlowReader:
+    """The VM's transport, reading every dump stream slowly (``pause`` seconds per chunk
+    received): the guest's mysqldump waits on a full pipe, as behind a slow link."""
+
+    def __init__(self, inner: Any, pause: float) -> None:
+        self.inner = inner
+        self.pause = pause
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
+        consume = kwargs.get("consume")
+        if consume is not None:
+
+            def slowly(chunk: bytes) -> None:
+                time.sleep(self.pause)
+                consume(chunk)
+
+            kwargs["consume"] = slowly
+        return self.inner.run_streaming(argv, **kwargs)
+
+
+@pytest.mark.parametrize("streamed", [1, 256 * 1024])
+def test_a_connection_cut_mid_part_fails_the_run_cleanly_and_releases_everything(
+    streamed: int,
+    ssh_guest: lab.SshGuest,
+    idoit_db: IdoitDB,
+    transport_for: Any,
+    tmp_path: Path,
+) -> None:
+    """The SSH connection (the ControlMaster every part streams over, the lock's session too)
+    dies once every part has stored ``streamed`` bytes: at the first bytes, mostly while the
+    read lock still waits for the parts' snapshots; later, in the middle of the table data.
+    Either way the run fails with one error, keeps nothing as a dump, and leaves no part
+    process and no lock in the guest."""
+    vm = vm_config(
+        ssh_guest,
+        tmp_path,
+        databases=IDOIT,
+        options=["--single-transaction", "--skip-extended-insert"],
+        compression="gzip",
+        threads=2,
+    )
+    transport = SlowReader(transport_for(vm), pause=0.02)  # still streaming at the cut
+    plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
+    assert plan.threads == 2
+    run = store.RunDir.begin(tmp_path, "lab", "snap-c")
+    cut: list[int] = []
+
+    def cutter() -> None:
+        def streaming() -> bool:
+            parts = list(run.path.glob(".mysql.part*.part"))
+            return len(parts) == 2 and all(p.stat().st_size >= streamed for p in parts)
+
+        if _wait(streaming, 60):
+            cut.extend(lab.cut_server_side(ssh_guest))
+
+    thread = threading.Thread(target=cutter, daemon=True)
+    thread.start()
+    with pytest.raises(dumpfile.DumpFailed) as failed_dump:
+        mysql.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run, plan=plan)
+    thread.join()
+    assert cut, "no sshd child served the connection"
+    # which stream notices the cut first varies: a part, or the lock's session still waiting
+    # for the parts' snapshots (a part's mysqldump starts streaming before the others opened)
+    assert re.fullmatch(
+        r"parallel mysqldump failed: (mysql\.part0[12]\.sql\.gz: .+|the read lock for a "
+        r"consistent parallel dump failed: .+the connection to the guest was lost)",
+        failed_dump.value.message,
+    ), failed_dump.value.message
+    assert failed_dump.value.hint is not None
+    assert failed_dump.value.hint.startswith("nothing valid was stored; the lock was released")
+    failed = tmp_path / "lab" / "snap-c.failed"
+    assert failed.is_dir() and not (tmp_path / "lab" / "snap-c").exists()
+    assert store.list_dumps(tmp_path, "lab") == []
+    assert _wait(lambda: not guest_processes(ssh_guest)), "a part kept running in the guest"
+    assert lock_free() and no_lock_session()
+
+
 def test_a_part_that_fails_while_the_lock_is_held_releases_it(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
 ) -> None:
