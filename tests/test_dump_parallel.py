@@ -275,6 +275,46 @@ class SlowReader:
         return self.inner.run_streaming(argv, **kwargs)
 
 
+def test_the_read_lock_is_gone_while_the_parts_still_stream(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    """The lock lasts until the parts have their snapshots, not until they end: behind a slow
+    reader, a write commits in the guest while every part is still streaming. (Looking at
+    INNODB_TRX more often than InnoDB refreshes it kept the lock until the last part ended.)"""
+    vm = vm_config(
+        ssh_guest,
+        tmp_path,
+        databases=IDOIT,
+        options=["--single-transaction", "--skip-extended-insert"],
+        compression="gzip",
+        threads=2,
+    )
+    transport = SlowReader(transport_for(vm), pause=0.1)
+    plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
+    run = store.RunDir.begin(tmp_path, "lab", "snap-l")
+    seen: dict[str, Any] = {}
+
+    def writer() -> None:
+        def streaming() -> bool:
+            parts = list(run.path.glob(".mysql.part*.part"))
+            return len(parts) == 2 and all(p.stat().st_size > 0 for p in parts)
+
+        if _wait(streaming, 60):
+            seen["committed"] = lock_free()  # waits up to 2 s for a lock
+            seen["still_streaming"] = sorted(p.name for p in run.path.glob(".mysql.part*.part"))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    result = mysql.dump(transport, vm="lab", guest=vm.guest, options=vm.dump, run_dir=run,
+                        plan=plan)  # fmt: skip
+    thread.join()
+    assert seen["committed"] is True, "a write waited for the lock while the parts streamed"
+    assert len(seen["still_streaming"]) == 2, "the parts had ended: the test proves nothing"
+    lock = run.sections[mysql.SECTION]["lock"]
+    assert lock["snapshots"] == 3
+    assert lock["held_seconds"] < result.seconds / 2
+
+
 @pytest.mark.parametrize("streamed", [1, 256 * 1024])
 def test_a_connection_cut_mid_part_fails_the_run_cleanly_and_releases_everything(
     streamed: int,

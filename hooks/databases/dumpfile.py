@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from snapcoord import shell, store
 from snapcoord.errors import GuestError, PreflightError, SnapshotFailed
@@ -80,13 +80,19 @@ class RestoreFailed(SnapshotFailed):
 #   sh -c GUEST sh NBYTES MODE PROGRAM ARGS...
 #
 # The first NBYTES of stdin are the option file (user/password), read with dd so nothing more
-# is consumed; the rest of stdin belongs to the program. MODE: plain | gzip | zstd | none
+# is consumed; the rest of stdin belongs to the program. NBYTES "-": a line with the length
+# comes first on stdin (a part of a parallel dump, started before its option file is known;
+# end of input instead: it was not needed, exit 96). MODE: plain | gzip | zstd | none
 # (compress stdout) | gunzip | unzstd (decompress stdin). Exit statuses of both ends of a
 # pipeline are kept; the script reports them on stderr and exits with the first non-zero one.
 GUEST_SCRIPT = r"""
 umask 077
 n=$1; mode=$2; prog=$3; shift 3
 trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+if [ "$n" = - ]; then
+  IFS= read -r n || exit 96
+  case $n in ''|*[!0-9]*) exit 96;; esac
+fi
 if [ "$n" -gt 0 ]; then
   cnf=$(dd bs=1 count="$n" 2>/dev/null) || exit 96
   exec 9<<EOF || exit 96
@@ -405,11 +411,13 @@ def stream_file(
     compression: str,
     compress_here: bool,
     consume: Callable[[bytes], None] | None = None,
+    source: BinaryIO | None = None,
 ) -> Streamed:
     """Run the guest pipeline ``argv`` (GUEST_SCRIPT), store its stream as ``name`` and check
     it: the dump program's and the compressor's exit status, the stream's integrity, the
     completion line, the sha256 re-read from disk (:meth:`store.FileSink.finish`). ``consume``
-    sees each chunk first (a parallel dump stops a part by raising there)."""
+    sees each chunk first (a parallel dump stops a part by raising there); ``source`` follows
+    ``stdin`` on the pipeline's stdin."""
     sink = run_dir.sink(name)
     inspector = Inspector(sink, compression, compress_here, fmt.marker)
     problem: str | None = None
@@ -422,7 +430,7 @@ def stream_file(
 
     try:
         result = transport.run_streaming(
-            argv, sudo=sudo, timeout=timeout, stdin=stdin, consume=take
+            argv, sudo=sudo, timeout=timeout, stdin=stdin, source=source, consume=take
         )
         inspector.finish()
     except OSError as exc:

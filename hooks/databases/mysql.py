@@ -173,6 +173,11 @@ class Client:
         cnf = self.option_file() if option_file is None else option_file
         return ["sh", "-c", GUEST_SCRIPT, "sh", str(len(cnf)), mode, program, *args], cnf
 
+    def deferred_argv(self, mode: str, program: str, args: Sequence[str]) -> list[str]:
+        """GUEST_SCRIPT's argv for a command started before its option file is known: it
+        waits for :func:`deferred_stdin` of it, its first input (end of input: exit 96)."""
+        return ["sh", "-c", GUEST_SCRIPT, "sh", "-", mode, program, *args]
+
     def query(self, transport: Transport, sql: str, *, timeout: float) -> list[list[str]]:
         """Run SQL with the mysql client in the guest; rows of batch output (unescaped)."""
         argv, cnf = self.argv("plain", "mysql", self.session_args("--batch", "--skip-column-names"))
@@ -185,6 +190,11 @@ class Client:
             )
         text = result.stdout.decode("utf-8", errors="replace")
         return [[_unescape(f) for f in line.split("\t")] for line in text.splitlines() if line]
+
+
+def deferred_stdin(option_file: bytes) -> bytes:
+    """What a :meth:`Client.deferred_argv` command reads first: the length line, the file."""
+    return f"{len(option_file)}\n".encode() + option_file
 
 
 def _unescape(field_text: str) -> str:

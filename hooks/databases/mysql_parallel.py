@@ -5,11 +5,15 @@ from one consistent view (no mydumper: Debian 12's 0.10.1 cannot stream, and the
 stream off the guest, never to its disk):
 
 1. a control session (:class:`LockSession`: a ``mysql`` client fed SQL on stdin, credentials in
-   the option file on stdin, killed by the guest's ``timeout`` at the latest) takes ``FLUSH
-   TABLES WITH READ LOCK``, bounded by ``lock_wait_timeout`` as the pause mode's ftwrl is;
-2. while it holds the lock, it lists the dumped databases' tables, which are split by size
-   (information_schema data + index length) into N parts, and the N part sessions and one
-   objects session start, each a ``run_streaming`` in a thread of its own;
+   the option file on stdin, killed by the guest's ``timeout`` at the latest) counts the base
+   tables, and N part sessions (N = threads, at most one per table) and one objects session
+   start, each a ``run_streaming`` in a thread of its own. Each waits in the guest for its
+   option file (:class:`Gate`), so their SSH sessions and login shells are set up before the
+   lock, not while it blocks every write;
+2. the control session takes ``FLUSH TABLES WITH READ LOCK``, bounded by
+   ``lock_wait_timeout`` as the pause mode's ftwrl is; while it holds the lock, it lists the
+   dumped databases' tables, splits them by size (information_schema data + index length) into
+   the N parts and hands each waiting session its option file: mysqldump starts;
 3. the control session waits until each of them has opened its snapshot (``START TRANSACTION
    WITH CONSISTENT SNAPSHOT``, which a read-only transaction shows in
    information_schema.INNODB_TRX too), then ``UNLOCK TABLES``. Since nothing could commit
@@ -28,11 +32,12 @@ name can never become an option, and no command line grows with the number of ta
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from snapcoord import store
 from snapcoord.errors import GuestError, SnapcoordError
@@ -66,8 +71,12 @@ OBJECTS_PART_OPTIONS = (
     "--single-transaction", "--skip-lock-tables", "--no-data", "--routines", "--events",
     "--skip-triggers",
 )  # fmt: skip
-#: seconds between two looks at the part sessions' snapshots while the lock is held
-POLL = 0.05
+#: seconds between two looks at the part sessions' snapshots while the lock is held. Above
+#: 0.1 s on purpose: InnoDB refreshes what information_schema.INNODB_TRX shows only when nobody
+#: read it for 0.1 s (CACHE_MIN_IDLE_TIME_NS and trx_i_s_cache_end_read() in MariaDB's
+#: storage/innobase/trx/trx0i_s.cc, MariaDB/server 00528a04). Looking every 0.05 s kept it
+#: frozen at its first read, empty: the lock was held until every part had ended.
+POLL = 0.15
 #: which open transactions are the parts' snapshots (besides: the dump's user, opened after the
 #: lock): mysqldump --single-transaction sets REPEATABLE READ
 SNAPSHOT_FILTER = "t.trx_isolation_level = 'REPEATABLE READ'"
@@ -155,15 +164,48 @@ class Part:
 
 
 def plan_parts(tables: Sequence[Table], threads: int, compression: str) -> list[Part]:
+    """``threads`` table parts (the sessions already started; one without tables, if some
+    were dropped since they were counted, dumps none) and the objects part."""
     base = [t for t in tables if t.base]
     everything = [t.full for t in tables]
+    bins = split([(t.full, t.size) for t in base], threads)
+    bins += [[] for _ in range(threads - len(bins))]
     parts = []
-    for index, chosen in enumerate(split([(t.full, t.size) for t in base], threads), 1):
+    for index, chosen in enumerate(bins, 1):
         keep = set(chosen)
         parts.append(Part(part_name(index, compression), "tables", chosen,
                           [n for n in everything if n not in keep]))  # fmt: skip
     parts.append(Part(objects_name(compression), "objects", [], [t.full for t in base]))
     return parts
+
+
+class Gate(io.RawIOBase):
+    """The stdin of a part started before the lock: a read waits until :meth:`open` hands it
+    the part's option file (:func:`mysql.deferred_stdin`), or :meth:`end` ends it unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._given = threading.Event()
+        self._data = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def open(self, data: bytes) -> None:
+        if not self._given.is_set():
+            self._data = data
+            self._given.set()
+
+    def end(self) -> None:
+        """No more to give: a waiting read returns what was given (nothing: end of input)."""
+        self._given.set()
+
+    def readinto(self, buffer: Any) -> int:
+        self._given.wait()
+        size = min(len(buffer), len(self._data))
+        buffer[:size] = self._data[:size]
+        self._data = self._data[size:]
+        return size
 
 
 class ParallelDump:
@@ -211,15 +253,15 @@ class ParallelDump:
         )
         return [mysql._unescape(r[0]) for r in rows if r and r[0] not in mysql.NOT_DUMPED]
 
-    def _start(self, part: Part) -> None:
+    def _start(self, part: Part, gate: Gate) -> None:
+        """Start ``part``'s session; its mysqldump runs once ``gate`` has its option file."""
         extra = TABLE_PART_OPTIONS if part.role == "tables" else OBJECTS_PART_OPTIONS
         mode = (
             "none"
             if self.compress_here or self.plan.compression == "none"
             else (self.plan.compression)
         )
-        cnf = part_option_file(self.client, part.ignored)
-        argv, _ = self.client.argv(mode, "mysqldump", self._argv(extra), option_file=cnf)
+        argv = self.client.deferred_argv(mode, "mysqldump", self._argv(extra))
         part.done = threading.Event()
 
         def consume(_chunk: bytes) -> None:
@@ -229,10 +271,11 @@ class ParallelDump:
         def work() -> None:
             try:
                 part.streamed = stream_file(
-                    self.transport, vm=self.vm, fmt=mysql.FORMAT, argv=argv, stdin=cnf,
-                    sudo=self.client.sudo, timeout=self.guest.dump_timeout,
-                    run_dir=self.run_dir, name=part.file, compression=self.plan.compression,
-                    compress_here=self.compress_here, consume=consume,
+                    self.transport, vm=self.vm, fmt=mysql.FORMAT, argv=argv, stdin=b"",
+                    source=cast(BinaryIO, gate), sudo=self.client.sudo,
+                    timeout=self.guest.dump_timeout, run_dir=self.run_dir, name=part.file,
+                    compression=self.plan.compression, compress_here=self.compress_here,
+                    consume=consume,
                 )  # fmt: skip
             except BaseException as exc:  # handed to run()
                 part.error = exc
@@ -280,9 +323,25 @@ class ParallelDump:
                 )
             time.sleep(POLL)
 
+    def _sessions(self, session: LockSession) -> int:
+        """How many table parts to start: ``threads``, at most one per base table (counted
+        before the lock; the split under it fills exactly these)."""
+        databases = self._databases(session)
+        if not databases:
+            return 1
+        names = ", ".join(mysql._sql_str(d) for d in databases)
+        rows = session.execute(
+            "SELECT COUNT(*) FROM information_schema.TABLES"  # noqa: S608 (quoted)
+            f" WHERE TABLE_SCHEMA IN ({names}) AND TABLE_TYPE = 'BASE TABLE'",
+            timeout=self.guest.command_timeout,
+        )
+        counted = rows[0][0] if rows and rows[0] else ""
+        return max(1, min(self.plan.threads, int(counted) if counted.isdigit() else 1))
+
     def _locked_start(self) -> None:
-        """Take the read lock, list and split the tables, start every part, wait for their
-        snapshots, release the lock. The lock session always ends here."""
+        """Start every part (waiting for its option file), take the read lock, list and split
+        the tables, hand the parts their option files, wait for their snapshots, release the
+        lock. The lock session always ends here, and so does every part's wait."""
         session = LockSession(
             self.transport,
             ["mysql", *self.client.session_args("--batch", "--unbuffered", "--skip-reconnect",
@@ -293,6 +352,7 @@ class ParallelDump:
             option_file=self.client.option_file(),
         )  # fmt: skip
         timeout = self.guest.command_timeout
+        gates: list[Gate] = []
         session.start()
         try:
             try:
@@ -304,6 +364,11 @@ class ParallelDump:
                                  vm=self.vm) from None  # fmt: skip
             user = mysql._unescape(first[0][1])
             session.execute(f"SET SESSION lock_wait_timeout = {self.wait}", timeout=timeout)
+            sessions = self._sessions(session)
+            self.parts = plan_parts([], sessions, self.plan.compression)  # names only, yet
+            for part in self.parts:
+                gates.append(Gate())
+                self._start(part, gates[-1])
             for statement in mysql.PAUSE_METHODS["ftwrl"]:
                 session.execute(statement, timeout=self.wait + 5)
             held = time.monotonic()
@@ -312,9 +377,10 @@ class ParallelDump:
                 "SELECT COALESCE(MAX(ID), 0) FROM information_schema.PROCESSLIST",
                 timeout=timeout)[0][0])  # fmt: skip
             tables = list_tables(session, databases, timeout=timeout)
-            self.parts = plan_parts(tables, self.plan.threads, self.plan.compression)
-            for part in self.parts:
-                self._start(part)
+            planned = plan_parts(tables, sessions, self.plan.compression)
+            for part, plan, gate in zip(self.parts, planned, gates, strict=True):
+                part.tables, part.ignored = plan.tables, plan.ignored
+                gate.open(mysql.deferred_stdin(part_option_file(self.client, part.ignored)))
             self._await_snapshots(session, user, floor)
             session.execute("UNLOCK TABLES", timeout=timeout)
             self.lock["held_seconds"] = round(time.monotonic() - held, 3)
@@ -326,6 +392,8 @@ class ParallelDump:
                 "[vms.X.dump] threads = 1",
             ) from None
         finally:
+            for gate in gates:
+                gate.end()  # a part not handed its option file ends (exit 96)
             session.close()  # ending the session releases its lock, whatever happened
 
     def run(self) -> DumpResult:
