@@ -3,6 +3,7 @@ real loopback SSH guest and the lab MariaDB (hooks/databases/mysql_parallel.py).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -681,6 +682,61 @@ class SlowToStart:
         return self.inner.run_streaming(argv, **kwargs)
 
 
+class LateOptionFile:
+    """The VM's transport, with the first dump stream's option file reaching the guest only
+    after ``delay`` seconds (its session is up and waiting): that mysqldump connects late,
+    while the lock is held."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.streams = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
+        self.streams += 1
+        source = kwargs.get("source")
+        if self.streams == 1 and source is not None:
+            kwargs["source"] = Delayed(source, self.delay)
+        return self.inner.run_streaming(argv, **kwargs)
+
+
+class Delayed(io.RawIOBase):
+    def __init__(self, source: Any, delay: float) -> None:
+        super().__init__()
+        self.source, self.delay = source, delay
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        time.sleep(self.delay)
+        self.delay = 0.0
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def test_a_part_session_that_does_not_start_within_command_timeout_fails_before_any_lock(
+    ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
+) -> None:
+    vm = vm_config(ssh_guest, tmp_path, guest_keys={"command_timeout": 5}, databases=IDOIT,
+                   compression="zstd", threads=2)  # fmt: skip
+    inner = transport_for(vm)
+    plan = mysql.preflight(inner, vm="lab", guest=vm.guest, options=vm.dump)
+    run = store.RunDir.begin(tmp_path, "lab", "snap-s")
+    with pytest.raises(dumpfile.DumpFailed, match=r"mysql\.part01\.sql\.zst: its session in the "
+                       r"guest did not start within 5 s"):  # fmt: skip
+        mysql.dump(SlowToStart(inner, 8), vm="lab", guest=vm.guest, options=vm.dump,
+                   run_dir=run, plan=plan)  # fmt: skip
+    assert (tmp_path / "lab" / "snap-s.failed").is_dir()
+    assert store.list_dumps(tmp_path, "lab") == []
+    assert _wait(lambda: not guest_processes(ssh_guest)), "a part kept running in the guest"
+    assert lock_free() and no_lock_session()
+
+
 def test_a_part_without_a_snapshot_within_command_timeout_fails_the_run_and_frees_the_lock(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
 ) -> None:
@@ -691,7 +747,7 @@ def test_a_part_without_a_snapshot_within_command_timeout_fails_the_run_and_free
     run = store.RunDir.begin(tmp_path, "lab", "snap-t")
     started = time.monotonic()
     with pytest.raises(dumpfile.DumpFailed, match="did not all open their snapshot within 5 s"):
-        mysql.dump(SlowToStart(inner, 8), vm="lab", guest=vm.guest, options=vm.dump,
+        mysql.dump(LateOptionFile(inner, 8), vm="lab", guest=vm.guest, options=vm.dump,
                    run_dir=run, plan=plan)  # fmt: skip
     assert time.monotonic() - started < 120
     assert (tmp_path / "lab" / "snap-t.failed").is_dir()

@@ -80,9 +80,10 @@ class RestoreFailed(SnapshotFailed):
 #   sh -c GUEST sh NBYTES MODE PROGRAM ARGS...
 #
 # The first NBYTES of stdin are the option file (user/password), read with dd so nothing more
-# is consumed; the rest of stdin belongs to the program. NBYTES "-": a line with the length
-# comes first on stdin (a part of a parallel dump, started before its option file is known;
-# end of input instead: it was not needed, exit 96). MODE: plain | gzip | zstd | none
+# is consumed; the rest of stdin belongs to the program. NBYTES "-": the script prints READY
+# ("R", before anything else on stdout) and waits for a line with the length first on stdin (a
+# part of a parallel dump, started before its option file is known; end of input instead: it
+# was not needed, exit 96). MODE: plain | gzip | zstd | none
 # (compress stdout) | gunzip | unzstd (decompress stdin). Exit statuses of both ends of a
 # pipeline are kept; the script reports them on stderr and exits with the first non-zero one.
 GUEST_SCRIPT = r"""
@@ -90,6 +91,7 @@ umask 077
 n=$1; mode=$2; prog=$3; shift 3
 trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
 if [ "$n" = - ]; then
+  printf R
   IFS= read -r n || exit 96
   case $n in ''|*[!0-9]*) exit 96;; esac
 fi
@@ -125,6 +127,8 @@ echo "snapcoord-status $prog=$rc filter=$frc" >&2
 exit "$frc"
 """
 _STATUS_RE = re.compile(rb"snapcoord-status (\S+)=(\d+) filter=(\d+)")
+#: what GUEST_SCRIPT prints first when it waits for its option file (NBYTES "-")
+READY = b"R"
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,18 +416,27 @@ def stream_file(
     compress_here: bool,
     consume: Callable[[bytes], None] | None = None,
     source: BinaryIO | None = None,
+    ready: threading.Event | None = None,
 ) -> Streamed:
     """Run the guest pipeline ``argv`` (GUEST_SCRIPT), store its stream as ``name`` and check
     it: the dump program's and the compressor's exit status, the stream's integrity, the
     completion line, the sha256 re-read from disk (:meth:`store.FileSink.finish`). ``consume``
     sees each chunk first (a parallel dump stops a part by raising there); ``source`` follows
-    ``stdin`` on the pipeline's stdin."""
+    ``stdin`` on the pipeline's stdin. ``ready``: the pipeline waits for its option file
+    (NBYTES "-"); its :data:`READY` byte is taken off the stream and sets ``ready``."""
     sink = run_dir.sink(name)
     inspector = Inspector(sink, compression, compress_here, fmt.marker)
     problem: str | None = None
     result: Completed | None = None
 
     def take(chunk: bytes) -> None:
+        if ready is not None and not ready.is_set():
+            if not chunk.startswith(READY):
+                raise GuestError("the dump's guest script did not say it was ready", vm=vm)
+            chunk = chunk[len(READY) :]
+            ready.set()
+            if not chunk:
+                return
         if consume is not None:
             consume(chunk)
         inspector(chunk)

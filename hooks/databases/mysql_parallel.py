@@ -8,8 +8,9 @@ stream off the guest, never to its disk):
    the option file on stdin, killed by the guest's ``timeout`` at the latest) counts the base
    tables, and N part sessions (N = threads, at most one per table) and one objects session
    start, each a ``run_streaming`` in a thread of its own. Each waits in the guest for its
-   option file (:class:`Gate`), so their SSH sessions and login shells are set up before the
-   lock, not while it blocks every write;
+   option file (:class:`Gate`) and says so (:data:`dumpfile.READY`); the lock is taken once
+   all do, so their SSH sessions and login shells are set up before it, not while it blocks
+   every write;
 2. the control session takes ``FLUSH TABLES WITH READ LOCK``, bounded by
    ``lock_wait_timeout`` as the pause mode's ftwrl is; while it holds the lock, it lists the
    dumped databases' tables, splits them by size (information_schema data + index length) into
@@ -151,6 +152,7 @@ class Part:
     streamed: Streamed | None = None
     error: BaseException | None = None
     done: threading.Event | None = None
+    ready: threading.Event | None = None  # its guest script waits for its option file
 
     @property
     def ok(self) -> bool:
@@ -262,7 +264,7 @@ class ParallelDump:
             else (self.plan.compression)
         )
         argv = self.client.deferred_argv(mode, "mysqldump", self._argv(extra))
-        part.done = threading.Event()
+        part.done, part.ready = threading.Event(), threading.Event()
 
         def consume(_chunk: bytes) -> None:
             if self.stop.is_set():
@@ -275,7 +277,7 @@ class ParallelDump:
                     source=cast(BinaryIO, gate), sudo=self.client.sudo,
                     timeout=self.guest.dump_timeout, run_dir=self.run_dir, name=part.file,
                     compression=self.plan.compression, compress_here=self.compress_here,
-                    consume=consume,
+                    consume=consume, ready=part.ready,
                 )  # fmt: skip
             except BaseException as exc:  # handed to run()
                 part.error = exc
@@ -290,6 +292,25 @@ class ParallelDump:
             if part.done is not None and part.done.is_set() and not part.ok:
                 return part
         return None
+
+    def _await_ready(self) -> None:
+        """Until every part's guest script waits for its option file (its SSH session and
+        login shell are set up), bounded by command_timeout; a part that ended instead failed.
+        Nothing is locked yet."""
+        deadline = time.monotonic() + self.guest.command_timeout
+        for part in self.parts:
+            assert part.ready is not None and part.done is not None
+            while not part.ready.wait(POLL):
+                if part.done.is_set():
+                    raise _PartFailed(part)
+                if time.monotonic() > deadline:
+                    raise DumpFailed(
+                        f"{part.file}: its session in the guest did not start within "
+                        f"{self.guest.command_timeout:g} s",
+                        vm=self.vm,
+                        hint="nothing was locked; raise [vms.X.guest] command_timeout or set "
+                        "[vms.X.dump] threads = 1",
+                    )
 
     def _await_snapshots(self, session: LockSession, user: str, floor: int) -> None:
         """Until every part session has its snapshot open (or finished), bounded by
@@ -369,6 +390,7 @@ class ParallelDump:
             for part in self.parts:
                 gates.append(Gate())
                 self._start(part, gates[-1])
+            self._await_ready()
             for statement in mysql.PAUSE_METHODS["ftwrl"]:
                 session.execute(statement, timeout=self.wait + 5)
             held = time.monotonic()
