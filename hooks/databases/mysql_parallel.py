@@ -239,6 +239,7 @@ class ParallelDump:
         self.stop = threading.Event()
         self.parts: list[Part] = []
         self.lock: dict[str, Any] = {}
+        self.locking = False  # the read lock was asked for (and is released by now)
 
     # -- the user's options, then ours (later options win), then the database selection
     def _argv(self, extra: Sequence[str]) -> list[str]:
@@ -391,6 +392,7 @@ class ParallelDump:
                 gates.append(Gate())
                 self._start(part, gates[-1])
             self._await_ready()
+            self.locking = True
             for statement in mysql.PAUSE_METHODS["ftwrl"]:
                 session.execute(statement, timeout=self.wait + 5)
             held = time.monotonic()
@@ -479,11 +481,11 @@ class ParallelDump:
                 if part.streamed is not None and not part.streamed.sink.closed:
                     part.streamed.sink.keep_as(f"{part.file}.incomplete")
             failed_dir = self.run_dir.fail(f"mysqldump: {problem}")
+            lock = "the lock was released" if self.locking else "nothing was locked"
             raise DumpFailed(
                 f"parallel mysqldump failed: {problem}",
                 vm=self.vm,
-                hint=f"nothing valid was stored; the lock was released; what arrived is kept "
-                f"in {failed_dir}",
+                hint=f"nothing valid was stored; {lock}; what arrived is kept in {failed_dir}",
                 failed_dir=failed_dir,
             )
         entries = [p.streamed.entry for p in self.parts if p.streamed is not None]
