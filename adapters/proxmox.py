@@ -427,7 +427,7 @@ class ProxmoxAdapter(Adapter):
     def _api_error(
         self, exc: ResourceException, method: str, path: str, vm: str | None
     ) -> HypervisorError:
-        status, reason = exc.status_code, str(exc.content or "").strip()
+        status, reason = exc.status_code, _one_line(str(exc.content or ""))
         if status == 401:
             what = "token_id/token_secret" if self._ticket is None else "user/password"
             return HypervisorError(
@@ -449,7 +449,9 @@ class ProxmoxAdapter(Adapter):
             )
         detail = reason
         if exc.errors:
-            detail = f"{reason}: " + "; ".join(f"{k}: {v}".strip() for k, v in exc.errors.items())
+            detail = f"{reason}: " + "; ".join(
+                _one_line(f"{k}: {v}") for k, v in exc.errors.items()
+            )
         return HypervisorError(
             f"{method.upper()} /{path} on {self.where} failed (HTTP {status}): {detail}", vm=vm
         )
@@ -584,7 +586,7 @@ class ProxmoxAdapter(Adapter):
         lock = config.get("lock")
         if lock:
             raise HypervisorError(
-                f"{word} {vmid} is locked ({lock}): a run now would wait up to "
+                f"{word} {vmid} is locked ({_said(lock)}): a run now would wait up to "
                 f"lock_wait_seconds ({self.lock_wait:g} s) for it",
                 vm=vm.name,
                 hint=f"another task (backup, snapshot, migration) holds it; if it is stale: "
@@ -701,8 +703,8 @@ class ProxmoxAdapter(Adapter):
             if not lock:
                 return config
             if not seen:
-                log.info("%s: guest is locked (%s); waiting", vm.name, lock)
-            seen["lock"] = str(lock)
+                log.info("%s: guest is locked (%s); waiting", vm.name, _said(lock))
+            seen["lock"] = _said(lock)
             return None
 
         try:
@@ -839,7 +841,7 @@ class ProxmoxAdapter(Adapter):
         def attempt() -> dict[str, Any]:
             upid = self._request(method, path, vm=vm.name, **params)
             status = self._wait(vm, str(upid), what, timeout)
-            exitstatus = str(status.get("exitstatus", ""))
+            exitstatus = _one_line(str(status.get("exitstatus", "")))
             if TASK_OK_RE.match(exitstatus):
                 if exitstatus != "OK":
                     log.warning("%s: %s finished with %s", vm.name, what, exitstatus)
@@ -907,6 +909,21 @@ def _handshake_cut(exc: BaseException) -> bool:
             return True
         pending += [*item.args, getattr(item, "reason", None), item.__cause__, item.__context__]
     return False
+
+
+_WORD_RE = re.compile(r"[\w.-]{1,64}")
+
+
+def _said(value: object) -> str:
+    """A value of an API answer inside a message: as it is when it is a plain word (a lock's
+    name: backup, snapshot), else escaped and quoted, so that no answer breaks the line."""
+    text = str(value)
+    return text if _WORD_RE.fullmatch(text) else ascii(text[:64])
+
+
+def _one_line(text: str) -> str:
+    """Free text of an answer (a task's exit status, an error's reason) on one line."""
+    return clip(" ".join(text.split()), 300)
 
 
 def _short(exc: BaseException) -> str:

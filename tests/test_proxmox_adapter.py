@@ -168,6 +168,18 @@ def test_lock_held_fails_clearly(double: PveApiDouble, cert: Cert) -> None:
     assert "waiting 1 s" in text
 
 
+def test_a_lock_name_that_is_not_a_word_is_quoted_and_stays_on_one_line(
+    double: PveApiDouble, adapter: ProxmoxAdapter
+) -> None:
+    vm = adapter.find_vm("db1")
+    double.cluster.lock_guest(100, "backup\n\x1b[2Jrm -rf /")
+    with pytest.raises(HypervisorError) as info:
+        adapter.check_snapshot_support(vm)
+    text = str(info.value)
+    assert "VM 100 is locked ('backup\\n\\x1b[2Jrm -rf /')" in text
+    assert "\n" not in text and "\x1b" not in text
+
+
 def test_preflight_waits_for_a_lock(double: PveApiDouble, cert: Cert) -> None:
     settings = token_settings(double, cert, lock_wait_seconds=1.0)
     with ProxmoxAdapter("pve", settings) as adapter:
