@@ -290,6 +290,31 @@ class RealGuest:
             conn.close()
         return json.loads(reply)
 
+    def ensure_agent(self, timeout: float = 90.0) -> bool:
+        """Make sure qemu-guest-agent answers through libvirt before a test that needs it;
+        True if it had to be restarted (over SSH). After an agent command timed out while the
+        agent restarted, libvirt can keep saying "Guest agent not available for now" until the
+        channel closes again; the restart closes it. A test that broke the agent still fails
+        itself: this only keeps the tests after it from failing for the same reason."""
+        ping = {"execute": "guest-ping"}
+        try:
+            self.agent_command(ping, timeout=5)
+            return False
+        except libvirt.libvirtError:
+            pass
+        self.ssh("systemctl restart qemu-guest-agent", check=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.agent_command(ping, timeout=5)
+                return True
+            except libvirt.libvirtError as exc:
+                if time.monotonic() > deadline:
+                    raise RealVMError(
+                        f"qemu-guest-agent does not answer {timeout:g} s after a restart: {exc}"
+                    ) from None
+                time.sleep(1)
+
     def agent_run(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
         """Run ``argv`` in the guest through qemu-guest-agent (``guest-exec``, never SSH); its
         exit status (128 + signal for a signal) and its output. For small outputs only: the

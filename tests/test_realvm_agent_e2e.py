@@ -99,6 +99,12 @@ def logins(guest: RealGuest) -> int:
 # -- snapcoord ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def agent_answers(real_guest: RealGuest) -> None:
+    """Every test starts with an agent libvirt can talk to (RealGuest.ensure_agent)."""
+    real_guest.ensure_agent()
+
+
 @pytest.fixture(scope="module")
 def config(real_guest: RealGuest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("realvm-agent")
