@@ -15,15 +15,15 @@ stream off the guest, never to its disk):
    ``lock_wait_timeout`` as the pause mode's ftwrl is; while it holds the lock, it lists the
    dumped databases' tables, splits them by size (information_schema data + index length) into
    the N parts and hands each waiting session its option file: mysqldump starts;
-3. the control session waits until each of them has opened its snapshot (``START TRANSACTION
-   WITH CONSISTENT SNAPSHOT``, which a read-only transaction shows in
-   information_schema.INNODB_TRX too), then ``UNLOCK TABLES``. Since nothing could commit
-   between the lock and the last snapshot, every session sees the same data.
+3. the control session holds the lock until every part has ended, then ``UNLOCK TABLES``.
+   Nothing commits while the parts run, so every session sees the same data.
 
-The sessions are told apart by what the server can say about them: connections of the dump's
-user opened after the lock was taken (an ID above the highest one at that moment), with a
-REPEATABLE READ transaction (what mysqldump sets). A part that already finished counts as one
-that had its snapshot (it could only have read under the lock).
+Why not only until every part has opened its snapshot (a lock of well under a second): the
+server cannot tell this dump's sessions from another session of the same user. A connection
+of the dump's user, opened after the lock, with a REPEATABLE READ transaction (InnoDB's default)
+looks like a part in information_schema.INNODB_TRX, and counting it would end the lock before a
+part had its snapshot: an inconsistent dump. Until the parts can be told apart exactly, writes
+wait for the whole parallel dump (in stop mode the applications are stopped anyway).
 
 Each part is a complete mysqldump output with its own ``-- Dump completed`` line, checked like
 a single-stream dump (:func:`dumpfile.stream_file`). The table names reach mysqldump through
@@ -72,15 +72,8 @@ OBJECTS_PART_OPTIONS = (
     "--single-transaction", "--skip-lock-tables", "--no-data", "--routines", "--events",
     "--skip-triggers",
 )  # fmt: skip
-#: seconds between two looks at the part sessions' snapshots while the lock is held. Above
-#: 0.1 s on purpose: InnoDB refreshes what information_schema.INNODB_TRX shows only when nobody
-#: read it for 0.1 s (CACHE_MIN_IDLE_TIME_NS and trx_i_s_cache_end_read() in MariaDB's
-#: storage/innobase/trx/trx0i_s.cc, MariaDB/server 00528a04). Looking every 0.05 s kept it
-#: frozen at its first read, empty: the lock was held until every part had ended.
+#: seconds between two looks at the parts (ready, ended) while they start and run
 POLL = 0.15
-#: which open transactions are the parts' snapshots (besides: the dump's user, opened after the
-#: lock): mysqldump --single-transaction sets REPEATABLE READ
-SNAPSHOT_FILTER = "t.trx_isolation_level = 'REPEATABLE READ'"
 
 
 def part_name(index: int, compression: str) -> str:
@@ -313,36 +306,17 @@ class ParallelDump:
                         "[vms.X.dump] threads = 1",
                     )
 
-    def _await_snapshots(self, session: LockSession, user: str, floor: int) -> None:
-        """Until every part session has its snapshot open (or finished), bounded by
-        command_timeout; a failing part ends the wait."""
-        deadline = time.monotonic() + self.guest.command_timeout
-        sql = (
-            "SELECT p.ID FROM information_schema.INNODB_TRX t"  # noqa: S608 (quoted, integers)
-            " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
-            f" WHERE p.ID > {int(floor)} AND p.USER = {mysql._sql_str(user)}"
-            f" AND {SNAPSHOT_FILTER}"
-        )
-        seen: set[str] = set()
+    def _await_parts(self) -> None:
+        """Until every part has ended, the read lock held all along; a failing part ends the
+        wait. (Not until their snapshots are open: the server cannot tell this dump's sessions
+        from another session of the same user, see the module docstring.)"""
         while True:
-            finished = sum(1 for p in self.parts if p.done is not None and p.done.is_set())
             failed = self._failed_part()
             if failed is not None:
                 raise _PartFailed(failed)
-            rows = session.execute(sql, timeout=self.guest.command_timeout)
-            open_now = {r[0] for r in rows if r}
-            seen |= open_now
-            if len(open_now) + finished >= len(self.parts) or len(seen) >= len(self.parts):
-                self.lock["snapshots"] = len(self.parts)
+            if all(p.done is not None and p.done.is_set() for p in self.parts):
+                self.lock["until"] = "every part ended"
                 return
-            if time.monotonic() > deadline:
-                raise DumpFailed(
-                    f"{len(self.parts)} mysqldump sessions did not all open their snapshot "
-                    f"within {self.guest.command_timeout:g} s ({len(open_now) + finished} did)",
-                    vm=self.vm,
-                    hint="the read lock was released; raise [vms.X.guest] command_timeout or "
-                    "set [vms.X.dump] threads = 1",
-                )
             time.sleep(POLL)
 
     def _sessions(self, session: LockSession) -> int:
@@ -362,15 +336,15 @@ class ParallelDump:
 
     def _locked_start(self) -> None:
         """Start every part (waiting for its option file), take the read lock, list and split
-        the tables, hand the parts their option files, wait for their snapshots, release the
-        lock. The lock session always ends here, and so does every part's wait."""
+        the tables, hand the parts their option files, wait for them to end, release the lock.
+        The lock session always ends here, and so does every part's wait."""
         session = LockSession(
             self.transport,
             ["mysql", *self.client.session_args("--batch", "--unbuffered", "--skip-reconnect",
                                                 "--skip-column-names")],
             vm=self.vm,
             sudo=self.client.sudo,
-            limit=self.guest.command_timeout + 2 * self.wait + 30,
+            limit=self.guest.command_timeout + self.guest.dump_timeout + 2 * self.wait + 30,
             option_file=self.client.option_file(),
         )  # fmt: skip
         timeout = self.guest.command_timeout
@@ -378,13 +352,10 @@ class ParallelDump:
         session.start()
         try:
             try:
-                first = session.execute(
-                    "SELECT CONNECTION_ID(), SUBSTRING_INDEX(USER(), '@', 1)", timeout=timeout
-                )
+                session.execute("SELECT CONNECTION_ID()", timeout=timeout)
             except LockLost as exc:
                 raise DumpFailed(f"cannot open the lock session: {exc.message}",
                                  vm=self.vm) from None  # fmt: skip
-            user = mysql._unescape(first[0][1])
             session.execute(f"SET SESSION lock_wait_timeout = {self.wait}", timeout=timeout)
             sessions = self._sessions(session)
             self.parts = plan_parts([], sessions, self.plan.compression)  # names only, yet
@@ -397,15 +368,12 @@ class ParallelDump:
                 session.execute(statement, timeout=self.wait + 5)
             held = time.monotonic()
             databases = self._databases(session)
-            floor = int(session.execute(
-                "SELECT COALESCE(MAX(ID), 0) FROM information_schema.PROCESSLIST",
-                timeout=timeout)[0][0])  # fmt: skip
             tables = list_tables(session, databases, timeout=timeout)
             planned = plan_parts(tables, sessions, self.plan.compression)
             for part, plan, gate in zip(self.parts, planned, gates, strict=True):
                 part.tables, part.ignored = plan.tables, plan.ignored
                 gate.open(mysql.deferred_stdin(part_option_file(self.client, part.ignored)))
-            self._await_snapshots(session, user, floor)
+            self._await_parts()
             session.execute("UNLOCK TABLES", timeout=timeout)
             self.lock["held_seconds"] = round(time.monotonic() - held, 3)
         except LockLost as exc:
