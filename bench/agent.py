@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.window import stop_figures
 from snapcoord import agent as agent_module
 from snapcoord.agent import AgentTransport
 from snapcoord.config import load_config
@@ -538,9 +539,10 @@ def streams(bench: Lab, runs: int, megabytes: int, chunks: list[float]) -> dict[
 # -- the real Debian guest (libvirt) ------------------------------------------------------------
 
 
-def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
-    """The service window and the dump on the real Debian 12 guest under QEMU (TCG) through
-    libvirt: SSH vs the libvirt agent link (adapters/libvirt_agent.py), alternating."""
+def real_guest(runs: int, rows: int, skip: list[str], *, kvm: bool = False) -> dict[str, Any]:
+    """The service window and the dump on the real Debian 12 guest under QEMU (TCG, or KVM with
+    ``kvm``) through libvirt: SSH vs the libvirt agent link (adapters/libvirt_agent.py),
+    alternating. The SSH window runs also give snapcoord's own time in the window (systemd)."""
 
     from tests.libvirtd import running_libvirtd
     from tests.realvm_guest import booted_guest, ensure_image, reap_stale_domains
@@ -553,7 +555,7 @@ def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             uri = stack.enter_context(running_libvirtd())
             reap_stale_domains(uri)
-            guest = stack.enter_context(booted_guest(ensure_image(), work / "vm", uri))
+            guest = stack.enter_context(booted_guest(ensure_image(), work / "vm", uri, kvm=kvm))
             print(f"real guest booted in {guest.boot_seconds:.0f} s", flush=True)
             code, _out, err = guest.agent_run(
                 ["mysql", "-e",
@@ -607,7 +609,9 @@ def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
                 results: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
                 for index in range(runs):
                     for name, path in configs.items():
-                        results[name].append(real_run(path, guest.uri, guest.domain, work))
+                        results[name].append(
+                            real_run(path, guest.uri, guest.domain, work, figures=name == "ssh")
+                        )
                     print(f"real guest {part} run {index + 1}: " + ", ".join(
                         f"{n} {r[-1]['window']:.2f} s window, "
                         f"{r[-1]['steps'].get('dump to store', 0):.2f} s dump"
@@ -615,18 +619,43 @@ def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
                 out[part] = summarize(
                     results, "window" if part == "window" else "dump to store", baseline="ssh"
                 )
+                if part == "window":
+                    out[part]["ssh"]["overhead"] = overhead_summary(results["ssh"])
             return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def real_run(config: Path, uri: str, domain: str, work: Path) -> dict[str, Any]:
-    """One ``snapcoord snapshot db --json`` on the real guest; its snapshot deleted after."""
+def overhead_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """snapcoord's own time in the window (bench/window.py's figure) over SSH runs: medians."""
+    figures = [r["figures"] for r in runs if r.get("figures")]
+    steps = sorted({s for f in figures for s in f["by_step"]})
+    return {
+        "per_run_ms": [round(f["overhead"] * 1000, 1) for f in figures],
+        "median_ms": round(median([f["overhead"] for f in figures]) * 1000, 1),
+        "median_commands": round(median([f["commands"] for f in figures]), 4),
+        "median_timings": {
+            c: round(median([f["timings"][c] for f in figures]), 4)
+            for c in sorted({c for f in figures for c in f["timings"]})
+        },
+        "median_by_step_ms": {
+            s: round(median([f["by_step"].get(s, 0.0) for f in figures]) * 1000, 1) for s in steps
+        },
+    }
+
+
+def real_run(
+    config: Path, uri: str, domain: str, work: Path, *, figures: bool = False
+) -> dict[str, Any]:
+    """One ``snapcoord snapshot db --json`` on the real guest; its snapshot deleted after.
+    ``figures``: run with ``-v`` and take the window's overhead (bench/window.py)."""
     import libvirt
 
     started = time.monotonic()
+    verbose = ["-v"] if figures else []
     proc = subprocess.run(
-        [sys.executable, "-m", "snapcoord", "-c", str(config), "snapshot", "db", "--json"],
+        [sys.executable, "-m", "snapcoord", *verbose, "-c", str(config), "snapshot", "db",
+         "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=900, check=False,
     )  # fmt: skip
     wall = time.monotonic() - started
@@ -646,7 +675,8 @@ def real_run(config: Path, uri: str, domain: str, work: Path) -> dict[str, Any]:
         if folder.is_dir() and folder.name not in ("journal", "locks"):
             shutil.rmtree(folder, ignore_errors=True)
     return {"window": summary.get("window_seconds"), "steps": steps, "requests": 0,
-            "wall": wall, "dump": summary.get("dump")}  # fmt: skip
+            "wall": wall, "dump": summary.get("dump"),
+            "figures": stop_figures(summary, proc.stderr) if figures else None}  # fmt: skip
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -701,6 +731,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["commands", "window", "dump", "stream"],
         help="leave a part out",
     )
+    parser.add_argument(
+        "--kvm",
+        action="store_true",
+        help="with --real-guest: boot it under KVM instead of TCG (needs a usable /dev/kvm)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args(argv)
     sandbox.enter("bench.agent", sys.argv[1:] if argv is None else list(argv))
@@ -709,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [float(c) for c in args.chunks.split(",") if c]
     result: dict[str, Any] = {"runs": args.runs}
     if args.real_guest:
-        result["real_guest"] = real_guest(args.runs, args.rows, args.skip)
+        result["real_guest"] = real_guest(args.runs, args.rows, args.skip, kvm=args.kvm)
         print(json.dumps(result, indent=1))
         return 0
     with started_lab() as bench, lab.lab_lock():

@@ -157,7 +157,14 @@ def overhead_by_step(summary: dict[str, Any], timings: dict[str, float]) -> dict
 
 
 def run_stop(config: Path, snapshot_seconds: float) -> dict[str, Any]:
-    summary, stderr = run_snapcoord(config, snapshot_seconds)
+    return stop_figures(*run_snapcoord(config, snapshot_seconds))
+
+
+def stop_figures(summary: dict[str, Any], stderr: str) -> dict[str, Any]:
+    """A stop-mode run's window, its init commands on the critical path, the hypervisor call
+    and snapcoord's own overhead (whole and by step), from its ``--json`` summary and its
+    ``-v`` stderr (the init commands' DEBUG timings: SSH only, where lines arrive as the
+    guest writes them)."""
     timings = {f"{m[1]} {m[2]}": float(m[3]) for m in TIMING.finditer(stderr)}
     step = snapshot_step(summary)
     hypervisor = step["ended"] - step["started"]

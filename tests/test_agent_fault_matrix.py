@@ -90,6 +90,10 @@ TIMEOUT = 5.0
 START_TIMEOUT = 12.0
 #: ``agent_hang``: qemu-ga stays stopped this long (longer than TIMEOUT).
 HANG_SECONDS = 7.0
+#: how long the cells wait after continuing a stopped qemu-ga before they look at the services:
+#: requests queued while it was stopped run then (tests/test_agent_transport.py's late stop runs
+#: within a few seconds)
+AGENT_WAKE_SECONDS = 3
 #: ``agent_gone``: qemu-ga stays stopped past the watchdog (the next run continues it earlier).
 GONE_SECONDS = WATCHDOG_SECONDS + 15
 #: ``api_down``: the API refuses connections this long (longer than TIMEOUT).
@@ -135,7 +139,10 @@ RATIONALE: dict[str, str] = {
     "agent_gone": "No agent call can reach the guest before the watchdog fires: snapcoord "
     "cannot confirm the services (exit 6, `window_seconds` null, `services_down` non-empty) "
     "and leaves the watchdog armed; it restores them within `watchdog_seconds` + "
-    f"{WATCHDOG_SLACK:g} s. The journal stays and the next run, with the agent back, heals it.",
+    f"{WATCHDOG_SLACK:g} s. A request that reached the stopped qemu-ga runs when it wakes, "
+    "after the watchdog fired: a stop of the run then stops nothing (the watchdog's guard, "
+    f"docs/guest.md), and the cell checks every service {AGENT_WAKE_SECONDS:g} s after "
+    "continuing qemu-ga. The journal stays and the next run, with the agent back, heals it.",
     "api_down": "The hypervisor connection is the only one: while the API refuses, no guest "
     "command gets through (an agent that does not answer) and no snapshot is taken. Before the "
     "database stop ends the step in flight fails (exit 4); from `after_database_stop` on the "
@@ -359,8 +366,15 @@ class AgentCellRun(CellRun):
         run clears it, notes it, and succeeds."""
         assert self.control is not None
         self.control.resume()
-        if not self.services.all_running():
+        # a request that reached the stopped agent runs now: give it time to show (a stop of
+        # this run must stop nothing once its watchdog fired)
+        time.sleep(AGENT_WAKE_SECONDS)
+        down = _down(self.services.states())
+        if down:
             self.obs.next_run = "not tried"
+            self.problem(
+                f"{', '.join(down)} down once the agent was back", "down after the agent woke"
+            )
             return
         env = {k: v for k, v in env.items() if k != FAULT_ENV}
         env[LOG_ENV] = str(self.tmp / "next.jsonl")

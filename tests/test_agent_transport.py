@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,9 +26,15 @@ from snapcoord.errors import GuestError
 from snapcoord.guest import ConnectionLost, shell_transport
 from snapcoord.hooks.databases import mysql_pause, pause
 from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import Services
+from snapcoord.run import ServiceWindow
 from snapcoord.settings import DumpConfig, GuestConfig
 from tests import lab
-from tests.guest_fixtures import wait_for
+from tests.guest_fixtures import (
+    lab_services,  # noqa: F401 - fixture
+    wait_for,
+    watchdog_pids,
+)
 from tests.qga_fixture import LabAgent, SocketAgentLink, start_agent
 from tests.test_pause import write_commits
 
@@ -272,6 +279,49 @@ def test_the_watchdog_armed_through_the_agent_outlives_the_call_and_disarms(
     assert dog.pid in processes_with(dog.marker)
     assert watchdog.kill_runs(transport, ["agent-unit"], vm="lab", sudo=False, timeout=10)
     assert not watchdog.running(transport, "agent-unit", vm="lab", sudo=False, timeout=10)
+
+
+#: how long a stop request queued in a hung agent takes to run once it wakes up (the control
+#: case below sees it run well within this)
+LATE_RUN_SECONDS = 8
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "control-unguarded"])
+def test_a_stop_queued_in_a_hung_agent_stops_nothing_once_the_watchdog_fired(
+    agent: LabAgent, lab_services: lab.GuestServices, guarded: bool
+) -> None:
+    """A stop request sent to a hung agent (here SIGSTOPped) times out, but it stays in the
+    agent's channel and runs when the agent wakes up, after the run gave up and the watchdog
+    restored the services. With the run's guard it stops nothing. The control, a stop script
+    without a guard, shows that the late request does run and would leave cron down."""
+    transport = make_transport(agent, services=["cron"], database="none", stop_timeout=2)
+    svc = Services(transport, agent_guest(services=["cron"], database="none"), vm="lab")
+    svc.probe(warm=False)
+    frozen = False
+    try:
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="agent-late", init="sysv", seconds=4,
+            services=["cron"], database=None, sudo=False, timeout=10,
+        )  # fmt: skip
+        svc.guard = dog.marker if guarded else None
+        os.kill(agent.pid, signal.SIGSTOP)
+        frozen = True
+        with pytest.raises(GuestError, match="stopping cron"):
+            svc.stop(["cron"], ServiceWindow())
+        wait_for(lambda: not watchdog_pids("agent-late"), 30, "the watchdog to fire and end")
+        assert lab_services.running("cron")  # the stop has not run: it waits in the channel
+        os.kill(agent.pid, signal.SIGCONT)
+        frozen = False
+        if guarded:
+            time.sleep(LATE_RUN_SECONDS)
+            assert lab_services.running("cron")
+        else:
+            wait_for(lambda: not lab_services.running("cron"), LATE_RUN_SECONDS, "the late stop")
+            lab_services.start("cron")
+    finally:
+        if frozen:
+            os.kill(agent.pid, signal.SIGCONT)
+        transport.close()
 
 
 @pytest.fixture

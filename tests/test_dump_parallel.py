@@ -24,7 +24,14 @@ from snapcoord.hooks.databases import dumpfile, mysql
 from snapcoord.plans.restore import DumpSource, restore_dump
 from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
-from tests.test_mysqldump import _wait, guest_processes, make_config, take_dump, vm_config
+from tests.test_mysqldump import (
+    _wait,
+    guest_processes,
+    make_config,
+    slow_dump_config,
+    take_dump,
+    vm_config,
+)
 from tests.verify_helpers import recorded_figures, verified_figures, verify_folder
 
 pytestmark = pytest.mark.real
@@ -214,14 +221,7 @@ def test_parts_agree_while_a_writer_commits_to_two_tables_and_the_lock_is_gone_a
 def test_a_part_killed_mid_stream_fails_the_run_cleanly_and_releases_everything(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
 ) -> None:
-    vm = vm_config(
-        ssh_guest,
-        tmp_path,
-        databases=IDOIT,
-        options=["--single-transaction", "--skip-extended-insert"],
-        compression="gzip",
-        threads=2,
-    )
+    vm = slow_dump_config(ssh_guest, tmp_path, threads=2)
     transport = transport_for(vm)
     plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
     assert plan.threads == 2
@@ -253,27 +253,41 @@ def test_a_part_killed_mid_stream_fails_the_run_cleanly_and_releases_everything(
     assert lock_free() and no_lock_session()
 
 
-class SlowReader:
-    """The VM's transport, reading every dump stream slowly (``pause`` seconds per chunk
-    received): the guest's mysqldump waits on a full pipe, as behind a slow link."""
+class StreamHook:
+    """The VM's transport, with each dump stream's keyword arguments passed through
+    :meth:`change` first (``stream``: 1 for the first stream started); ``seconds`` is the
+    wrapper's delay or pause."""
 
-    def __init__(self, inner: Any, pause: float) -> None:
+    def __init__(self, inner: Any, seconds: float) -> None:
         self.inner = inner
-        self.pause = pause
+        self.seconds = seconds
+        self.streams = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
+        self.streams += 1
+        return self.inner.run_streaming(argv, **self.change(self.streams, kwargs))
+
+    def change(self, stream: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs
+
+
+class SlowReader(StreamHook):
+    """Every dump stream read slowly (``seconds`` per chunk received): the guest's mysqldump
+    waits on a full pipe, as behind a slow link."""
+
+    def change(self, stream: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         consume = kwargs.get("consume")
         if consume is not None:
 
             def slowly(chunk: bytes) -> None:
-                time.sleep(self.pause)
+                time.sleep(self.seconds)
                 consume(chunk)
 
             kwargs["consume"] = slowly
-        return self.inner.run_streaming(argv, **kwargs)
+        return kwargs
 
 
 def test_writes_wait_while_the_parts_stream_and_go_on_once_they_ended(
@@ -282,15 +296,8 @@ def test_writes_wait_while_the_parts_stream_and_go_on_once_they_ended(
     """The read lock lasts the whole parallel dump (the server cannot tell the parts' sessions
     from another of the same user): behind a slow reader, a write waits while the parts
     stream, and commits once the dump ended."""
-    vm = vm_config(
-        ssh_guest,
-        tmp_path,
-        databases=IDOIT,
-        options=["--single-transaction", "--skip-extended-insert"],
-        compression="gzip",
-        threads=2,
-    )
-    transport = SlowReader(transport_for(vm), pause=0.1)
+    vm = slow_dump_config(ssh_guest, tmp_path, threads=2)
+    transport = SlowReader(transport_for(vm), 0.1)
     plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
     run = store.RunDir.begin(tmp_path, "lab", "snap-l")
     seen: dict[str, Any] = {}
@@ -330,15 +337,8 @@ def test_a_connection_cut_mid_part_fails_the_run_cleanly_and_releases_everything
     read lock still waits for the parts' snapshots; later, in the middle of the table data.
     Either way the run fails with one error, keeps nothing as a dump, and leaves no part
     process and no lock in the guest."""
-    vm = vm_config(
-        ssh_guest,
-        tmp_path,
-        databases=IDOIT,
-        options=["--single-transaction", "--skip-extended-insert"],
-        compression="gzip",
-        threads=2,
-    )
-    transport = SlowReader(transport_for(vm), pause=0.02)  # still streaming at the cut
+    vm = slow_dump_config(ssh_guest, tmp_path, threads=2)
+    transport = SlowReader(transport_for(vm), 0.02)  # still streaming at the cut
     plan = mysql.preflight(transport, vm="lab", guest=vm.guest, options=vm.dump)
     assert plan.threads == 2
     run = store.RunDir.begin(tmp_path, "lab", "snap-c")
@@ -664,44 +664,25 @@ def test_verify_loads_the_parts_and_measures_what_was_recorded(
         assert verified_figures(source, verify_dir, databases) == expected
 
 
-class SlowToStart:
-    """The VM's transport, with the first dump stream started only after ``delay`` seconds (an
-    SSH session slow to open): its guest script is not waiting for its option file in time."""
+class SlowToStart(StreamHook):
+    """The first dump stream started only after ``seconds`` (an SSH session slow to open): its
+    guest script is not waiting for its option file in time."""
 
-    def __init__(self, inner: Any, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.streams = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
-        self.streams += 1
-        if self.streams == 1:
-            time.sleep(self.delay)
-        return self.inner.run_streaming(argv, **kwargs)
+    def change(self, stream: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if stream == 1:
+            time.sleep(self.seconds)
+        return kwargs
 
 
-class LateOptionFile:
-    """The VM's transport, with the first dump stream's option file reaching the guest only
-    after ``delay`` seconds (its session is up and waiting): that mysqldump connects late,
-    while the lock is held."""
+class LateOptionFile(StreamHook):
+    """The first dump stream's option file reaches the guest only after ``seconds`` (its
+    session is up and waiting): that mysqldump connects late, while the lock is held."""
 
-    def __init__(self, inner: Any, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.streams = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def run_streaming(self, argv: Any, **kwargs: Any) -> Any:
-        self.streams += 1
+    def change(self, stream: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         source = kwargs.get("source")
-        if self.streams == 1 and source is not None:
-            kwargs["source"] = Delayed(source, self.delay)
-        return self.inner.run_streaming(argv, **kwargs)
+        if stream == 1 and source is not None:
+            kwargs["source"] = Delayed(source, self.seconds)
+        return kwargs
 
 
 class Delayed(io.RawIOBase):
@@ -735,6 +716,9 @@ def test_a_part_session_that_does_not_start_within_command_timeout_fails_before_
                    run_dir=run, plan=plan)  # fmt: skip
     assert failed.value.hint is not None
     assert failed.value.hint.startswith("nothing valid was stored; nothing was locked;")
+    assert failed.value.hint.endswith(
+        "; raise [vms.X.guest] command_timeout or set [vms.X.dump] threads = 1"
+    )
     assert (tmp_path / "lab" / "snap-s.failed").is_dir()
     assert store.list_dumps(tmp_path, "lab") == []
     assert _wait(lambda: not guest_processes(ssh_guest)), "a part kept running in the guest"

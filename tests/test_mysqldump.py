@@ -52,6 +52,19 @@ def vm_config(
     return make_config(guest, store_root, guest_keys=guest_keys, **dump).vm("lab")
 
 
+def slow_dump_config(guest: lab.SshGuest, store_root: Path, **dump: Any) -> VMConfig:
+    """The i-doit databases dumped with one INSERT per row (and gzip): slow enough to cut,
+    kill or hold up the dump while it streams."""
+    return vm_config(
+        guest,
+        store_root,
+        databases=IDOIT,
+        options=["--single-transaction", "--skip-extended-insert"],
+        compression="gzip",
+        **dump,
+    )
+
+
 class RecordingTransport:
     """Wraps a transport and keeps every local command line it builds (to look for secrets)."""
 
@@ -371,14 +384,7 @@ def test_store_filling_up_mid_stream_is_a_failed_dump(
 def test_mysqldump_killed_mid_stream_records_no_valid_dump(
     ssh_guest: lab.SshGuest, idoit_db: IdoitDB, transport_for: Any, tmp_path: Path
 ) -> None:
-    # one INSERT per row makes the dump slow enough to kill it while it streams
-    vm = vm_config(
-        ssh_guest,
-        tmp_path,
-        databases=IDOIT,
-        options=["--single-transaction", "--skip-extended-insert"],
-        compression="gzip",
-    )
+    vm = slow_dump_config(ssh_guest, tmp_path)
     transport = transport_for(vm)
     run = store.RunDir.begin(tmp_path, "lab", "snap-killed")
     part = run.path / ".mysql.sql.gz.part"

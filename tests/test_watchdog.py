@@ -4,6 +4,7 @@ service window (SIGKILL), it is disarmed by a normal run, and SIGTERM unwinds cl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 from snapcoord.errors import GuestError
 from snapcoord.guest import ExecTransport, SshTransport
 from snapcoord.hooks.guest import watchdog
+from snapcoord.hooks.guest.services import Services
+from snapcoord.run import ServiceWindow
 from tests import lab
 from tests.cli_helpers import json_lines, snapcoord
 from tests.guest_fixtures import (
@@ -27,6 +30,7 @@ from tests.guest_fixtures import (
 )
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 from tests.test_guest_transport import table
+from tests.test_services import lock_held
 
 WATCHDOG_SECONDS = 10
 
@@ -226,3 +230,102 @@ def test_a_guest_without_setsid_fails_to_arm_instead_of_running_unguarded(tmp_pa
             services=["cron"], database=None, sudo=False, timeout=30,
         )  # fmt: skip
     assert watchdog_pids("t-nosetsid") == []
+
+
+# -- the guard: a stop that comes late stops nothing --------------------------------------------
+
+LATE = "not stopping cron: this run's guest watchdog has fired or was disarmed"
+
+
+def guard_path(dog: watchdog.Watchdog) -> Path:
+    return Path("/run/snapcoord") / f"{dog.marker}.armed"
+
+
+def test_a_stop_after_the_watchdog_was_disarmed_stops_nothing(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    """A stop request of the run that reaches the guest after the run disarmed its watchdog (one
+    queued in a hung guest agent that woke up late) would leave the service down with nothing
+    to start it: the stop script refuses."""
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        svc = Services(transport, table(ssh_guest), vm="lab")
+        svc.probe(warm=False)
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-off", init="sysv", seconds=60,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        assert dog.guarded and guard_path(dog).exists()
+        svc.guard = dog.marker
+        window = ServiceWindow()
+        svc.stop(["cron"], window)  # armed: stops as always
+        assert not lab_services.running("cron")
+        svc.start(["cron"], window)
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+        assert outcome == watchdog.Disarmed(was_armed=True)
+        assert not guard_path(dog).exists()
+        with pytest.raises(GuestError, match=LATE):
+            svc.stop(["cron"], window)
+        assert lab_services.running("cron")
+    finally:
+        transport.close()
+
+
+def test_a_stop_after_the_watchdog_fired_stops_nothing(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    try:
+        svc = Services(transport, table(ssh_guest), vm="lab")
+        svc.probe(warm=False)
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-fired", init="sysv", seconds=1,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        svc.guard = dog.marker
+        wait_for(lambda: watchdog_pids("t-guard-fired") == [], 30, "the watchdog to fire and end")
+        assert not guard_path(dog).exists()  # removed when it fired
+        with pytest.raises(GuestError, match=LATE):
+            svc.stop(["cron"], ServiceWindow())
+        assert lab_services.running("cron")
+    finally:
+        transport.close()
+
+
+def test_disarm_waits_for_a_stop_in_flight_and_keeps_the_watchdog_armed(
+    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+) -> None:
+    """A stop that began before the disarm holds its service's lock: the disarm waits for it
+    instead of finding the service still up a moment before it goes down (here 3 s after the
+    lock was taken). A lock not had in time counts as down, so the watchdog stays armed and
+    starts what the stop left down."""
+    transport = SshTransport(table(ssh_guest), vm="lab")
+    transport.open()
+    holder = None
+    try:
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-held", init="sysv", seconds=12,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        holder = subprocess.Popen(
+            ["flock", "/run/snapcoord/cron.lock", "sh", "-c",
+             "sleep 3; service cron stop >/dev/null 2>&1; sleep 60"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for(lambda: lock_held("/run/snapcoord/cron.lock"), 10, "the stop to take the lock")
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=4)
+        assert outcome == watchdog.Disarmed(was_armed=False, down=("cron",))
+        assert watchdog_pids("t-guard-held") == [dog.pid]  # still armed ...
+        assert not guard_path(dog).exists()  # ... but no stop of the run begins any more
+        wait_for(lambda: not lab_services.running("cron"), 20, "the stop in flight to end")
+        os.killpg(holder.pid, signal.SIGKILL)  # the stop ends (the lock is free), cron left down
+        holder.wait()
+        wait_for(lambda: lab_services.running("cron"), 40, "the watchdog to start cron")
+    finally:
+        if holder is not None and holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+        transport.close()

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from snapcoord import store
-from snapcoord.errors import GuestError, SnapcoordError
+from snapcoord.errors import SnapcoordError
 from snapcoord.guest import Transport
 from snapcoord.hooks.databases import mysql
 from snapcoord.hooks.databases.dumpfile import (
@@ -302,8 +302,7 @@ class ParallelDump:
                         f"{part.file}: its session in the guest did not start within "
                         f"{self.guest.command_timeout:g} s",
                         vm=self.vm,
-                        hint="nothing was locked; raise [vms.X.guest] command_timeout or set "
-                        "[vms.X.dump] threads = 1",
+                        hint="raise [vms.X.guest] command_timeout or set [vms.X.dump] threads = 1",
                     )
 
     def _await_parts(self) -> None:
@@ -393,14 +392,13 @@ class ParallelDump:
         started = time.monotonic()
         counter = Counter(self.counts)
         problem: str | None = None
+        advice: str | None = None  # the failure's own hint, carried into the run's
         try:
             self._locked_start()
         except _PartFailed as exc:
             problem = f"{exc.part.file}: {exc.part.problem}"
-        except (DumpFailed, GuestError) as exc:
-            problem = exc.message
-        except SnapcoordError as exc:  # e.g. a table name no option file can hold
-            problem = exc.message
+        except SnapcoordError as exc:  # DumpFailed, GuestError, a table name no file can hold
+            problem, advice = exc.message, exc.hint
         except BaseException as exc:  # interrupted: no part outlives the run, which failed
             self.stop.set()
             self._join()
@@ -453,7 +451,8 @@ class ParallelDump:
             raise DumpFailed(
                 f"parallel mysqldump failed: {problem}",
                 vm=self.vm,
-                hint=f"nothing valid was stored; {lock}; what arrived is kept in {failed_dir}",
+                hint=f"nothing valid was stored; {lock}; what arrived is kept in {failed_dir}"
+                + (f"; {advice}" if advice else ""),
                 failed_dir=failed_dir,
             )
         entries = [p.streamed.entry for p in self.parts if p.streamed is not None]

@@ -103,9 +103,15 @@ lock() {  # lock NAME SECONDS: one stop/start of a service at a time (runs, retr
 # The service's lock is held to the end of the script, so a start issued after a lost connection
 # waits for a stop still running in the guest instead of racing it. A stop's command keeps the
 # lock even if its shell dies; a start's command closes it (9>&-) so no daemon inherits it.
+#
+# A stop checks the run's watchdog guard (GUARD: its marker) under the lock: once the watchdog
+# fired or was disarmed, a stop that arrives late (queued in a hung guest agent) stops nothing.
 _ACT = r"""
 rc=0; w=$2
 lock "$1" "$w" || { echo "another stop/start of $1 still runs after $w s" >&2; exit 11; }
+if [ "$ACTION" = stop ] && [ -n "${GUARD:-}" ] && [ ! -e "/run/snapcoord/$GUARD.armed" ]; then
+  echo "not stopping $1: this run's guest watchdog has fired or was disarmed" >&2; exit 13
+fi
 echo svc-begin
 if [ "$ACTION" = start ]; then svc "$1" start 9>&- >&2 || rc=$?; else svc "$1" stop >&2 || rc=$?; fi
 echo svc-end
@@ -265,6 +271,9 @@ class Services:
         #: The still-stopped check the last stop's script ran (``check=True``): the services it
         #: looked at and those it found running again. Taken by :meth:`confirm_still_stopped`.
         self._checked: tuple[list[str], list[str]] | None = None
+        #: The marker of this run's armed watchdog when its guard file was written: the stop
+        #: scripts stop nothing once it is gone (see hooks/guest/watchdog.py).
+        self.guard: str | None = None
 
     # -- preflight -------------------------------------------------------------------------
     def probe(self, *, warm: bool = True) -> GuestServices:
@@ -473,7 +482,8 @@ class Services:
         return (
             f"INIT={shlex.quote(self._init)}\nDIRECT={direct}\n"
             f"PIDFILE={shlex.quote(pidfile or '')}\nDATABASE={shlex.quote(database or '')}\n"
-            f"TRIGGERS={shlex.quote(self.triggers_text())}\n" + self.db_shell()
+            f"TRIGGERS={shlex.quote(self.triggers_text())}\nGUARD={shlex.quote(self.guard or '')}\n"
+            + self.db_shell()
         )
 
     def db_shell(self) -> str:

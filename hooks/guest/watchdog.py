@@ -5,6 +5,12 @@ started in the guest: after ``watchdog_seconds`` it starts every service this ru
 stop, database first, unless the run disarmed it. It does not depend on the SSH connection or on
 snapcoord being alive, so a dropped connection or ``kill -9`` of snapcoord still ends with the
 services running. It starts services only when they are not running, so firing late is harmless.
+
+While it is armed, the file ``/run/snapcoord/MARKER.armed`` (its *guard*) says so: the watchdog
+removes it when it fires, before it starts anything, and disarm removes it first. A stop script of
+the run checks it under the service's lock and stops nothing once it is gone. A stop request that
+reaches the guest late (one queued in a hung guest agent that wakes up after the watchdog fired)
+would otherwise stop a service after everything was restored, with nothing left to start it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ _BODY = (
     _LIB
     + r"""
 sleep "$2"
+rm -f "/run/snapcoord/$0.armed"  # first: no stop of this run begins after this line
 for s in $(echo "$SERVICES"); do
   lock "$s" 60  # a stop still in flight finishes first; after 60 s start regardless
   if [ "$s" = "$DATABASE" ]; then db_alive || svc "$s" start 9>&-
@@ -39,8 +46,14 @@ done
 # the PID is this shell's forked child: not yet its own process group (which disarm kills), not
 # yet free of this session. A watchdog that ended at once (no `setsid` in the guest) is an error,
 # not an armed watchdog. Waits at most about 2 s for the `setsid`, then reports the PID anyway.
+# Writes the guard first where /run/snapcoord can be written (as root; "guarded" after the PID).
 _ARM = r"""
 marker=$1; shift
+guarded=
+if { [ -d /run/snapcoord ] || mkdir -m 0700 /run/snapcoord 2>/dev/null; } &&
+   [ -w /run/snapcoord ] && : > "/run/snapcoord/$marker.armed" 2>/dev/null; then
+  guarded=" guarded"
+fi
 SERVICES="$3" DATABASE="$4" INIT="$1" TRIGGERS="$5" setsid sh -c "$BODY" "$marker" "$1" "$2" \
   </dev/null >/dev/null 2>&1 &
 pid=$!
@@ -49,23 +62,33 @@ while [ "$n" -lt 200 ]; do
   stat=
   { read -r stat < "/proc/$pid/stat"; } 2>/dev/null
   set -- ${stat##*) }
-  case "${1:-Z}" in Z|X) echo "the watchdog (setsid sh) ended at once" >&2; exit 1;; esac
+  case "${1:-Z}" in
+    Z|X) rm -f "/run/snapcoord/$marker.armed"
+         echo "the watchdog (setsid sh) ended at once" >&2; exit 1;;
+  esac
   [ "$4" = "$pid" ] && break
   n=$((n + 1))
   sleep 0.01 2>/dev/null || sleep 1
 done
-echo "$pid"
+echo "$pid$guarded"
 """
 
-# $1 = pid, $2 = marker, $3 = guarded services, $4 = the database among them. Disarms only when
-# every guarded service runs; prints "down NAME..." (left armed), "disarmed" or "gone" (it
-# already fired or was never there). `kill -s TERM -- -PGID` works in dash and bash alike.
+# $1 = pid, $2 = marker, $3 = guarded services, $4 = the database among them, $5 = how long to
+# wait for a service's lock. Removes the guard first: no stop of the run begins after it. Then
+# looks at each service under its lock (a stop still in flight ends first; a lock not had in
+# time counts as down). Disarms only when every guarded service runs; prints "down NAME..."
+# (left armed), "disarmed" or "gone" (it already fired or was never there).
+# `kill -s TERM -- -PGID` works in dash and bash alike.
 _DISARM = (
     _LIB
     + r"""
+rm -f "/run/snapcoord/$2.armed"
 down=
 for s in $3; do
-  if [ "$s" = "$4" ]; then db_alive || down="$down $s"; else is_up "$s" || down="$down $s"; fi
+  if ! lock "$s" "$5"; then down="$down $s"
+  elif [ "$s" = "$4" ]; then db_alive || down="$down $s"
+  else is_up "$s" || down="$down $s"; fi
+  exec 9>&-
 done
 if [ -n "$down" ]; then echo "down$down"; exit 0; fi
 if [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -q -- "$2"; then
@@ -102,6 +125,7 @@ for f in /proc/[0-9]*/cmdline; do
     esac
   done
 done
+for run in "$@"; do rm -f "/run/snapcoord/$prefix$run.armed"; done
 exit 0
 """
 
@@ -116,6 +140,9 @@ class Watchdog:
     services: tuple[str, ...]  # in start order, the database first
     database: str | None = None
     armed_at: float = 0.0  # epoch seconds on this host, just before it was started
+    #: its guard file was written: the run's stops check it (not kept in the journal: only the
+    #: run that armed it stops services)
+    guarded: bool = False
 
     @property
     def fires_at(self) -> float:
@@ -173,10 +200,11 @@ def arm(
     ]
     # detached: the watchdog outlives the agent that started it (a restart of qemu-ga)
     result = transport.run(transport.detached(argv), sudo=sudo, timeout=timeout)
-    text = result.stdout.decode(errors="replace").strip()
-    if not result.ok or not text.isdigit():
+    words = result.stdout.decode(errors="replace").split()
+    if not result.ok or not words or not words[0].isdigit() or words[1:] not in ([], ["guarded"]):
         raise GuestError(f"cannot arm the guest watchdog: {result.error_text()}", vm=vm)
-    return Watchdog(int(text), marker, seconds, tuple(services), database, armed_at)
+    guarded = words[1:] == ["guarded"]
+    return Watchdog(int(words[0]), marker, seconds, tuple(services), database, armed_at, guarded)
 
 
 def disarm(
@@ -193,6 +221,7 @@ def disarm(
         watchdog.marker,
         " ".join(watchdog.services),
         watchdog.database or "",
+        str(max(1, int(timeout) - 2)),
     ]
     result = transport.run(argv, sudo=sudo, timeout=timeout)
     if result.timed_out:

@@ -107,6 +107,7 @@ class Bracket:
             timeout=self.timeout,
             triggers=self.services.triggers_text(),
         )
+        self.services.guard = self.ctx.watchdog.marker if self.ctx.watchdog.guarded else None
 
     def disarm(self) -> None:
         """Disarm only once everything the watchdog guards runs again; otherwise leave it armed
