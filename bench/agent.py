@@ -539,10 +539,10 @@ def streams(bench: Lab, runs: int, megabytes: int, chunks: list[float]) -> dict[
 # -- the real Debian guest (libvirt) ------------------------------------------------------------
 
 
-def real_guest(runs: int, rows: int, skip: list[str], *, kvm: bool = False) -> dict[str, Any]:
-    """The service window and the dump on the real Debian 12 guest under QEMU (TCG, or KVM with
-    ``kvm``) through libvirt: SSH vs the libvirt agent link (adapters/libvirt_agent.py),
-    alternating. The SSH window runs also give snapcoord's own time in the window (systemd)."""
+def real_guest(runs: int, rows: int, skip: list[str]) -> dict[str, Any]:
+    """The service window and the dump on the real Debian 12 guest under QEMU (TCG) through
+    libvirt: SSH vs the libvirt agent link (adapters/libvirt_agent.py), alternating. The SSH
+    window runs also give snapcoord's own time in the window on a systemd guest."""
 
     from tests.libvirtd import running_libvirtd
     from tests.realvm_guest import booted_guest, ensure_image, reap_stale_domains
@@ -555,7 +555,7 @@ def real_guest(runs: int, rows: int, skip: list[str], *, kvm: bool = False) -> d
         with contextlib.ExitStack() as stack:
             uri = stack.enter_context(running_libvirtd())
             reap_stale_domains(uri)
-            guest = stack.enter_context(booted_guest(ensure_image(), work / "vm", uri, kvm=kvm))
+            guest = stack.enter_context(booted_guest(ensure_image(), work / "vm", uri))
             print(f"real guest booted in {guest.boot_seconds:.0f} s", flush=True)
             code, _out, err = guest.agent_run(
                 ["mysql", "-e",
@@ -731,11 +731,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=["commands", "window", "dump", "stream"],
         help="leave a part out",
     )
-    parser.add_argument(
-        "--kvm",
-        action="store_true",
-        help="with --real-guest: boot it under KVM instead of TCG (needs a usable /dev/kvm)",
-    )
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = parser.parse_args(argv)
     sandbox.enter("bench.agent", sys.argv[1:] if argv is None else list(argv))
@@ -744,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [float(c) for c in args.chunks.split(",") if c]
     result: dict[str, Any] = {"runs": args.runs}
     if args.real_guest:
-        result["real_guest"] = real_guest(args.runs, args.rows, args.skip, kvm=args.kvm)
+        result["real_guest"] = real_guest(args.runs, args.rows, args.skip)
         print(json.dumps(result, indent=1))
         return 0
     with started_lab() as bench, lab.lab_lock():

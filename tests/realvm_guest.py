@@ -550,11 +550,9 @@ def domain_xml(
     serial_log: Path,
     kernel: Path,
     initrd: Path,
-    kvm: bool = False,
 ) -> str:
-    """TCG (``kvm``: KVM, for benchmarks only; the tests stay on TCG), 2 vCPUs, 1 GiB, direct
-    kernel boot, virtio disk, serial console logged to a file, a guest agent channel, and QEMU
-    user networking (restrict=on) instead of a libvirt NIC.
+    """TCG, 2 vCPUs, 1 GiB, direct kernel boot, virtio disk, serial console logged to a file,
+    a guest agent channel, and QEMU user networking (restrict=on) instead of a libvirt NIC.
 
     The shared base image is declared with ``relabel='no'``: libvirt leaves it root-owned and
     read-only for QEMU (world-readable is enough) instead of chowning it to libvirt-qemu."""
@@ -562,7 +560,7 @@ def domain_xml(
     x = escape
     image_hash_ = x(str(image.manifest.get("hash", "?")))
     owner = f"pid='{os.getpid()}' start='{start}' overlay='{x(str(overlay))}'"
-    return f"""<domain type='{"kvm" if kvm else "qemu"}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{x(name)}</name>
   <description>snapcoord real-VM test guest, image {image_hash_}</description>
   <metadata><realvm:owner xmlns:realvm='{META_NS}' {owner}/></metadata>
@@ -611,10 +609,9 @@ def domain_xml(
 
 @contextlib.contextmanager
 def booted_guest(
-    image: Image, workdir: Path, uri: str = URI, attempts: int = 3, *, kvm: bool = False
+    image: Image, workdir: Path, uri: str = URI, attempts: int = 3
 ) -> Iterator[RealGuest]:
-    """Boot a fresh overlay of ``image`` as a new persistent domain; remove it all afterwards.
-    ``kvm``: under KVM instead of TCG (bench/agent.py --kvm)."""
+    """Boot a fresh overlay of ``image`` as a new persistent domain; remove it all afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     IMAGES.mkdir(parents=True, exist_ok=True)
     base = _readable_copy(image.qcow2, f"{DOMAIN_PREFIX}base-{image.directory.name}.qcow2")
@@ -650,9 +647,7 @@ def booted_guest(
             conn = libvirt.open(uri)
             try:
                 dom = conn.defineXML(
-                    domain_xml(
-                        name, image, overlay, base, port, guest.serial_log, kernel, initrd, kvm
-                    )
+                    domain_xml(name, image, overlay, base, port, guest.serial_log, kernel, initrd)
                 )
                 started = time.monotonic()
                 try:
