@@ -115,7 +115,7 @@ def plain(dump: Path, verify_dir: Path) -> dict[str, float]:
         bindir = str(verify.binaries(vm="bench").bindir)
         settings = [a for s in verify.SETTINGS for a in ("-c", s)]
         argv = ["sh", "-c", PLAIN_SCRIPT, "sh", bindir, str(folder), str(dump), *settings]
-        subprocess.run(scratch.confined(argv), check=True)
+        subprocess.run(scratch.confined(argv, work=work, writable=True), check=True)
         scratch.remove(folder)
     return {"total": time.monotonic() - started}
 

@@ -173,21 +173,36 @@ def test_a_server_that_will_not_start_is_verify_unavailable_with_its_log_line(
         pytest.fail("the server started")
 
 
+#: a shell escape of the hostile dump that the test can see run (as a process of nobody)
+SLEEP = "3.21"
+
+
 def _hostile_sql(markers: dict[str, Path]) -> bytes:
     lines = [f"\\! touch {markers['bang']}", f"system touch {markers['system']}",
-             "CREATE DATABASE hostile;", "-- Dump completed on 2026-01-01"]  # fmt: skip
+             f"\\! sleep {SLEEP}", "CREATE DATABASE hostile;",
+             "-- Dump completed on 2026-01-01"]  # fmt: skip
     return ("\n".join(lines) + "\n").encode()
 
 
-def test_shell_escapes_in_a_dump_never_run_as_root(
+def _sleeps_seen(stop: threading.Event, seen: list[int]) -> None:
+    """Until ``stop``: the uids of processes running the hostile dump's ``sleep``."""
+    while not stop.is_set():
+        for pid, _comm, args in lab.process_table():
+            if args.split() == ["sleep", SLEEP]:
+                with contextlib.suppress(OSError):
+                    seen.append(os.stat(f"/proc/{pid}").st_uid)
+        time.sleep(0.02)
+
+
+def test_shell_escapes_in_a_dump_never_run_as_root_and_leave_nothing(
     verify_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With --sandbox the client refuses them; without it (an older client) they run as
-    nobody, who cannot write where root can: the marker in root's 0700 folder never appears
-    and the one in world-writable /tmp belongs to nobody."""
+    """With --sandbox the client refuses them; without it (an older client) they run, as
+    nobody in a private /tmp on a read-only system: the marker in root's 0700 folder never
+    appears, and neither does the one in a world-writable folder or in /tmp."""
     root_only = tmp_path / "root-only"  # pytest's folders are root's, 0700
     root_only.mkdir(mode=0o700)
-    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    shared = Path(tempfile.mkdtemp(dir="/var/tmp"))
     shared.chmod(0o1777)
     markers = {"bang": root_only / "bang", "system": root_only / "system"}
     source = RestoreSource(tmp_path / "hostile.sql", "none", None, ["hostile"], ["hostile"],
@@ -200,18 +215,25 @@ def test_shell_escapes_in_a_dump_never_run_as_root(
     assert not any(p.exists() for p in markers.values())
 
     monkeypatch.setattr(mysql, "_sandbox_option", lambda client: ())
-    markers_shared = {"bang": shared / "bang", "system": shared / "system"}
+    markers_shared = {"bang": shared / "bang", "system": Path("/tmp") / f"system-{shared.name}"}
+    ran: list[int] = []
     for where in (markers, markers_shared):
         source.file.write_bytes(_hostile_sql(where))
-        with scratch.workspace(verify_dir) as work, \
-                mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
-            assert "--sandbox" not in s.client.connection
-            with contextlib.suppress(VerifyFailed):  # what matters is who ran the lines
-                mysql.load(s, source, vm="lab", timeout=TIMEOUT)
-    assert not any(p.exists() for p in markers.values())
-    created = [p for p in markers_shared.values() if p.exists()]
-    assert created, "without --sandbox the client runs the lines (as nobody)"
-    assert all(p.stat().st_uid == 65534 for p in created)
+        stop = threading.Event()
+        watcher = threading.Thread(target=_sleeps_seen, args=(stop, ran), daemon=True)
+        watcher.start()
+        try:
+            with scratch.workspace(verify_dir) as work, \
+                    mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
+                assert "--sandbox" not in s.client.connection
+                with contextlib.suppress(VerifyFailed):  # what matters is who ran the lines
+                    mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        finally:
+            stop.set()
+            watcher.join()
+    assert ran, "without --sandbox the client runs the lines"
+    assert set(ran) == {65534}
+    assert not any(p.exists() for p in [*markers.values(), *markers_shared.values()])
     subprocess.run(["rm", "-rf", str(shared)], check=True)
 
 

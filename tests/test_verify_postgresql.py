@@ -440,7 +440,7 @@ def test_sigterm_during_the_load_stops_the_server_and_removes_every_file(
                 " AND query LIKE '%snapcoord-slow%' AND state = 'active';"]  # fmt: skip
 
         def busy() -> bool:
-            out = subprocess.run(scratch.confined(psql), capture_output=True, text=True,
+            out = subprocess.run(scratch.confined(psql, work=work), capture_output=True, text=True,
                                  timeout=60)  # fmt: skip
             return out.stdout.strip() == "1"
 
@@ -493,7 +493,8 @@ def test_a_measure_that_outlasts_its_timeout_is_unavailable(
         holder = subprocess.Popen(  # another session holds the table for a minute
             scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
                               f"--host={server.socket_dir}", "--username=postgres", "-c",
-                              "BEGIN; LOCK TABLE public.t; SELECT pg_sleep(60);"]),
+                              "BEGIN; LOCK TABLE public.t; SELECT pg_sleep(60);"],
+                             work=server.socket_dir.parent),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
@@ -532,7 +533,8 @@ def test_a_connection_of_the_parallel_measure_past_its_timeout_is_unavailable(
             holders.append(subprocess.Popen(  # another session holds t2 for a minute
                 scratch.confined([str(server.binaries.bindir / "psql"), "-X", "-q",
                                   f"--host={server.socket_dir}", "--username=postgres", "-c",
-                                  "BEGIN; LOCK TABLE public.t2; SELECT pg_sleep(60);"]),
+                                  "BEGIN; LOCK TABLE public.t2; SELECT pg_sleep(60);"],
+                                 work=server.socket_dir.parent),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
             held = ("SELECT count(*) FROM pg_locks WHERE relation = 'public.t2'::regclass"
@@ -588,28 +590,56 @@ def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
 # -- a hostile dump ------------------------------------------------------------------------------
 
 
-def test_shell_escapes_in_a_dump_run_as_nobody_without_network(
+#: a shell escape of the hostile dump that the test can see run (a process and its uid)
+SLEEP = "3.33"
+
+
+def _sleeps_seen(stop: threading.Event, seen: list[int]) -> None:
+    """Until ``stop``: the uids of processes running the hostile dump's ``sleep``."""
+    while not stop.is_set():
+        for pid, _comm, args in lab.process_table():
+            if args.split() == ["sleep", SLEEP]:
+                with contextlib.suppress(OSError):
+                    seen.append(os.stat(f"/proc/{pid}").st_uid)
+        time.sleep(0.02)
+
+
+def test_shell_escapes_in_a_dump_run_as_nobody_without_network_and_leave_nothing(
     tmp_path: Path, verify_dir: Path
 ) -> None:
+    """psql's ``\\!`` lines and the server's ``COPY ... TO PROGRAM`` run as nobody, in a
+    network namespace with only ``lo``, on a read-only system with a /tmp of their own: what
+    they write in the coordinator's /tmp (here a folder anyone may write in) never lands; the
+    server can write only in its own folders of the work folder."""
     root_probe = Path(f"/root/snapcoord-verify-probe-{os.getpid()}")
     drop = Path(tempfile.mkdtemp(prefix="verify-drop-", dir="/tmp"))
-    drop.chmod(0o777)  # nobody may write here: what the shell escapes leave shows who ran them
+    drop.chmod(0o777)  # anyone may write here: nothing the dump runs may land in it
+    ran: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_sleeps_seen, args=(stop, ran), daemon=True)
     try:
-        source = bare_dump(
-            tmp_path / "hostile",
-            f"\\! touch {root_probe}\n"
-            f"\\! id -u > {drop}/psql-escape\n"
-            f"\\! cat /proc/net/dev > {drop}/psql-net\n"
-            f"COPY (SELECT 1) TO PROGRAM 'id -u > {drop}/server-program';\n".encode(),
-        )
         with throwaway(verify_dir) as server:
+            program_out = server.data_dir / "server-program"  # the server's own folder
+            only_lo = "grep -q -v -e '|' -e '^ *lo:' /proc/net/dev"  # another device: exit 0
+            source = bare_dump(
+                tmp_path / "hostile",
+                f"\\! touch {root_probe}\n"
+                f"\\! id -u > {drop}/psql-escape\n"
+                f"\\! {only_lo} || sleep {SLEEP}\n"
+                f"COPY (SELECT 1) TO PROGRAM "
+                f"'id -u > {drop}/server-program; id -u > {program_out}';\n".encode(),
+            )
+            watcher.start()
             verify.load(server, source, vm="lab", timeout=TIMEOUT)
+            assert program_out.read_text().strip() == "65534"
         assert not root_probe.exists()
-        assert (drop / "psql-escape").read_text().strip() == "65534"
-        assert (drop / "server-program").read_text().strip() == "65534"
-        devices = (drop / "psql-net").read_text().splitlines()[2:]
-        assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+        assert sorted(os.listdir(drop)) == []
+        stop.set()
+        watcher.join()
+        assert ran, "the escape that sleeps when lo is the only network device did not run"
+        assert set(ran) == {65534}
     finally:
+        stop.set()
         root_probe.unlink(missing_ok=True)
         shutil.rmtree(drop)
 

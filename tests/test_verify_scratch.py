@@ -99,9 +99,61 @@ def test_a_confined_process_cannot_reach_a_server_on_this_hosts_loopback() -> No
         listener.close()
 
 
-def test_the_local_transport_runs_its_commands_confined() -> None:
+@pytest.mark.parametrize("parent", ["/var/tmp", "/tmp"])
+def test_a_confined_process_writes_only_in_its_folder_and_its_private_tmp(parent: str) -> None:
+    """A hostile dump's shell escapes, ``INTO OUTFILE`` or ``COPY ... TO`` run as a confined
+    process: nothing it writes outside its work folder outlives it. Every world-writable place
+    is read-only or an empty tmpfs of its own (/tmp, /dev/shm); its work folder, in sight also
+    under that fresh /tmp, is the one place that keeps what it writes. ``parent``: where
+    verify_dir is (the default /var/tmp, and /tmp)."""
     lab.require_root()
-    result = scratch.transport(vm="lab").run(["id", "-u"], timeout=60)
+    verify_dir = Path(tempfile.mkdtemp(prefix="verify-dir-", dir=parent))
+    verify_dir.chmod(0o755)
+    shared = Path(tempfile.mkdtemp(dir="/var/tmp"))  # another folder nobody may write in
+    shared.chmod(0o1777)
+    try:
+        with scratch.workspace(verify_dir) as work:
+            data = scratch.nobody_folder(work, "data")
+            tries = {
+                "tmp": "/tmp/planted",
+                "dev-shm": "/dev/shm/planted",
+                "var-tmp": "/var/tmp/planted",
+                "shared": f"{shared}/planted",
+                "verify-dir": f"{verify_dir}/planted",
+                "own": f"{data}/kept",
+            }
+            script = "; ".join(
+                f"if echo x > {path}; then echo {name} wrote; else echo {name} refused; fi"
+                for name, path in tries.items()
+            )
+            script += "; cat /tmp/planted"  # its own /tmp works while it runs
+            argv = scratch.confined(["sh", "-c", script], work=work, writable=True)
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            lines = result.stdout.splitlines()
+            said = dict(line.split(" ", 1) for line in lines[: len(tries)])
+            assert said == {"tmp": "wrote", "dev-shm": "wrote",
+                            "var-tmp": "refused", "shared": "refused", "verify-dir": "refused",
+                            "own": "wrote"}, result.stderr  # fmt: skip
+            assert lines[len(tries) :] == ["x"]
+            # what it wrote in /tmp and /dev/shm went with it; its own folder kept its file
+            for path in [p for name, p in tries.items() if name != "own"]:
+                assert not Path(path).exists(), path
+            assert (data / "kept").read_text() == "x\n"
+            assert (data / "kept").stat().st_uid == 65534
+            # not writable: not even its own folder
+            argv = scratch.confined(["sh", "-c", f"echo x > {data}/more"], work=work)
+            bare = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert bare.returncode != 0 and "Read-only file system" in bare.stderr
+            assert not (data / "more").exists()
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(shared), str(verify_dir)],
+                       check=True)  # fmt: skip
+
+
+def test_the_local_transport_runs_its_commands_confined(verify_dir: Path) -> None:
+    with scratch.workspace(verify_dir) as work:
+        result = scratch.transport(work, vm="lab").run(["id", "-u"], timeout=60)
     assert result.ok and result.stdout.strip() == b"65534"
 
 
@@ -127,7 +179,8 @@ def test_links_planted_by_the_server_user_are_removed_not_followed(verify_dir: P
     with scratch.workspace(verify_dir) as work:
         data = scratch.nobody_folder(work, "data")
         planted = f"ln -s {outside} {data}/dir-link && ln -s {outside}/keep {data}/file-link"
-        subprocess.run(scratch.confined(["sh", "-c", planted]), check=True, timeout=60)
+        argv = scratch.confined(["sh", "-c", planted], work=work, writable=True)
+        subprocess.run(argv, check=True, timeout=60)
         assert (data / "dir-link").is_symlink()
     assert not work.exists()
     assert (outside / "keep").read_text() == "precious"
@@ -204,7 +257,7 @@ def interrupted(signum, frame):
 signal.signal(signal.SIGTERM, interrupted)
 with scratch.workspace(Path(sys.argv[1])) as work:
     data = scratch.nobody_folder(work, "data")
-    server = scratch.start(["sleep", "600"], log_file=work / "server.log")
+    server = scratch.start(["sleep", "600"], work=work, log_file=work / "server.log")
     try:
         print(work, server.pid, flush=True)
         time.sleep(600)
@@ -274,7 +327,7 @@ def test_sigkill_of_the_verify_kills_the_server_and_the_next_verify_removes_the_
 def test_stop_kills_a_process_that_ignores_sigterm(verify_dir: Path) -> None:
     with scratch.workspace(verify_dir) as work:
         process = scratch.start(["sh", "-c", "trap '' TERM; sleep 600 & echo ready; wait"],
-                                log_file=work / "log")  # fmt: skip
+                                work=work, log_file=work / "log")  # fmt: skip
         log_file = work / "log"
         deadline = time.monotonic() + 30
         while b"ready" not in log_file.read_bytes() and time.monotonic() < deadline:
@@ -313,7 +366,9 @@ def test_leftovers_go_with_what_still_runs_in_them(verify_dir: Path) -> None:
     leftover = verify_dir / f"snapcoord-verify.{_dead_pid()}.5eed"
     leftover.mkdir(mode=0o711)
     data = scratch.nobody_folder(leftover, "data")
-    busy = subprocess.Popen(scratch.confined(["sh", "-c", f"cd {data} && exec sleep 600"]))
+    busy = subprocess.Popen(
+        scratch.confined(["sh", "-c", f"cd {data} && exec sleep 600"], work=leftover)
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

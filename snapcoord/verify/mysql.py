@@ -3,10 +3,12 @@ datadir, the dump loaded exactly as ``restore-dump`` loads it, its tables measur
 SQL that ran in the guest at dump time (hooks/databases/mysql.py ``table_sums``), and
 ``mariadb-check`` over everything.
 
-Every process runs confined (snapcoord/verify/scratch.py: nobody, no network, no capabilities):
-``mariadb-install-db``, the server, the ``mysql`` client that reads the dump (with
-``--sandbox`` where the client has it, so ``\\!`` and ``system`` lines are refused; without it
-they would run as nobody without network), its decompressor and ``mariadb-check``. The server
+Every process runs confined (snapcoord/verify/scratch.py: nobody, no network, no capabilities,
+a read-only system with a /tmp of its own; only the server and ``mariadb-install-db`` may write
+in the work folder): ``mariadb-install-db``, the server, the ``mysql`` client that reads the
+dump (with ``--sandbox`` where the client has it, so ``\\!`` and ``system`` lines are refused;
+without it they would run as nobody without network, and what they write is gone with the
+verify), its decompressor and ``mariadb-check``. The server
 listens on a Unix socket only (``--skip-networking``) in a folder only nobody can enter; it runs
 with the event scheduler off (a dump's events are created, never run; DISABLED, as with
 ``--skip-grant-tables``, would refuse their CREATE EVENT), root without a password (only
@@ -154,7 +156,11 @@ def _install(datadir: Path, log: Path, *, vm: str, timeout: float) -> None:
     argv = [install, "--no-defaults", f"--datadir={datadir}", "--skip-test-db",
             "--auth-root-authentication-method=normal", "--skip-name-resolve",
             *INNODB_FILES]  # fmt: skip
-    result = execute(scratch.confined(argv), timeout=timeout, env={"PATH": scratch.SAFE_PATH})
+    result = execute(
+        scratch.confined(argv, work=datadir.parent, writable=True),
+        timeout=timeout,
+        env={"PATH": scratch.SAFE_PATH},
+    )
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with open(fd, "wb") as out:
         out.write(result.stdout + result.stderr)
@@ -193,8 +199,8 @@ def server(work: Path, *, vm: str, timeout: float) -> Iterator[Server]:
     client_path = _program(CLIENTS, CLIENT_PACKAGE, vm=vm, what="the mysql client")
     connection = (f"--socket={socket}", *_sandbox_option(client_path))
     client = kind.Client(vm=vm, sudo=False, user="root", connection=connection)
-    process = scratch.start(argv, log_file=work / "server.out")
-    started = Server(vm, work, socket, log, process, client, scratch.transport(vm=vm))
+    process = scratch.start(argv, work=work, log_file=work / "server.out")
+    started = Server(vm, work, socket, log, process, client, scratch.transport(work, vm=vm))
     try:
         _wait_ready(started, deadline=deadline)
         yield started

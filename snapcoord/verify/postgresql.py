@@ -7,18 +7,21 @@ of its own major or a newer one: from a newer server than the binaries, the veri
 unavailable (the dump is not judged).
 
 Every process runs confined (snapcoord/verify/scratch.py: nobody, no network, no capabilities,
-no environment). ``initdb`` makes a fresh cluster in the work folder (``--auth=trust``, the
-superuser ``postgres``, encoding UTF8 in the locale C.UTF-8; the databases of the dump are made
-by its own ``CREATE DATABASE`` with their encoding and locale, which the coordinator must have:
-when it lacks one, the verify is unavailable and says which). The server listens on a Unix
-socket in a folder of its own and on no TCP address (``listen_addresses=''``), with ``fsync``,
-``full_page_writes`` and ``synchronous_commit`` off and no autovacuum: a throwaway that is
-removed after the verify needs no crash safety, and a load without them is faster.
+no environment, a read-only system with a /tmp and /dev/shm of its own; only ``initdb`` and the
+server may write in the work folder). ``initdb`` makes a fresh cluster in the work folder
+(``--auth=trust``, the superuser ``postgres``, encoding UTF8 in the locale C.UTF-8; the
+databases of the dump are made by its own ``CREATE DATABASE`` with their encoding and locale,
+which the coordinator must have: when it lacks one, the verify is unavailable and says which).
+The server listens on a Unix socket in a folder of its own and on no TCP address
+(``listen_addresses=''``), with ``fsync``, ``full_page_writes`` and ``synchronous_commit`` off
+and no autovacuum: a throwaway that is removed after the verify needs no crash safety, and a
+load without them is faster.
 
 The load is hooks/databases/postgresql.py's: the same ``psql -X -q`` of the whole script as
 the superuser without ``ON_ERROR_STOP``, the dump decompressed by the same pipeline (inside the
 confinement), and the same tolerated errors (``role/tablespace ... already exists``: on a fresh
-cluster the dump's ``CREATE ROLE postgres``). Its ``\\!`` lines run as nobody without network.
+cluster the dump's ``CREATE ROLE postgres``). Its ``\\!`` lines run as nobody without network,
+and write nowhere that outlives the verify; its ``COPY ... TO PROGRAM`` alike (as the server).
 Measuring gives the kind's :func:`~snapcoord.hooks.databases.postgresql.table_sums` figures,
 from the same SQL that ran in the guest when the dump was taken
 (:func:`~snapcoord.hooks.databases.postgresql.sum_statement`), on several connections at once:
@@ -236,7 +239,7 @@ def _initdb(bins: Binaries, data_dir: Path, *, vm: str, timeout: float) -> None:
     argv = [str(bins.bindir / "initdb"), f"--pgdata={data_dir}", "--auth=trust",
             f"--username={SUPERUSER}", "--encoding=UTF8", "--locale=C.UTF-8",
             "--no-sync"]  # fmt: skip
-    result = execute(scratch.confined(argv), timeout=timeout)
+    result = execute(scratch.confined(argv, work=data_dir.parent, writable=True), timeout=timeout)
     if not result.ok:
         error = "timed out" if result.timed_out else result.error_text()
         raise VerifyUnavailable(
@@ -249,7 +252,7 @@ def _initdb(bins: Binaries, data_dir: Path, *, vm: str, timeout: float) -> None:
 def _ready(server: Server, *, timeout: float) -> bool:
     argv = [str(server.binaries.bindir / "pg_isready"), "-q", f"--host={server.socket_dir}",
             f"--port={PORT}", f"--username={SUPERUSER}", "--dbname=postgres"]  # fmt: skip
-    return execute(scratch.confined(argv), timeout=timeout).ok
+    return execute(scratch.confined(argv, work=server.socket_dir.parent), timeout=timeout).ok
 
 
 def _wait_ready(server: Server, *, timeout: float) -> None:
@@ -361,14 +364,14 @@ def _prepare(work: Path, bins: Binaries, folders: list[Path], *, vm: str, timeou
     argv = [str(bins.bindir / "postgres"), "-D", str(data_dir), "-k", str(socket_dir),
             "-p", str(PORT)] + [a for s in SETTINGS for a in ("-c", s)]  # fmt: skip
     try:
-        process = scratch.start(argv, log_file=log_file)
+        process = scratch.start(argv, work=work, log_file=log_file)
     except OSError as exc:
         raise VerifyUnavailable(
             "cannot verify: starting the throwaway PostgreSQL server failed: "
             f"{exc.strerror or exc}",
             vm=vm,
         ) from None
-    return Server(vm, bins, socket_dir, data_dir, log_file, process, scratch.transport(vm=vm))
+    return Server(vm, bins, socket_dir, data_dir, log_file, process, scratch.transport(work, vm=vm))
 
 
 @contextlib.contextmanager

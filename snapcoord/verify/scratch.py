@@ -4,7 +4,11 @@ throwaway server by its PID.
 
 The dump comes from the guest and is treated as hostile. Everything that reads it (the server,
 its client, the decompressor) runs through :func:`confined`: a fresh network namespace (only a
-loopback interface, down: Unix sockets only), then ``setpriv`` to ``nobody`` (uid and gid
+loopback interface, down: Unix sockets only) and a fresh mount namespace in which every mount is
+read-only, ``/tmp`` and ``/dev/shm`` are empty private tmpfs (gone with the process) and only
+the work folder, where a server needs it, can be written (:data:`LOCKDOWN`: a dump's shell
+escapes, ``SELECT ... INTO OUTFILE`` or ``COPY ... TO`` write nowhere that outlives the verify),
+then ``setpriv`` to ``nobody`` (uid and gid
 65534, no supplementary groups, no capabilities, ``no_new_privs``), killed when the process
 that started it ends (``--pdeathsig KILL``; the signal follows the *thread* that started the
 process, so a server must be started from the thread that stops it), with an empty
@@ -50,6 +54,9 @@ NOBODY = 65534
 UNSHARE = "/usr/bin/unshare"
 SETPRIV = "/usr/bin/setpriv"
 ENV = "/usr/bin/env"
+SH = "/bin/sh"
+MOUNT = "/usr/bin/mount"
+MOUNTPOINT = "/usr/bin/mountpoint"
 #: The only PATH a confined process sees: system folders, nothing relative.
 SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PREFIX = "snapcoord-verify."
@@ -60,12 +67,55 @@ ATTEMPTS = 20
 GRACE = 30.0
 
 
-def confined(argv: Sequence[str]) -> list[str]:
-    """``argv`` run as nobody, without network, capabilities or environment (see above).
+#: Run as root inside the new mount namespace (private propagation: nothing reaches the host's),
+#: before the drop to nobody. $1 = the work folder ("" for none), $2 = "rw" when the process may
+#: write in it, then the command. Every mount read-only, keeping its other options (a mount
+#: already read-only is left as it is, and so is one that a later mount covers: no path reaches
+#: it); a fresh tmpfs on /tmp and on /dev/shm (PostgreSQL's shared memory); the work folder a
+#: mount of its own, kept in sight (the server's socket is there: when it is under /tmp or
+#: /dev/shm it is moved aside onto the other fresh tmpfs and back on top of its own), and
+#: read-write, nosuid, nodev for a process that writes in it (nobody can write only in nobody's
+#: folders in it: it is root's, 0711). ``mount -n``: the userspace mount table is read-only
+#: too. Any failure ends it (exit 126): nothing runs half confined.
+LOCKDOWN = rf"""
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+w=$1; rw=$2; shift 2
+while read -r _ _ _ _ mp opts _; do
+  case ",$opts," in *,ro,*) continue;; esac
+  mp=$(printf '%b' "$mp")
+  [ -e "$mp" ] || continue
+  if ! {MOUNT} -n -o "remount,bind,ro${{opts#rw}}" "$mp" 2>/dev/null && {MOUNTPOINT} -q "$mp"
+  then
+    echo "cannot make $mp read-only for the confined process" >&2; exit 126
+  fi
+done < /proc/self/mountinfo
+fresh() {{ {MOUNT} -n -t tmpfs -o nosuid,nodev,size=256m,mode=1777 snapcoord-verify "$1"; }}
+inside=
+for d in /tmp /dev/shm; do case "$w/" in "$d"/*) inside=$d;; esac; done
+if [ -n "$w" ]; then {MOUNT} -n --rbind "$w" "$w" || exit 126; fi
+for d in /dev/shm /tmp; do [ "$d" = "$inside" ] || fresh "$d" || exit 126; done
+if [ -n "$inside" ]; then
+  aside=/dev/shm/.work; [ "$inside" = /dev/shm ] && aside=/tmp/.work
+  {{ mkdir "$aside" && {MOUNT} -n --move "$w" "$aside" && fresh "$inside" && mkdir -p "$w" &&
+    {MOUNT} -n --move "$aside" "$w" && rmdir "$aside"; }} || exit 126
+fi
+if [ -n "$w" ] && [ "$rw" = rw ]; then
+  {MOUNT} -n -o remount,bind,rw,nosuid,nodev "$w" || exit 126
+fi
+exec "$@"
+"""
+
+
+def confined(argv: Sequence[str], *, work: Path | None = None, writable: bool = False) -> list[str]:
+    """``argv`` run as nobody, without network, capabilities or environment, in a read-only
+    system with private ``/tmp`` and ``/dev/shm`` (see above). ``work``: the verify's work
+    folder, kept in sight (its server's socket) and read-only; ``writable``: the process may
+    write in it (a server, or what makes its files).
 
     ``confined([])`` is the bare prefix, for :class:`ExecTransport`."""
     return [
-        UNSHARE, "--net", "--",
+        UNSHARE, "--net", "--mount", "--propagation", "private", "--",
+        SH, "-c", LOCKDOWN, "sh", str(work or ""), "rw" if writable and work else "",
         SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs",
         "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig=KILL", "--",
         ENV, "-i", "--chdir=/", f"PATH={SAFE_PATH}", "HOME=/nonexistent", "LC_ALL=C.UTF-8",
@@ -73,15 +123,16 @@ def confined(argv: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def transport(*, vm: str) -> ExecTransport:
-    """A local transport whose every command runs :func:`confined`: a kind's ``Client`` talks
-    to the throwaway server through it exactly as it talks to the guest's server."""
-    return ExecTransport(confined([]), vm=vm)
+def transport(work: Path, *, vm: str) -> ExecTransport:
+    """A local transport whose every command runs :func:`confined` (``work`` in sight, not
+    writable): a kind's ``Client`` talks to the throwaway server through it exactly as it
+    talks to the guest's server."""
+    return ExecTransport(confined([], work=work), vm=vm)
 
 
 def require_tools(*, vm: str) -> None:
     """The confinement's own programs (util-linux, coreutils)."""
-    for program in (UNSHARE, SETPRIV, ENV):
+    for program in (UNSHARE, SETPRIV, ENV, SH, MOUNT, MOUNTPOINT):
         if not os.access(program, os.X_OK):
             raise VerifyUnavailable(
                 f"cannot verify: {program} not found on this coordinator",
@@ -255,16 +306,19 @@ def remove_leftovers(verify_dir: Path) -> list[Path]:
 # A confined server process
 
 
-def start(argv: Sequence[str], *, log_file: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` confined, in a session of its own (stdout and stderr to ``log_file``, a
-    root-owned file the server cannot reach, or discarded). Stop it with :func:`stop`."""
+def start(
+    argv: Sequence[str], *, work: Path, log_file: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` confined, able to write in ``work`` only, in a session of its own
+    (stdout and stderr to ``log_file``, a root-owned file the server cannot reach, or
+    discarded). Stop it with :func:`stop`."""
     output: int | object = subprocess.DEVNULL
     with contextlib.ExitStack() as stack:
         if log_file is not None:
             fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             output = stack.enter_context(open(fd, "wb"))
         return spawn(
-            confined(argv),
+            confined(argv, work=work, writable=True),
             stdin=subprocess.DEVNULL,
             stdout=output,  # type: ignore[arg-type]
             stderr=subprocess.STDOUT,
