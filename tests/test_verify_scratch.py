@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -114,19 +115,20 @@ def test_a_confined_process_writes_only_in_its_folder_and_its_private_tmp(parent
     try:
         with scratch.workspace(verify_dir) as work:
             data = scratch.nobody_folder(work, "data")
+            name = f"planted-{secrets.token_hex(4)}"  # nothing left by another run matches
             tries = {
-                "tmp": "/tmp/planted",
-                "dev-shm": "/dev/shm/planted",
-                "var-tmp": "/var/tmp/planted",
-                "shared": f"{shared}/planted",
-                "verify-dir": f"{verify_dir}/planted",
+                "tmp": f"/tmp/{name}",
+                "dev-shm": f"/dev/shm/{name}",
+                "var-tmp": f"/var/tmp/{name}",
+                "shared": f"{shared}/{name}",
+                "verify-dir": f"{verify_dir}/{name}",
                 "own": f"{data}/kept",
             }
             script = "; ".join(
                 f"if echo x > {path}; then echo {name} wrote; else echo {name} refused; fi"
                 for name, path in tries.items()
             )
-            script += "; cat /tmp/planted"  # its own /tmp works while it runs
+            script += f"; cat /tmp/{name}"  # its own /tmp works while it runs
             argv = scratch.confined(["sh", "-c", script], work=work, writable=True)
             result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
