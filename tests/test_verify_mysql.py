@@ -28,7 +28,12 @@ from tests import lab
 from tests.idoit_fixture import DATABASES, IdoitDB
 from tests.test_mysqldump import take_dump, vm_config
 from tests.test_verify_scratch import nobody_processes, status_field
-from tests.verify_helpers import recorded_figures, verified_figures, verify_folder
+from tests.verify_helpers import (
+    recorded_figures,
+    uids_running,
+    verified_figures,
+    verify_folder,
+)
 
 pytestmark = pytest.mark.real
 IDOIT = list(DATABASES)
@@ -184,16 +189,6 @@ def _hostile_sql(markers: dict[str, Path]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _sleeps_seen(stop: threading.Event, seen: list[int]) -> None:
-    """Until ``stop``: the uids of processes running the hostile dump's ``sleep``."""
-    while not stop.is_set():
-        for pid, _comm, args in lab.process_table():
-            if args.split() == ["sleep", SLEEP]:
-                with contextlib.suppress(OSError):
-                    seen.append(os.stat(f"/proc/{pid}").st_uid)
-        time.sleep(0.02)
-
-
 def test_shell_escapes_in_a_dump_never_run_as_root_and_leave_nothing(
     verify_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,18 +214,12 @@ def test_shell_escapes_in_a_dump_never_run_as_root_and_leave_nothing(
     ran: list[int] = []
     for where in (markers, markers_shared):
         source.file.write_bytes(_hostile_sql(where))
-        stop = threading.Event()
-        watcher = threading.Thread(target=_sleeps_seen, args=(stop, ran), daemon=True)
-        watcher.start()
-        try:
-            with scratch.workspace(verify_dir) as work, \
-                    mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
-                assert "--sandbox" not in s.client.connection
-                with contextlib.suppress(VerifyFailed):  # what matters is who ran the lines
-                    mysql.load(s, source, vm="lab", timeout=TIMEOUT)
-        finally:
-            stop.set()
-            watcher.join()
+        with uids_running(["sleep", SLEEP]) as seen, scratch.workspace(verify_dir) as work, \
+                mysql.server(work, vm="lab", timeout=TIMEOUT) as s:  # fmt: skip
+            assert "--sandbox" not in s.client.connection
+            with contextlib.suppress(VerifyFailed):  # what matters is who ran the lines
+                mysql.load(s, source, vm="lab", timeout=TIMEOUT)
+        ran += seen
     assert ran, "without --sandbox the client runs the lines"
     assert set(ran) == {65534}
     assert not any(p.exists() for p in [*markers.values(), *markers_shared.values()])

@@ -33,6 +33,7 @@ from snapcoord.verify import scratch
 from tests import lab, pg_fixture
 from tests.test_postgresql import pg_vm, take_dump
 from tests.test_postgresql import transport as transport  # the fixture
+from tests.verify_helpers import uids_running
 
 pytestmark = pytest.mark.real
 
@@ -594,16 +595,6 @@ def test_missing_or_untrusted_binaries_are_unavailable_naming_the_package(
 SLEEP = "3.33"
 
 
-def _sleeps_seen(stop: threading.Event, seen: list[int]) -> None:
-    """Until ``stop``: the uids of processes running the hostile dump's ``sleep``."""
-    while not stop.is_set():
-        for pid, _comm, args in lab.process_table():
-            if args.split() == ["sleep", SLEEP]:
-                with contextlib.suppress(OSError):
-                    seen.append(os.stat(f"/proc/{pid}").st_uid)
-        time.sleep(0.02)
-
-
 def test_shell_escapes_in_a_dump_run_as_nobody_without_network_and_leave_nothing(
     tmp_path: Path, verify_dir: Path
 ) -> None:
@@ -614,11 +605,8 @@ def test_shell_escapes_in_a_dump_run_as_nobody_without_network_and_leave_nothing
     root_probe = Path(f"/root/snapcoord-verify-probe-{os.getpid()}")
     drop = Path(tempfile.mkdtemp(prefix="verify-drop-", dir="/tmp"))
     drop.chmod(0o777)  # anyone may write here: nothing the dump runs may land in it
-    ran: list[int] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=_sleeps_seen, args=(stop, ran), daemon=True)
     try:
-        with throwaway(verify_dir) as server:
+        with uids_running(["sleep", SLEEP]) as ran, throwaway(verify_dir) as server:
             program_out = server.data_dir / "server-program"  # the server's own folder
             only_lo = "grep -q -v -e '|' -e '^ *lo:' /proc/net/dev"  # another device: exit 0
             source = bare_dump(
@@ -629,17 +617,13 @@ def test_shell_escapes_in_a_dump_run_as_nobody_without_network_and_leave_nothing
                 f"COPY (SELECT 1) TO PROGRAM "
                 f"'id -u > {drop}/server-program; id -u > {program_out}';\n".encode(),
             )
-            watcher.start()
             verify.load(server, source, vm="lab", timeout=TIMEOUT)
             assert program_out.read_text().strip() == "65534"
         assert not root_probe.exists()
         assert sorted(os.listdir(drop)) == []
-        stop.set()
-        watcher.join()
         assert ran, "the escape that sleeps when lo is the only network device did not run"
         assert set(ran) == {65534}
     finally:
-        stop.set()
         root_probe.unlink(missing_ok=True)
         shutil.rmtree(drop)
 

@@ -4,16 +4,44 @@ what the dump recorded: shared by the verify tests and the dump format tests."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from snapcoord.hooks.databases.dumpfile import RestoreSource
 from snapcoord.verify import mysql, scratch
+from tests import lab
 
 TIMEOUT = 600.0
+
+
+@contextlib.contextmanager
+def uids_running(argv: list[str]) -> Iterator[list[int]]:
+    """While the block runs: the uids of every process seen running exactly ``argv`` (polled
+    every 0.02 s), to see who ran a hostile dump's shell escape (a ``sleep`` of a few seconds)."""
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for pid, _comm, args in lab.process_table():
+                if args.split() == argv:
+                    with contextlib.suppress(OSError):
+                        seen.append(os.stat(f"/proc/{pid}").st_uid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join()
 
 
 @contextlib.contextmanager
