@@ -31,6 +31,7 @@ from tests.guest_fixtures import (
 from tests.libvirt_nodes import libvirt_node  # noqa: F401 - fixture
 from tests.test_guest_transport import table
 from tests.test_services import lock_held
+from tests.test_services import transport as transport  # the fixture
 
 WATCHDOG_SECONDS = 10
 
@@ -123,80 +124,65 @@ def test_normal_run_leaves_no_watchdog(
 
 
 def test_watchdog_fires_for_exactly_the_stopped_services(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
-    try:
-        lab_services.stop("cron")
-        lab_services.stop("apache2")
-        # 20 s: long enough that the watchdog still waits when arm's round trip returns, also
-        # on a loaded machine (with 2 s, and once in CI with 6 s beside the agent fault matrix
-        # and the real guest, it had fired and exited before the check below)
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-fire", init="sysv", seconds=20, services=["cron"],
-            database="mariadb", sudo=False, timeout=30,
-        )  # fmt: skip
-        # armed means: its own session and process group already (what disarm kills)
-        assert lab.stat_fields(dog.pid)[2:4] == [str(dog.pid), str(dog.pid)]
-        assert watchdog_pids("t-fire") == [dog.pid]
-        wait_for(lambda: lab_services.running("cron"), 40, "the watchdog to start cron")
-        wait_for(lambda: watchdog_pids("t-fire") == [], 10, "the watchdog to exit")
-        assert not lab_services.running("apache2")  # not in its list: left alone
-        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
-        assert outcome == watchdog.Disarmed(was_armed=False)  # it had fired
-    finally:
-        transport.close()
+    lab_services.stop("cron")
+    lab_services.stop("apache2")
+    # 20 s: long enough that the watchdog still waits when arm's round trip returns, also
+    # on a loaded machine (with 2 s, and once in CI with 6 s beside the agent fault matrix
+    # and the real guest, it had fired and exited before the check below)
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-fire", init="sysv", seconds=20, services=["cron"],
+        database="mariadb", sudo=False, timeout=30,
+    )  # fmt: skip
+    # armed means: its own session and process group already (what disarm kills)
+    assert lab.stat_fields(dog.pid)[2:4] == [str(dog.pid), str(dog.pid)]
+    assert watchdog_pids("t-fire") == [dog.pid]
+    wait_for(lambda: lab_services.running("cron"), 40, "the watchdog to start cron")
+    wait_for(lambda: watchdog_pids("t-fire") == [], 10, "the watchdog to exit")
+    assert not lab_services.running("apache2")  # not in its list: left alone
+    outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+    assert outcome == watchdog.Disarmed(was_armed=False)  # it had fired
 
 
 def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
     """Disarming kills the watchdog's whole process group (its ``sleep`` too) under the
     guest's /bin/sh, which is dash here as on Debian guests."""
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
-    try:
-        # 10 s: the check right after arm still finds it on a loaded CI machine (with 2 s it
-        # had once fired and exited before the check)
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-disarm", init="sysv", seconds=10, services=["cron"],
-            database=None, sudo=False, timeout=30,
-        )  # fmt: skip
-        assert lab.process_group(dog.pid), "the watchdog is not running"
-        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
-        assert outcome == watchdog.Disarmed(was_armed=True)
-        # the group was signalled; on a loaded machine its shell takes a moment to exit
-        wait_for(lambda: watchdog_pids("t-disarm") == [], 5, "the disarmed watchdog to exit")
-        wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
-        lab_services.stop("cron")
-        # past the moment it would have fired (and 1 s more): cron stays down
-        time.sleep(max(0.0, dog.armed_at + dog.seconds + 1 - time.time()))
-        assert not lab_services.running("cron")
-    finally:
-        transport.close()
+    # 10 s: the check right after arm still finds it on a loaded CI machine (with 2 s it
+    # had once fired and exited before the check)
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-disarm", init="sysv", seconds=10, services=["cron"],
+        database=None, sudo=False, timeout=30,
+    )  # fmt: skip
+    assert lab.process_group(dog.pid), "the watchdog is not running"
+    outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+    assert outcome == watchdog.Disarmed(was_armed=True)
+    # the group was signalled; on a loaded machine its shell takes a moment to exit
+    wait_for(lambda: watchdog_pids("t-disarm") == [], 5, "the disarmed watchdog to exit")
+    wait_for(lambda: lab.process_group(dog.pid) == [], 5, "the watchdog's sleep to end")
+    lab_services.stop("cron")
+    # past the moment it would have fired (and 1 s more): cron stays down
+    time.sleep(max(0.0, dog.armed_at + dog.seconds + 1 - time.time()))
+    assert not lab_services.running("cron")
 
 
 def test_a_watchdog_is_not_disarmed_while_a_service_it_guards_is_down(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
-    try:
-        lab_services.stop("cron")
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-down", init="sysv", seconds=3,
-            services=["mariadb", "cron"], database="mariadb", sudo=False, timeout=30,
-        )  # fmt: skip
-        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
-        assert outcome == watchdog.Disarmed(was_armed=False, down=("cron",))
-        assert watchdog_pids("t-down") == [dog.pid]  # still armed ...
-        assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == [dog.pid]
-        wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
-        wait_for(lambda: watchdog_pids("t-down") == [], 10, "the watchdog to exit")
-        assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == []
-    finally:
-        transport.close()
+    lab_services.stop("cron")
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-down", init="sysv", seconds=3,
+        services=["mariadb", "cron"], database="mariadb", sudo=False, timeout=30,
+    )  # fmt: skip
+    outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+    assert outcome == watchdog.Disarmed(was_armed=False, down=("cron",))
+    assert watchdog_pids("t-down") == [dog.pid]  # still armed ...
+    assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == [dog.pid]
+    wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
+    wait_for(lambda: watchdog_pids("t-down") == [], 10, "the watchdog to exit")
+    assert watchdog.running(transport, "t-down", vm="lab", sudo=False, timeout=30) == []
 
 
 def test_watchdog_survives_the_connection(
@@ -242,67 +228,55 @@ def guard_path(dog: watchdog.Watchdog) -> Path:
 
 
 def test_a_stop_after_the_watchdog_was_disarmed_stops_nothing(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    ssh_guest: lab.SshGuest, transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
     """A stop request of the run that reaches the guest after the run disarmed its watchdog (one
     queued in a hung guest agent that woke up late) would leave the service down with nothing
     to start it: the stop script refuses."""
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
-    try:
-        svc = Services(transport, table(ssh_guest), vm="lab")
-        svc.probe(warm=False)
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-off", init="sysv", seconds=60,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
-        assert dog.guarded and guard_path(dog).exists()
-        svc.guard = dog.marker
-        window = ServiceWindow()
-        svc.stop(["cron"], window)  # armed: stops as always
-        assert not lab_services.running("cron")
-        svc.start(["cron"], window)
-        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
-        assert outcome == watchdog.Disarmed(was_armed=True)
-        assert not guard_path(dog).exists()
-        with pytest.raises(GuestError, match=LATE):
-            svc.stop(["cron"], window)
-        assert lab_services.running("cron")
-    finally:
-        transport.close()
+    svc = Services(transport, table(ssh_guest), vm="lab")
+    svc.probe(warm=False)
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-guard-off", init="sysv", seconds=60,
+        services=["cron"], database=None, sudo=False, timeout=30,
+    )  # fmt: skip
+    assert dog.guarded and guard_path(dog).exists()
+    svc.guard = dog.marker
+    window = ServiceWindow()
+    svc.stop(["cron"], window)  # armed: stops as always
+    assert not lab_services.running("cron")
+    svc.start(["cron"], window)
+    outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+    assert outcome == watchdog.Disarmed(was_armed=True)
+    assert not guard_path(dog).exists()
+    with pytest.raises(GuestError, match=LATE):
+        svc.stop(["cron"], window)
+    assert lab_services.running("cron")
 
 
 def test_a_stop_after_the_watchdog_fired_stops_nothing(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    ssh_guest: lab.SshGuest, transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
-    try:
-        svc = Services(transport, table(ssh_guest), vm="lab")
-        svc.probe(warm=False)
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-fired", init="sysv", seconds=1,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
-        svc.guard = dog.marker
-        wait_for(lambda: watchdog_pids("t-guard-fired") == [], 30, "the watchdog to fire and end")
-        assert not guard_path(dog).exists()  # removed when it fired
-        with pytest.raises(GuestError, match=LATE):
-            svc.stop(["cron"], ServiceWindow())
-        assert lab_services.running("cron")
-    finally:
-        transport.close()
+    svc = Services(transport, table(ssh_guest), vm="lab")
+    svc.probe(warm=False)
+    dog = watchdog.arm(
+        transport, vm="lab", run_id="t-guard-fired", init="sysv", seconds=1,
+        services=["cron"], database=None, sudo=False, timeout=30,
+    )  # fmt: skip
+    svc.guard = dog.marker
+    wait_for(lambda: watchdog_pids("t-guard-fired") == [], 30, "the watchdog to fire and end")
+    assert not guard_path(dog).exists()  # removed when it fired
+    with pytest.raises(GuestError, match=LATE):
+        svc.stop(["cron"], ServiceWindow())
+    assert lab_services.running("cron")
 
 
 def test_disarm_waits_for_a_stop_in_flight_and_keeps_the_watchdog_armed(
-    ssh_guest: lab.SshGuest, lab_services: lab.GuestServices
+    transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
     """A stop that began before the disarm holds its service's lock: the disarm waits for it
     instead of finding the service still up a moment before it goes down (here 3 s after the
     lock was taken). A lock not had in time counts as down, so the watchdog stays armed and
     starts what the stop left down."""
-    transport = SshTransport(table(ssh_guest), vm="lab")
-    transport.open()
     holder = None
     try:
         dog = watchdog.arm(
@@ -328,4 +302,3 @@ def test_disarm_waits_for_a_stop_in_flight_and_keeps_the_watchdog_armed(
         if holder is not None and holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
-        transport.close()
