@@ -154,7 +154,11 @@ class Injector:
     def record(self, event: str, **data: Any) -> None:
         if not self.log_path:
             return
-        line = json.dumps({"event": event, "t": round(time.time(), 3), **data}, default=str)
+        # "mono": the machine's CLOCK_MONOTONIC (one clock for every process here), which the
+        # cells measure elapsed time by: the wall clock ("t") can be stepped in the middle of a
+        # cell, the guest watchdog's `sleep` counts monotonic time
+        stamp = {"t": round(time.time(), 3), "mono": round(time.monotonic(), 3)}
+        line = json.dumps({"event": event, **stamp, **data}, default=str)
         with self._lock, open(self.log_path, "a") as handle:
             handle.write(line + "\n")
 

@@ -242,7 +242,11 @@ def load_result(folder: Path, cell: tuple[str, str]) -> Observation | None:
 
 
 class ServiceMonitor:
-    """Samples the guest's services from outside, in a thread, while a cell runs."""
+    """Samples the guest's services from outside, in a thread, while a cell runs: ``samples``
+    are (``time.monotonic()``, states). Every elapsed time of a cell is measured on that clock,
+    the one the guest watchdog's ``sleep`` counts: the wall clock can be stepped in the middle of
+    a cell (in one CI run a service that the watchdog started on time was seen "55.9 s after
+    arming" in a test call that lasted 49.6 s)."""
 
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
@@ -262,7 +266,7 @@ class ServiceMonitor:
     def _loop(self) -> None:
         while not self._stop.is_set():
             states = {name: lab.service_running(name) for name in lab.LAB_SERVICES}
-            self.samples.append((time.time(), states))
+            self.samples.append((time.monotonic(), states))
             self._stop.wait(self.interval)
 
     def last_down(self) -> tuple[float, list[str]] | None:
@@ -317,11 +321,12 @@ def run_child(
 
 
 def _poll(predicate: Any, until: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it holds or the epoch time ``until`` passed (checked once)."""
+    """Poll ``predicate`` until it holds or ``until`` (``time.monotonic()``) passed (checked
+    once)."""
     while True:
         if predicate():
             return True
-        if time.time() >= until:
+        if time.monotonic() >= until:
             return False
         time.sleep(interval)
 
@@ -361,7 +366,7 @@ class CellRun:
         self.log = tmp / "fault.jsonl"
         self.journal = tmp / "store" / "journal" / f"{VM_NAME}.json"
         self.run_id: str | None = None
-        self.armed_at: float | None = None
+        self.armed_at: float | None = None  # time.monotonic(), from the run's fault log
         self.summary: dict[str, Any] | None = None  # the run's --json object
 
     def problem(self, text: str, flag: str | None = None) -> None:
@@ -447,7 +452,7 @@ class CellRun:
     def _check_fault(self, events: list[dict[str, Any]]) -> None:
         armed = [e for e in events if e["event"] == "watchdog_armed"]
         if armed:
-            self.armed_at = float(armed[0]["t"])
+            self.armed_at = float(armed[0]["mono"])
             self.run_id = str(armed[0]["marker"]).removeprefix("snapcoord-watchdog-")
         else:  # hooks.guest.watchdog.arm was not seen (renamed?): fall back on the arm step
             ended = [
@@ -459,7 +464,7 @@ class CellRun:
                 and e.get("ok")
             ]
             if ended:
-                self.armed_at = float(ended[0]["t"])
+                self.armed_at = float(ended[0]["mono"])
         fired = [e for e in events if e["event"] == "fault"]
         errors = [e["error"] for e in events if e["event"] == "fault_error"]
         if not fired:
@@ -566,7 +571,7 @@ class CellRun:
         down = _down(states)
         if down:
             self.problem(
-                f"{', '.join(down)} still down {time.time() - self.armed_at:.1f} s after the "
+                f"{', '.join(down)} still down {time.monotonic() - self.armed_at:.1f} s after the "
                 f"watchdog was armed (deadline {self.watchdog_seconds:g} + {WATCHDOG_SLACK:g} s)"
             )
             self.obs.services = "DOWN: " + ", ".join(down)
@@ -599,7 +604,7 @@ class CellRun:
             assert self.armed_at is not None
             until = self.armed_at + self.watchdog_seconds + WATCHDOG_SLACK + 5
         else:
-            until = time.time()  # the run ended and everything runs: disarmed already
+            until = time.monotonic()  # the run ended and everything runs: disarmed already
         if not _poll(lambda: not watchdog_pids(str(self.run_id)), until):
             self.problem(
                 "the run's watchdog is still in the guest although the services run"
