@@ -302,3 +302,37 @@ def test_disarm_waits_for_a_stop_in_flight_and_keeps_the_watchdog_armed(
         if holder is not None and holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
+
+
+def test_killing_a_runs_watchdog_removes_its_guard_and_no_other_runs(
+    ssh_guest: lab.SshGuest, transport: SshTransport, lab_services: lab.GuestServices
+) -> None:
+    """Revert and recover end the watchdogs of the runs they end (``kill_runs``): a revert to a
+    snapshot with memory brings back the run's watchdog *and* its guard file. The guard goes
+    with the watchdog, so a stop of that run that arrives later stops nothing; another run's
+    watchdog and guard (another coordinator's live run) stay."""
+    svc = Services(transport, table(ssh_guest), vm="lab")
+    svc.probe(warm=False)
+    ended = other = None
+    try:
+        ended = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-killed", init="sysv", seconds=60,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        other = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-other", init="sysv", seconds=60,
+            services=["cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        assert guard_path(ended).exists() and guard_path(other).exists()
+        killed = watchdog.kill_runs(transport, ["t-guard-killed"], vm="lab", sudo=False, timeout=30)
+        assert killed == [ended.pid]
+        wait_for(lambda: watchdog_pids("t-guard-killed") == [], 5, "the killed watchdog to exit")
+        assert not guard_path(ended).exists()
+        assert guard_path(other).exists() and watchdog_pids("t-guard-other") == [other.pid]
+        svc.guard = ended.marker
+        with pytest.raises(GuestError, match=LATE):
+            svc.stop(["cron"], ServiceWindow())
+        assert lab_services.running("cron")
+    finally:
+        if other is not None:
+            watchdog.disarm(transport, other, env="", vm="lab", sudo=False, timeout=30)
