@@ -336,3 +336,38 @@ def test_killing_a_runs_watchdog_removes_its_guard_and_no_other_runs(
     finally:
         if other is not None:
             watchdog.disarm(transport, other, env="", vm="lab", sudo=False, timeout=30)
+
+
+def test_two_stuck_locks_share_the_disarms_budget_and_it_answers_in_time(
+    transport: SshTransport, lab_services: lab.GuestServices
+) -> None:
+    """Each service's lock waits for what is left of one budget (the command's timeout - 2 s),
+    not for a whole budget each: with two services' locks held by stuck stops, the disarm
+    still answers within its command's timeout, counts both as down and leaves the watchdog
+    armed (it used to time out: "no answer", after waiting the budget once per lock)."""
+    holders: list[subprocess.Popen[bytes]] = []
+    dog = None
+    try:
+        dog = watchdog.arm(
+            transport, vm="lab", run_id="t-guard-budget", init="sysv", seconds=60,
+            services=["apache2", "cron"], database=None, sudo=False, timeout=30,
+        )  # fmt: skip
+        for name in ("apache2", "cron"):
+            path = f"/run/snapcoord/{name}.lock"
+            holder = subprocess.Popen(
+                ["flock", path, "sleep", "60"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+            )  # fmt: skip
+            holders.append(holder)
+            wait_for(lambda path=path: lock_held(path), 10, f"a stuck stop to hold {path}")
+        outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=6)
+        assert outcome == watchdog.Disarmed(was_armed=False, down=("apache2", "cron"))
+        assert watchdog_pids("t-guard-budget") == [dog.pid]  # still armed
+    finally:
+        for holder in holders:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+        if dog is not None:  # the locks are free, both run: now it disarms
+            outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
+            assert outcome == watchdog.Disarmed(was_armed=True)
+    assert lab_services.running("apache2") and lab_services.running("cron")

@@ -74,18 +74,26 @@ echo "$pid$guarded"
 """
 
 # $1 = pid, $2 = marker, $3 = guarded services, $4 = the database among them, $5 = how long to
-# wait for a service's lock. Removes the guard first: no stop of the run begins after it. Then
-# looks at each service under its lock (a stop still in flight ends first; a lock not had in
-# time counts as down). Disarms only when every guarded service runs; prints "down NAME..."
-# (left armed), "disarmed" or "gone" (it already fired or was never there).
+# wait for the services' locks, all of them together. Removes the guard first: no stop of the
+# run begins after it. Then looks at each service under its lock (a stop still in flight ends
+# first; a lock not had in time counts as down). Each lock waits for what is left of the shared
+# budget (0: it is only tried), so two stuck stops cannot make the disarm outlast its command's
+# timeout. Disarms only when every guarded service runs; prints "down NAME..." (left armed),
+# "disarmed" or "gone" (it already fired or was never there).
 # `kill -s TERM -- -PGID` works in dash and bash alike.
 _DISARM = (
     _LIB
     + r"""
 rm -f "/run/snapcoord/$2.armed"
+end=; uptime_cs && end=$(( up + $5 * 100 ))
 down=
 for s in $3; do
-  if ! lock "$s" "$5"; then down="$down $s"
+  w=$5  # without /proc/uptime: each lock its own wait, as before
+  if [ -n "$end" ] && uptime_cs; then
+    left=$(( end - up )); [ "$left" -gt 0 ] || left=0
+    w=$(( left / 100 )).$(( left / 10 % 10 ))$(( left % 10 ))
+  fi
+  if ! lock "$s" "$w"; then down="$down $s"
   elif [ "$s" = "$4" ]; then db_alive || down="$down $s"
   else is_up "$s" || down="$down $s"; fi
   exec 9>&-
