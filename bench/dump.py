@@ -11,6 +11,9 @@ rotated run by run; medians. Dumps:
 * ``snapcoord t=1``: snapcoord's dump with its default compression (``auto``: zstd here), one
   stream; run as a child process (preflight as a run does it, then the timed dump step:
   ``mysql.dump`` + commit, which includes the row counts/checksums, fsync and the sha256)
+* ``mysqldump alone``: ``ssh guest 'mysqldump OPTIONS --all-databases > /dev/null'`` with
+  snapcoord's default options: what the single-threaded client costs by itself, no compression,
+  no transfer, no checks; the floor of any one-stream dump that is made by mysqldump
 * ``snapcoord t=N``: the same with ``[vms.X.dump] threads = N``; skipped,
   with a line saying so, where this snapcoord does not know the key yet
 * ``mydumper``, ``mydumper -c``: ``ssh guest 'mydumper --threads N --trx-consistency-only
@@ -27,6 +30,12 @@ identical contents):
 * ``hand``: ``ssh guest 'gunzip | mysql' < hand.sql.gz`` (``gunzip < f | mysql``, the file on the
   coordinator as snapcoord's is)
 * ``myloader``: ``ssh guest 'myloader -d DIR --threads N --overwrite-tables'``
+
+**Machine CPU** of each variant: the busy time of all cores (user, nice, system, irq, softirq
+from /proc/stat; not steal, not idle or iowait) over the timed part, so the server, the
+clients, ssh, the compressors and the coordinator alike. Divided by the cores it is a lower
+bound on the variant's time on this machine ("CPU bound"): a variant whose work takes C CPU
+seconds cannot take less than C / cores, however it is split.
 
 Peak RSS of the coordinator's snapcoord process tree (the child; the guest's mysqldump, zstd
 and mysql run under the lab sshd, not under it): the largest process from ``wait4``'s rusage,
@@ -74,7 +83,7 @@ from tests.lab import sandbox
 
 VM = "lab"
 HAND_DUMP = ["mysqldump", "--all-databases", "--single-transaction"]
-DUMPS = ("hand", "snapcoord t=1", "snapcoord t=N", "mydumper", "mydumper -c")
+DUMPS = ("hand", "mysqldump alone", "snapcoord t=1", "snapcoord t=N", "mydumper", "mydumper -c")
 RESTORES = ("hand", "snapcoord t=1", "snapcoord t=N", "myloader")
 
 
@@ -118,6 +127,16 @@ class Sample:
     wall: float = 0.0  # the whole child process (start-up, ssh, preflight), snapcoord only
     inner: float = 0.0  # restore-dump: its own figure for drop + load (its "restored" note)
     load: float = 0.0  # 1-minute load average when the variant ended
+    cpu: float = 0.0  # seconds of CPU time of the whole machine (all cores) while it ran
+
+
+def machine_busy() -> float:
+    """Seconds of CPU time all cores spent busy since boot: user, nice, system, irq and softirq
+    of /proc/stat's ``cpu`` line (not idle, iowait, or steal: another guest's time)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    assert fields[0] == "cpu", fields
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
@@ -245,6 +264,7 @@ def child_dump(config_path: str, name: str) -> int:
         )
         options = dataclasses.replace(vm.dump, compression=plan.compression)
         run_dir = store.RunDir.begin(config.store, VM, name)
+        busy = machine_busy()
         started = time.monotonic()
         result = mysql.dump(
             transport,
@@ -257,6 +277,7 @@ def child_dump(config_path: str, name: str) -> int:
         )
         folder = run_dir.commit()
         seconds = time.monotonic() - started
+        cpu = machine_busy() - busy
     finally:
         transport.close()
     stored = sum(f.stat().st_size for f in folder.iterdir() if ".sql" in f.name)
@@ -264,6 +285,7 @@ def child_dump(config_path: str, name: str) -> int:
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu": cpu,
                 "folder": str(folder),
                 "stored": stored,
                 "sql_bytes": result.sql_bytes,
@@ -483,12 +505,17 @@ class Bench:
         if variant == "hand":
             out = self.work / f"hand-{run}.sql.gz"
             remote = shlex.join([*HAND_DUMP, self.socket]) + " | gzip -9"
-            started = time.monotonic()
+            busy, started = machine_busy(), time.monotonic()
             with out.open("wb") as handle:
                 subprocess.run(self.guest_argv([], remote), stdout=handle, check=True)
-            sample = Sample(time.monotonic() - started, stored=du(out))
+            sample = Sample(time.monotonic() - started, stored=du(out), cpu=machine_busy() - busy)
             self._keep(variant, out)
             return sample
+        if variant == "mysqldump alone":
+            argv = ["mysqldump", *DEFAULT_DUMP_OPTIONS["mysql"], "--all-databases", self.socket]
+            busy, started = machine_busy(), time.monotonic()
+            guest_run(self.guest_argv([], shlex.join(argv) + " > /dev/null"))
+            return Sample(time.monotonic() - started, cpu=machine_busy() - busy)
         if variant.startswith("mydumper"):
             out = self.work / f"mydumper-{run}{'-c' if variant.endswith('-c') else ''}"
             argv = [
@@ -505,9 +532,9 @@ class Bench:
             ]
             if variant.endswith("-c"):
                 argv.append("--compress")
-            started = time.monotonic()
+            busy, started = machine_busy(), time.monotonic()
             guest_run(self.guest_argv(argv))
-            sample = Sample(time.monotonic() - started, stored=du(out))
+            sample = Sample(time.monotonic() - started, stored=du(out), cpu=machine_busy() - busy)
             if variant.endswith("-c"):
                 note = f"mydumper -c: gzip per file, level {gzip_level(out)}"
                 if note not in self.results.notes:
@@ -523,7 +550,7 @@ class Bench:
             [sys.executable, "-m", "bench.dump", "--child-dump", str(self.configs[variant]), name]
         )
         done = json.loads(out_text.strip().splitlines()[-1])
-        sample.seconds, sample.stored = done["seconds"], done["stored"]
+        sample.seconds, sample.stored, sample.cpu = done["seconds"], done["stored"], done["cpu"]
         note = f"{variant} stored: {', '.join(done['files'])}"
         if note not in self.results.notes:
             self.results.notes.append(note)
@@ -550,11 +577,11 @@ class Bench:
 
     def restore(self, variant: str, run: int) -> Sample:
         if variant == "hand":
-            started = time.monotonic()
+            busy, started = machine_busy(), time.monotonic()
             with self.kept["hand"].open("rb") as handle:
                 remote = "gunzip | " + shlex.join(["mysql", self.socket])
                 subprocess.run(self.guest_argv([], remote), stdin=handle, check=True)
-            return Sample(time.monotonic() - started)
+            return Sample(time.monotonic() - started, cpu=machine_busy() - busy)
         if variant == "myloader":
             argv = [
                 "myloader",
@@ -565,12 +592,14 @@ class Bench:
                 "--overwrite-tables",
                 self.socket,
             ]
-            started = time.monotonic()
+            busy, started = machine_busy(), time.monotonic()
             guest_run(self.guest_argv(argv))
-            return Sample(time.monotonic() - started)
+            return Sample(time.monotonic() - started, cpu=machine_busy() - busy)
         argv = [sys.executable, "-m", "snapcoord", "-c", str(self.configs[variant])]
         argv += ["restore-dump", VM, "--file", str(self.kept[variant]), "--yes", "--json"]
+        busy = machine_busy()
         out_text, sample = run_child_rusage(argv)
+        sample.cpu = machine_busy() - busy  # the whole command, as its time is
         done = json.loads(out_text.strip().splitlines()[-1])
         if done.get("ok") is not True:
             raise SystemExit(f"restore-dump failed: {out_text}")
@@ -617,28 +646,34 @@ def report(results: Results) -> None:
         print(f"note: {note}")
     for name, why in results.skipped.items():
         print(f"skipped {name}: {why}")
+    cores = os.cpu_count() or 1
     print(
-        "\n| dump | median s | SQL MB/s | stored MB | vs hand (x) | peak RSS MB (largest / tree) |"
+        "\n| dump | median s | SQL MB/s | stored MB | vs hand (x) | machine CPU s |"
+        f" CPU bound s (/ {cores} cores) | best possible vs hand (x) |"
+        " peak RSS MB (largest / tree) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     hand = results.dumps.get("hand")
     for name, samples in results.dumps.items():
         median = _median(samples, "seconds")
+        cpu = _median(samples, "cpu")
         ratio = f"{_median(hand, 'seconds') / median:.2f}" if hand else "-"
+        best = f"{_median(hand, 'seconds') / (cpu / cores):.2f}" if hand and cpu else "-"
         rss = (
             f"{max(s.rss_max for s in samples):.0f} / {max(s.rss_tree for s in samples):.0f}"
             if name.startswith("snapcoord")
             else "-"
         )
+        stored = f"{_median(samples, 'stored') / 1e6:.1f}" if name != "mysqldump alone" else "-"
         print(
-            f"| {name} | {median:.2f} | {sql / 1e6 / median:.1f} | "
-            f"{_median(samples, 'stored') / 1e6:.1f} | {ratio} | {rss} |"
+            f"| {name} | {median:.2f} | {sql / 1e6 / median:.1f} | {stored} | {ratio} |"
+            f" {cpu:.2f} | {cpu / cores:.2f} | {best} | {rss} |"
         )
     print(
-        "\n| restore | median s | vs hand (x) | of which drop + load s |"
+        "\n| restore | median s | vs hand (x) | of which drop + load s | machine CPU s |"
         " peak RSS MB (largest / tree) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     hand = results.restores.get("hand")
     for name, samples in results.restores.items():
         median = _median(samples, "seconds")
@@ -649,13 +684,15 @@ def report(results: Results) -> None:
             else "-"
         )
         inner = f"{_median(samples, 'inner'):.2f}" if name.startswith("snapcoord") else "-"
-        print(f"| {name} | {median:.2f} | {ratio} | {inner} | {rss} |")
+        cpu = _median(samples, "cpu")
+        print(f"| {name} | {median:.2f} | {ratio} | {inner} | {cpu:.2f} | {rss} |")
     print("\nsingle runs (s):")
     for kind, table in (("dump", results.dumps), ("restore", results.restores)):
         for name, samples in table.items():
             runs = " / ".join(f"{s.seconds:.2f}" for s in samples)
+            cpus = " / ".join(f"{s.cpu:.2f}" for s in samples)
             loads = " / ".join(f"{s.load:.1f}" for s in samples)
-            print(f"  {kind} {name}: {runs} (load {loads})")
+            print(f"  {kind} {name}: {runs} (machine CPU {cpus}; load {loads})")
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"(the bench's own process: {own:.0f} MB peak)")
 
