@@ -39,6 +39,19 @@ def test_the_sandbox_servers_listen_on_its_own_ports(guest_services: lab.GuestSe
     assert page.stdout == "200"
 
 
+def test_the_sandbox_holds_its_ports_below_the_ephemeral_range() -> None:
+    """No bind(0) on the machine can be given a sandbox's port while its service is stopped
+    (they are below net.ipv4.ip_local_port_range), and no other sandbox takes one: each is
+    locked by this sandbox's PID 1 for its life. Two sandboxes once got the same port from
+    bind(0), and one's Apache could not start while the other's MariaDB held it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for name, port in sandbox.ports().items():
+        assert port < low, f"{name} port {port} is in the ephemeral range (from {low})"
+        lock = sandbox.PORT_LOCKS / f"{port}.lock"
+        taken = lab.run(["flock", "-n", str(lock), "true"], check=False)
+        assert taken.returncode != 0, f"nothing holds the lock of {name} port {port}"
+
+
 def test_etc_changes_stay_in_the_sandbox(guest_services: lab.GuestServices) -> None:
     """/etc is an overlay: what the lab writes there is the sandbox's, and the host's /etc as
     the sandbox's parent sees it (``outside`` of the sandbox's own upper layer) has none of it."""

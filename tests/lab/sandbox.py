@@ -14,9 +14,10 @@ PID 1. Before it starts the interpreter it gives the namespace a world of its ow
 * ``/run``, ``/var/log``, ``/var/spool/cron`` and ``/home`` are private; ``/var/lib/mysql`` is a
   fresh MariaDB datadir (``mariadb-install-db``) and ``/var/lib/postgresql`` an empty one (the
   lab creates its cluster on first use, :func:`tests.lab.postgresql.ensure_postgresql`).
-* The network is the host's, so every server gets its own loopback port, written into the
-  sandbox's configuration: MariaDB (``99-snapcoord-sandbox.cnf``), Apache (``ports.conf`` and the
-  default site), PostgreSQL (the port of the cluster the lab creates). Cron gets an empty
+* The network is the host's, so every server gets its own loopback port (below the kernel's
+  ephemeral range, each locked by the sandbox for its life: :func:`_take_ports`), written into
+  the sandbox's configuration: MariaDB (``99-snapcoord-sandbox.cnf``), Apache (``ports.conf``
+  and the default site), PostgreSQL (the port of the cluster the lab creates). Cron gets an empty
   ``/etc/cron.d`` and a ``/etc/crontab`` without the host's jobs.
 * ``/proc`` shows the sandbox's processes only, so ``service``, ``pidof`` and the lab's process
   checks never see (or signal) the host's services; ``/run/systemd`` is absent, so ``service``
@@ -38,6 +39,7 @@ library only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import json
 import os
@@ -149,11 +151,57 @@ def _run(*argv: str, timeout: float = 120.0) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: Where the sandboxes share out their servers' ports: one lock file per port, held by the
+#: sandbox that took it for as long as its PID 1 lives (the kernel lets go of it however the
+#: sandbox ends). On the host's /var/lib, which every sandbox sees, nested ones too (their
+#: /run is their parent's private one).
+PORT_LOCKS = Path("/var/lib/snapcoord-lab/ports")
+
+#: How many ports below the kernel's ephemeral range the sandboxes take theirs from.
+PORT_SPAN = 8000
+
+#: The lock files of this sandbox's ports, open for its whole life.
+_HELD: list[Any] = []
+
+
+def _port_range() -> range:
+    """Ports below the kernel's ephemeral range (net.ipv4.ip_local_port_range), so that no
+    bind(0) on this machine (a scratch server, an ssh client, another test's free port) is
+    given one while the sandbox's service that owns it is stopped: two sandboxes once got the
+    same port from bind(0), and one's Apache could not start while the other's MariaDB held it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low - PORT_SPAN < 1024:
+        raise SystemExit(f"sandbox: the ephemeral ports start at {low}: no room below for the lab")
+    return range(low - PORT_SPAN, low)
+
+
+def _take_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A port for each of ``names`` that no other sandbox holds and nothing listens on; the
+    lock of each stays held in :data:`_HELD` until this process ends."""
+    PORT_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+    candidates = list(_port_range())
+    start = int.from_bytes(os.urandom(2), "big") % len(candidates)  # sandboxes spread out
+    taken: dict[str, int] = {}
+    for port in candidates[start:] + candidates[:start]:
+        if len(taken) == len(names):
+            break
+        handle = open(PORT_LOCKS / f"{port}.lock", "a")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()  # another sandbox's
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                handle.close()  # something outside the lab listens there
+                continue
+        _HELD.append(handle)
+        taken[names[len(taken)]] = port
+    if len(taken) != len(names):
+        raise SystemExit(f"sandbox: no free port left in {_port_range()}")
+    return taken
 
 
 def _make_dir(path: str | Path, owner: str, group: str, mode: int) -> None:
@@ -249,7 +297,7 @@ def _install_mariadb() -> None:
 
 
 def _prepare(work: Path) -> dict[str, int]:
-    ports = {"mysql": _free_port(), "http": _free_port(), "postgresql": _free_port()}
+    ports = _take_ports(("mysql", "http", "postgresql"))
     _mount_world(work)
     _configure(ports)
     _install_mariadb()
