@@ -179,6 +179,7 @@ def test_dump_restore_round_trip_is_exact(
     assert pg_shop.current() != pg_shop
     restored = restore(transport, vm, folder)
     assert restored.mismatches == [] and restored.rows_checked >= sum(pg_shop.row_counts.values())
+    assert restored.checksums_checked == len(section["checksums"])  # every table's, compared
     assert pg_shop.current() == pg_shop  # rows, the sequence's value, the view
     # the foreign key is back: an order of an unknown customer is refused
     bad = "INSERT INTO sales.orders (customer_id, total) VALUES (99999, 1);"
@@ -189,6 +190,23 @@ def test_dump_restore_round_trip_is_exact(
                      f"'{pg_fixture.SHOP}';")  # fmt: skip
     assert owner == [pg_fixture.ROLE]
     assert any("already existed" in w for w in restored.warnings)
+
+
+def test_a_restored_value_that_differs_from_the_manifests_checksum_fails_the_restore(
+    ssh_guest: lab.SshGuest, transport: SshTransport, pg_shop: pg_fixture.PgShop, tmp_path: Path
+) -> None:
+    """The row counts alone would pass: the manifest's checksum of one table is changed (what a
+    changed value with the same number of rows looks like to the comparison)."""
+    vm = pg_vm(ssh_guest, tmp_path, compression="zstd")
+    _, folder = take_dump(transport, vm, tmp_path)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    table = f"{pg_fixture.SHOP}.public.customers"
+    manifest["pg_dumpall"]["checksums"][table] = "12345"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(dumpfile.RestoreFailed, match=f"checksums differ.*: {table}"):
+        restore(transport, vm, folder)
+    assert pg_shop.current() == pg_shop  # the load itself was complete: only the figure differs
 
 
 def test_restore_succeeds_where_the_dumped_databases_are_gone(

@@ -198,3 +198,41 @@ def test_a_cut_short_dump_in_a_valid_gzip_is_refused_before_anything_is_dropped(
     assert info.value.exit_code == ExitCode.PREFLIGHT
     assert idoit_db.current_checksums() == changed  # nothing dropped, nothing loaded
     assert guest_services.all_running()
+
+
+def test_a_single_stream_restore_compares_every_tables_checksum(
+    dumped: tuple[Any, Path], idoit_db: IdoitDB
+) -> None:
+    """A one-stream dump's manifest has every table's checksum as well as its row count: the
+    restore compares both, as a parallel dump's does. A value changed with the row count
+    intact is a difference (here: the manifest's checksum of one table, changed); a manifest
+    from before checksums were recorded is restored on its row counts, as before."""
+    config, folder = dumped
+    vm = config.vm("lab")
+    manifest_path = folder / store.MANIFEST
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    assert manifest["mysqldump"]["format"] == "single" and manifest["mysqldump"]["checksums"]
+    transport = shell_transport(vm.guest, vm="lab")
+    transport.open()
+    try:
+        restored = mysql.restore(transport, vm="lab", guest=vm.guest, options=vm.dump,
+                                 source=folder)  # fmt: skip
+        assert restored.checksums_checked == len(idoit_db.row_counts)
+        assert not restored.mismatches and not restored.warnings and idoit_db.is_pristine()
+
+        table = "idoit_data.isys_obj"
+        manifest["mysqldump"]["checksums"][table] = "12345"
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(mysql.RestoreFailed, match=f"checksums differ.*{table}"):
+            mysql.restore(transport, vm="lab", guest=vm.guest, options=vm.dump, source=folder)
+
+        del manifest["mysqldump"]["checksums"], manifest["mysqldump"]["checksum_method"]
+        manifest_path.write_text(json.dumps(manifest))
+        older = mysql.restore(transport, vm="lab", guest=vm.guest, options=vm.dump,
+                              source=folder)  # fmt: skip
+        assert older.checksums_checked == 0 and not older.mismatches
+        assert idoit_db.is_pristine()
+    finally:
+        transport.close()
+        manifest_path.write_text(original)

@@ -926,7 +926,7 @@ class RestoreResult:
     rows_checked: int = 0
     mismatches: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    checksums_checked: int = 0  # tables whose checksum was compared (parallel dumps)
+    checksums_checked: int = 0  # tables whose checksum was compared with the manifest's
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -963,3 +963,37 @@ def compare_rows(
         shown = "; ".join(result.mismatches[:5])
         more = f" (+{len(result.mismatches) - 5} more)" if len(result.mismatches) > 5 else ""
         raise RestoreFailed(f"restored row counts differ from the manifest: {shown}{more}", vm=vm)
+
+
+def checksums_comparable(prepared: RestoreSource, method: str) -> bool:
+    """The manifest has checksums by ``method`` (the kind's), and its figures describe the
+    dump's view."""
+    return (
+        prepared.expected_checksums is not None
+        and prepared.checksum_method == method
+        and prepared.figures_comparable
+    )
+
+
+def compare_checksums(
+    result: RestoreResult,
+    prepared: RestoreSource,
+    sums: dict[str, TableSum],
+    *,
+    method: str,
+    vm: str,
+) -> None:
+    """The restored tables' checksums (the kind's ``table_sums()``, by ``method``) against the
+    manifest's, when it has comparable ones (else a warning says rows were counted only);
+    RestoreFailed on any difference."""
+    expected = prepared.expected_checksums
+    if expected is None or not checksums_comparable(prepared, method):
+        result.warnings.append("the manifest has no comparable checksums: rows were counted only")
+        return
+    got = {name: s.checksum for name, s in sums.items() if s.checksum is not None}
+    differ = sorted(t for t in set(expected) | set(got) if expected.get(t) != got.get(t))
+    if differ:
+        shown = ", ".join(differ[:5]) + (f" (+{len(differ) - 5} more)" if len(differ) > 5 else "")
+        result.mismatches += [f"{t}: checksum differs" for t in differ]
+        raise RestoreFailed(f"restored checksums differ from the manifest: {shown}", vm=vm)
+    result.checksums_checked = len(got)

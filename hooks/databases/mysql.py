@@ -33,7 +33,9 @@ from snapcoord.hooks.databases.dumpfile import (
     RestoreResult,
     RestoreSource,
     TableSum,
+    checksums_comparable,
     client_error,
+    compare_checksums,
     compare_rows,
     compress_where,
     dump_compression,
@@ -745,10 +747,12 @@ def restore(
     source: Path | RestoreSource,
     dry_run: bool = False,
 ) -> RestoreResult:
-    """Verify, drop every (non-system) database the dump contains, load, compare row counts.
+    """Verify, drop every (non-system) database the dump contains, load, compare row counts
+    and, where the manifest has comparable ones, every table's checksum (a parallel dump's
+    always: its comparison says so when it cannot).
 
     A corrupted or truncated dump raises :class:`CorruptDump` before the database is touched.
-    A load error or a row-count mismatch raises :class:`RestoreFailed`."""
+    A load error, a row-count or a checksum mismatch raises :class:`RestoreFailed`."""
     prepared = source if isinstance(source, RestoreSource) else prepare_restore(source, vm=vm)
     result = RestoreResult(prepared.file, prepared.to_drop, dry_run)
     if dry_run:
@@ -773,39 +777,22 @@ def restore(
     expected = prepared.expected_rows
     actual: dict[str, int] = {}
     sums: dict[str, TableSum] = {}
+    # every table's checksum too: a parallel dump's, and a single stream's that recorded them
+    # (older single-stream manifests have row counts only, and stay counted as before)
+    summed = bool(prepared.parts) or (
+        expected is not None and checksums_comparable(prepared, CHECKSUM_METHOD)
+    )
     if expected is not None:
         dbs = sorted({name.split(".", 1)[0] for name in expected} | set(prepared.to_drop))
-        if prepared.parts:  # a parallel dump: every table's checksum too
+        if summed:
             sums = table_sums(client, transport, dbs, timeout=timeout)
             actual = {name: s.rows for name, s in sums.items()}
         else:
             actual = row_counts(client, transport, dbs, timeout=timeout)
     compare_rows(result, expected, actual, vm=vm, unchecked=prepared.unchecked_reason)
-    if prepared.parts:
-        compare_checksums(result, prepared, sums, vm=vm)
+    if summed:
+        compare_checksums(result, prepared, sums, method=CHECKSUM_METHOD, vm=vm)
     return result
-
-
-def compare_checksums(
-    result: RestoreResult, prepared: RestoreSource, sums: dict[str, TableSum], *, vm: str
-) -> None:
-    """The restored tables' checksums against the manifest's (when it has them, by this
-    method, and its figures describe the dump's view); RestoreFailed on any difference."""
-    expected = prepared.expected_checksums
-    if (
-        expected is None
-        or prepared.checksum_method != CHECKSUM_METHOD
-        or not prepared.figures_comparable
-    ):
-        result.warnings.append("the manifest has no comparable checksums: rows were counted only")
-        return
-    got = {name: s.checksum for name, s in sums.items() if s.checksum is not None}
-    differ = sorted(t for t in set(expected) | set(got) if expected.get(t) != got.get(t))
-    if differ:
-        shown = ", ".join(differ[:5]) + (f" (+{len(differ) - 5} more)" if len(differ) > 5 else "")
-        result.mismatches += [f"{t}: checksum differs" for t in differ]
-        raise RestoreFailed(f"restored checksums differ from the manifest: {shown}", vm=vm)
-    result.checksums_checked = len(got)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ from snapcoord.hooks.databases.dumpfile import (
     RestoreResult,
     RestoreSource,
     TableSum,
+    checksums_comparable,
     client_error,
+    compare_checksums,
     compare_rows,
     compress_where,
     dump_compression,
@@ -645,11 +647,12 @@ def restore(
     source: Path | RestoreSource,
     dry_run: bool = False,
 ) -> RestoreResult:
-    """Verify, drop every database the dump creates, load the script, compare row counts.
+    """Verify, drop every database the dump creates, load the script, compare row counts and,
+    where the manifest has comparable ones, every table's checksum.
 
     A corrupted or truncated dump raises :class:`CorruptDump` before the server is touched.
-    A load error (other than an existing role or tablespace) or a row-count mismatch raises
-    :class:`RestoreFailed`."""
+    A load error (other than an existing role or tablespace), a row-count or a checksum
+    mismatch raises :class:`RestoreFailed`."""
     prepared = source if isinstance(source, RestoreSource) else prepare_restore(source, vm=vm)
     result = RestoreResult(prepared.file, prepared.to_drop, dry_run)
     if dry_run:
@@ -678,9 +681,20 @@ def restore(
         )  # fmt: skip
     expected = prepared.expected_rows
     actual: dict[str, int] = {}
+    sums: dict[str, TableSum] = {}
+    # every table's checksum too where the manifest recorded comparable ones (older manifests
+    # have row counts only, and stay counted as before)
+    summed = expected is not None and checksums_comparable(prepared, CHECKSUM_METHOD)
     if expected is not None:
-        actual = row_counts(client, transport, _dumped_databases(prepared), timeout=timeout)
+        databases = _dumped_databases(prepared)
+        if summed:
+            sums = table_sums(client, transport, databases, timeout=timeout)
+            actual = {name: s.rows for name, s in sums.items()}
+        else:
+            actual = row_counts(client, transport, databases, timeout=timeout)
     compare_rows(result, expected, actual, vm=vm, unchecked=prepared.unchecked_reason)
+    if summed:
+        compare_checksums(result, prepared, sums, method=CHECKSUM_METHOD, vm=vm)
     return result
 
 

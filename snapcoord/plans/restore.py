@@ -3,7 +3,8 @@
 verify (sha256 against the manifest, intact stream, completion marker: before anything else)
 → connect, probe services, check the database answers → arm the guest watchdog → stop
 ``services`` (the database stays up) → drop every non-system database the dump contains, load
-it, compare per-table row counts with the manifest → (unwind) start services, disarm watchdog.
+it, compare per-table row counts and checksums with the manifest → (unwind) start services,
+disarm watchdog.
 
 Dropping first is what makes the restore exact: loading table by table over a schema that
 changed after the dump fails with errno 150 and leaves tables missing (docs/dump.md).
@@ -108,7 +109,7 @@ def restore_dump_steps(
         Step(
             "drop databases and load dump",
             load,
-            describe=f"DROP DATABASE {drop}; load {dump.file}; compare row counts",
+            describe=f"DROP DATABASE {drop}; load {dump.file}; compare row counts and checksums",
         ),
     ]
 
