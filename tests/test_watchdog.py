@@ -62,6 +62,28 @@ def start_long_window(tmp_path: Path, config: Path) -> tuple[subprocess.Popen[st
     return proc, data
 
 
+def arm(
+    transport: Any,
+    run_id: str,
+    seconds: int,
+    *,
+    services: list[str] | None = None,
+    database: str | None = None,
+) -> watchdog.Watchdog:
+    """The lab's watchdog for run ``run_id`` (sysv, no sudo), guarding cron unless told."""
+    return watchdog.arm(
+        transport, vm="lab", run_id=run_id, init="sysv", seconds=seconds,
+        services=services or ["cron"], database=database, sudo=False, timeout=30,
+    )  # fmt: skip
+
+
+def probed_services(transport: SshTransport, ssh_guest: lab.SshGuest) -> Services:
+    """The lab guest's Services as a run has them after its probe."""
+    svc = Services(transport, table(ssh_guest), vm="lab")
+    svc.probe(warm=False)
+    return svc
+
+
 def test_sigkill_inside_the_window_the_watchdog_restarts_everything(
     ssh_guest: lab.SshGuest, lab_services: lab.GuestServices, tmp_path: Path, libvirt_node: str
 ) -> None:
@@ -131,10 +153,7 @@ def test_watchdog_fires_for_exactly_the_stopped_services(
     # 20 s: long enough that the watchdog still waits when arm's round trip returns, also
     # on a loaded machine (with 2 s, and once in CI with 6 s beside the agent fault matrix
     # and the real guest, it had fired and exited before the check below)
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-fire", init="sysv", seconds=20, services=["cron"],
-        database="mariadb", sudo=False, timeout=30,
-    )  # fmt: skip
+    dog = arm(transport, "t-fire", 20, database="mariadb")
     # armed means: its own session and process group already (what disarm kills)
     assert lab.stat_fields(dog.pid)[2:4] == [str(dog.pid), str(dog.pid)]
     assert watchdog_pids("t-fire") == [dog.pid]
@@ -152,10 +171,7 @@ def test_disarmed_watchdog_never_fires_and_leaves_no_process_of_its_group(
     guest's /bin/sh, which is dash here as on Debian guests."""
     # 10 s: the check right after arm still finds it on a loaded CI machine (with 2 s it
     # had once fired and exited before the check)
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-disarm", init="sysv", seconds=10, services=["cron"],
-        database=None, sudo=False, timeout=30,
-    )  # fmt: skip
+    dog = arm(transport, "t-disarm", 10)
     assert lab.process_group(dog.pid), "the watchdog is not running"
     outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
     assert outcome == watchdog.Disarmed(was_armed=True)
@@ -172,10 +188,7 @@ def test_a_watchdog_is_not_disarmed_while_a_service_it_guards_is_down(
     transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
     lab_services.stop("cron")
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-down", init="sysv", seconds=3,
-        services=["mariadb", "cron"], database="mariadb", sudo=False, timeout=30,
-    )  # fmt: skip
+    dog = arm(transport, "t-down", 3, services=["mariadb", "cron"], database="mariadb")
     outcome = watchdog.disarm(transport, dog, env="", vm="lab", sudo=False, timeout=30)
     assert outcome == watchdog.Disarmed(was_armed=False, down=("cron",))
     assert watchdog_pids("t-down") == [dog.pid]  # still armed ...
@@ -191,10 +204,7 @@ def test_watchdog_survives_the_connection(
     transport = SshTransport(table(ssh_guest), vm="lab")
     transport.open()
     lab_services.stop("cron")
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-conn", init="sysv", seconds=3, services=["cron"],
-        database=None, sudo=False, timeout=30,
-    )  # fmt: skip
+    dog = arm(transport, "t-conn", 3)
     transport.close()  # the SSH connection (and its sessions) go away
     assert watchdog_pids("t-conn") == [dog.pid]
     wait_for(lambda: lab_services.running("cron"), 20, "the watchdog to start cron")
@@ -211,10 +221,7 @@ def test_a_guest_without_setsid_fails_to_arm_instead_of_running_unguarded(tmp_pa
         (bin_dir / tool).symlink_to(found)
     transport = ExecTransport(["env", f"PATH={bin_dir}"], vm="lab")
     with pytest.raises(GuestError, match=r"cannot arm the guest watchdog: .*ended at once"):
-        watchdog.arm(
-            transport, vm="lab", run_id="t-nosetsid", init="sysv", seconds=30,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
+        arm(transport, "t-nosetsid", 30)
     assert watchdog_pids("t-nosetsid") == []
 
 
@@ -233,12 +240,8 @@ def test_a_stop_after_the_watchdog_was_disarmed_stops_nothing(
     """A stop request of the run that reaches the guest after the run disarmed its watchdog (one
     queued in a hung guest agent that woke up late) would leave the service down with nothing
     to start it: the stop script refuses."""
-    svc = Services(transport, table(ssh_guest), vm="lab")
-    svc.probe(warm=False)
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-guard-off", init="sysv", seconds=60,
-        services=["cron"], database=None, sudo=False, timeout=30,
-    )  # fmt: skip
+    svc = probed_services(transport, ssh_guest)
+    dog = arm(transport, "t-guard-off", 60)
     assert dog.guarded and guard_path(dog).exists()
     svc.guard = dog.marker
     window = ServiceWindow()
@@ -256,12 +259,8 @@ def test_a_stop_after_the_watchdog_was_disarmed_stops_nothing(
 def test_a_stop_after_the_watchdog_fired_stops_nothing(
     ssh_guest: lab.SshGuest, transport: SshTransport, lab_services: lab.GuestServices
 ) -> None:
-    svc = Services(transport, table(ssh_guest), vm="lab")
-    svc.probe(warm=False)
-    dog = watchdog.arm(
-        transport, vm="lab", run_id="t-guard-fired", init="sysv", seconds=1,
-        services=["cron"], database=None, sudo=False, timeout=30,
-    )  # fmt: skip
+    svc = probed_services(transport, ssh_guest)
+    dog = arm(transport, "t-guard-fired", 1)
     svc.guard = dog.marker
     wait_for(lambda: watchdog_pids("t-guard-fired") == [], 30, "the watchdog to fire and end")
     assert not guard_path(dog).exists()  # removed when it fired
@@ -279,10 +278,7 @@ def test_disarm_waits_for_a_stop_in_flight_and_keeps_the_watchdog_armed(
     starts what the stop left down."""
     holder = None
     try:
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-held", init="sysv", seconds=12,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
+        dog = arm(transport, "t-guard-held", 12)
         holder = subprocess.Popen(
             ["flock", "/run/snapcoord/cron.lock", "sh", "-c",
              "sleep 3; service cron stop >/dev/null 2>&1; sleep 60"],
@@ -311,18 +307,11 @@ def test_killing_a_runs_watchdog_removes_its_guard_and_no_other_runs(
     snapshot with memory brings back the run's watchdog *and* its guard file. The guard goes
     with the watchdog, so a stop of that run that arrives later stops nothing; another run's
     watchdog and guard (another coordinator's live run) stay."""
-    svc = Services(transport, table(ssh_guest), vm="lab")
-    svc.probe(warm=False)
+    svc = probed_services(transport, ssh_guest)
     ended = other = None
     try:
-        ended = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-killed", init="sysv", seconds=60,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
-        other = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-other", init="sysv", seconds=60,
-            services=["cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
+        ended = arm(transport, "t-guard-killed", 60)
+        other = arm(transport, "t-guard-other", 60)
         assert guard_path(ended).exists() and guard_path(other).exists()
         killed = watchdog.kill_runs(transport, ["t-guard-killed"], vm="lab", sudo=False, timeout=30)
         assert killed == [ended.pid]
@@ -348,10 +337,7 @@ def test_two_stuck_locks_share_the_disarms_budget_and_it_answers_in_time(
     holders: list[subprocess.Popen[bytes]] = []
     dog = None
     try:
-        dog = watchdog.arm(
-            transport, vm="lab", run_id="t-guard-budget", init="sysv", seconds=60,
-            services=["apache2", "cron"], database=None, sudo=False, timeout=30,
-        )  # fmt: skip
+        dog = arm(transport, "t-guard-budget", 60, services=["apache2", "cron"])
         for name in ("apache2", "cron"):
             path = f"/run/snapcoord/{name}.lock"
             holder = subprocess.Popen(
